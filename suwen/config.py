@@ -1,0 +1,209 @@
+"""Settings: the one place a default lives.
+
+Precedence, lowest to highest: defaults < TOML file (``suwen.toml`` in the data home, or
+``--config``) < ``SUWEN_*`` environment < CLI flags. ``load_settings`` records where every value
+came from so ``suwen config show`` can say it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from platformdirs import user_data_dir
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+LINGSHU_7B = "lingshu-medical-mllm/Lingshu-7B"
+BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+MEDCPT_ARTICLE = "ncbi/MedCPT-Article-Encoder"
+MEDCPT_QUERY = "ncbi/MedCPT-Query-Encoder"
+MEDCPT_CROSS = "ncbi/MedCPT-Cross-Encoder"
+
+# Asymmetric encoders publish their article and query halves as two models; any other text
+# encoder is used for both sides unless `text_query_encoder` says otherwise.
+QUERY_ENCODER_OF = {MEDCPT_ARTICLE: MEDCPT_QUERY}
+
+CONFIG_FILE_NAME = "suwen.toml"
+
+Source = Literal["default", "file", "env", "cli"]
+
+
+def default_home() -> Path:
+    return Path(user_data_dir("suwen", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Every knob of Suwen. Each field is settable as ``SUWEN_<NAME>``, in suwen.toml, or by
+    ``--set name=value`` on the command line."""
+
+    model_config = SettingsConfigDict(env_prefix="SUWEN_", extra="forbid", validate_assignment=True)
+
+    # Where indexes, logs, sessions and evaluation runs live.
+    home: Path = Field(default_factory=default_home, description="Data home")
+
+    # Models: hub ids by default; a local directory works wherever an id does.
+    vlm: str = Field(LINGSHU_7B, description="Vision-language model served by vLLM")
+    text_encoder: str = Field(MEDCPT_ARTICLE, description="Text encoder for indexed articles")
+    text_query_encoder: str | None = Field(
+        None, description="Text encoder for queries (default: the article encoder's pair)"
+    )
+    text_pooling: Literal["auto", "cls", "mean"] = Field(
+        "auto", description="Pooling for encoders without a sentence-transformers config"
+    )
+    image_encoder: str = Field(BIOMEDCLIP, description="open_clip image/text encoder")
+    cross_encoder: str = Field(MEDCPT_CROSS, description="Cross-encoder for optional reranking")
+    rerank: bool = Field(False, description="Rerank hybrid hits with the cross-encoder")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for encoders")
+    encode_batch_size: int = Field(32, ge=1, description="Batch size when encoding")
+
+    # Indexes.
+    text_index: str = Field("pubmed", description="Default text index name")
+    image_index: str = Field("images", description="Default image index name")
+    index_type: Literal["auto", "exact", "compressed"] = Field(
+        "auto", description="FAISS index type; auto picks by corpus size"
+    )
+    compressed_threshold: int = Field(
+        200_000, ge=1, description="Vector count above which 'auto' builds a compressed index"
+    )
+
+    # vLLM server and client.
+    vllm_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Running vLLM servers to use (none: start one)"
+    )
+    vllm_port: int = Field(8000, ge=1, le=65535, description="Port for a managed vLLM server")
+    vllm_max_model_len: int = Field(8192, ge=256, description="vLLM max model length")
+    vllm_dtype: str = Field("auto", description="vLLM dtype")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    vllm_max_images: int = Field(4, ge=1, description="Images allowed per prompt")
+    vllm_cpu_kvcache_gib: int = Field(4, ge=1, description="KV cache on CPU-only vLLM (GiB)")
+    vllm_startup_timeout: float = Field(900.0, gt=0, description="Seconds to wait for /health")
+    vllm_extra_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra vLLM flags"
+    )
+    request_timeout: float = Field(300.0, gt=0, description="Seconds per model request")
+    max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx")
+    concurrency: int = Field(8, ge=1, description="Concurrent model requests")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(1024, ge=1, description="Completion tokens per answer")
+
+    # Agent.
+    rounds: int = Field(2, ge=1, description="Retrieval rounds the agent may take")
+    max_queries: int = Field(3, ge=1, description="PubMed queries planned per round")
+    text_k: int = Field(5, ge=1, description="Text hits per query")
+    image_k: int = Field(4, ge=0, description="Similar cases per image")
+    relevance_threshold: float = Field(0.5, ge=0, le=1, description="Reread score to keep")
+
+    @field_validator("vllm_url", "vllm_extra_args", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # Environment values arrive as one string; a comma-separated list is the natural form.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def query_encoder(self) -> str:
+        """The encoder used for queries: explicit, else the article encoder's known pair."""
+        if self.text_query_encoder:
+            return self.text_query_encoder
+        return QUERY_ENCODER_OF.get(self.text_encoder, self.text_encoder)
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def sessions_db(self) -> Path:
+        return self.home / "sessions.sqlite"
+
+
+class SettingsError(ValueError):
+    """A settings source could not be read or holds an invalid value."""
+
+
+class LoadedSettings:
+    """Effective settings plus, for every field, the layer its value came from."""
+
+    def __init__(self, settings: Settings, origins: dict[str, Source], config_file: Path | None):
+        self.settings = settings
+        self.origins = origins
+        self.config_file = config_file
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read settings file: {exc}") from exc
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    return data
+
+
+def _env_values() -> dict[str, Any]:
+    source = EnvSettingsSource(Settings, env_prefix="SUWEN_", env_parse_none_str="null")
+    try:
+        values = source()
+    except Exception as exc:  # pydantic-settings raises SettingsError of its own
+        raise SettingsError(f"SUWEN_* environment: {exc}") from exc
+    return {key: value for key, value in values.items() if key in Settings.model_fields}
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """``--set name=value`` pairs to a dict, naming the bad pair when one is malformed."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in Settings.model_fields:
+            raise SettingsError(f"--set {pair!r}: expected NAME=VALUE with a known setting name")
+        values[name] = value
+    return values
+
+
+def load_settings(
+    config_file: Path | None = None, cli_values: dict[str, Any] | None = None
+) -> LoadedSettings:
+    """Merge defaults < TOML < environment < CLI, remembering each value's origin."""
+    env = _env_values()
+    cli = {k: v for k, v in (cli_values or {}).items() if v is not None}
+    home = Path(cli.get("home") or env.get("home") or default_home()).expanduser()
+    if config_file is None and (home / CONFIG_FILE_NAME).is_file():
+        config_file = home / CONFIG_FILE_NAME
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"{config_file}: settings file not found")
+    file_values = _read_toml(config_file) if config_file else {}
+
+    merged: dict[str, Any] = {}
+    origins: dict[str, Source] = {name: "default" for name in Settings.model_fields}
+    for origin, layer in (("file", file_values), ("env", env), ("cli", cli)):
+        for key, value in layer.items():
+            merged[key] = value
+            origins[key] = origin  # type: ignore[assignment]
+    try:
+        # Environment already merged above: stop pydantic-settings reading it a second time.
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))} = {err.get('input')!r} "
+            f"(from {origins.get(str(err['loc'][0]), 'default')}): {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid setting: {problems}") from exc
+    return LoadedSettings(settings, origins, config_file)
+
+
+def offline_env() -> dict[str, str]:
+    """Environment for child processes: telemetry off, hub access as the user chose."""
+    env = dict(os.environ)
+    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
+    return env

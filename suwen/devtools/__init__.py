@@ -1,0 +1,1 @@
+"""Offline builders of tiny random models for tests and demos (no downloads)."""

@@ -1,0 +1,140 @@
+"""The data Suwen passes between its layers, in one place."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Document(BaseModel):
+    """One article (or PDF) as read from a source file."""
+
+    pmid: str = Field(description="PubMed id, or a stable id derived from the file for PDFs")
+    title: str = ""
+    text: str = ""
+    year: int | None = None
+    journal: str | None = None
+    mesh: list[str] = Field(default_factory=list)
+    source: str = Field("", description="File the document was read from")
+    # PDFs keep their pages so chunks (and citations) can name a page.
+    pages: list[str] | None = None
+
+
+class Chunk(BaseModel):
+    id: str = Field(description="Stable chunk id, e.g. '12345678#0'")
+    pmid: str
+    text: str
+    page: int | None = None
+
+
+class ImageCase(BaseModel):
+    """An indexed image with its caption or report."""
+
+    id: str
+    path: str
+    caption: str = ""
+    modality: str | None = None
+    body_part: str | None = None
+    source: str | None = None
+    frame: str | None = Field(None, description="Slice/frame label for volumes and series")
+
+
+class Hit(BaseModel):
+    """One search result, text or image, with its provenance."""
+
+    key: str = Field(description="Evidence key: 'pmid:<PMID>#<chunk>' or 'case:<id>'")
+    score: float
+    kind: Literal["text", "image"]
+    index: str = Field(description="Index the hit came from")
+    source: str = Field("", description="Source file the item was ingested from")
+    text: str = ""
+    # Text hits.
+    pmid: str | None = None
+    chunk_id: str | None = None
+    title: str | None = None
+    year: int | None = None
+    journal: str | None = None
+    page: int | None = None
+    # Image hits.
+    case_id: str | None = None
+    path: str | None = None
+    caption: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    # Which retrievers found it (dense, bm25, image, ...), for the trace.
+    methods: list[str] = Field(default_factory=list)
+
+    def as_search_json(self) -> dict[str, object]:
+        """The shape `suwen search ... --json` prints."""
+        row: dict[str, object] = {"id": self.key, "score": self.score, "source": self.source}
+        if self.kind == "text":
+            row.update(pmid=self.pmid, title=self.title, text=self.text, page=self.page)
+        else:
+            row.update(path=self.path, caption=self.caption, text=self.text)
+        return row
+
+
+class Findings(BaseModel):
+    """What the **look** step reads off the image(s) and question."""
+
+    modality: str = ""
+    body_region: str = ""
+    findings: list[str] = Field(default_factory=list)
+    candidates: list[str] = Field(default_factory=list, description="Candidate diagnoses")
+    to_check: list[str] = Field(default_factory=list, description="What to look up")
+
+
+class Evidence(BaseModel):
+    """A hit the **reread** step judged, with its relevance and the sentence that matters."""
+
+    key: str
+    hit: Hit
+    relevance: float = Field(ge=0, le=1)
+    quote: str = ""
+    kept: bool = True
+
+
+class Citation(BaseModel):
+    number: int
+    key: str
+    pmid: str | None = None
+    case_id: str | None = None
+    title: str | None = None
+    quote: str = ""
+    page: int | None = None
+
+
+class TokenUsage(BaseModel):
+    prompt: int = 0
+    completion: int = 0
+
+    def add(self, other: TokenUsage) -> None:
+        self.prompt += other.prompt
+        self.completion += other.completion
+
+
+class TraceEvent(BaseModel):
+    node: str
+    message: str
+    seconds: float = 0.0
+    degraded: bool = Field(False, description="The step failed and the agent went on without it")
+
+
+class AgentResult(BaseModel):
+    question: str
+    mode: Literal["agent", "plain"] = "agent"
+    answer: str = ""
+    short_answer: str | None = None
+    citations: list[Citation] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)
+    findings: Findings | None = None
+    rounds: int = 0
+    model_calls: int = 0
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per node")
+    supported: bool = False
+    unsupported_sentences: list[str] = Field(default_factory=list)
+    removed_citations: list[str] = Field(default_factory=list)
+    trace: list[TraceEvent] = Field(default_factory=list)
+    thread_id: str | None = None

