@@ -138,3 +138,29 @@ class AgentResult(BaseModel):
     removed_citations: list[str] = Field(default_factory=list)
     trace: list[TraceEvent] = Field(default_factory=list)
     thread_id: str | None = None
+
+
+class AnswerFormat(BaseModel):
+    """The form a benchmark wants the short answer in (free-form for ordinary questions)."""
+
+    kind: Literal["free", "choice", "yes_no", "closed", "open", "report"] = "free"
+    options: dict[str, str] = Field(default_factory=dict, description="Letter -> option text")
+
+
+class Question(BaseModel):
+    """One question for the agent, with what retrieval must not see (benchmark leakage guard)."""
+
+    text: str
+    images: list[str] = Field(default_factory=list, description="Image file paths")
+    answer_format: AnswerFormat = Field(default_factory=AnswerFormat)
+    exclude_pmids: list[str] = Field(default_factory=list)
+    exclude_image_sha256: list[str] = Field(default_factory=list)
+
+
+class AgentEvent(BaseModel):
+    """Progress the agent streams while it works (nodes starting/finishing, answer tokens)."""
+
+    kind: Literal["node_start", "node_end", "token", "info"]
+    node: str = ""
+    message: str = ""
+    token: str = ""
