@@ -37,7 +37,8 @@ def add_vectors(index: faiss.Index, vectors: FloatArray, ids: IdArray) -> None:
 def remove_ids(index: faiss.Index, ids: IdArray) -> int:
     if not len(ids):
         return 0
-    return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+    return int(index.remove_ids(selector))
 
 
 def search(index: faiss.Index, queries: FloatArray, k: int) -> tuple[FloatArray, IdArray]:
