@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         # Environment values arrive as one string; a comma-separated list is the natural form.
         if isinstance(value, str):
+    answer_evidence: int = Field(8, ge=1, description="Most relevant evidence items the answer sees")
+    history_turns: int = Field(4, ge=0, description="Earlier chat turns the model sees")
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

@@ -64,6 +64,8 @@ class Hit(BaseModel):
     body_part: str | None = None
     # Which retrievers found it (dense, bm25, image, ...), for the trace.
     methods: list[str] = Field(default_factory=list)
+    # Which agent searches found it (a PubMed query, or the image it resembles): provenance.
+    found_by: list[str] = Field(default_factory=list)
 
     def as_search_json(self) -> dict[str, object]:
         """The shape `suwen search ... --json` prints."""

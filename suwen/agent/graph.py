@@ -1,0 +1,253 @@
+"""The agent as a LangGraph state machine, and ``SuwenAgent``, the one way to run it.
+
+    START -> look -> plan -> retrieve -> reread -> decide -(more?)-> retrieve ...
+                                                         \\-> answer -> verify -> END
+    START (plain mode) --------------------------------------> answer -> verify -> END
+
+Each node is wrapped so it announces itself on the custom stream, is timed, and appends one
+``TraceEvent``. ``run`` turns the stream into ``AgentEvent`` callbacks for the chat and the
+final state into an ``AgentResult``. With a checkpointer, the state of each thread (its
+conversation so far) persists, so follow-ups see earlier turns and a chat can be resumed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+from PIL import Image
+
+from suwen.agent.nodes import (
+    AgentNodes,
+    Emit,
+    NodeName,
+    Step,
+    look_or_answer_plainly,
+    search_again_or_answer,
+    start_message,
+)
+from suwen.agent.state import CHECKPOINT_TYPES, AgentState, Mode, RunContext, Turn
+from suwen.agent.state import fresh_question_state as fresh_state
+from suwen.config import Settings
+from suwen.errors import InputError
+from suwen.llm.base import CallLog, VisionLanguageModel, recording
+from suwen.tools.cases import ImageSearch
+from suwen.tools.pubmed import TextSearch
+from suwen.types import AgentEvent, AgentResult, Question, TokenUsage, TraceEvent
+
+StepFunction = Callable[[AgentState, RunContext, Emit], Awaitable[Step]]
+Graph = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
+EventHandler = Callable[[AgentEvent], None]
+
+
+def _traced(name: NodeName, step: StepFunction) -> Callable[..., Awaitable[AgentState]]:
+    """The node LangGraph runs: announce, time, run the step, append its trace event."""
+
+    async def node(state: AgentState, *, runtime: Runtime[RunContext]) -> AgentState:
+        emit: Emit = runtime.stream_writer
+        context = runtime.context
+        emit(AgentEvent(kind="node_start", node=name, message=start_message(name, state, context)))
+        started = time.perf_counter()
+        done = await step(state, context, emit)
+        event = TraceEvent(
+            node=name,
+            message=done.message,
+            seconds=time.perf_counter() - started,
+            degraded=done.degraded,
+        )
+        update = done.update
+        update["trace"] = [*state.get("trace", []), event]
+        return update
+
+    node.__name__ = name
+    return node
+
+
+def build_graph(nodes: AgentNodes) -> StateGraph[AgentState, RunContext, AgentState, AgentState]:
+    steps: dict[NodeName, StepFunction] = {
+        "look": nodes.look,
+        "plan": nodes.plan,
+        "retrieve": nodes.retrieve,
+        "reread": nodes.reread,
+        "decide": nodes.decide,
+        "answer": nodes.answer,
+        "verify": nodes.verify,
+    }
+    graph = StateGraph(AgentState, context_schema=RunContext)
+    for name, step in steps.items():
+        graph.add_node(name, _traced(name, step))
+    graph.add_conditional_edges(START, look_or_answer_plainly, ["look", "answer"])
+    graph.add_edge("look", "plan")
+    graph.add_edge("plan", "retrieve")
+    graph.add_edge("retrieve", "reread")
+    graph.add_edge("reread", "decide")
+    graph.add_conditional_edges("decide", search_again_or_answer, ["retrieve", "answer"])
+    graph.add_edge("answer", "verify")
+    graph.add_edge("verify", END)
+    return graph
+
+
+def load_question_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
+    """Decode every image once per run (raises InputError naming a file that cannot be read)."""
+    from suwen.medimage import load_image  # the one loader for PNG/JPEG/TIFF/DICOM/NIfTI
+
+    return [(Path(path).name, load_image(Path(path))) for path in paths]
+
+
+def session_serializer() -> JsonPlusSerializer:
+    """Checkpoint serde that revives only the agent's own types (and never unpickles)."""
+    return JsonPlusSerializer(allowed_msgpack_modules=list(CHECKPOINT_TYPES))
+
+
+@asynccontextmanager
+async def open_sessions(settings: Settings) -> AsyncIterator[AsyncSqliteSaver]:
+    """The conversation store at ``settings.sessions_db``, created on first use."""
+    path = settings.sessions_db
+    path.parent.mkdir(parents=True, exist_ok=True)
+    async with aiosqlite.connect(str(path)) as conn:
+        saver = AsyncSqliteSaver(conn, serde=session_serializer())
+        try:
+            await saver.setup()
+        except aiosqlite.DatabaseError as exc:
+            raise InputError(f"{path}: cannot open the sessions database: {exc}") from exc
+        yield saver
+
+
+class SuwenAgent:
+    """Answers questions about medical images and medicine, with or without retrieval."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: VisionLanguageModel,
+        text_search: TextSearch | None,
+        image_search: ImageSearch | None,
+        checkpointer: BaseCheckpointSaver[Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.nodes = AgentNodes(settings, model, text_search, image_search)
+        self.checkpointer = checkpointer
+        self.graph: Graph = build_graph(self.nodes).compile(checkpointer=checkpointer)
+
+    def _config(self, thread_id: str | None) -> RunnableConfig:
+        # Each round is retrieve + reread + decide; the explicit round counter in the state is
+        # what bounds the loop, this limit only guards against a routing bug.
+        config: RunnableConfig = {"recursion_limit": 8 + 3 * self.settings.rounds}
+        if thread_id is not None:
+            config["configurable"] = {"thread_id": thread_id}
+        return config
+
+    async def _thread_state(self, thread_id: str | None) -> dict[str, Any]:
+        if self.checkpointer is None or thread_id is None:
+            return {}
+        snapshot = await self.graph.aget_state(self._config(thread_id))
+        values = snapshot.values
+        return values if isinstance(values, dict) else {}
+
+    async def history(self, thread_id: str) -> list[Turn]:
+        """The finished turns of a conversation (empty for an unknown thread)."""
+        turns = (await self._thread_state(thread_id)).get("history", [])
+        return list(turns)
+
+    async def run(
+        self,
+        question: Question,
+        *,
+        mode: Literal["agent", "plain"] = "agent",
+        thread_id: str | None = None,
+        on_event: EventHandler | None = None,
+    ) -> AgentResult:
+        """Answer one question. In a thread, a question without images is about the images
+        the conversation already has."""
+        if not question.text.strip():
+            raise InputError("question: empty question")
+        if thread_id is None and self.checkpointer is not None:
+            thread_id = uuid.uuid4().hex
+        previous = await self._thread_state(thread_id)
+        paths = list(question.images) or list(previous.get("images", []))
+        context = RunContext(images=load_question_images(paths))
+        started = time.perf_counter()
+        with recording() as log:
+            start = fresh_state(question, paths, mode)
+            final = await self._stream(start, context, thread_id, on_event)
+        return _result(question, mode, final, log, time.perf_counter() - started, thread_id)
+
+    async def _stream(
+        self,
+        state: AgentState,
+        context: RunContext,
+        thread_id: str | None,
+        on_event: EventHandler | None,
+    ) -> AgentState:
+        notify = on_event or (lambda event: None)
+        final: AgentState = state
+        async for part in self.graph.astream(
+            state,
+            self._config(thread_id),
+            context=context,
+            stream_mode=["custom", "updates", "values"],
+            version="v2",
+        ):
+            if part["type"] == "custom" and isinstance(part["data"], AgentEvent):
+                notify(part["data"])
+            elif part["type"] == "updates":
+                for node, update in part["data"].items():
+                    _announce_end(node, update, notify)
+            elif part["type"] == "values":
+                final = part["data"]
+        return final
+
+
+def _announce_end(node: str, update: Any, notify: EventHandler) -> None:
+    trace = update.get("trace") if isinstance(update, dict) else None
+    if not trace:
+        return
+    event: TraceEvent = trace[-1]
+    notify(AgentEvent(kind="node_end", node=node, message=event.message))
+    if event.degraded:
+        notify(AgentEvent(kind="info", node=node, message=f"degraded: {event.message}"))
+
+
+def _result(
+    question: Question,
+    mode: Mode,
+    state: AgentState,
+    log: CallLog,
+    seconds: float,
+    thread_id: str | None,
+) -> AgentResult:
+    trace = state.get("trace", [])
+    timings: dict[str, float] = {}
+    for event in trace:
+        timings[event.node] = timings.get(event.node, 0.0) + event.seconds
+    timings["total"] = seconds
+    return AgentResult(
+        question=question.text,
+        mode=mode,
+        answer=state.get("answer", ""),
+        short_answer=state.get("short_answer"),
+        citations=state.get("citations", []),
+        evidence=state.get("evidence", []),
+        findings=state.get("findings"),
+        rounds=state.get("round", 0),
+        model_calls=log.calls,
+        tokens=TokenUsage(prompt=log.prompt_tokens, completion=log.completion_tokens),
+        timings=timings,
+        supported=state.get("supported", False),
+        unsupported_sentences=state.get("unsupported_sentences", []),
+        removed_citations=state.get("removed_citations", []),
+        trace=trace,
+        thread_id=thread_id,
+    )

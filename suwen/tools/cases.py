@@ -1,0 +1,49 @@
+"""similar_cases: the agent's typed adapter over the image->image searcher.
+
+The searcher is synchronous and not promised to be thread-safe, so every image of one question
+is searched in turn inside a single worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from PIL import Image
+
+from suwen.types import Hit
+
+
+class ImageSearch(Protocol):
+    """What the agent needs from ``suwen.retrieval.images.ImageSearcher``."""
+
+    def search_image(
+        self, image: Image.Image, k: int = ..., *, exclude_sha256: Collection[str] = ...
+    ) -> list[Hit]: ...
+
+
+def _search_each(
+    searcher: ImageSearch,
+    images: Sequence[tuple[str, Image.Image]],
+    k: int,
+    exclude_sha256: frozenset[str],
+) -> list[Hit]:
+    hits: list[Hit] = []
+    for label, image in images:
+        found = searcher.search_image(image, k, exclude_sha256=exclude_sha256)
+        hits.extend(hit.model_copy(update={"found_by": [f"similar to {label}"]}) for hit in found)
+    return hits
+
+
+async def similar_cases(
+    searcher: ImageSearch,
+    images: Sequence[tuple[str, Image.Image]],
+    *,
+    k: int,
+    exclude_sha256: Collection[str] = (),
+) -> list[Hit]:
+    """Indexed cases that look like each ``(label, image)``; hits carry ``found_by``."""
+    if not images or k <= 0:
+        return []
+    return await asyncio.to_thread(_search_each, searcher, images, k, frozenset(exclude_sha256))
