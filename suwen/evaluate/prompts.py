@@ -1,0 +1,84 @@
+"""MedEvalKit's prompt templates, word for word, so plain-mode numbers stand beside published ones.
+
+Re-implemented from MedEvalKit's ``utils/question_formats.py`` (non-reasoning, English variants)
+and ``utils/MMMU/data_utils.py::construct_prompt``; see docs/evaluation.md. Every string below is
+part of the benchmark contract: changing a space changes what the model sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+YES_NO_INSTRUCTION = "Please output 'yes' or 'no'(no extra output)."
+CLOSED_INSTRUCTION = "Answer the question using a single word or phrase."
+OPEN_INSTRUCTION = "Please answer the question concisely."
+REPORT_PROMPT = (
+    "You are a helpful assistant. Please generate a report for the given images, including both "
+    "findings and impressions. Return the report in the following format: Findings: {} "
+    "Impression: {}."
+)
+
+
+def multiple_choice_prompt(question: str, choices: Sequence[str]) -> str:
+    """``get_multiple_choice_prompt``: note the leading newline and the space after 'Options:'."""
+    options = "\n".join(str(choice) for choice in choices)
+    return f"\nQuestion: {question}\nOptions: \n{options}" + "\n" + CHOICE_INSTRUCTION
+
+
+def yes_no_prompt(question: str) -> str:
+    """``get_judgement_prompt``."""
+    return question + "\n" + YES_NO_INSTRUCTION
+
+
+def closed_prompt(question: str) -> str:
+    """``get_close_ended_prompt``."""
+    return question + "\n" + CLOSED_INSTRUCTION
+
+
+def open_prompt(question: str) -> str:
+    """``get_open_ended_prompt``."""
+    return question + "\n" + OPEN_INSTRUCTION
+
+
+def pubmedqa_prompt(context: str, question: str, choices: Sequence[str]) -> str:
+    """PubMedQA: the abstract's sections joined by newlines, then the multiple-choice prompt."""
+    return f"Context: {context}" + "\n" + multiple_choice_prompt(question, choices)
+
+
+def report_prompt() -> str:
+    """``get_report_generation_prompt`` (IU-Xray): the literal braces are part of the prompt."""
+    return REPORT_PROMPT
+
+
+def mmmu_choice_prompt(question: str, options: Sequence[str]) -> str:
+    """MMMU's own multiple-choice layout as MedEvalKit builds it: '(A) option' lines between
+    blank lines, then eight spaces of indentation before the instruction."""
+    example = "".join(f"({chr(ord('A') + i)}) {option}\n" for i, option in enumerate(options))
+    return f"\n{question}\n\n{example}\n\n        " + CHOICE_INSTRUCTION
+
+
+def mmmu_open_prompt(question: str) -> str:
+    """MMMU's open questions as MedEvalKit builds them."""
+    return f"\n{question}\n\n        " + CLOSED_INSTRUCTION
+
+
+def judge_prompt(question: str, response: str, answer: str) -> str:
+    """MedEvalKit's judge prompt (``utils/utils.py::get_compare_messages``); '0' = correct."""
+    return f"""
+Your task is to determine whether the user's answer is correct based on the provided questions and standard answers (for example, if the user expresses a similar meaning to the standard answer, or another interpretation of the standard answer, it is considered correct.)
+
+The question is: {question}
+
+The standard answer: {answer}
+
+The user's answer: {response}
+
+Please strictly follow the following format for output(0 represents correct, 1 represents incorrect):
+<think>{{your concise think step}}</think>
+<judge>{{0/1}}</judge>
+
+for example:
+<think>The standard answer is right, and the user's answer is right frontal lobe, they express the same meaning, so it is correct.</think>
+<judge>0</judge>
+    """  # noqa: E501
