@@ -1,0 +1,141 @@
+"""`suwen eval`: the agent against the plain model on MedEvalKit's benchmarks, side by side."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import typer
+
+from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.config import Settings
+from suwen.errors import SuwenError
+
+if TYPE_CHECKING:
+    from suwen.agent.graph import SuwenAgent
+    from suwen.evaluate.runner import EvalConfig, Mode, ModeSummary
+    from suwen.types import AgentResult, Question
+
+
+def _split(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+class AgentAnswerer:
+    """The runner's ``Answerer`` on top of ``SuwenAgent`` (agent mode, no session thread)."""
+
+    def __init__(self, agent: SuwenAgent) -> None:
+        self.agent = agent
+
+    async def __call__(self, question: Question) -> AgentResult:
+        return await self.agent.run(question, mode="agent")
+
+
+def eval_command(
+    ctx: typer.Context,
+    benchmark: list[str] = typer.Option(
+        ..., "--benchmark", "-b", help="Benchmark name(s), comma-separated or repeated."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder with local benchmark files (default: the hub datasets)."
+    ),
+    modes: str = typer.Option("plain,agent", "--modes", help="plain, agent, or both."),
+    out: Path = typer.Option(..., "--out", help="Output folder (re-running resumes)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Questions per benchmark."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling and the bootstrap."),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", min=1, help="Questions in flight (default: setting)."
+    ),
+    judge: bool = typer.Option(False, "--judge", help="MedEvalKit's LLM judge for open answers."),
+    allow_leak: bool = typer.Option(
+        False, "--allow-leak", help="Let retrieval see each question's own source."
+    ),
+    vllm_url: list[str] = typer.Option([], "--vllm-url", help="Running vLLM server(s) to use."),
+) -> None:
+    """Score plain Lingshu and the Suwen agent on the same questions, with MedEvalKit's
+    prompts; writes per-question JSONL, metrics.json, report.md/html and a chart."""
+    from suwen.evaluate.benchmarks import benchmark_named
+    from suwen.evaluate.runner import MODES, EvalConfig
+
+    settings = settings_of(ctx)
+    chosen = _split([modes])
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        fail(f"--modes {modes!r}: expected plain, agent or plain,agent")
+    try:
+        names = [benchmark_named(name).name for name in _split(benchmark)]
+    except SuwenError as exc:
+        fail(str(exc))
+    config = EvalConfig(
+        benchmarks=names,
+        data=data,
+        modes=cast("list[Mode]", [m for m in MODES if m in chosen]),
+        out=out,
+        limit=limit,
+        seed=seed,
+        concurrency=concurrency or settings.concurrency,
+        judge=judge,
+        allow_leak=allow_leak,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        model=settings.vlm,
+    )
+    try:
+        summaries = asyncio.run(_evaluate(settings, config, vllm_url))
+        from suwen.evaluate.report import write_report
+
+        write_report(out)
+    except SuwenError as exc:
+        fail(str(exc))
+    _print_summary(summaries, out)
+
+
+async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> list[ModeSummary]:
+    from suwen.evaluate.runner import load_selected, run_evaluation
+    from suwen.runtime import open_agent
+
+    samples = await asyncio.to_thread(load_selected, config, settings.home / "eval_cache")
+    total = sum(len(items) for items in samples.values())
+    console.print(f"{total} questions from {', '.join(samples)}; modes: {', '.join(config.modes)}")
+    with err_console.status("starting the model") as status:
+        async with open_agent(
+            settings, urls, sessions=False, on_notice=lambda m: err_console.print(f"note: {m}")
+        ) as agent:
+            progress = _progress(status.update)
+            return await run_evaluation(
+                config,
+                samples,
+                model=agent.nodes.model,
+                answerer=AgentAnswerer(agent) if "agent" in config.modes else None,
+                on_progress=progress,
+            )
+
+
+def _progress(update: Callable[[str], Any]) -> Callable[[str, Any, int, int], None]:
+    def show(benchmark: str, mode: Any, done: int, total: int) -> None:
+        update(f"{benchmark} {mode}: {done}/{total}")
+
+    return show
+
+
+def _print_summary(summaries: list[ModeSummary], out: Path) -> None:
+    failed = 0
+    for summary in summaries:
+        line = (
+            f"{summary.benchmark} {summary.mode}: {summary.already_done + summary.done_now}/"
+            f"{summary.total} done ({summary.done_now} now)"
+        )
+        if summary.failed:
+            failed += len(summary.failed)
+            first_id, first_error = summary.failed[0]
+            line += f"; {len(summary.failed)} failed (first: {first_id}: {first_error})"
+        console.print(line, highlight=False)
+    console.print(f"report: {out / 'report.md'}  ({out / 'report.html'}, {out / 'metrics.json'})")
+    if failed:
+        fail(f"{failed} question(s) failed; run the same command again to retry them", code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,292 @@
+"""The eval loop with a scripted fake model: records, resume after a kill, agent mode, judge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from pydantic import BaseModel
+
+from suwen.errors import InputError, ModelError
+from suwen.evaluate.benchmarks import Sample, benchmark_named, load_benchmark
+from suwen.evaluate.runner import (
+    EvalConfig,
+    agent_responder,
+    plain_responder,
+    read_records,
+    record_run,
+    run_evaluation,
+    run_mode,
+    samples_path,
+)
+from suwen.llm.base import CallRecord, ChatReply, Message, record_call
+from suwen.types import AgentResult, Citation, Evidence, Hit, Question, TokenUsage
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class FakeModel:
+    """A scripted VisionLanguageModel: ``reply(messages)`` decides the text. It can be told to
+    die (raise a non-Suwen error, like a killed process) after a number of calls."""
+
+    def __init__(
+        self, reply: Callable[[list[Message]], str], *, die_after: int | None = None
+    ) -> None:
+        self.reply = reply
+        self.die_after = die_after
+        self.prompts: list[str] = []
+        self.images_seen = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        purpose: str = "",
+    ) -> ChatReply:
+        if self.die_after is not None and len(self.prompts) >= self.die_after:
+            raise RuntimeError("killed")
+        self.prompts.append(messages[-1].text)
+        self.images_seen += sum(len(m.images) for m in messages)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+        finally:
+            self.in_flight -= 1
+        text = self.reply(messages)
+        record = CallRecord(
+            kind="chat",
+            purpose=purpose,
+            prompt_tokens=len(messages[-1].text),
+            completion_tokens=len(text.split()),
+        )
+        record_call(record)
+        return ChatReply(text=text, finish_reason="stop", record=record)
+
+    async def stream(self, messages: list[Message], **_: Any) -> AsyncIterator[str]:
+        yield (await self.chat(messages)).text
+
+    async def structured(self, messages: list[Message], schema: type[T], **_: Any) -> T:
+        return schema.model_validate_json((await self.chat(messages)).text)
+
+
+def gold_of(samples: list[Sample]) -> Callable[[list[Message]], str]:
+    """Answers right for every other question (by prompt), wrong otherwise."""
+    by_prompt = {s.prompt: s for s in samples}
+
+    def reply(messages: list[Message]) -> str:
+        sample = by_prompt[messages[-1].text]
+        right = int(sample.id.rsplit("-", 1)[-1]) % 2 == 0
+        if sample.kind == "choice":
+            return sample.gold if right else ("B" if sample.gold == "A" else "A")
+        if sample.kind == "yes_no":
+            return sample.gold if right else ("no" if sample.gold == "yes" else "yes")
+        return sample.gold if right else "something else"
+
+    return reply
+
+
+@pytest.fixture(scope="module")
+def vqa_rad(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
+    cache = tmp_path_factory.mktemp("cache")
+    return load_benchmark("VQA-RAD", shared_data, cache, limit=12, seed=1)
+
+
+def test_plain_mode_writes_one_scored_record_per_question(
+    vqa_rad: list[Sample], tmp_path: Path
+) -> None:
+    model = FakeModel(gold_of(vqa_rad))
+    summary = asyncio.run(
+        run_mode(
+            benchmark_named("VQA-RAD"),
+            vqa_rad,
+            "plain",
+            plain_responder(model),
+            tmp_path,
+            concurrency=4,
+        )
+    )
+    assert summary.done_now == 12 and not summary.failed
+    assert model.images_seen == 12 and model.max_in_flight > 1
+    lines = samples_path(tmp_path, "VQA-RAD", "plain").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["id"] for r in records) == sorted(s.id for s in vqa_rad)
+    for record in records:
+        assert {
+            "id",
+            "question",
+            "gold",
+            "response",
+            "parsed",
+            "correct",
+            "medevalkit",
+            "citations",
+            "evidence_ids",
+            "latency",
+            "tokens",
+        } <= set(record)
+        assert record["prompt"] in model.prompts and record["tokens"]["prompt"] > 0
+        right = int(record["id"].rsplit("-", 1)[-1]) % 2 == 0
+        assert record["correct"] is right
+
+
+def test_a_run_killed_halfway_resumes_without_redoing_finished_questions(
+    vqa_rad: list[Sample], tmp_path: Path
+) -> None:
+    benchmark = benchmark_named("VQA-RAD")
+    dying = FakeModel(gold_of(vqa_rad), die_after=5)
+    with pytest.raises(RuntimeError, match="killed"):
+        asyncio.run(
+            run_mode(benchmark, vqa_rad, "plain", plain_responder(dying), tmp_path, concurrency=1)
+        )
+    path = samples_path(tmp_path, "VQA-RAD", "plain")
+    finished = [r.id for r in read_records(path)]
+    assert len(finished) == 5
+    # A kill in the middle of a write leaves a torn line: it is dropped, not fatal.
+    with path.open("a") as handle:
+        handle.write('{"id": "vqa-rad-torn", "benchm')
+    fresh = FakeModel(gold_of(vqa_rad))
+    summary = asyncio.run(
+        run_mode(benchmark, vqa_rad, "plain", plain_responder(fresh), tmp_path, concurrency=3)
+    )
+    assert summary.already_done == 5 and summary.done_now == 7
+    asked = set(fresh.prompts)
+    assert not asked & {s.prompt for s in vqa_rad if s.id in finished}
+    ids = [r.id for r in read_records(path)]
+    assert sorted(ids) == sorted(s.id for s in vqa_rad) and len(ids) == len(set(ids))
+    # A third run has nothing left to ask.
+    idle = FakeModel(gold_of(vqa_rad))
+    asyncio.run(run_mode(benchmark, vqa_rad, "plain", plain_responder(idle), tmp_path))
+    assert idle.prompts == []
+
+
+def test_model_errors_are_reported_and_retried_next_run(
+    vqa_rad: list[Sample], tmp_path: Path
+) -> None:
+    flaky_ids = {vqa_rad[0].prompt}
+
+    def reply(messages: list[Message]) -> str:
+        if messages[-1].text in flaky_ids:
+            raise ModelError("vLLM at http://localhost:8000: 500")
+        return "yes"
+
+    benchmark = benchmark_named("VQA-RAD")
+    summary = asyncio.run(
+        run_mode(benchmark, vqa_rad, "plain", plain_responder(FakeModel(reply)), tmp_path)
+    )
+    assert [i for i, _ in summary.failed] == [vqa_rad[0].id] and summary.done_now == 11
+    flaky_ids.clear()
+    again = asyncio.run(
+        run_mode(benchmark, vqa_rad, "plain", plain_responder(FakeModel(reply)), tmp_path)
+    )
+    assert again.done_now == 1 and not again.failed
+
+
+class FakeAnswerer:
+    """An Answerer that cites a paper and echoes what the guard excluded."""
+
+    def __init__(self, short: Callable[[Question], str | None]) -> None:
+        self.short = short
+        self.questions: list[Question] = []
+
+    async def __call__(self, question: Question) -> AgentResult:
+        self.questions.append(question)
+        hit = Hit(key="pmid:123#0", score=0.9, kind="text", index="pubmed", pmid="123")
+        return AgentResult(
+            question=question.text,
+            answer=f"Full answer [1]. {self.short(question)}",
+            short_answer=self.short(question),
+            citations=[Citation(number=1, key="pmid:123#0", pmid="123")],
+            evidence=[
+                Evidence(key="pmid:123#0", hit=hit, relevance=0.9),
+                Evidence(
+                    key="case:9",
+                    hit=hit.model_copy(update={"key": "case:9"}),
+                    relevance=0.1,
+                    kept=False,
+                ),
+            ],
+            model_calls=4,
+            tokens=TokenUsage(prompt=100, completion=20),
+        )
+
+
+def test_agent_mode_scores_the_short_answer_and_keeps_citations(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    samples = load_benchmark("PubMedQA", shared_data, tmp_path / "cache", limit=6, seed=2)
+    answerer = FakeAnswerer(lambda q: "yes")
+    asyncio.run(
+        run_mode(benchmark_named("PubMedQA"), samples, "agent", agent_responder(answerer), tmp_path)
+    )
+    records = read_records(samples_path(tmp_path, "PubMedQA", "agent"))
+    assert {r.id for r in records} == {s.id for s in samples}
+    for record in records:
+        assert record.response == "yes" and record.parsed == "A"
+        assert record.correct is (record.gold == "A")
+        assert record.citations[0]["pmid"] == "123" and record.evidence_ids == ["pmid:123#0"]
+        assert record.tokens == {"prompt": 100, "completion": 20} and record.model_calls == 4
+        assert record.leakage_guard and record.prompt is None
+    guarded = {q.exclude_pmids[0] for q in answerer.questions}
+    assert guarded == {s.id.removeprefix("pubmedqa-") for s in samples}
+    leaky = FakeAnswerer(lambda q: None)  # no short answer: scored as unparsed
+    asyncio.run(
+        run_mode(
+            benchmark_named("PubMedQA"),
+            samples,
+            "agent",
+            agent_responder(leaky, guard=False),
+            tmp_path / "leak",
+            guard=False,
+        )
+    )
+    assert all(q.exclude_pmids == [] for q in leaky.questions)
+    leak_records = read_records(samples_path(tmp_path / "leak", "PubMedQA", "agent"))
+    assert all(r.unparsed and r.correct is False and not r.leakage_guard for r in leak_records)
+
+
+def test_judge_rescoring_open_answers_only(vqa_rad: list[Sample], tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def reply(messages: list[Message]) -> str:
+        text = messages[-1].text
+        if text.lstrip().startswith("Your task is to determine"):
+            calls.append(text)
+            return "<think>same meaning</think>\n<judge>0</judge>"
+        return "something else entirely"
+
+    model = FakeModel(reply)
+    config = EvalConfig(benchmarks=["VQA-RAD"], modes=["plain"], out=tmp_path, judge=True)
+    asyncio.run(run_evaluation(config, {"VQA-RAD": vqa_rad}, model=model, answerer=None))
+    records = read_records(samples_path(tmp_path, "VQA-RAD", "plain"))
+    opened = [r for r in records if r.kind == "open"]
+    closed = [r for r in records if r.kind != "open"]
+    assert len(calls) == len(opened) > 0
+    assert all(r.correct and r.rule_correct is False and r.judge for r in opened)
+    assert all(r.judge is None and r.correct is False for r in closed)
+
+
+def test_scoring_options_cannot_change_inside_one_output_dir(tmp_path: Path) -> None:
+    record_run(EvalConfig(benchmarks=["VQA-RAD"], out=tmp_path), {"VQA-RAD": ["a"]})
+    record_run(EvalConfig(benchmarks=["PubMedQA"], out=tmp_path, limit=3), {"PubMedQA": ["b"]})
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert set(run["selections"]) == {"VQA-RAD", "PubMedQA"}
+    with pytest.raises(InputError, match="judge"):
+        record_run(EvalConfig(benchmarks=["VQA-RAD"], out=tmp_path, judge=True), {})
+    with pytest.raises(InputError, match="agent mode needs an agent"):
+        asyncio.run(
+            run_evaluation(
+                EvalConfig(benchmarks=["VQA-RAD"], out=tmp_path),
+                {},
+                model=FakeModel(lambda m: ""),
+                answerer=None,
+            )
+        )
