@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -290,3 +294,51 @@ def test_scoring_options_cannot_change_inside_one_output_dir(tmp_path: Path) -> 
                 answerer=None,
             )
         )
+
+
+def slow_plain_run(data: str, out: str) -> None:
+    """Run in a child process by the SIGKILL test: one question at a time, slowly."""
+    samples = load_benchmark("VQA-RAD", Path(data), Path(out) / "cache", limit=12, seed=1)
+    answer = gold_of(samples)
+
+    def slow(messages: list[Message]) -> str:
+        time.sleep(0.15)
+        return answer(messages)
+
+    asyncio.run(
+        run_mode(
+            benchmark_named("VQA-RAD"),
+            samples,
+            "plain",
+            plain_responder(FakeModel(slow)),
+            Path(out),
+            concurrency=1,
+        )
+    )
+
+
+def test_sigkilled_run_resumes(vqa_rad: list[Sample], shared_data: Path, tmp_path: Path) -> None:
+    path = samples_path(tmp_path, "VQA-RAD", "plain")
+    code = (
+        f"from tests.test_eval_runner import slow_plain_run; "
+        f"slow_plain_run({str(shared_data)!r}, {str(tmp_path)!r})"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    finished = {r.id for r in read_records(path)}
+    assert 3 <= len(finished) < 12
+    fresh = FakeModel(gold_of(vqa_rad))
+    asyncio.run(
+        run_mode(benchmark_named("VQA-RAD"), vqa_rad, "plain", plain_responder(fresh), tmp_path)
+    )
+    assert len(fresh.prompts) == 12 - len(finished)
+    assert not set(fresh.prompts) & {s.prompt for s in vqa_rad if s.id in finished}
+    assert sorted(r.id for r in read_records(path)) == sorted(s.id for s in vqa_rad)
