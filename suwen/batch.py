@@ -1,0 +1,631 @@
+"""Batch answering over a folder: questions in, one durable JSONL line per question out.
+
+Questions come from ``FOLDER/questions.jsonl`` or ``FOLDER/questions.csv`` (or a file named with
+``--questions``), else from a sidecar ``.txt`` beside each image. Every question that cannot be
+used (missing or unreadable image, a path leaving FOLDER, empty question, malformed line,
+non-UTF-8 text, duplicate id) becomes an item that carries its error, so it is reported in the
+output instead of stopping the run.
+
+The output is append-only JSONL with one line per question id. Each line is written with one
+``write`` on an ``O_APPEND`` descriptor and fsynced before the question counts as done, so a
+process killed at any moment (SIGKILL included) leaves at most one torn final line; the next run
+drops that line, skips every id already answered, and retries the ids that recorded an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import fcntl
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suwen.errors import InputError, SuwenError
+from suwen.medimage import IMAGE_SUFFIXES, is_dicom_series_dir, is_image_path, load_image
+from suwen.types import AgentResult, AnswerFormat, Question
+
+QUESTION_FILES = ("questions.jsonl", "questions.csv")
+DEFAULT_CONCURRENCY = 8
+
+Answerer = Callable[[Question], Awaitable[AgentResult]]
+ImageCheck = Callable[[Path], object]
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One question to answer, or the reason it cannot be asked (then ``question`` is None)."""
+
+    id: str
+    where: str = ""
+    question: Question | None = None
+    images: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass
+class QuestionSet:
+    items: list[BatchItem]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A record as read from a source, before its fields are checked."""
+
+    id: str
+    where: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def load_questions(folder: Path, questions_file: Path | None = None) -> QuestionSet:
+    """Every question for ``folder``: from ``questions_file``, FOLDER/questions.{jsonl,csv}, or
+    sidecar .txt files. Raises InputError only when no question source can be read at all."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    root = folder.resolve()
+    notes: list[str] = []
+    source = questions_file if questions_file is not None else _question_file_in(folder)
+    if source is not None:
+        raws = _read_question_file(source)
+        label = str(source)
+    else:
+        raws = list(_sidecar_records(root, notes))
+        label = f"sidecar .txt files in {folder}"
+        if not raws:
+            raise InputError(
+                f"{folder}: no questions found (expected questions.jsonl, questions.csv, "
+                "or a .txt beside each image)"
+            )
+    items = _merge_duplicates([_build_item(raw, root) for raw in raws])
+    return QuestionSet(items=items, source=label, notes=notes)
+
+
+def _question_file_in(folder: Path) -> Path | None:
+    found = [folder / name for name in QUESTION_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise InputError(
+            f"{folder}: both questions.jsonl and questions.csv exist; name one with --questions"
+        )
+    return found[0] if found else None
+
+
+def _read_question_file(path: Path) -> list[_Raw]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read questions file: {exc.strerror or exc}") from exc
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if path.suffix.lower() == ".csv":
+        return list(_csv_records(path, data))
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return list(_jsonl_records(path, data))
+    raise InputError(f"{path}: questions file must end in .jsonl or .csv")
+
+
+def _jsonl_records(path: Path, data: bytes) -> Iterator[_Raw]:
+    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+        if not raw_line.strip():
+            continue
+        where = f"{path.name}:{lineno}"
+        utf8_ok = _is_utf8(raw_line)
+        # Decoding with surrogateescape keeps a line with a stray byte parseable, so its id
+        # (when the id itself is clean) can name the error line.
+        text = raw_line.decode("utf-8", errors="surrogateescape")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield _Raw(where, where, error=f"{where}: malformed JSON line ({exc.msg})")
+            continue
+        if not isinstance(obj, dict):
+            yield _Raw(where, where, error=f"{where}: expected a JSON object per line")
+            continue
+        yield _record_from_fields(obj, where, utf8_ok)
+
+
+def _csv_records(path: Path, data: bytes) -> Iterator[_Raw]:
+    text = data.decode("utf-8", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    missing = {"id", "question"} - set(header)
+    if missing:
+        raise InputError(f"{path}: CSV header lacks column(s) {', '.join(sorted(missing))}")
+    try:
+        for row in reader:
+            where = f"{path.name}:{reader.line_num}"
+            if None in row or any(value is None for value in row.values()):
+                yield _Raw(_clean_id(row.get("id")) or where, where, error=_wrong_width(where))
+                continue
+            fields = {key: value for key, value in row.items() if value != ""}
+            yield _record_from_fields(fields, where, not _has_surrogates(fields))
+    except csv.Error as exc:
+        where = f"{path.name}:{reader.line_num}"
+        yield _Raw(where, where, error=f"{where}: malformed CSV ({exc}); rows after it not read")
+
+
+def _wrong_width(where: str) -> str:
+    return f"{where}: malformed CSV row (wrong number of fields)"
+
+
+def _record_from_fields(fields: dict[str, Any], where: str, utf8_ok: bool) -> _Raw:
+    item_id = _clean_id(fields.get("id"))
+    if item_id is None:
+        return _Raw(where, where, error=f"{where}: missing or invalid 'id'")
+    if not utf8_ok:
+        return _Raw(item_id, where, error=f"{where}: not valid UTF-8 text")
+    return _Raw(item_id, where, fields=fields)
+
+
+def _clean_id(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    return text if text and not _has_surrogates(text) else None
+
+
+def _sidecar_records(root: Path, notes: list[str]) -> Iterator[_Raw]:
+    """One record per image (or DICOM series folder) with ``<stem>.txt`` beside it; the id is
+    the sidecar's path relative to FOLDER without ``.txt``. Images sharing a stem share it."""
+    by_sidecar: dict[Path, list[Path]] = {}
+    lonely = 0
+    for image in _images_under(root):
+        sidecar = image.with_name(_stem(image) + ".txt")
+        if sidecar.is_file():
+            by_sidecar.setdefault(sidecar, []).append(image)
+        else:
+            lonely += 1
+    if lonely:
+        notes.append(f"{lonely} image(s) without a sidecar .txt were not asked about")
+    for sidecar, images in by_sidecar.items():
+        where = sidecar.relative_to(root).as_posix()
+        item_id = where.removesuffix(".txt")
+        try:
+            raw = sidecar.read_bytes()
+        except OSError as exc:
+            yield _Raw(item_id, where, error=f"{where}: cannot read: {exc.strerror or exc}")
+            continue
+        if not _is_utf8(raw):
+            yield _Raw(item_id, where, error=f"{where}: not valid UTF-8 text")
+            continue
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+        rel_images = [image.relative_to(root).as_posix() for image in images]
+        yield _Raw(item_id, where, fields={"question": text, "images": rel_images})
+
+
+def _images_under(root: Path) -> Iterator[Path]:
+    """Image files and DICOM series folders under ``root``, skipping hidden entries and the
+    files inside a series (the series is the image)."""
+    for directory, subdirs, files in os.walk(root):
+        here = Path(directory)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        series = [d for d in subdirs if is_dicom_series_dir(here / d)]
+        yield from (here / d for d in series)
+        subdirs[:] = [d for d in subdirs if d not in series]
+        for name in sorted(files):
+            path = here / name
+            if not name.startswith(".") and is_image_path(path):
+                yield path
+
+
+def _stem(image: Path) -> str:
+    lower = image.name.lower()
+    suffix = max((s for s in IMAGE_SUFFIXES if lower.endswith(s)), key=len, default="")
+    return image.name[: len(image.name) - len(suffix)]
+
+
+def _build_item(raw: _Raw, root: Path) -> BatchItem:
+    if raw.error is not None:
+        return BatchItem(id=raw.id, where=raw.where, error=raw.error)
+    try:
+        text = _question_text(raw.fields.get("question"), raw.where)
+        rel_images = _image_list(raw.fields, raw.where)
+        paths = [str(resolve_inside(root, rel, raw.where)) for rel in rel_images]
+        answer_format = _answer_format(raw.fields.get("options"), raw.where)
+    except InputError as exc:
+        return BatchItem(id=raw.id, where=raw.where, error=str(exc))
+    question = Question(text=text, images=paths, answer_format=answer_format)
+    return BatchItem(id=raw.id, where=raw.where, question=question, images=tuple(rel_images))
+
+
+def _question_text(value: object, where: str) -> str:
+    if value is None:
+        raise InputError(f"{where}: no 'question'")
+    if not isinstance(value, str):
+        raise InputError(f"{where}: 'question' must be text")
+    if not value.strip():
+        raise InputError(f"{where}: empty question")
+    return value.strip()
+
+
+def _image_list(fields: dict[str, Any], where: str) -> list[str]:
+    images: list[str] = []
+    for key in ("image", "images"):
+        value = fields.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            images.extend(_split_image_cell(value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            images.extend(v for v in value if v.strip())
+        else:
+            raise InputError(f"{where}: '{key}' must be a path or a list of paths")
+    return images
+
+
+def _split_image_cell(value: str) -> list[str]:
+    """A CSV cell (or JSON string) naming images: one path, 'a.png;b.png', or a JSON list."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed):
+            return [v for v in parsed if v.strip()]
+    return [part.strip() for part in value.split(";") if part.strip()]
+
+
+def resolve_inside(root: Path, relative: str, where: str = "") -> Path:
+    """``root / relative`` with symlinks resolved; refuses a path that leaves ``root``. A folder
+    is accepted too: a DICOM series is one image."""
+    prefix = f"{where}: " if where else ""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise InputError(f"{prefix}image {relative!r} is outside the folder {root}; refused")
+    if not path.exists():
+        raise InputError(f"{prefix}image {relative!r} not found")
+    return path
+
+
+def _answer_format(value: object, where: str) -> AnswerFormat:
+    if value is None:
+        return AnswerFormat()
+    options = _options(value, where)
+    if not options:
+        return AnswerFormat()
+    return AnswerFormat(kind="choice", options=options)
+
+
+def _options(value: object, where: str) -> dict[str, str]:
+    if isinstance(value, str):
+        value = _parse_options_cell(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if len(value) > 26:
+            raise InputError(f"{where}: more than 26 options")
+        return {chr(ord("A") + i): text for i, text in enumerate(value)}
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return {k.strip(): v for k, v in value.items()}
+    raise InputError(f"{where}: 'options' must map letters to text or list the options")
+
+
+def _parse_options_cell(value: str) -> object:
+    """CSV options: a JSON object/list, or options separated by '|'."""
+    value = value.strip()
+    if value.startswith(("{", "[")):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return [part.strip() for part in value.split("|") if part.strip()]
+
+
+def _merge_duplicates(items: list[BatchItem]) -> list[BatchItem]:
+    """An id given more than once is ambiguous: it becomes one error item, asked of nobody."""
+    places: dict[str, list[str]] = {}
+    for item in items:
+        places.setdefault(item.id, []).append(item.where)
+    merged: list[BatchItem] = []
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            continue
+        seen.add(item.id)
+        where = places[item.id]
+        if len(where) > 1:
+            message = f"duplicate id {item.id!r} (at {', '.join(where)}); give each question one id"
+            item = BatchItem(id=item.id, where=where[0], error=message)
+        merged.append(item)
+    return merged
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _has_surrogates(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(v) for v in value.values())
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PriorOutput:
+    """What an existing output file already holds."""
+
+    answered: set[str] = field(default_factory=set)
+    error_ids: set[str] = field(default_factory=set)
+    torn_tail: bool = False
+    unreadable_lines: int = 0
+
+
+class AnswerLog:
+    """The output JSONL, locked for this run. ``append`` returns once the line is on disk."""
+
+    def __init__(self, path: Path, prior: PriorOutput, fd: int) -> None:
+        self.path = path
+        self.prior = prior
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            view = memoryview(line)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+
+
+@contextmanager
+def open_answer_log(path: Path) -> Iterator[AnswerLog]:
+    """Lock ``path`` against a second writer, read what it holds, drop its torn final line and
+    its error lines (those ids are asked again), then open it for appending."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(path):
+        prior = _compact(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            yield AnswerLog(path, prior, fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{path}: another suwen batch is writing this file") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_prior_output(data: bytes) -> tuple[PriorOutput, list[bytes]]:
+    """Classify the lines of an existing output file; returns the lines worth keeping."""
+    prior = PriorOutput()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        # No newline at the end: the last write was cut short. Its id is asked again.
+        lines.pop()
+        prior.torn_tail = True
+    keep: list[bytes] = []
+    for line in lines:
+        record = _parse_output_line(line)
+        if record is None:
+            if line.strip():
+                prior.unreadable_lines += 1
+                keep.append(line)  # not ours to delete
+            continue
+        item_id, is_error = record
+        if is_error:
+            prior.error_ids.add(item_id)
+        else:
+            prior.answered.add(item_id)
+            keep.append(line)
+    prior.error_ids -= prior.answered
+    return prior, keep
+
+
+def _parse_output_line(line: bytes) -> tuple[str, bool] | None:
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+        return None
+    return obj["id"], "error" in obj
+
+
+def _compact(path: Path) -> PriorOutput:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return PriorOutput()
+    prior, keep = read_prior_output(data)
+    new_data = b"".join(line + b"\n" for line in keep)
+    if new_data != data:
+        _replace_atomically(path, new_data)
+    return prior
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchProgress:
+    """Counts for this run (``total`` excludes questions answered by an earlier run)."""
+
+    total: int
+    skipped: int
+    done: int = 0
+    answered: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class BatchSummary:
+    questions: int
+    skipped: int
+    answered: int
+    errors: list[tuple[str, str]]
+    seconds: float
+    notes: list[str]
+
+    @property
+    def complete(self) -> bool:
+        """Every question now has an answer or a recorded error."""
+        return self.skipped + self.answered + len(self.errors) == self.questions
+
+
+async def run_batch(
+    questions: QuestionSet,
+    out: Path,
+    answer: Answerer,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    check_image: ImageCheck | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Answer every question not already answered in ``out`` (see ``answer_pending``)."""
+    with open_answer_log(out) as log:
+        return await answer_pending(
+            questions,
+            log,
+            answer,
+            concurrency=concurrency,
+            check_image=check_image,
+            on_progress=on_progress,
+        )
+
+
+def pending(questions: QuestionSet, log: AnswerLog) -> list[BatchItem]:
+    """The questions the output does not answer yet, in input order."""
+    return [item for item in questions.items if item.id not in log.prior.answered]
+
+
+async def answer_pending(
+    questions: QuestionSet,
+    log: AnswerLog,
+    answer: Answerer,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    check_image: ImageCheck | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Answer the pending questions ``concurrency`` at a time, appending one line each.
+
+    ``check_image`` decodes each image before the model is asked (default
+    ``suwen.medimage.load_image``), so an unreadable image is an error line, not an answer
+    guessed without the image.
+    """
+    if concurrency < 1:
+        raise InputError(f"--concurrency {concurrency}: must be at least 1")
+    check = check_image or load_image
+    todo = pending(questions, log)
+    progress = BatchProgress(total=len(todo), skipped=len(questions.items) - len(todo))
+    errors: list[tuple[str, str]] = []
+    if on_progress:
+        on_progress(progress)
+
+    async def finish(item: BatchItem, record: dict[str, Any]) -> None:
+        # fsync in a worker thread: the event loop keeps feeding the model meanwhile.
+        await asyncio.to_thread(log.append, record)
+        progress.done += 1
+        if "error" in record:
+            progress.errors += 1
+            errors.append((item.id, record["error"]))
+        else:
+            progress.answered += 1
+        if on_progress:
+            on_progress(progress)
+
+    async def worker(queue: Iterator[BatchItem]) -> None:
+        for item in queue:
+            await finish(item, await _answer_item(item, answer, check))
+
+    shared = iter(todo)  # workers pull from one iterator: no task per question up front
+    workers = min(concurrency, max(1, len(todo)))
+    await asyncio.gather(*(worker(shared) for _ in range(workers)))
+    return BatchSummary(
+        questions=len(questions.items),
+        skipped=progress.skipped,
+        answered=progress.answered,
+        errors=errors,
+        seconds=progress.seconds,
+        notes=list(questions.notes) + _prior_notes(log.prior, log.path),
+    )
+
+
+async def _answer_item(item: BatchItem, answer: Answerer, check: ImageCheck) -> dict[str, Any]:
+    if item.question is None:
+        return {"id": item.id, "error": item.error or "unusable question"}
+    try:
+        for path in item.question.images:
+            await asyncio.to_thread(check, Path(path))
+        result = await answer(item.question)
+    except SuwenError as exc:
+        return {"id": item.id, "error": str(exc)}
+    except Exception as exc:  # one failing question must not stop thousands of others
+        return {"id": item.id, "error": f"{type(exc).__name__}: {exc}"}
+    return result_record(item, result)
+
+
+def result_record(item: BatchItem, result: AgentResult) -> dict[str, Any]:
+    """The output line of an answered question: its id and images, then the full result."""
+    return {"id": item.id, "images": list(item.images), **result.model_dump(mode="json")}
+
+
+def _prior_notes(prior: PriorOutput, out: Path) -> list[str]:
+    notes = []
+    if prior.torn_tail:
+        notes.append(f"{out}: dropped a partly written last line (that question is asked again)")
+    if prior.error_ids:
+        notes.append(f"{len(prior.error_ids)} question(s) that failed before are retried")
+    if prior.unreadable_lines:
+        notes.append(f"{out}: {prior.unreadable_lines} line(s) not in Suwen's format were kept")
+    return notes

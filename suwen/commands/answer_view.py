@@ -1,0 +1,250 @@
+"""How an answer looks in the terminal: markdown, numbered evidence, similar cases, warnings.
+
+Shared by ``suwen ask`` and ``suwen chat``. Numbering follows the answer's citations ``[n]`` first,
+then every other kept evidence item, so the numbers a user reads in the answer are the numbers
+``/evidence N`` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Group, RenderableType
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from suwen.agent.state import Turn
+from suwen.chat_session import ChatTurn
+from suwen.commands.common import NOT_MEDICAL_ADVICE
+from suwen.types import AgentResult, Citation, Evidence, Hit
+
+QUOTE_PREVIEW = 160
+
+
+@dataclass(frozen=True)
+class EvidenceEntry:
+    """One numbered line of the evidence panel."""
+
+    number: int
+    key: str
+    cited: bool
+    hit: Hit | None
+    quote: str
+    relevance: float | None
+    citation: Citation | None = None
+
+    @property
+    def is_case(self) -> bool:
+        return (self.hit is not None and self.hit.kind == "image") or self.key.startswith("case:")
+
+    @property
+    def source_label(self) -> str:
+        hit, citation = self.hit, self.citation
+        if self.is_case:
+            case_id = (hit and hit.case_id) or (citation and citation.case_id) or self.key
+            return f"case {case_id}"
+        pmid = (hit and hit.pmid) or (citation and citation.pmid)
+        page = (hit and hit.page) or (citation and citation.page)
+        label = f"PMID {pmid}" if pmid else self.key
+        return f"{label} p.{page}" if page else label
+
+    @property
+    def title(self) -> str:
+        if self.is_case:
+            return (self.hit and self.hit.caption) or ""
+        return (self.hit and self.hit.title) or (self.citation and self.citation.title) or ""
+
+    @property
+    def year(self) -> int | None:
+        return self.hit.year if self.hit else None
+
+
+def numbered_evidence(result: AgentResult) -> list[EvidenceEntry]:
+    """Cited items under their citation numbers, then the other kept evidence, numbered on."""
+    by_key = {item.key: item for item in result.evidence}
+    entries = [
+        _entry(citation.number, citation.key, by_key.get(citation.key), citation)
+        for citation in sorted(result.citations, key=lambda c: c.number)
+    ]
+    cited = {citation.key for citation in result.citations}
+    number = max((entry.number for entry in entries), default=0)
+    for item in result.evidence:
+        if item.kept and item.key not in cited:
+            number += 1
+            entries.append(_entry(number, item.key, item, None))
+    return entries
+
+
+def _entry(
+    number: int, key: str, item: Evidence | None, citation: Citation | None
+) -> EvidenceEntry:
+    quote = (citation.quote if citation else "") or (item.quote if item else "")
+    return EvidenceEntry(
+        number=number,
+        key=key,
+        cited=citation is not None,
+        hit=item.hit if item else None,
+        quote=quote,
+        relevance=item.relevance if item else None,
+        citation=citation,
+    )
+
+
+def answer_view(result: AgentResult) -> RenderableType:
+    """The answer as markdown, with the short answer and any warnings beneath."""
+    parts: list[RenderableType] = [Markdown(result.answer or "_(no answer)_")]
+    if result.short_answer and result.short_answer.strip() != result.answer.strip():
+        parts.append(Text.assemble(("Short answer: ", "bold"), result.short_answer))
+    parts.extend(warnings_view(result))
+    return Group(*parts)
+
+
+def warnings_view(result: AgentResult) -> list[RenderableType]:
+    lines: list[RenderableType] = []
+    for event in result.trace:
+        if event.degraded:
+            lines.append(Text(f"! {event.node}: {event.message}", style="yellow"))
+    if result.removed_citations:
+        removed = ", ".join(result.removed_citations)
+        lines.append(Text(f"! citations not in the evidence were removed: {removed}", "yellow"))
+    if result.mode == "agent" and result.unsupported_sentences:
+        count = len(result.unsupported_sentences)
+        lines.append(Text(f"! {count} sentence(s) without a citation", style="yellow"))
+    return lines
+
+
+def evidence_table(entries: list[EvidenceEntry], *, title: str = "Evidence") -> Table:
+    """The numbered evidence panel: PMID, title and year; similar cases with their captions."""
+    table = Table(title=title, title_justify="left", show_lines=False, expand=True)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("source", no_wrap=True)
+    table.add_column("title / caption", ratio=2, overflow="fold")
+    table.add_column("year", no_wrap=True)
+    table.add_column("quote", ratio=3, overflow="fold")
+    for entry in entries:
+        number = f"[{entry.number}]" if entry.cited else str(entry.number)
+        table.add_row(
+            number,
+            entry.source_label,
+            entry.title,
+            str(entry.year or ""),
+            _preview(entry.quote),
+        )
+    return table
+
+
+def similar_cases_table(entries: list[EvidenceEntry]) -> Table | None:
+    cases = [entry for entry in entries if entry.is_case and entry.hit is not None]
+    if not cases:
+        return None
+    table = Table(title="Similar cases", title_justify="left", expand=True)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("case", no_wrap=True)
+    table.add_column("caption", ratio=3, overflow="fold")
+    table.add_column("modality", no_wrap=True)
+    for entry in cases:
+        hit = entry.hit
+        assert hit is not None
+        table.add_row(
+            str(entry.number), hit.case_id or entry.key, hit.caption or "", hit.modality or ""
+        )
+    return table
+
+
+def evidence_detail(entry: EvidenceEntry) -> Panel:
+    """One evidence item in full, for ``/evidence N``."""
+    hit = entry.hit
+    rows = Table.grid(padding=(0, 2))
+    rows.add_column(style="bold", no_wrap=True)
+    rows.add_column(overflow="fold")
+    rows.add_row("key", entry.key)
+    rows.add_row("source", entry.source_label)
+    if entry.title:
+        rows.add_row("caption" if entry.is_case else "title", entry.title)
+    if hit is not None:
+        for label, value in (
+            ("year", hit.year),
+            ("journal", hit.journal),
+            ("modality", hit.modality),
+            ("body part", hit.body_part),
+            ("image", hit.path),
+            ("index", hit.index),
+            ("file", hit.source),
+        ):
+            if value:
+                rows.add_row(label, str(value))
+    if entry.relevance is not None:
+        rows.add_row("relevance", f"{entry.relevance:.2f}")
+    if entry.quote:
+        rows.add_row("quote", entry.quote)
+    body: list[RenderableType] = [rows]
+    if hit is not None and hit.text:
+        body.append(Text(""))
+        body.append(Text(hit.text))
+    return Panel(Group(*body), title=f"[{entry.number}] {entry.source_label}", expand=True)
+
+
+def notice() -> Text:
+    return Text(NOT_MEDICAL_ADVICE, style="dim italic")
+
+
+def result_view(result: AgentResult) -> RenderableType:
+    """Everything ``suwen ask`` shows for one result."""
+    entries = numbered_evidence(result)
+    parts: list[RenderableType] = [answer_view(result)]
+    cited = [entry for entry in entries if entry.cited]
+    if cited:
+        parts.append(evidence_table(cited, title="Citations"))
+    cases = similar_cases_table([entry for entry in entries if not entry.cited])
+    if cases is not None:
+        parts.append(cases)
+    if result.mode == "plain":
+        parts.append(Text("plain mode: answered by the model alone, without retrieval", "dim"))
+    parts.append(notice())
+    return Group(*parts)
+
+
+def _preview(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= QUOTE_PREVIEW else text[: QUOTE_PREVIEW - 1] + "…"
+
+
+def transcript_markdown(thread_id: str, earlier: Sequence[Turn], turns: Sequence[ChatTurn]) -> str:
+    """A conversation as a markdown document: every question and answer, each answer followed
+    by its numbered sources, so the [n] in the text can be checked."""
+    lines = [f"# Suwen conversation {thread_id}", "", f"> {NOT_MEDICAL_ADVICE}", ""]
+    if earlier:
+        lines += ["## Earlier in this conversation", ""]
+        for old in earlier:
+            lines += [f"**You:** {old.question}", "", old.answer, ""]
+    for number, turn in enumerate(turns, start=1):
+        lines += _turn_markdown(number, turn)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _turn_markdown(number: int, turn: ChatTurn) -> list[str]:
+    result = turn.result
+    lines = [f"## {number}. {turn.question}", ""]
+    if turn.images:
+        lines += ["Images: " + ", ".join(f"`{image}`" for image in turn.images), ""]
+    mode = " (plain mode: no retrieval)" if result.mode == "plain" else ""
+    lines += [f"**Suwen{mode}:**", "", result.answer or "_(no answer)_", ""]
+    if result.short_answer:
+        lines += [f"Short answer: {result.short_answer}", ""]
+    entries = numbered_evidence(result)
+    if entries:
+        lines += ["Sources:", ""]
+        lines += [_source_markdown(entry) for entry in entries]
+        lines.append("")
+    return lines
+
+
+def _source_markdown(entry: EvidenceEntry) -> str:
+    cited = "" if entry.cited else " (not cited)"
+    title = f" -- {entry.title.rstrip('.')}" if entry.title else ""
+    year = f" ({entry.year})" if entry.year else ""
+    quote = f' "{" ".join(entry.quote.split())}"' if entry.quote else ""
+    return f"{entry.number}. {entry.source_label}{title}{year}{cited}.{quote}"

@@ -1,0 +1,105 @@
+"""`suwen ask`: one question (with any images), one answer."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import typer
+from rich.status import Status
+
+from suwen.commands.answer_view import result_view
+from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.config import Settings
+from suwen.errors import InputError
+from suwen.types import AgentEvent, AgentResult, Question
+
+IMAGE_OPTION_HELP = "Image file or DICOM series folder (repeatable: prior and current study)."
+VLLM_URL_HELP = "Running vLLM server to use (repeatable; none: start one)."
+
+
+def checked_images(paths: list[Path]) -> list[str]:
+    """Decode every image given on the command line now, before a model server is started, so
+    a bad file costs the user a second, not a server start-up."""
+    from suwen.medimage import load_image
+
+    checked = []
+    for path in paths:
+        load_image(path)
+        checked.append(str(path.expanduser().resolve()))
+    return checked
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]note:[/] {message}", highlight=False)
+
+
+def ask(
+    ctx: typer.Context,
+    question: str = typer.Argument(..., help="The question, in quotes."),
+    image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+    plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
+    vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
+    text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
+    image_index: str | None = typer.Option(
+        None, "--image-index", help="Image index (default: setting)."
+    ),
+) -> None:
+    """Answer one question about medical images or medicine, with citations."""
+    settings = settings_of(ctx)
+    if not question.strip():
+        fail("question: empty question")
+    try:
+        images = checked_images(image)
+    except InputError as exc:
+        fail(str(exc))
+    request = Question(text=question.strip(), images=images)
+    result = asyncio.run(
+        _answer(settings, request, plain, vllm_url, text_index=text_index, image_index=image_index)
+    )
+    if as_json:
+        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+    else:
+        console.print(result_view(result))
+
+
+async def _answer(
+    settings: Settings,
+    question: Question,
+    plain: bool,
+    vllm_urls: list[str],
+    *,
+    text_index: str | None,
+    image_index: str | None,
+) -> AgentResult:
+    from suwen.runtime import open_agent
+
+    # Progress goes to stderr, so `--json` output stays clean on stdout.
+    with err_console.status("starting the model") as status:
+        async with open_agent(
+            settings,
+            vllm_urls,
+            text_index=text_index,
+            image_index=image_index,
+            sessions=False,
+            on_notice=warn,
+        ) as agent:
+            status.update("thinking")
+            return await agent.run(
+                question,
+                mode="plain" if plain else "agent",
+                on_event=lambda event: _show_step(status, event),
+            )
+
+
+def _show_step(status: Status, event: AgentEvent) -> None:
+    if event.kind == "node_start" and event.message:
+        status.update(event.message)
+    elif event.kind == "info" and event.message:
+        warn(event.message)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ask")(ask)

@@ -1,0 +1,215 @@
+"""`suwen batch`: answer every question of a folder into a resumable JSONL file."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Literal
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from suwen.batch import (
+    AnswerLog,
+    BatchProgress,
+    BatchSummary,
+    QuestionSet,
+    answer_pending,
+    load_questions,
+    open_answer_log,
+    pending,
+)
+from suwen.commands.ask import VLLM_URL_HELP, warn
+from suwen.commands.common import console, fail, settings_of
+from suwen.config import Settings
+from suwen.errors import InputError, ModelError
+from suwen.types import AgentResult, Question
+
+ERRORS_SHOWN = 20
+
+
+def batch(
+    ctx: typer.Context,
+    folder: Path = typer.Argument(..., help="Folder of images and questions."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL (appended; resumable)."),
+    questions: Path | None = typer.Option(
+        None, "--questions", help="Questions file (.jsonl/.csv); image paths relative to FOLDER."
+    ),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", help="Questions answered at once (default: setting, 8)."
+    ),
+    plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
+    vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
+    text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
+    image_index: str | None = typer.Option(
+        None, "--image-index", help="Image index (default: setting)."
+    ),
+) -> None:
+    """Answer every question in FOLDER (questions.jsonl, questions.csv, or a .txt beside each
+    image); one JSON line per question id in --out. Re-run the same command to finish an
+    interrupted run: answered ids are skipped, failed ones retried."""
+    settings = settings_of(ctx)
+    workers = concurrency if concurrency is not None else settings.concurrency
+    try:
+        if workers < 1:
+            raise InputError(f"--concurrency {workers}: must be at least 1")
+        question_set = load_questions(folder, questions)
+        _refuse_overwriting_input(out, questions or folder / "questions.jsonl")
+        with open_answer_log(out) as log:
+            summary = asyncio.run(
+                _run(settings, question_set, log, workers, plain, vllm_url, text_index, image_index)
+            )
+    except InputError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted: every answer so far is saved in {out}; "
+            "run the same command again to finish",
+            code=130,
+        )
+    _print_summary(summary, out)
+    if not summary.complete:
+        raise typer.Exit(1)
+
+
+def _refuse_overwriting_input(out: Path, questions_file: Path) -> None:
+    if out.exists() and questions_file.exists() and out.resolve() == questions_file.resolve():
+        raise InputError(f"--out {out}: is the questions file; choose another output")
+
+
+async def _run(
+    settings: Settings,
+    questions: QuestionSet,
+    log: AnswerLog,
+    concurrency: int,
+    plain: bool,
+    vllm_urls: list[str],
+    text_index: str | None,
+    image_index: str | None,
+) -> BatchSummary:
+    from suwen.runtime import open_agent
+
+    todo = pending(questions, log)
+    if not any(item.question is not None for item in todo):
+        # Nothing for a model to do (all answered, or only unusable items): start no server.
+        return await answer_pending(questions, log, _no_model, concurrency=concurrency)
+    mode: Literal["agent", "plain"] = "plain" if plain else "agent"
+    async with AsyncExitStack() as stack:
+        with console.status("starting the model"):
+            agent = await stack.enter_async_context(
+                open_agent(
+                    settings,
+                    vllm_urls,
+                    text_index=text_index,
+                    image_index=image_index,
+                    sessions=False,
+                    on_notice=warn,
+                )
+            )
+
+        async def answer(question: Question) -> AgentResult:
+            return await agent.run(question, mode=mode)
+
+        with BatchBar(len(questions.items)) as bar:
+            return await answer_pending(
+                questions, log, answer, concurrency=concurrency, on_progress=bar.update
+            )
+
+
+async def _no_model(question: Question) -> AgentResult:
+    raise ModelError("no model was started for this run")
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} q/s" if speed else "-- q/s", style="progress.data.speed")
+
+
+class ErrorsColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        errors = int(task.fields.get("errors", 0))
+        return Text(f"{errors} errors", style="red" if errors else "dim")
+
+
+class BatchBar:
+    """The progress bar: done/total, rate, elapsed, ETA and errors, fed by the batch callback."""
+
+    def __init__(self, questions: int) -> None:
+        self.questions = questions
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("answering"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            ErrorsColumn(),
+            console=console,
+        )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> BatchBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, state: BatchProgress) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("batch", total=state.total, errors=0)
+            if state.skipped:
+                self.progress.console.print(
+                    f"{state.skipped} of {self.questions} already answered; skipping them"
+                )
+        self.progress.update(self.task, completed=state.done, errors=state.errors)
+
+
+def _print_summary(summary: BatchSummary, out: Path) -> None:
+    for note in summary.notes:
+        console.print(f"note: {note}", style="yellow", highlight=False)
+    table = Table(title=f"Batch summary ({out})", title_justify="left")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    rate = summary.answered / summary.seconds if summary.seconds > 0 else 0.0
+    rows = [
+        ("questions", str(summary.questions)),
+        ("answered before (skipped)", str(summary.skipped)),
+        ("answered now", str(summary.answered)),
+        ("errors (retried on the next run)", str(len(summary.errors))),
+        ("seconds", f"{summary.seconds:.1f}"),
+        ("answers per second", f"{rate:.2f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    if summary.errors:
+        errors = Table(title="Errors", title_justify="left")
+        errors.add_column("id", no_wrap=True)
+        errors.add_column("error", overflow="fold")
+        for item_id, message in summary.errors[:ERRORS_SHOWN]:
+            errors.add_row(item_id, message)
+        console.print(errors)
+        if len(summary.errors) > ERRORS_SHOWN:
+            console.print(f"... and {len(summary.errors) - ERRORS_SHOWN} more in {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("batch")(batch)

@@ -1,0 +1,147 @@
+"""Assembles what ask, chat, batch and eval need: a model, the searchers whose indexes exist,
+the session store, and the agent on top, all closed again on the way out.
+
+``Backends`` names how each part is opened. Commands use the real ones (a vLLM server, started
+when no URL is given, and the FAISS/SQLite searchers); tests pass their own, either as the
+``backends`` argument or, for a CLI started in another process, through ``install_backends``
+in a test-only entry module. No setting or environment variable can swap in a fake model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+)
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from suwen.config import Settings
+from suwen.errors import IndexMissingError
+from suwen.llm.base import VisionLanguageModel
+from suwen.tools.cases import ImageSearch
+from suwen.tools.pubmed import TextSearch
+
+if TYPE_CHECKING:
+    from suwen.agent.graph import SuwenAgent
+
+T = TypeVar("T")
+Managed = AbstractContextManager[T] | AbstractAsyncContextManager[T]
+ModelOpener = Callable[[Settings, Sequence[str]], Managed[VisionLanguageModel]]
+TextOpener = Callable[[Settings, str], Managed[TextSearch]]
+ImageOpener = Callable[[Settings, str], Managed[ImageSearch]]
+Notice = Callable[[str], None]
+
+
+def _open_vllm(settings: Settings, urls: Sequence[str]) -> Managed[VisionLanguageModel]:
+    from suwen.llm.server import open_model
+
+    return open_model(settings, list(urls))
+
+
+def _open_text(settings: Settings, name: str) -> Managed[TextSearch]:
+    from suwen.retrieval.text import TextSearcher
+
+    return _Closing(TextSearcher.open(settings, name))
+
+
+def _open_images(settings: Settings, name: str) -> Managed[ImageSearch]:
+    from suwen.retrieval.images import ImageSearcher
+
+    return _Closing(ImageSearcher.open(settings, name))
+
+
+@dataclass(frozen=True)
+class Backends:
+    """How the model and the two searchers are opened (each a context manager)."""
+
+    open_model: ModelOpener = _open_vllm
+    open_text: TextOpener = _open_text
+    open_images: ImageOpener = _open_images
+
+
+_installed = Backends()
+
+
+def install_backends(backends: Backends) -> Backends:
+    """Make ``backends`` the default for every later ``open_agent``; returns the previous one.
+    For tests that start the CLI as a separate process (see tests/fake_cli.py)."""
+    global _installed
+    previous, _installed = _installed, backends
+    return previous
+
+
+def current_backends() -> Backends:
+    return _installed
+
+
+@asynccontextmanager
+async def open_agent(
+    settings: Settings,
+    vllm_urls: Sequence[str] = (),
+    *,
+    text_index: str | None = None,
+    image_index: str | None = None,
+    sessions: bool = True,
+    backends: Backends | None = None,
+    on_notice: Notice | None = None,
+) -> AsyncIterator[SuwenAgent]:
+    """A ready agent: model (``vllm_urls``, else ``settings.vllm_url``, else a managed server),
+    the text and image searchers whose indexes exist (a missing index is reported through
+    ``on_notice`` and its tool left out), and, with ``sessions``, the conversation store."""
+    from suwen.agent.graph import SuwenAgent, open_sessions
+
+    parts = backends or _installed
+    notice = on_notice or (lambda message: None)
+    urls = list(vllm_urls) or list(settings.vllm_url)
+    async with AsyncExitStack() as stack:
+        text_name = text_index or settings.text_index
+        image_name = image_index or settings.image_index
+        text = await _optional(stack, lambda: parts.open_text(settings, text_name), notice, "text")
+        images = await _optional(
+            stack, lambda: parts.open_images(settings, image_name), notice, "image"
+        )
+        model = await _enter(stack, parts.open_model(settings, urls))
+        checkpointer = (
+            await stack.enter_async_context(open_sessions(settings)) if sessions else None
+        )
+        yield SuwenAgent(settings, model, text, images, checkpointer=checkpointer)
+
+
+async def _optional(
+    stack: AsyncExitStack, open_one: Callable[[], Managed[T]], notice: Notice, kind: str
+) -> T | None:
+    """Open a searcher; a missing index means answering without that tool, said once."""
+    try:
+        # Opening reads the index and loads its encoder: slow, synchronous work.
+        return await _enter(stack, await asyncio.to_thread(open_one))
+    except IndexMissingError as exc:
+        tool = "PubMed search" if kind == "text" else "similar-case search"
+        notice(f"{exc} -- answering without {tool}")
+        return None
+
+
+async def _enter(stack: AsyncExitStack, opening: Managed[T]) -> T:
+    if isinstance(opening, AbstractAsyncContextManager):
+        return await stack.enter_async_context(opening)
+    # A synchronous opener may block for a while (loading an encoder): keep the loop free.
+    return await asyncio.to_thread(stack.enter_context, opening)
+
+
+class _Closing(AbstractContextManager[T]):
+    """Context manager around an opened searcher, closing it on exit when it can be closed."""
+
+    def __init__(self, searcher: T) -> None:
+        self.searcher = searcher
+
+    def __enter__(self) -> T:
+        return self.searcher
+
+    def __exit__(self, *exc: object) -> None:
+        close = getattr(self.searcher, "close", None)
+        if callable(close):
+            close()
