@@ -1,0 +1,125 @@
+"""`suwen index images` and `suwen search image`: parse, call the image layers, render."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.index import index_app, search_app
+from suwen.errors import SuwenError
+
+
+@index_app.command("images")
+def index_images(
+    ctx: typer.Context,
+    source: Path = typer.Argument(
+        ..., help="A folder of images with sidecar .txt captions, or a JSONL/JSON/CSV manifest."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Index name (default: image_index)."),
+    max_frames: int = typer.Option(
+        3, "--max-frames", min=1, help="Frames/slices indexed per multi-frame image or volume."
+    ),
+) -> None:
+    """Add images with their captions/reports to an image index (BiomedCLIP embeddings)."""
+    from suwen.indexes.image_index import build_image_index
+
+    settings = settings_of(ctx)
+    index_name = name or settings.image_index
+    with _progress() as progress:
+        task = progress.add_task("reading", total=None)
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            label = "found" if stage == "scan" else "embedding"
+            progress.update(task, description=label, completed=done, total=total)
+
+        def on_skip(message: str) -> None:
+            progress.console.print(
+                f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True
+            )
+
+        try:
+            summary = build_image_index(
+                settings,
+                index_name,
+                source,
+                progress=on_progress,
+                warn=on_skip,
+                max_frames=max_frames,
+            )
+        except SuwenError as exc:
+            progress.stop()
+            fail(str(exc), code=1)
+    console.print(
+        f"index [bold]{summary.name}[/]: {summary.added} added, {summary.updated} updated, "
+        f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped "
+        f"({summary.frames} frames embedded; now {summary.cases_total} cases, "
+        f"{summary.vectors_total} vectors)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if summary.uncaptioned:
+        err_console.print(
+            f"[yellow]note:[/] {summary.uncaptioned} image(s) had no caption or report",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@search_app.command("image")
+def search_image(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="Query image (PNG, JPEG, TIFF, DICOM, NIfTI)."),
+    index: str | None = typer.Option(None, "--index", help="Image index (default: image_index)."),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="Number of similar cases."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits."),
+    exclude_self: bool = typer.Option(
+        False, "--exclude-self", help="Leave out indexed copies of the query file itself."
+    ),
+) -> None:
+    """Find indexed cases whose images look like PATH."""
+    from suwen.medimage import load_image, sha256_of
+    from suwen.retrieval.images import ImageSearcher
+
+    settings = settings_of(ctx)
+    try:
+        image = load_image(path)
+        exclude = (sha256_of(path),) if exclude_self else ()
+        searcher = ImageSearcher.open(settings, index)
+        hits = searcher.search_image(image, k, exclude_sha256=exclude)
+    except SuwenError as exc:
+        fail(str(exc), code=1)
+    if as_json:
+        typer.echo(json.dumps([hit.as_search_json() for hit in hits], indent=2))
+        return
+    table = Table(title=f"cases like {path.name} in {searcher.name}")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("case")
+    table.add_column("caption")
+    table.add_column("path", overflow="fold")
+    for rank, hit in enumerate(hits, start=1):
+        caption = hit.caption or ""
+        table.add_row(
+            str(rank),
+            f"{hit.score:.3f}",
+            hit.case_id or "",
+            caption if len(caption) <= 120 else caption[:117] + "...",
+            hit.path or "",
+        )
+    console.print(table)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )

@@ -1,0 +1,487 @@
+"""One loader for every medical image format Suwen reads, to 8-bit RGB PIL images.
+
+PNG/JPEG/BMP/GIF/WebP go through Pillow, TIFF (incl. 16-bit) through tifffile, DICOM through
+pydicom (modality LUT, then VOI LUT or window, MONOCHROME1 inverted, multi-frame, and a folder of
+DICOM files read as one series), NIfTI through nibabel (a 3-D volume gives its middle axial,
+coronal and sagittal slices). Wider-than-8-bit data without a window is stretched between its
+0.5th and 99.5th percentiles.
+
+Every failure (missing, unsupported, corrupt or truncated file, DICOM without pixel data, a
+decompression bomb) raises :class:`~suwen.errors.InputError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from suwen.errors import InputError
+
+# Largest 2-D image decoded: Pillow's own decompression-bomb threshold (~89 megapixels), applied
+# to every format before any pixel is read.
+MAX_PIXELS = 89_478_485
+# Largest number of frames/slices a file may claim (a header can say anything).
+MAX_FRAMES = 100_000
+
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+TIFF_SUFFIXES = (".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES
+SUPPORTED = "PNG, JPEG, BMP, GIF, WebP, TIFF, DICOM (file or series folder) or NIfTI"
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_NIFTI_MAGIC = (b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00")
+
+FloatArray = npt.NDArray[np.float64]
+ByteArray = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2-D view of an image file: the whole image, a frame, or a slice of a volume."""
+
+    image: Image.Image
+    label: str = ""  # "" for a plain 2-D image, else e.g. "axial 13/25", "frame 2/10"
+
+
+def load_image(path: Path) -> Image.Image:
+    """The representative RGB image of ``path``: the image itself, or a volume's middle slice."""
+    return load_frames(path, max_frames=1)[0].image
+
+
+def load_frames(path: Path, max_frames: int = 3) -> list[Frame]:
+    """Up to ``max_frames`` representative RGB views of ``path`` (one for a plain image)."""
+    path = Path(path)
+    if max_frames < 1:
+        raise ValueError("max_frames must be at least 1")
+    if path.is_dir():
+        return _guard(path, lambda: _dicom_series_frames(path, max_frames))
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    reader = _reader_for(path)
+    return _guard(path, lambda: reader(path, max_frames))
+
+
+def sha256_of(path: Path) -> str:
+    """Content hash of an image file, or of a series folder (its files' names and bytes)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    try:
+        for file in files:
+            if path.is_dir():
+                digest.update(file.name.encode() + b"\0")
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {_one_line(exc)}") from exc
+    return digest.hexdigest()
+
+
+def is_image_path(path: Path) -> bool:
+    """Whether a folder walk should treat ``path`` as an image (by suffix, or DICOM magic)."""
+    name = path.name.lower()
+    if name.endswith(IMAGE_SUFFIXES):
+        return True
+    return "." not in name and _is_dicom_file(path)
+
+
+def is_dicom_series_dir(path: Path) -> bool:
+    """A folder holding only DICOM files (text sidecars aside): one series."""
+    files = [p for p in path.iterdir() if not p.name.startswith(".") and p.suffix != ".txt"]
+    return bool(files) and all(p.is_file() and _is_dicom_file(p) for p in files)
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+Reader = Callable[[Path, int], list[Frame]]
+
+
+def _reader_for(path: Path) -> Reader:
+    head = _read_head(path, 348)
+    name = path.name.lower()
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return _dicom_file_frames
+    if head[:4] in _TIFF_MAGIC:
+        return _tiff_frames
+    if name.endswith(NIFTI_SUFFIXES) or head[344:348] in _NIFTI_MAGIC:
+        return _nifti_frames
+    if name.endswith(DICOM_SUFFIXES):
+        return _dicom_file_frames  # DICOM without the 128-byte preamble
+    return _pil_frames
+
+
+def _guard(path: Path, read: Callable[[], list[Frame]]) -> list[Frame]:
+    """Run a reader, turning every decoder failure into a one-line InputError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoders warn about oddities they then handle
+            frames = read()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused, too many pixels (decompression bomb?): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path}: not a readable image (supported: {SUPPORTED})") from exc
+    except MemoryError as exc:
+        raise InputError(f"{path}: too large to decode") from exc
+    except Exception as exc:  # each decoder has its own exception types; all mean "unusable"
+        raise InputError(f"{path}: corrupt or truncated image: {_one_line(exc)}") from exc
+    if not frames:
+        raise InputError(f"{path}: contains no image")
+    return frames
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {_one_line(exc)}") from exc
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_size(path: Path, rows: int, columns: int, frames: int = 1) -> None:
+    if rows <= 0 or columns <= 0:
+        raise InputError(f"{path}: image has no pixels ({rows}x{columns})")
+    if rows * columns > MAX_PIXELS or frames > MAX_FRAMES:
+        raise InputError(
+            f"{path}: refused, {columns}x{rows} pixels x {frames} frame(s) exceeds the limit of "
+            f"{MAX_PIXELS} pixels per image (decompression bomb?)"
+        )
+
+
+def pick_indices(count: int, wanted: int) -> list[int]:
+    """``wanted`` evenly spaced indices out of ``count``, centred (1 -> the middle one)."""
+    wanted = max(1, min(wanted, count))
+    return sorted({int((i + 0.5) * count / wanted) for i in range(wanted)})
+
+
+# --- pixel conversion -------------------------------------------------------------------------
+
+
+def to_uint8(array: npt.ArrayLike) -> ByteArray:
+    """Scale any numeric array to 0..255: 8-bit data as is, wider data between its 0.5th and
+    99.5th percentiles (robust to a few hot pixels), constant images to black."""
+    data = np.asarray(array)
+    if data.dtype == np.uint8:
+        return data
+    values = data.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    low, high = np.percentile(finite, [0.5, 99.5])
+    if high <= low:
+        low, high = float(finite.min()), float(finite.max())
+    return _scale(values, float(low), float(high))
+
+
+def _scale(values: FloatArray, low: float, high: float) -> ByteArray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (np.nan_to_num(values, nan=low) - low) / (high - low)
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def to_rgb(array: npt.ArrayLike) -> Image.Image:
+    """A 2-D (gray) or H x W x C array as an 8-bit RGB image."""
+    data = np.asarray(array)
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[:, :, 0]
+    if data.ndim == 3 and data.shape[2] in (3, 4):
+        data = data[:, :, :3]
+    elif data.ndim != 2:
+        raise ValueError(f"unexpected pixel array shape {data.shape}")
+    image = Image.fromarray(np.ascontiguousarray(to_uint8(data)))
+    return image.convert("RGB")
+
+
+# --- Pillow (PNG, JPEG, ...) ------------------------------------------------------------------
+
+
+def _pil_frames(path: Path, max_frames: int) -> list[Frame]:
+    with Image.open(path, formats=PIL_FORMATS) as image:
+        width, height = image.size
+        count = int(getattr(image, "n_frames", 1))
+        _check_size(path, height, width, count)
+        if count == 1:
+            return [Frame(_pil_to_rgb(image))]
+        frames = list(ImageSequence.Iterator(image))
+        return [
+            Frame(_pil_to_rgb(frames[i]), f"frame {i + 1}/{count}")
+            for i in pick_indices(count, max_frames)
+        ]
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Wide grayscale: Pillow's convert("RGB") would clip, not scale.
+        return to_rgb(np.asarray(image))
+    return image.convert("RGB")
+
+
+# --- TIFF -------------------------------------------------------------------------------------
+
+
+def _tiff_frames(path: Path, max_frames: int) -> list[Frame]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise InputError(f"{path}: TIFF holds no image")
+        pages = [page for page in tif.series[0].pages if page is not None]
+        if not pages:
+            raise InputError(f"{path}: TIFF holds no image")
+        first = pages[0]
+        height, width = int(first.shape[0]), int(first.shape[1])
+        _check_size(path, height, width, len(pages))
+        if len(pages) == 1:
+            return [Frame(_tiff_page_rgb(first))]
+        return [
+            Frame(_tiff_page_rgb(pages[i]), f"page {i + 1}/{len(pages)}")
+            for i in pick_indices(len(pages), max_frames)
+        ]
+
+
+def _tiff_page_rgb(page: Any) -> Image.Image:
+    data = np.asarray(page.asarray())
+    if data.ndim == 3 and data.shape[0] in (3, 4) and data.shape[2] not in (3, 4):
+        data = np.moveaxis(data, 0, -1)  # planar (separate) samples
+    return to_rgb(data)
+
+
+# --- NIfTI ------------------------------------------------------------------------------------
+
+_PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # name, RAS axis held fixed
+
+
+def _nifti_frames(path: Path, max_frames: int) -> list[Frame]:
+    import nibabel as nib
+
+    image: Any = nib.load(str(path))
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) < 2 or any(n <= 0 for n in shape):
+        raise InputError(f"{path}: NIfTI has no pixels (shape {shape})")
+    spatial = shape[:3]
+    if len(spatial) == 2 or spatial[2] == 1:
+        _check_size(path, spatial[1], spatial[0])
+        index = (slice(None), slice(None)) + (0,) * (len(shape) - 2)
+        return [Frame(to_rgb(np.rot90(np.asarray(image.dataobj[index]))))]
+    largest_plane = max(spatial[0] * spatial[1], spatial[0] * spatial[2], spatial[1] * spatial[2])
+    if largest_plane > MAX_PIXELS or max(spatial) > MAX_FRAMES:
+        raise InputError(
+            f"{path}: refused, a {'x'.join(map(str, shape))} volume exceeds the limit of "
+            f"{MAX_PIXELS} pixels per slice or {MAX_FRAMES} slices (decompression bomb?)"
+        )
+    # For each array axis: the RAS axis it holds and whether it runs backwards, so slices read
+    # the same way whatever orientation the file was stored in.
+    orientation = nib.io_orientation(image.affine)  # type: ignore[no-untyped-call]
+    ras_of = {axis: (int(ras), bool(flip < 0)) for axis, (ras, flip) in enumerate(orientation)}
+    return [_nifti_plane(image, shape, ras_of, name, fixed) for name, fixed in _PLANES[:max_frames]]
+
+
+def _nifti_plane(
+    image: Any, shape: tuple[int, ...], ras_of: dict[int, tuple[int, bool]], name: str, fixed: int
+) -> Frame:
+    axis = next(a for a, (ras, _) in ras_of.items() if ras == fixed)
+    count = shape[axis]
+    position = count // 2
+    index: list[int | slice] = [slice(None)] * 3 + [0] * (len(shape) - 3)
+    index[axis] = position
+    plane = np.asarray(image.dataobj[tuple(index)], dtype=np.float64)
+    kept = [a for a in (0, 1, 2) if a != axis]
+    if ras_of[kept[0]][0] > ras_of[kept[1]][0]:
+        plane, kept = plane.T, kept[::-1]
+    for dim, array_axis in enumerate(kept):
+        if ras_of[array_axis][1]:
+            plane = np.flip(plane, axis=dim)
+    # Now indexed [first RAS axis, second RAS axis], both ascending; rot90 puts the second
+    # (anterior or superior) at the top.
+    return Frame(to_rgb(np.rot90(plane)), f"{name} {position + 1}/{count}")
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+
+def _read_dicom(path: Path, *, header_only: bool = False) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, force=True, stop_before_pixels=header_only)
+    except InvalidDicomError as exc:
+        raise InputError(f"{path}: not a DICOM file: {_one_line(exc)}") from exc
+
+
+def _dicom_file_frames(path: Path, max_frames: int) -> list[Frame]:
+    dataset = _read_dicom(path)
+    count = _checked_frame_count(path, dataset)
+    if count == 1:
+        return [Frame(_dicom_frame_rgb(path, dataset, 0, 1))]
+    return [
+        Frame(_dicom_frame_rgb(path, dataset, i, count), f"frame {i + 1}/{count}")
+        for i in pick_indices(count, max_frames)
+    ]
+
+
+def _checked_frame_count(path: Path, dataset: Any) -> int:
+    pixel_keywords = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    if not any(keyword in dataset for keyword in pixel_keywords):
+        sop_class = dataset.get("SOPClassUID")
+        kind = f" ({sop_class.name})" if sop_class is not None else ""
+        raise InputError(f"{path}: DICOM file has no pixel data{kind}, nothing to show")
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        count = int(dataset.get("NumberOfFrames") or 1)
+        samples = int(dataset.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: DICOM image size missing or invalid: {_one_line(exc)}") from exc
+    _check_size(path, rows, columns * max(samples, 1), count)
+    return count
+
+
+def _dicom_frame_rgb(path: Path, dataset: Any, index: int, count: int) -> Image.Image:
+    array = _decode_dicom_frame(path, dataset, index, count)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels.processing import apply_color_lut
+
+        return to_rgb(apply_color_lut(array, dataset))
+    if array.ndim == 3:
+        return to_rgb(array)  # pydicom already converted YBR to RGB
+    gray = _apply_voi(array, dataset)
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray  # MONOCHROME1: the lowest value is displayed white
+    return to_rgb(gray)
+
+
+def _decode_dicom_frame(path: Path, dataset: Any, index: int, count: int) -> Any:
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        return pixel_array(dataset, index=index if count > 1 else None)
+    except (RuntimeError, NotImplementedError) as exc:
+        # pydicom's plugins refuse some real-world JPEG streams (12-bit JPEG Extended, slightly
+        # malformed scan headers) that libjpeg-turbo inside imagecodecs decodes fine.
+        fallback = _imagecodecs_frame(dataset, index, count)
+        if fallback is None:
+            raise InputError(f"{path}: cannot decode DICOM pixel data: {_one_line(exc)}") from exc
+        return fallback
+
+
+def _imagecodecs_frame(dataset: Any, index: int, count: int) -> Any | None:
+    from pydicom import uid
+    from pydicom.encaps import get_frame
+
+    file_meta = getattr(dataset, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    decoders: dict[Any, Callable[[bytes], Any]] = {
+        uid.JPEGBaseline8Bit: imagecodecs.jpeg8_decode,
+        uid.JPEGExtended12Bit: imagecodecs.jpeg8_decode,
+        uid.JPEGLossless: imagecodecs.ljpeg_decode,
+        uid.JPEGLosslessSV1: imagecodecs.ljpeg_decode,
+        uid.JPEGLSLossless: imagecodecs.jpegls_decode,
+        uid.JPEGLSNearLossless: imagecodecs.jpegls_decode,
+        uid.JPEG2000Lossless: imagecodecs.jpeg2k_decode,
+        uid.JPEG2000: imagecodecs.jpeg2k_decode,
+    }
+    decode = decoders.get(syntax)
+    if decode is None:
+        return None
+    frame = get_frame(dataset.PixelData, index, number_of_frames=count)
+    return np.asarray(decode(frame))
+
+
+def _apply_voi(array: Any, dataset: Any) -> ByteArray:
+    """Modality LUT (rescale to e.g. Hounsfield units), then the file's VOI LUT or window, then
+    8 bits. Without a VOI the data are stretched."""
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(array, dataset), dtype=np.float64)
+    has_voi = "VOILUTSequence" in dataset or (
+        "WindowCenter" in dataset and "WindowWidth" in dataset
+    )
+    if not has_voi:
+        return to_uint8(values)
+    try:
+        windowed = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
+        # The VOI's output range: the same function applied to the most extreme inputs.
+        extremes = np.array([-1e30, 1e30], dtype=np.float64)
+        low, high = np.asarray(apply_voi_lut(extremes, dataset), dtype=np.float64)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return to_uint8(values)  # a broken VOI module: show the data rather than refuse it
+    if not high > low:
+        return to_uint8(windowed)
+    return _scale(windowed, float(low), float(high))
+
+
+def _dicom_series_frames(folder: Path, max_frames: int) -> list[Frame]:
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    files = [p for p in files if p.suffix.lower() != ".txt"]
+    if not files:
+        raise InputError(f"{folder}: empty folder, no DICOM series in it")
+    not_dicom = [p.name for p in files if not _is_dicom_file(p)]
+    if not_dicom:
+        raise InputError(
+            f"{folder}: a folder is read as one DICOM series, but {not_dicom[0]} is not DICOM"
+        )
+    headers = [(path, _read_dicom(path, header_only=True)) for path in files]
+    ordered = sorted(headers, key=lambda item: _slice_sort_key(item[0], item[1]))
+    count = len(ordered)
+    frames = []
+    for i in pick_indices(count, max_frames):
+        image = _guard(ordered[i][0], partial(_dicom_file_frames, ordered[i][0], 1))[0].image
+        frames.append(Frame(image, f"slice {i + 1}/{count}" if count > 1 else ""))
+    return frames
+
+
+def _slice_sort_key(path: Path, header: Any) -> tuple[float, float, str]:
+    """Order slices by InstanceNumber, then position along the slice normal, then file name."""
+    instance = header.get("InstanceNumber")
+    return (
+        float(instance) if instance is not None else float("inf"),
+        _position_along_normal(header),
+        path.name,
+    )
+
+
+def _position_along_normal(header: Any) -> float:
+    position: Sequence[Any] | None = header.get("ImagePositionPatient")
+    orientation: Sequence[Any] | None = header.get("ImageOrientationPatient")
+    if not position or len(position) != 3:
+        return 0.0
+    if not orientation or len(orientation) != 6:
+        return float(position[2])
+    row = np.array([float(v) for v in orientation[:3]])
+    column = np.array([float(v) for v in orientation[3:]])
+    return float(np.dot(np.cross(row, column), [float(v) for v in position]))

@@ -1,0 +1,152 @@
+"""Search an image index: image -> similar cases, and text -> images (CLIP text tower).
+
+A searcher holds the index's FAISS vectors in memory and one read-only SQLite connection (on
+POSIX an index version replaced later stays readable through it), both shared by every thread;
+the SQLite reads are serialised by a lock and the encoder serialises its own calls.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from suwen.config import Settings
+from suwen.errors import IndexMismatchError, InputError
+from suwen.indexes import store, vectors
+from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
+from suwen.indexes.image_index import DB_FILE, FAISS_FILE
+from suwen.types import Hit
+
+
+@dataclass(frozen=True)
+class _Row:
+    case_id: str
+    frame: str
+    path: str
+    caption: str
+    modality: str | None
+    body_part: str | None
+    source: str | None
+    sha256: str
+
+
+class ImageSearcher:
+    """Similar-case search over one image index."""
+
+    def __init__(
+        self, name: str, manifest: store.IndexManifest, version: Path, encoder: ImageEncoder
+    ) -> None:
+        self.name = name
+        self.manifest = manifest
+        self.encoder = encoder
+        self._index = vectors.load_index(version / FAISS_FILE)
+        self._db = sqlite3.connect(
+            f"{(version / DB_FILE).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+        )
+        self._db_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, settings: Settings, name: str | None = None) -> ImageSearcher:
+        """The live version of image index ``name`` (default: settings.image_index), refusing one
+        built with another encoder than the configured one."""
+        name = name or settings.image_index
+        version, manifest = store.open_version(settings.indexes_dir, name)
+        if manifest.kind != "image":
+            raise IndexMismatchError(f"index {name!r} is a {manifest.kind} index, not images")
+        configured = encoder_id(settings.image_encoder)
+        if manifest.encoder != configured:
+            raise IndexMismatchError(
+                f"index {name!r} was built with image encoder {manifest.encoder}, but the "
+                f"configured one is {configured}; set SUWEN_IMAGE_ENCODER to match or rebuild"
+            )
+        encoder = load_image_encoder(settings)
+        if encoder.dim != manifest.dim:
+            raise IndexMismatchError(
+                f"index {name!r} holds {manifest.dim}-d vectors; {configured} makes {encoder.dim}-d"
+            )
+        return cls(name, manifest, version, encoder)
+
+    @property
+    def size(self) -> int:
+        return int(self._index.ntotal)
+
+    def search_image(
+        self, image: Image.Image, k: int = 5, *, exclude_sha256: Collection[str] = ()
+    ) -> list[Hit]:
+        """The ``k`` cases most similar to ``image``, best first, one hit per case; cases whose
+        file hash is in ``exclude_sha256`` (e.g. the query image itself) are left out."""
+        query = self.encoder.encode_images([image])
+        return self._search(query, k, frozenset(exclude_sha256), method="image")
+
+    def search_text(self, query: str, k: int = 5) -> list[Hit]:
+        """The ``k`` cases whose images best match ``query`` through the CLIP text tower."""
+        if not query.strip():
+            raise InputError("empty query: give words to search the images with")
+        embedding = self.encoder.encode_texts([query])
+        return self._search(embedding, k, frozenset(), method="text->image")
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+    def _search(
+        self, query: vectors.FloatArray, k: int, exclude: frozenset[str], method: str
+    ) -> list[Hit]:
+        if k <= 0 or self.size == 0:
+            return []
+        # Several frames per case and excluded files take slots: fetch more until k cases.
+        fetch = min(self.size, max(4 * k, k + 16))
+        while True:
+            hits = self._collect(query, fetch, k, exclude, method)
+            if len(hits) >= k or fetch >= self.size:
+                return hits
+            fetch = min(self.size, fetch * 4)
+
+    def _collect(
+        self, query: vectors.FloatArray, fetch: int, k: int, exclude: frozenset[str], method: str
+    ) -> list[Hit]:
+        scores, ids = vectors.search(self._index, query, fetch)
+        rows = self._rows([int(i) for i in ids[0] if i >= 0])
+        hits: dict[str, Hit] = {}
+        for score, vector_id in zip(scores[0], ids[0], strict=True):
+            row = rows.get(int(vector_id))
+            if row is None or row.sha256 in exclude or row.case_id in hits:
+                continue
+            hits[row.case_id] = self._hit(row, float(score), method)
+            if len(hits) == k:
+                break
+        return list(hits.values())
+
+    def _rows(self, ids: list[int]) -> dict[int, _Row]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._db_lock:
+            found: list[Any] = self._db.execute(
+                "SELECT id, case_id, frame, path, caption, modality, body_part, source, sha256 "
+                f"FROM images WHERE id IN ({marks})",
+                ids,
+            ).fetchall()
+        return {int(row[0]): _Row(*row[1:]) for row in found}
+
+    def _hit(self, row: _Row, score: float, method: str) -> Hit:
+        return Hit(
+            key=f"case:{row.case_id}",
+            score=score,
+            kind="image",
+            index=self.name,
+            source=row.source or "",
+            text=row.caption,
+            case_id=row.case_id,
+            path=row.path,
+            caption=row.caption,
+            modality=row.modality,
+            body_part=row.body_part,
+            methods=[method],
+        )
