@@ -230,4 +230,8 @@ def test_image_question_looks_and_searches_similar_cases(tmp_path: Path, shared_
     case = next(item for item in result.evidence if item.key == "case:synpic1")
     assert case.hit.found_by == [f"similar to {image.name}"]
     assert model.calls_for("answer")[0].images == 1
-    assert any(e.message == "looking at the image" for e in events)
+    starts = {e.node: e.message for e in events if e.kind == "node_start"}
+    assert starts["look"] == "looking at the image"
+    assert starts["retrieve"] == (
+        "searching PubMed: tension pneumothorax treatment; needle decompression and similar cases"
+    )

@@ -199,6 +199,10 @@ class SuwenAgent:
             context=context,
             stream_mode=["custom", "updates", "values"],
             version="v2",
+            # One checkpoint per finished question, not one per step: a conversation only
+            # ever resumes from a finished turn, and per-step SQLite commits cost more than
+            # the rest of the orchestration together (benchmarks/agent_overhead.py).
+            durability="exit" if self.checkpointer is not None else None,
         ):
             if part["type"] == "custom" and isinstance(part["data"], AgentEvent):
                 notify(part["data"])

@@ -93,7 +93,10 @@ def start_message(node: NodeName, state: AgentState, context: RunContext) -> str
         return "looking at the image" if context.images else "reading the question"
     if node == "retrieve":
         queries = state.get("queries", [])
-        return f"searching PubMed: {_short(queries)}" if queries else "searching similar cases"
+        cases = bool(context.images) and state.get("round", 0) == 0
+        if not queries:
+            return "searching similar cases" if cases else "nothing to search"
+        return f"searching PubMed: {_short(queries)}" + (" and similar cases" if cases else "")
     if node == "reread":
         return f"rereading {len(state.get('hits', []))} passages"
     return {
