@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from suwen.errors import InputError
 
@@ -231,11 +231,11 @@ def _pil_frames(path: Path, max_frames: int) -> list[Frame]:
         _check_size(path, height, width, count)
         if count == 1:
             return [Frame(_pil_to_rgb(image))]
-        frames = list(ImageSequence.Iterator(image))
-        return [
-            Frame(_pil_to_rgb(frames[i]), f"frame {i + 1}/{count}")
-            for i in pick_indices(count, max_frames)
-        ]
+        frames = []
+        for i in pick_indices(count, max_frames):
+            image.seek(i)  # one image object, moved frame to frame; each is copied out
+            frames.append(Frame(_pil_to_rgb(image), f"frame {i + 1}/{count}"))
+        return frames
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -259,8 +259,8 @@ def _tiff_frames(path: Path, max_frames: int) -> list[Frame]:
         if not pages:
             raise InputError(f"{path}: TIFF holds no image")
         first = pages[0]
-        height, width = int(first.shape[0]), int(first.shape[1])
-        _check_size(path, height, width, len(pages))
+        key: Any = first.keyframe or first  # the page holding the tags a frame shares
+        _check_size(path, int(key.imagelength), int(key.imagewidth), len(pages))
         if len(pages) == 1:
             return [Frame(_tiff_page_rgb(first))]
         return [
@@ -456,6 +456,10 @@ def _dicom_series_frames(folder: Path, max_frames: int) -> list[Frame]:
             f"{folder}: a folder is read as one DICOM series, but {not_dicom[0]} is not DICOM"
         )
     headers = [(path, _read_dicom(path, header_only=True)) for path in files]
+    # Slices only: a series folder may also hold reports or presentation states.
+    headers = [(path, header) for path, header in headers if "Rows" in header]
+    if not headers:
+        raise InputError(f"{folder}: no DICOM file in this series folder holds an image")
     ordered = sorted(headers, key=lambda item: _slice_sort_key(item[0], item[1]))
     count = len(ordered)
     frames = []

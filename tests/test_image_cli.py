@@ -100,28 +100,40 @@ def test_search_errors_are_one_line(cli_env: Path, tmp_path: Path, shared_data: 
     assert code != 0 and "not a readable image" in err
 
 
-@pytest.mark.slow
-def test_console_script_end_to_end_offline(
-    image_corpus: ImageCorpus, image_settings: Settings, tmp_path: Path
-):
-    """The installed `suwen` script: build the tiny model, index, search; hub access off."""
-    script = Path(sys.executable).with_name("suwen")
+def test_dev_tiny_clip_writes_a_model_the_encoder_loads(tmp_path: Path, shared_data: Path):
+    from suwen.indexes.image_encoder import load_image_encoder
+    from suwen.medimage import load_image
+
     model = tmp_path / "tiny-clip"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SUWEN_HOME=str(tmp_path / "home"))
-    env["SUWEN_IMAGE_ENCODER"] = str(model)
+    code, _, err = run("dev", "tiny-clip", str(model))
+    assert code == 0, err
+    assert (model / "open_clip_config.json").is_file()
+    encoder = load_image_encoder(Settings(home=tmp_path / "home", image_encoder=str(model)))
+    image = load_image(shared_data / "imaging" / "dicom" / "CT_small.dcm")
+    assert encoder.encode_images([image]).shape == (1, encoder.dim)
+    again = CliRunner().invoke(app, ["dev", "tiny-clip", str(model)])
+    assert again.exit_code != 0, "never overwrites a directory"
+    assert "not an empty directory" in f"{again.stderr} {again.exception}"
 
-    def suwen(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(script), *args], env=env, capture_output=True, text=True, timeout=300
-        )
 
-    made = suwen("dev", "tiny-clip", str(model))
-    assert made.returncode == 0, made.stderr
-    manifest, ids = small_manifest(image_corpus, tmp_path / "data", count=2)
-    built = suwen("index", "images", "--name", "e2e", str(manifest))
-    assert built.returncode == 0, built.stderr
-    found = suwen(
-        "search", "image", str(tmp_path / "data" / f"{ids[0]}.jpg"), "--index", "e2e", "--json"
+@pytest.mark.slow
+def test_console_script_searches_offline(
+    image_corpus: ImageCorpus, image_settings: Settings, image_index: str
+):
+    """The installed `suwen` script, as a user runs it, on the session index; hub access off."""
+    script = Path(sys.executable).with_name("suwen")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SUWEN_HOME=str(image_settings.home))
+    env["SUWEN_IMAGE_ENCODER"] = image_settings.image_encoder
+    case_id = image_corpus.case_ids[3]
+    query = image_corpus.folder / f"{case_id}.jpg"
+    found = subprocess.run(
+        [str(script), "search", "image", str(query), "--index", image_index, "-k", "3", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert found.returncode == 0, found.stderr
-    assert json.loads(found.stdout)[0]["id"] == f"case:{ids[0]}"
+    hits = json.loads(found.stdout)
+    assert [set(hit) for hit in hits] == [HIT_KEYS] * 3
+    assert hits[0]["id"] == f"case:{case_id}"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from suwen.config import Settings, load_settings
-from suwen.errors import IndexMismatchError, InputError
+from suwen.config import BIOMEDCLIP, Settings, load_settings
+from suwen.errors import IndexMismatchError, InputError, ModelError
 from suwen.indexes import store
 from suwen.indexes.image_encoder import encoder_id, load_image_encoder
 from suwen.indexes.image_index import DB_FILE, build_image_index
@@ -90,6 +90,22 @@ def test_image_embeddings_are_deterministic_and_batch_independent(
     assert np.allclose(batched, one_by_one, atol=1e-5)
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     assert not np.allclose(batched[0], batched[1]), "different images, different embeddings"
+
+
+def test_default_hub_encoder_without_network_or_cache_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    settings = Settings(home=tmp_path / "home")
+    assert settings.image_encoder == BIOMEDCLIP
+    with pytest.raises(ModelError) as excinfo:
+        load_image_encoder(settings)
+    message = str(excinfo.value)
+    assert "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224" in message
+    assert "SUWEN_IMAGE_ENCODER" in message and "\n" not in message
 
 
 def test_encoder_id_is_stable_across_spellings(tiny_clip_dir: Path):

@@ -128,6 +128,32 @@ def test_dicom_series_folder_is_read_in_instance_order(shared_data: Path, tmp_pa
             assert np.array_equal(pixels(frame.image), pixels(load_image(path)))
 
 
+def test_series_folder_ignores_dicom_objects_without_an_image(shared_data: Path, tmp_path: Path):
+    folder = tmp_path / "series"
+    shutil.copytree(dicom_dir(shared_data) / "monai_ct_series", folder)
+    report = pydicom.dcmread(folder / "7106")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(report, keyword)
+    report.save_as(folder / "report.dcm")
+    assert [f.label for f in load_frames(folder, max_frames=4)][-1] == "slice 4/4"
+
+
+def test_multipage_tiff_and_animated_gif_give_distinct_frames(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    pages = rng.integers(0, 4096, size=(5, 32, 48), dtype=np.uint16)
+    tiff = tmp_path / "stack.tif"
+    tifffile.imwrite(tiff, pages)
+    gif = tmp_path / "cine.gif"
+    frames8 = [Image.fromarray(rng.integers(0, 255, (32, 48), dtype=np.uint8)) for _ in range(5)]
+    frames8[0].save(gif, save_all=True, append_images=frames8[1:])
+    for path, word in ((tiff, "page"), (gif, "frame")):
+        frames = load_frames(path, max_frames=3)
+        assert [f.label for f in frames] == [f"{word} 1/5", f"{word} 3/5", f"{word} 5/5"]
+        arrays = [pixels(f.image) for f in frames]
+        assert all(a.shape == (32, 48, 3) for a in arrays)
+        assert not np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[1], arrays[2])
+
+
 def test_nifti_volume_gives_middle_axial_coronal_sagittal(shared_data: Path):
     path = shared_data / "imaging" / "nifti" / "anatomical.nii"  # 33 x 41 x 25, LAS
     frames = load_frames(path, max_frames=3)

@@ -183,7 +183,8 @@ def _load(encoder: str, device: str, batch_size: int) -> ImageEncoder:
         model, preprocess = create_open_clip_model(name, device=device)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as exc:  # open_clip, hub and transformers errors all mean "cannot load"
-        reason = " ".join(str(exc).split())[:300]
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise ModelError(
             f"image encoder {encoder!r}: cannot load ({type(exc).__name__}: {reason}); "
             "set SUWEN_IMAGE_ENCODER to a downloaded open_clip model directory"

@@ -33,7 +33,7 @@ import numpy as np
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
-from suwen.indexes.image_encoder import ImageEncoder, load_image_encoder
+from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
 from suwen.medimage import (
     Frame,
     is_dicom_series_dir,
@@ -298,9 +298,11 @@ def build_image_index(
     summary.found = len(items)
     if progress is not None:
         progress("scan", len(items), len(items))
-    encoder = encoder or load_image_encoder(settings)
     live = _live_manifest(settings.indexes_dir, name)
-    _check_compatible(name, live, encoder)
+    # The encoder id is known before the model loads: refuse a mismatch without waiting.
+    _check_compatible(name, live, encoder_id(settings.image_encoder), None)
+    encoder = encoder or load_image_encoder(settings)
+    _check_compatible(name, live, encoder.id, encoder.dim)
     with store.new_version(settings.indexes_dir, name, copy_current=True) as staging:
         with closing(_connect(staging / DB_FILE)) as db:
             index = _open_faiss(staging / FAISS_FILE, encoder.dim)
@@ -324,15 +326,17 @@ def _live_manifest(indexes_dir: Path, name: str) -> store.IndexManifest | None:
     return store.read_manifest(version) if version is not None else None
 
 
-def _check_compatible(name: str, live: store.IndexManifest | None, encoder: ImageEncoder) -> None:
+def _check_compatible(
+    name: str, live: store.IndexManifest | None, encoder: str, dim: int | None
+) -> None:
     if live is None:
         return
     if live.kind != "image":
         raise IndexMismatchError(f"index {name!r} is a {live.kind} index, not an image index")
-    if live.encoder != encoder.id or live.dim != encoder.dim:
+    if live.encoder != encoder or (dim is not None and live.dim != dim):
         raise IndexMismatchError(
-            f"index {name!r} was built with image encoder {live.encoder} (dim {live.dim}); the "
-            f"configured one is {encoder.id} (dim {encoder.dim}): use that encoder or a new name"
+            f"index {name!r} was built with image encoder {live.encoder} ({live.dim}-d); the "
+            f"configured one is {encoder}: set SUWEN_IMAGE_ENCODER to match, or use a new name"
         )
 
 
