@@ -13,7 +13,6 @@ decompression bomb) raises :class:`~suwen.errors.InputError` with one line namin
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -126,9 +125,7 @@ def _reader_for(path: Path) -> Reader:
 def _guard(path: Path, read: Callable[[], list[Frame]]) -> list[Frame]:
     """Run a reader, turning every decoder failure into a one-line InputError naming the file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # decoders warn about oddities they then handle
-            frames = read()
+        frames = read()
     except InputError:
         raise
     except Image.DecompressionBombError as exc:

@@ -300,7 +300,9 @@ def build_image_index(
         progress("scan", len(items), len(items))
     live = _live_manifest(settings.indexes_dir, name)
     # The encoder id is known before the model loads: refuse a mismatch without waiting.
-    _check_compatible(name, live, encoder_id(settings.image_encoder), None)
+    _check_compatible(
+        name, live, encoder.id if encoder else encoder_id(settings.image_encoder), None
+    )
     encoder = encoder or load_image_encoder(settings)
     _check_compatible(name, live, encoder.id, encoder.dim)
     with store.new_version(settings.indexes_dir, name, copy_current=True) as staging:
