@@ -60,6 +60,7 @@ class QuestionSet:
     items: list[BatchItem]
     source: str
     notes: list[str] = field(default_factory=list)
+    file: Path | None = None  # the questions file, when there is one
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def load_questions(folder: Path, questions_file: Path | None = None) -> Question
                 "or a .txt beside each image)"
             )
     items = _merge_duplicates([_build_item(raw, root) for raw in raws])
-    return QuestionSet(items=items, source=label, notes=notes)
+    return QuestionSet(items=items, source=label, notes=notes, file=source)
 
 
 def _question_file_in(folder: Path) -> Path | None:
@@ -612,7 +613,29 @@ async def _answer_item(item: BatchItem, answer: Answerer, check: ImageCheck) -> 
         return {"id": item.id, "error": str(exc)}
     except Exception as exc:  # one failing question must not stop thousands of others
         return {"id": item.id, "error": f"{type(exc).__name__}: {exc}"}
+    failure = answer_failure(item.question, result)
+    if failure is not None:
+        return {"id": item.id, "error": failure}
     return result_record(item, result)
+
+
+def answer_failure(question: Question, result: AgentResult) -> str | None:
+    """Why a result is not an answer worth keeping, or None.
+
+    The agent degrades instead of raising when the model fails (it answers without the failed
+    step), so a server outage shows up here: no answer text at all, or an answer whose stream
+    broke off. Recorded as errors, those questions are asked again on the next run; an answer
+    that merely lacks a step (a failed search, say) is kept with its trace.
+    """
+    degraded = [event for event in result.trace if event.degraded]
+    if not result.answer.strip():
+        reasons = "; ".join(f"{event.node}: {event.message}" for event in degraded)
+        return f"model error: no answer ({reasons})" if reasons else "the model's answer was empty"
+    cut = [event for event in degraded if event.node == "answer"]
+    # A degraded answer step with its short answer in hand can only mean a broken stream.
+    if cut and (question.answer_format.kind == "free" or result.short_answer is not None):
+        return f"model error: the answer was cut off ({cut[-1].message})"
+    return None
 
 
 def result_record(item: BatchItem, result: AgentResult) -> dict[str, Any]:

@@ -9,6 +9,7 @@ baseline (plain) mode is on, and the turns of this sitting for ``/save``.
 from __future__ import annotations
 
 import os
+import shlex
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -70,7 +71,7 @@ class ChatSession:
         reported at once, not after a model call."""
         if not raw_path.strip():
             raise InputError("/image needs a path")
-        path = Path(raw_path.strip()).expanduser().resolve()
+        path = Path(_unquote(raw_path)).expanduser().resolve()
         self.check_image(path)
         if path not in self.images:
             self.images.append(path)
@@ -101,6 +102,16 @@ class ChatSession:
     async def history(self, thread_id: str) -> list[Turn]:
         """The finished turns of a saved conversation, as the session store holds them."""
         return await self.agent.history(thread_id)
+
+
+def _unquote(raw: str) -> str:
+    """A path as a terminal pastes it: 'quoted', "quoted" or with escaped spaces."""
+    raw = raw.strip()
+    try:
+        parts = shlex.split(raw)
+    except ValueError:
+        return raw
+    return parts[0] if len(parts) == 1 else raw
 
 
 def new_thread_id() -> str:

@@ -325,3 +325,17 @@ def test_real_vqa_rad_images_load(shared_data: Path, tmp_path: Path) -> None:
     model = EchoModel()
     summary = _run(tmp_path, tmp_path / "out.jsonl", model)
     assert summary.answered == 2 and not summary.errors
+
+
+def test_an_empty_answer_is_recorded_as_an_error(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "questions.jsonl", [{"id": "a", "question": "Anything?"}])
+
+    async def silent(question: Question) -> AgentResult:
+        return AgentResult(question=question.text, answer="  \n")
+
+    questions = load_questions(tmp_path)
+    summary = asyncio.run(run_batch(questions, tmp_path / "out.jsonl", silent))
+    assert summary.errors == [("a", "the model's answer was empty")]
+    assert _read_out(tmp_path / "out.jsonl") == [
+        {"id": "a", "error": "the model's answer was empty"}
+    ]

@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 
 from suwen import runtime
 from suwen.cli import app
+from suwen.errors import ModelError
 from tests.conftest import REPO
+from tests.fake_model import Fail
 from tests.test_ask import Opened
 
 
@@ -180,3 +182,29 @@ def test_sigkill_at_any_moment_then_rerun_answers_every_question_exactly_once(
     assert Counter(ids) == Counter(f"q{i:03d}" for i in range(total))  # each exactly once
     assert all("error" not in row and row["answer"] for row in _rows(out))
     assert not list(tmp_path.glob(".answers.jsonl*"))  # no temporary file left behind
+
+
+def test_model_failures_become_error_lines_and_are_asked_again(
+    fake: Opened, shared_data: Path, tmp_path: Path
+) -> None:
+    folder = _folder(tmp_path, shared_data, 5, with_images=1)
+    out = tmp_path / "answers.jsonl"
+    # The server fails outright on one question and breaks off mid-answer on another.
+    fake.model.script("answer", Fail(ModelError("HTTP 503 from vLLM")), when="[item 002]")
+    fake.model.script(
+        "answer", Fail(ModelError("connection reset"), partial="The evid"), when="[item 003]"
+    )
+    result = CliRunner().invoke(app, ["batch", str(folder), "--out", str(out), "--plain"])
+    assert result.exit_code == 0, result.output
+    rows = {row["id"]: row for row in _rows(out)}
+    assert "no answer" in rows["q002"]["error"] and "HTTP 503" in rows["q002"]["error"]
+    assert "cut off" in rows["q003"]["error"] and "connection reset" in rows["q003"]["error"]
+    assert all("error" not in rows[f"q00{i}"] for i in (0, 1, 4))
+
+    fake.model.rules.clear()  # the server is back
+    again = CliRunner().invoke(app, ["batch", str(folder), "--out", str(out), "--plain"])
+    assert again.exit_code == 0, again.output
+    asked = [call for call in fake.model.calls_for("answer")][-2:]
+    assert sorted(ITEM.findall(call.text)[0] for call in asked) == ["002", "003"]
+    rows = {row["id"]: row for row in _rows(out)}
+    assert len(_rows(out)) == 5 and all("error" not in row for row in rows.values())

@@ -181,9 +181,9 @@ def test_chat_answers_streams_shows_evidence_saves_and_survives_ctrl_c(
 
 
 def test_resume_continues_the_conversation(
-    chat_env: dict[str, str], tmp_path: Path, suwen_home: Path
+    chat_env: dict[str, str], tmp_path: Path, image: Path
 ) -> None:
-    first = Terminal(["chat"], chat_env)
+    first = Terminal(["chat", "--image", str(image)], chat_env)
     first.type(QUESTION)
     first.wait_for("Evidence")
     first.type("/quit")
@@ -194,15 +194,17 @@ def test_resume_continues_the_conversation(
     again = Terminal(["chat", "--resume", thread], chat_env)
     again.wait_for(f"conversation {thread}")
     again.wait_for("resumed: 1 earlier turn(s)")
+    again.wait(lambda: "suwen[1 image(s)]>" in again.display(), "the image to be kept")
     again.type("/sessions")
     again.wait_for("(this one)")
     assert QUESTION[:40] in again.text()
     again.type("What about the chest tube afterwards?")
     again.wait_for("Evidence")
     # The follow-up was asked with the earlier turn in its context.
-    follow_up = _answer_calls(tmp_path)[-1]["prompt"]
-    assert "What about the chest tube afterwards?" in follow_up
-    assert QUESTION in follow_up
+    follow_up = _answer_calls(tmp_path)[-1]
+    assert "What about the chest tube afterwards?" in follow_up["prompt"]
+    assert QUESTION in follow_up["prompt"]
+    assert follow_up["images"] == 1
     # Ctrl-D leaves.
     again.wait_prompt()
     again.child.sendeof()

@@ -42,14 +42,15 @@ async def _session_run(tmp_path: Path, steps):
 
 
 def test_session_attaches_images_asks_in_its_thread_and_starts_over(tmp_path: Path) -> None:
-    prior, current = _png(tmp_path / "prior.png"), _png(tmp_path / "current.png")
+    prior, current = _png(tmp_path / "prior.png"), _png(tmp_path / "current study.png")
     (tmp_path / "broken.png").write_bytes(b"no pixels here")
 
     async def steps(agent):
         session = ChatSession(agent)
         session.attach(str(prior))
-        session.attach(str(current))
-        session.attach(str(prior))  # attaching twice keeps one copy
+        session.attach(str(current).replace(" ", "\\ "))  # an escaped space, as pasted
+        assert session.images == [prior, current]
+        session.attach(f"'{prior}'")  # pasted with quotes; attaching twice keeps one copy
         with pytest.raises(InputError, match=r"broken\.png"):
             session.attach(str(tmp_path / "broken.png"))
         with pytest.raises(InputError, match="needs a path"):

@@ -68,7 +68,7 @@ def batch(
         if workers < 1:
             raise InputError(f"--concurrency {workers}: must be at least 1")
         question_set = load_questions(folder, questions)
-        _refuse_overwriting_input(out, questions or folder / "questions.jsonl")
+        _refuse_overwriting_input(out, question_set.file)
         with open_answer_log(out) as log:
             summary = asyncio.run(
                 _run(settings, question_set, log, workers, plain, vllm_url, text_index, image_index)
@@ -86,8 +86,8 @@ def batch(
         raise typer.Exit(1)
 
 
-def _refuse_overwriting_input(out: Path, questions_file: Path) -> None:
-    if out.exists() and questions_file.exists() and out.resolve() == questions_file.resolve():
+def _refuse_overwriting_input(out: Path, questions_file: Path | None) -> None:
+    if questions_file is not None and out.exists() and out.resolve() == questions_file.resolve():
         raise InputError(f"--out {out}: is the questions file; choose another output")
 
 

@@ -110,9 +110,14 @@ async def _chat(settings: Settings, options: ChatOptions) -> None:
             )
         session = ChatSession(agent, thread_id=options.resume or new_thread_id())
         session.plain = options.plain
-        for path in options.images:
-            session.attach(path)
         earlier = await session.history(options.resume) if options.resume else []
+        # A resumed conversation keeps the images it was about, unless new ones are given.
+        kept = earlier[-1].images if earlier and not options.images else []
+        for path in [*kept, *options.images]:
+            try:
+                session.attach(path)
+            except InputError as exc:
+                warn(f"{exc} (attached earlier in this conversation; left out)")
         screen = ChatScreen(settings, session, earlier)
         await screen.run()
 

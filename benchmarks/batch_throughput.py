@@ -1,0 +1,308 @@
+"""Does `suwen batch` keep a vLLM server as busy as a bare concurrent loop would?
+
+The same VQA-RAD test questions (image + question, from shared/data) are answered on ONE vLLM
+server, in one run, three ways:
+
+- batch: ``suwen batch``'s own code (``load_questions`` + ``run_batch``: image checks, the
+  plain-mode agent, fsynced JSONL lines) on the agent that ``runtime.open_agent`` assembles;
+- sequential: the same agent, one question at a time (what batch replaces);
+- bare: a concurrent loop of client calls with no agent and no bookkeeping, sending exactly the
+  request plain mode sends (same messages, image, max_tokens, temperature, streaming).
+
+Plain mode makes one model request per question, so all three do the same model work; the
+completion tokens are counted to show it. A warm-up pass sends every request once first, so
+vLLM's prefix and image caches are equally warm for every measured pass; the concurrent
+methods then alternate (bare, batch, bare, batch ...) and each reports its median pass.
+Target: batch throughput >= 0.9 x the bare loop's.
+
+    .venv/bin/python -m benchmarks.batch_throughput                 # tiny model, own server
+    .venv/bin/python -m benchmarks.batch_throughput --url http://127.0.0.1:8000 --vlm DIR
+
+Prints a table and writes benchmarks/results/batch_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from suwen.agent import prompts
+from suwen.agent.graph import SuwenAgent
+from suwen.batch import load_questions, run_batch
+from suwen.config import Settings
+from suwen.llm.base import VisionLanguageModel, recording
+from suwen.llm.server import ManagedServer, free_port
+from suwen.medimage import load_image
+from suwen.runtime import open_agent
+from suwen.types import Question
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULT = HERE / "results" / "batch_throughput.json"
+TARGET = 0.9
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Pass:
+    method: str
+    seconds: float
+    questions: int
+    completion_tokens: int
+    errors: int
+
+    @property
+    def per_second(self) -> float:
+        return self.questions / self.seconds
+
+
+# -- the questions ------------------------------------------------------------------------------
+
+
+def write_question_folder(data: Path, count: int, folder: Path) -> Path:
+    """The first ``count`` VQA-RAD test questions as a batch folder (images copied in: a batch
+    refuses images that live outside its folder)."""
+    items = json.loads((data / "vqa_rad" / "testset.json").read_text(encoding="utf-8"))[:count]
+    if len(items) < count:
+        raise SystemExit(f"only {len(items)} VQA-RAD test questions in {data}")
+    folder.mkdir(parents=True)
+    lines = []
+    for item in items:
+        name = item["image_name"]
+        if not (folder / name).exists():
+            shutil.copy(data / "vqa_rad" / "images" / name, folder / name)
+        row = {"id": str(item["qid"]), "image": name, "question": item["question"]}
+        lines.append(json.dumps(row))
+    (folder / "questions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+# -- the three ways -----------------------------------------------------------------------------
+
+
+async def timed(method: str, count: int, work: Callable[[], Awaitable[int]]) -> Pass:
+    with recording() as log:
+        started = time.perf_counter()
+        errors = await work()
+        seconds = time.perf_counter() - started
+    return Pass(method, seconds, count, log.completion_tokens, errors)
+
+
+async def bare_loop(
+    model: VisionLanguageModel, settings: Settings, questions: list[Question], concurrency: int
+) -> int:
+    """Exactly plain mode's request per question, ``concurrency`` at a time, nothing else."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(question: Question) -> None:
+        async with gate:
+            image = load_image(Path(question.images[0]))
+            messages = prompts.answer_messages(question, [image], None, [], [], plain=True)
+            async for _ in model.stream(
+                messages,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                purpose="answer",
+            ):
+                pass
+
+    await asyncio.gather(*(one(q) for q in questions))
+    return 0
+
+
+async def sequential_loop(agent: SuwenAgent, questions: list[Question]) -> int:
+    for question in questions:
+        await agent.run(question, mode="plain")
+    return 0
+
+
+async def batch_run(agent: SuwenAgent, folder: Path, out: Path, concurrency: int) -> int:
+    async def answer(question: Question) -> Any:
+        return await agent.run(question, mode="plain")
+
+    out.unlink(missing_ok=True)
+    summary = await run_batch(load_questions(folder), out, answer, concurrency=concurrency)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    if len(lines) != summary.questions or not summary.complete:
+        raise SystemExit(f"batch wrote {len(lines)} lines for {summary.questions} questions")
+    # A random tiny model may reply with nothing but special tokens: batch records those as
+    # errors (to be asked again), after the same model work as any other question.
+    kinds = Counter(message for _, message in summary.errors)
+    for message, count in kinds.items():
+        print(f"  batch recorded {count} x {message!r}")
+    return len(summary.errors)
+
+
+async def measure(args: argparse.Namespace, settings: Settings, urls: list[str]) -> list[Pass]:
+    work = Path(tempfile.mkdtemp(prefix="suwen-batch-bench-"))
+    try:
+        folder = write_question_folder(args.data, args.questions, work / "questions")
+        questions = [
+            item.question for item in load_questions(folder).items if item.question is not None
+        ]
+        notices: list[str] = []
+        async with AsyncExitStack() as stack:
+            agent = await stack.enter_async_context(
+                open_agent(settings, urls, sessions=False, on_notice=notices.append)
+            )
+            model = agent.nodes.model
+            n, c = len(questions), args.concurrency
+            print(f"warm-up: {n} requests (fills vLLM's caches equally for every pass)")
+            await timed("warm-up", n, lambda: bare_loop(model, settings, questions, c))
+            passes = [await timed("sequential", n, lambda: sequential_loop(agent, questions))]
+            print(f"sequential: {passes[-1].per_second:.2f} q/s")
+            for repeat in range(args.repeats):
+                out = work / f"answers-{repeat}.jsonl"
+                passes.append(
+                    await timed("bare", n, lambda: bare_loop(model, settings, questions, c))
+                )
+                print(f"bare pass {repeat + 1}: {passes[-1].per_second:.2f} q/s")
+                passes.append(await timed("batch", n, partial(batch_run, agent, folder, out, c)))
+                print(f"batch pass {repeat + 1}: {passes[-1].per_second:.2f} q/s")
+        return passes
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def summarize(passes: list[Pass]) -> dict[str, dict[str, float]]:
+    summary: dict[str, dict[str, float]] = {}
+    for method in ("sequential", "bare", "batch"):
+        mine = [p for p in passes if p.method == method]
+        rates = [p.per_second for p in mine]
+        summary[method] = {
+            "passes": len(mine),
+            "median_questions_per_second": statistics.median(rates),
+            "min_questions_per_second": min(rates),
+            "max_questions_per_second": max(rates),
+            "median_seconds": statistics.median(p.seconds for p in mine),
+            "completion_tokens_per_pass": statistics.median(p.completion_tokens for p in mine),
+            "errors": sum(p.errors for p in mine),
+        }
+    bare = summary["bare"]["median_questions_per_second"]
+    for method in summary:
+        summary[method]["vs_bare"] = summary[method]["median_questions_per_second"] / bare
+    return summary
+
+
+def print_table(summary: dict[str, dict[str, float]], questions: int, concurrency: int) -> None:
+    header = (
+        "method",
+        "passes",
+        "q/s (median)",
+        "min..max",
+        "s/pass",
+        "tokens/pass",
+        "error lines",
+        "vs bare",
+    )
+    rows = [header]
+    for method, row in summary.items():
+        rows.append(
+            (
+                method,
+                str(int(row["passes"])),
+                f"{row['median_questions_per_second']:.2f}",
+                f"{row['min_questions_per_second']:.2f}..{row['max_questions_per_second']:.2f}",
+                f"{row['median_seconds']:.1f}",
+                f"{row['completion_tokens_per_pass']:.0f}",
+                f"{row['errors']:.0f}",
+                f"{row['vs_bare']:.3f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    print(f"\n{questions} VQA-RAD questions, concurrency {concurrency}")
+    for r in rows:
+        cells = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        print("  ".join([r[0].ljust(widths[0]), *cells]))
+
+
+def bench_settings(args: argparse.Namespace, home: Path, vlm: str) -> Settings:
+    return Settings(
+        home=home,
+        vlm=vlm,
+        vllm_cpu_kvcache_gib=1,
+        max_tokens=args.max_tokens,
+        temperature=0.0,
+        concurrency=args.concurrency,
+        request_timeout=600.0,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", action="append", default=[], help="running vLLM server(s)")
+    parser.add_argument("--vlm", default=None, help="model to serve (default: build the tiny one)")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="passes of bare and of batch")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="suwen-bench-")))
+        vlm = args.vlm
+        if vlm is None:
+            from suwen.devtools.tiny_qwen import write_tiny_model
+
+            vlm = str(scratch / "tiny-model")
+            write_tiny_model(Path(vlm))
+        settings = bench_settings(args, scratch / "home", vlm)
+        urls = list(args.url)
+        if not urls:
+            print(f"starting vLLM on {vlm} (about a minute on a CPU)")
+            server = stack.enter_context(ManagedServer(settings, port=free_port(HOST), host=HOST))
+            urls = [server.url]
+        passes = asyncio.run(measure(args, settings, urls))
+
+    summary = summarize(passes)
+    print_table(summary, args.questions, args.concurrency)
+    ratio = summary["batch"]["vs_bare"]
+    met = ratio >= TARGET
+    verdict = "met" if met else "NOT met"
+    print(f"\nbatch / bare throughput = {ratio:.3f} (target >= {TARGET}): {verdict}")
+    report = {
+        "command": "python -m benchmarks.batch_throughput "
+        + " ".join(
+            [f"--questions {args.questions}", f"--concurrency {args.concurrency}"]
+            + [f"--repeats {args.repeats}", f"--max-tokens {args.max_tokens}"]
+            + [f"--url {u}" for u in args.url]
+        ),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "model": "tiny random Qwen2.5-VL (suwen dev tiny-model)" if args.vlm is None else args.vlm,
+        "target_batch_vs_bare": TARGET,
+        "target_met": met,
+        "summary": summary,
+        "passes": [asdict(p) | {"questions_per_second": p.per_second} for p in passes],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
