@@ -8,14 +8,26 @@ is the union of the intervals spent awaiting the model (each streamed token's wa
 the agent's handling of the token does not) or running a search, so concurrent reread requests
 are not double counted. The target is overhead < 5% of the total.
 
-Model: ``--model vllm`` uses a running server (``--url``) or starts one on ``--vlm`` (e.g. the
-tiny checkpoint from ``suwen dev tiny-model DIR``); ``--model fake`` uses the scripted test
-model with a latency model (per request + prefill + decode throughput, defaults close to a 7B
-VLM on one GPU). Searches use the real indexes in ``--home`` when they exist, else small
-in-memory searchers over the shared PubMedQA abstracts and VQA-RAD training captions.
+Model: ``--model vllm`` uses a running server (``--url``) or starts one on ``--vlm``;
+``--model fake`` uses the scripted test model with a latency model (per request + prefill +
+decode throughput, defaults close to a 7B VLM on one GPU). Searches use the real indexes in
+``--home`` (its suwen.toml applies) when they exist, else small in-memory searchers over the
+shared PubMedQA abstracts and VQA-RAD training captions.
 
-    .venv/bin/python -m benchmarks.agent_overhead --model fake
-    .venv/bin/python -m benchmarks.agent_overhead --model vllm --vlm /tmp/tiny-qwen
+    .venv/bin/python -m benchmarks.agent_overhead --model fake \
+        --out benchmarks/results/agent_overhead_fake.json
+
+On the tiny model with real indexes (MiniLM text index of PubMedQA's 1000 abstracts, tiny
+BiomedCLIP-shaped image index of the VQA-RAD train-only images), in a home whose suwen.toml
+sets text_encoder (MiniLM dir), image_encoder (tiny-clip dir), device = "cpu",
+vllm_cpu_kvcache_gib = 1 and max_tokens = 256, and T/cases/ holding those images with a
+manifest.jsonl (path, id, caption = the image's train questions and answers, body_part), built
+as tests/fixtures_images.py builds its corpus:
+
+    suwen dev tiny-model T/tiny-qwen && suwen dev tiny-clip T/tiny-clip
+    SUWEN_HOME=T/home suwen index text ../shared/data/pubmedqa/ori_pqal.json --format pubmedqa
+    SUWEN_HOME=T/home suwen index images T/cases/manifest.jsonl
+    .venv/bin/python -m benchmarks.agent_overhead --model vllm --vlm T/tiny-qwen --home T/home
 
 Prints a table and writes benchmarks/results/agent_overhead.json.
 """
@@ -27,6 +39,7 @@ import asyncio
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Collection, Iterator
@@ -39,7 +52,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from suwen.agent.graph import SuwenAgent, open_sessions
-from suwen.config import Settings
+from suwen.config import Settings, load_settings
 from suwen.errors import IndexMissingError
 from suwen.evaluate.benchmarks import LoadContext, Sample, load_pubmedqa, load_vqa_rad
 from suwen.llm.base import ChatReply, Message, VisionLanguageModel
@@ -249,7 +262,9 @@ def row_of(sample: Sample, result: AgentResult, clock: Clock, wall: float) -> di
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     home = Path(args.home or tempfile.mkdtemp(prefix="suwen-bench-"))
-    settings = Settings(home=home, vlm=args.vlm or Settings().vlm, vllm_url=args.url)
+    # The home's suwen.toml applies (it names the encoders its indexes were built with).
+    overrides: dict[str, Any] = {"home": str(home), "vlm": args.vlm, "vllm_url": args.url or None}
+    settings = load_settings(cli_values=overrides).settings
     clock = Clock()
     async with AsyncExitStack() as stack:
         model: VisionLanguageModel
@@ -265,7 +280,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         else:
             from suwen.llm.server import open_model
 
-            model = stack.enter_context(open_model(settings, list(args.url)))
+            model = await stack.enter_async_context(open_model(settings, list(args.url)))
             model_label = f"vLLM: {args.url or settings.vlm}"
         text, images = await real_searchers(settings, stack)
         search_label = "real indexes"
@@ -372,8 +387,7 @@ def main() -> None:
     cold = measured["cold_start"]
     print(f"cold start (untimed first question): {cold['overhead_seconds']:.3f}s overhead")
     report = {
-        "command": "python -m benchmarks.agent_overhead "
-        + " ".join(f"--model {args.model}".split() + [f"--url={u}" for u in args.url]),
+        "command": " ".join(["python -m benchmarks.agent_overhead", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "model": measured["model"],
         "searchers": measured["searchers"],

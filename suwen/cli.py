@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "eval_cmd",
     "bench",
     "dev",
+    "demo",
 )
 
 

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     vllm_max_images: int = Field(4, ge=1, description="Images allowed per prompt")
+    # Qwen2.5-VL's processor admits 3136..12845056 pixels; 1280 visual tokens (28*28*1280) is
+    # the budget Qwen recommends for serving and keeps 4 images inside the default context.
+    vllm_image_min_pixels: int = Field(3136, ge=784, description="Smallest image area sent")
+    vllm_image_max_pixels: int = Field(
+        1_003_520, ge=3136, le=12_845_056, description="Largest image area sent (resized to fit)"
+    )
     vllm_cpu_kvcache_gib: int = Field(4, ge=1, description="KV cache on CPU-only vLLM (GiB)")
     vllm_startup_timeout: float = Field(900.0, gt=0, description="Seconds to wait for /health")
     vllm_extra_args: Annotated[list[str], NoDecode] = Field(
@@ -96,14 +102,16 @@ class Settings(BaseSettings):
     text_k: int = Field(5, ge=1, description="Text hits per query")
     image_k: int = Field(4, ge=0, description="Similar cases per image")
     relevance_threshold: float = Field(0.5, ge=0, le=1, description="Reread score to keep")
+    answer_evidence: int = Field(
+        8, ge=1, description="Most relevant evidence items the answer sees"
+    )
+    history_turns: int = Field(4, ge=0, description="Earlier chat turns the model sees")
 
     @field_validator("vllm_url", "vllm_extra_args", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # Environment values arrive as one string; a comma-separated list is the natural form.
         if isinstance(value, str):
-    answer_evidence: int = Field(8, ge=1, description="Most relevant evidence items the answer sees")
-    history_turns: int = Field(4, ge=0, description="Earlier chat turns the model sees")
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

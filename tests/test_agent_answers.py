@@ -107,6 +107,7 @@ def test_queries_are_cleaned_deduplicated_and_bounded() -> None:
     queries = ['"tension pneumothorax"', "Tension  pneumothorax", "", "needle", "old", "x y z"]
     assert clean_queries(queries, 2, already=["OLD"]) == ["tension pneumothorax", "needle"]
     assert clean_queries([" ".join(["w"] * 30)], 1) == [" ".join(["w"] * 12)]
+    assert clean_queries(["x" * 500 + " tail"], 1) == ["x" * 120]
 
 
 def test_evidence_block_defuses_tags_in_data() -> None:

@@ -23,6 +23,8 @@ _SHORT_LINE = re.compile(
 )
 _WORD = re.compile(r"[a-z0-9]+")
 MIN_CLAIM_WORDS = 4
+MAX_QUERY_WORDS = 12
+MAX_QUERY_CHARS = 120
 SHORT_REPLY_WORDS = 8
 
 
@@ -174,7 +176,8 @@ def clean_queries(queries: Sequence[str], limit: int, already: Sequence[str] = (
     seen = {q.casefold() for q in already}
     kept: list[str] = []
     for query in queries:
-        query = " ".join(query.replace('"', " ").split()[:12])
+        query = " ".join(query.replace('"', " ").split()[:MAX_QUERY_WORDS])[:MAX_QUERY_CHARS]
+        query = query.strip()
         if query and query.casefold() not in seen:
             seen.add(query.casefold())
             kept.append(query)

@@ -12,6 +12,7 @@ conversation so far) persists, so follow-ups see earlier turns and a chat can be
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -175,10 +176,13 @@ class SuwenAgent:
             raise InputError("question: empty question")
         if thread_id is None and self.checkpointer is not None:
             thread_id = uuid.uuid4().hex
+        started = time.perf_counter()
         previous = await self._thread_state(thread_id)
         paths = list(question.images) or list(previous.get("images", []))
-        context = RunContext(images=load_question_images(paths))
-        started = time.perf_counter()
+        # Decoding (a DICOM series, a NIfTI volume) is slow work: keep the loop free for
+        # the other questions a batch runs at the same time.
+        images = await asyncio.to_thread(load_question_images, paths)
+        context = RunContext(images=images)
         with recording() as log:
             start = fresh_state(question, paths, mode)
             final = await self._stream(start, context, thread_id, on_event)

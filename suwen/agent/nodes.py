@@ -43,6 +43,7 @@ from suwen.types import AgentEvent, Citation, Evidence, Findings, Hit, Question
 Emit = Callable[[AgentEvent], None]
 NodeName = Literal["look", "plan", "retrieve", "reread", "decide", "answer", "verify"]
 SEARCH_FAILURES = (SuwenError, OSError)
+TRACE_ITEM_CHARS = 80
 
 
 @dataclass
@@ -56,8 +57,13 @@ def _images(context: RunContext) -> list[Image.Image]:
     return [image for _, image in context.images]
 
 
+def _clip(text: str, limit: int = TRACE_ITEM_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _short(items: Sequence[str], limit: int = 3) -> str:
-    shown = "; ".join(items[:limit])
+    """A few items for a trace line, each clipped: the model's strings can be any length."""
+    shown = "; ".join(_clip(item) for item in items[:limit])
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
@@ -135,7 +141,7 @@ class AgentNodes:
             )
         except ModelError as exc:
             return Step({"findings": None}, f"no findings ({exc}); going on without", True)
-        seen = ", ".join(p for p in (findings.modality, findings.body_region) if p) or "question"
+        seen = _short([p for p in (findings.modality, findings.body_region) if p]) or "question"
         candidates = _short(findings.candidates) if findings.candidates else "none named"
         return Step({"findings": findings}, f"{seen}; candidates: {candidates}")
 

@@ -57,7 +57,9 @@ def ask(
         fail(str(exc))
     request = Question(text=question.strip(), images=images)
     result = asyncio.run(
-        _answer(settings, request, plain, vllm_url, text_index=text_index, image_index=image_index)
+        answer_question(
+            settings, request, plain, vllm_url, text_index=text_index, image_index=image_index
+        )
     )
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
@@ -65,7 +67,7 @@ def ask(
         console.print(result_view(result))
 
 
-async def _answer(
+async def answer_question(
     settings: Settings,
     question: Question,
     plain: bool,

@@ -12,7 +12,7 @@ search_app = typer.Typer(help="Search indexes from the command line.", no_args_i
 
 
 def register(app: typer.Typer) -> None:
-    for name in ("text_cmds", "image_cmds"):
+    for name in ("text_cmds", "image_cmds", "pubmed_cmds"):
         try:
             importlib.import_module(f"suwen.commands.{name}")
         except ModuleNotFoundError as exc:

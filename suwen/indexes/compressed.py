@@ -1,0 +1,781 @@
+"""Vector stores: one interface over an exact index and a compressed one, picked by corpus size.
+
+``ExactStore`` is the flat inner-product index (``IndexIDMap2(IndexFlatIP)``): 4 bytes per
+dimension per vector in RAM, exact by construction. It is what small indexes use and what the
+reference toolkits use for all of PubMed (~70 GB of RAM for 24M MedCPT vectors).
+
+``CompressedStore`` keeps only compact codes in RAM and re-scores exactly:
+
+* an IVF coarse quantiser with PQ codes read by FAISS's 4-bit "fast-scan" kernels (``PQ{M}x4fs``,
+  ``M/2`` bytes of code per vector plus FAISS's 8-byte id) finds a shortlist of ``k'`` candidates
+  by scanning ``nprobe`` lists;
+* the full vectors live on disk in ``full_vectors.npy`` (float16), memory-mapped read-only, and
+  the shortlist is re-scored with exact inner products against them, so the final order is the
+  exact order of whatever the shortlist caught.
+
+The disk-resident float16 vectors are not RAM: the OS pages in the few rows a query touches.
+``bytes_per_vector`` is the in-memory index (codes, ids, centroids, transform) divided by the
+vector count, i.e. the size of ``compressed.faiss``.
+
+FAISS ids inside the compressed index are *row numbers* of ``full_vectors.npy``; ``row_ids.npy``
+maps a row to the caller's id (the SQLite row id). Both files are append-only: a removed vector
+leaves the IVF lists (which are the record of what is live) while its row stays on disk unused,
+so a crash can never leave a half-applied removal in them. Nothing is pickled: FAISS files are
+written with ``faiss.write_index``, arrays are plain ``.npy`` read with
+``allow_pickle=False`` and parameters are JSON.
+
+When ``faiss.get_num_gpus() > 0`` the coarse quantiser is trained and vectors are assigned to
+lists on the GPU; the index itself always lives, is saved and is searched on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from suwen.errors import IndexMismatchError, InputError, SuwenError
+from suwen.indexes import vectors
+from suwen.indexes.vectors import FloatArray, IdArray, normalise
+
+IndexType = Literal["exact", "compressed"]
+
+EXACT_FILE = "vectors.faiss"  # the text index's historical name: old exact indexes still load
+COMPRESSED_FILE = "compressed.faiss"
+PARAMS_FILE = "compressed.json"
+FULL_VECTORS_FILE = "full_vectors.npy"
+ROW_IDS_FILE = "row_ids.npy"
+
+# Code budget: 64 bytes of PQ code + FAISS's 8-byte id + block padding and centroids stays
+# under 100 bytes per vector for any corpus above a few hundred thousand vectors.
+CODE_BYTES = 64
+MAX_TRAINING_VECTORS = 262_144
+MIN_POINTS_PER_LIST = 32
+# Shortlist re-scored exactly; calibrated nprobe is the smallest reaching TARGET_RECALL on
+# held-out calibration queries (a second, disjoint set is used for the recall we report).
+DEFAULT_SHORTLIST = 200
+TARGET_RECALL = 0.97
+NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+RECALL_QUERIES = 200
+# One row in HELD_OUT_STRIDE is never used for training, so recall queries are held out.
+HELD_OUT_STRIDE = 97
+MIN_COMPRESSED_VECTORS = 1_000
+
+
+class VectorStore(Protocol):
+    """What the text index needs from a vector index, whatever its type."""
+
+    directory: Path
+    dim: int
+
+    @property
+    def index_type(self) -> IndexType: ...
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def trained(self) -> bool: ...
+
+    def train(self, sample: FloatArray) -> None: ...
+
+    def add(self, vectors: npt.ArrayLike, ids: IdArray) -> None: ...
+
+    def remove(self, ids: IdArray) -> int: ...
+
+    def discard_ids_above(self, last_id: int) -> int: ...
+
+    def search(self, queries: npt.ArrayLike, k: int) -> tuple[FloatArray, IdArray]: ...
+
+    def save(self) -> None: ...
+
+    def bytes_per_vector(self) -> float: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing
+
+
+def choose_index_type(setting: str, expected_count: int, threshold: int) -> IndexType:
+    """The index type for a corpus of ``expected_count`` vectors: the setting, or by size."""
+    if setting == "exact":
+        return "exact"
+    if setting == "compressed":
+        if expected_count < MIN_COMPRESSED_VECTORS:
+            raise InputError(
+                f"index_type 'compressed' needs at least {MIN_COMPRESSED_VECTORS} vectors to "
+                f"train on, this corpus has {expected_count}; use index_type 'exact' or 'auto'"
+            )
+        return "compressed"
+    if setting != "auto":
+        raise InputError(f"index_type {setting!r}: choose auto, exact or compressed")
+    return "compressed" if expected_count > threshold else "exact"
+
+
+def create_store(
+    directory: Path, dim: int, index_type: IndexType, expected_count: int
+) -> VectorStore:
+    """An empty store of ``index_type`` in ``directory`` (a compressed one still needs train)."""
+    if index_type == "exact":
+        return ExactStore.create(directory, dim)
+    return CompressedStore.create(directory, CompressedParams.for_corpus(dim, expected_count))
+
+
+def open_store(directory: Path, *, writable: bool = False) -> VectorStore:
+    """The store saved in ``directory``: compressed if its parameters are there, else exact."""
+    if (directory / PARAMS_FILE).is_file():
+        return CompressedStore.open(directory, writable=writable)
+    if (directory / EXACT_FILE).is_file():
+        return ExactStore.open(directory)
+    raise SuwenError(f"{directory}: no vector index ({EXACT_FILE} or {PARAMS_FILE}) found")
+
+
+def check_dim(store: VectorStore, dim: int, what: str) -> None:
+    if store.dim != dim:
+        raise IndexMismatchError(
+            f"{store.directory}: stored vectors have {store.dim} dimensions but {what} "
+            f"makes {dim}-dimensional ones"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact
+
+
+class ExactStore:
+    """``IndexIDMap2(IndexFlatIP)``: exact search, every float in RAM."""
+
+    def __init__(self, directory: Path, index: faiss.Index) -> None:
+        self.directory = directory
+        self.index = cast(faiss.IndexIDMap2, index)
+        self.dim = int(index.d)
+
+    @classmethod
+    def create(cls, directory: Path, dim: int) -> ExactStore:
+        return cls(directory, vectors.exact_index(dim))
+
+    @classmethod
+    def open(cls, directory: Path) -> ExactStore:
+        return cls(directory, vectors.load_index(directory / EXACT_FILE))
+
+    @property
+    def index_type(self) -> IndexType:
+        return "exact"
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def trained(self) -> bool:
+        return True
+
+    def train(self, sample: FloatArray) -> None:
+        """Nothing to learn for a flat index."""
+
+    def add(self, vectors_: npt.ArrayLike, ids: IdArray) -> None:
+        vectors.add_vectors(self.index, normalise(vectors_), ids)
+
+    def remove(self, ids: IdArray) -> int:
+        return vectors.remove_ids(self.index, ids)
+
+    def discard_ids_above(self, last_id: int) -> int:
+        """Drop every vector whose id is ``> last_id`` (undo work whose metadata rolled back)."""
+        return int(self.index.remove_ids(faiss.IDSelectorRange(last_id + 1, 2**63 - 1)))
+
+    def search(self, queries: npt.ArrayLike, k: int) -> tuple[FloatArray, IdArray]:
+        return vectors.search(self.index, normalise(queries), k)
+
+    def save(self) -> None:
+        _write_faiss(self.index, self.directory / EXACT_FILE)
+
+    def bytes_per_vector(self) -> float:
+        # The flat codes plus the id array; IndexIDMap2's reverse hash map adds more on top.
+        return float(4 * self.dim + 8)
+
+    def iter_vectors(self, batch: int = 65_536) -> Iterator[tuple[FloatArray, IdArray]]:
+        """Every stored (vector, id) pair in batches: for conversion to a compressed store."""
+        flat = faiss.downcast_index(self.index.index)
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        for start in range(0, self.count, batch):
+            stop = min(start + batch, self.count)
+            yield flat.reconstruct_n(start, stop - start).astype(np.float32), ids[start:stop]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed
+
+
+@dataclass(frozen=True)
+class CompressedParams:
+    """How a compressed index is laid out and searched; saved as JSON next to it."""
+
+    dim: int
+    nlist: int
+    pq_m: int
+    nprobe: int = 16
+    shortlist: int = DEFAULT_SHORTLIST
+    vector_dtype: str = "float16"
+    count: int = 0
+
+    @classmethod
+    def for_corpus(cls, dim: int, expected_count: int) -> CompressedParams:
+        """``nlist`` ~ 2 sqrt(n) (bounded by what the training sample can support) and the
+        largest 4-bit PQ that divides ``dim`` within the code budget.
+
+        Fewer, longer lists than the usual 4 sqrt(n): fast-scan makes scanning codes cheap, while
+        every list costs a centroid (4 * dim bytes) and up to 31 padding codes in RAM."""
+        sample = min(max(expected_count, 1), MAX_TRAINING_VECTORS)
+        by_size = 2 ** round(math.log2(max(2.0 * math.sqrt(max(expected_count, 1)), 1.0)))
+        nlist = int(max(1, min(by_size, sample // MIN_POINTS_PER_LIST, 65_536)))
+        return cls(dim=dim, nlist=nlist, pq_m=_pq_m(dim), nprobe=min(16, nlist))
+
+    @property
+    def factory(self) -> str:
+        return f"IVF{self.nlist},PQ{self.pq_m}x4fsr"
+
+    @classmethod
+    def read(cls, path: Path) -> CompressedParams:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise SuwenError(f"{path}: unreadable compressed-index parameters ({exc})") from exc
+
+    def write(self, path: Path) -> None:
+        _atomic_write_text(path, json.dumps(asdict(self), indent=2))
+
+
+def _pq_m(dim: int) -> int:
+    """Sub-quantisers for a 4-bit PQ of about CODE_BYTES bytes: an even divisor of ``dim``."""
+    best = 0
+    for m in range(2, min(2 * CODE_BYTES, dim) + 1, 2):
+        if dim % m == 0:
+            best = m
+    if best == 0:
+        raise InputError(f"vector dimension {dim}: no even PQ split exists; use index_type exact")
+    return best
+
+
+class CompressedStore:
+    """IVF + 4-bit PQ (fast-scan) shortlist, exact re-scoring from memory-mapped vectors."""
+
+    def __init__(
+        self, directory: Path, params: CompressedParams, index: faiss.Index, *, writable: bool
+    ) -> None:
+        self.directory = directory
+        self.params = params
+        self.dim = params.dim
+        self.index = index
+        self.writable = writable
+        self._full = AppendableArray(directory / FULL_VECTORS_FILE, params.vector_dtype, params.dim)
+        self._row_ids = AppendableArray(directory / ROW_IDS_FILE, "int64", None)
+        if writable:
+            # A write interrupted after the last save left rows the index never saw: drop them.
+            self._full.truncate(params.count)
+            self._row_ids.truncate(params.count)
+        self._rows = params.count
+        self._full_view: npt.NDArray[Any] | None = None
+        self._ids_view: npt.NDArray[np.int64] | None = None
+        self._ivf().nprobe = params.nprobe
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, params: CompressedParams) -> CompressedStore:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in (FULL_VECTORS_FILE, ROW_IDS_FILE, COMPRESSED_FILE, PARAMS_FILE):
+            (directory / name).unlink(missing_ok=True)
+        index = faiss.index_factory(params.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+        return cls(directory, replace(params, count=0), index, writable=True)
+
+    @classmethod
+    def open(cls, directory: Path, *, writable: bool = False) -> CompressedStore:
+        params = CompressedParams.read(directory / PARAMS_FILE)
+        index = vectors.load_index(directory / COMPRESSED_FILE)
+        if index.d != params.dim or index.ntotal > params.count:
+            raise SuwenError(
+                f"{directory}: compressed index ({index.d}-d, {index.ntotal} vectors) does not "
+                f"match its parameters ({params.dim}-d, {params.count} rows)"
+            )
+        return cls(directory, params, index, writable=writable)
+
+    @property
+    def index_type(self) -> IndexType:
+        return "compressed"
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def rows(self) -> int:
+        """Rows on disk, removed ones included."""
+        return self._rows
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def _ivf(self) -> faiss.IndexIVF:
+        return faiss.extract_index_ivf(self.index)
+
+    # -- building ------------------------------------------------------------------------------
+
+    def train(self, sample: FloatArray) -> None:
+        """Learn the coarse centroids and PQ codebooks from ``sample`` (on a GPU if present)."""
+        sample = normalise(sample)
+        if len(sample) < self.params.nlist:
+            raise InputError(
+                f"{len(sample)} training vectors for {self.params.nlist} lists; "
+                "use index_type exact for a corpus this small"
+            )
+        with _gpu_clustering(self._ivf()), faiss_threads(1):
+            self.index.train(sample)
+
+    def add(self, vectors_: npt.ArrayLike, ids: IdArray) -> None:
+        """Append vectors (full precision to disk, codes to the index) under caller ``ids``."""
+        self._require_writable()
+        if not self.trained:
+            raise SuwenError(f"{self.directory}: compressed index added to before training")
+        matrix = normalise(vectors_)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(matrix) != len(ids):
+            raise ValueError(f"{len(matrix)} vectors but {len(ids)} ids")
+        if not len(ids):
+            return
+        if matrix.shape[1] != self.dim:
+            raise IndexMismatchError(
+                f"{self.directory}: adding {matrix.shape[1]}-d vectors to a {self.dim}-d index"
+            )
+        rows = np.arange(self._rows, self._rows + len(ids), dtype=np.int64)
+        self._full.append(matrix.astype(self.params.vector_dtype))
+        self._row_ids.append(ids)
+        with _gpu_assignment(self._ivf()):
+            self.index.add_with_ids(matrix, rows)
+        self._rows += len(ids)
+        self._drop_views()
+
+    def remove(self, ids: IdArray) -> int:
+        """Remove the vectors of ``ids`` from the index (their rows stay on disk, unused)."""
+        self._require_writable()
+        wanted = np.ascontiguousarray(ids, dtype=np.int64)
+        if not len(wanted) or not self._rows:
+            return 0
+        rows = np.flatnonzero(np.isin(self.row_ids(), wanted)).astype(np.int64)
+        if not len(rows):
+            return 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(rows)))
+
+    def discard_ids_above(self, last_id: int) -> int:
+        """Drop every vector added under an id ``> last_id`` (ids only grow, so they are the
+        newest rows): undoes work whose metadata was rolled back. Returns the rows dropped."""
+        self._require_writable()
+        row_ids = self.row_ids()
+        cut = int(np.searchsorted(row_ids, last_id, side="right"))
+        if cut < self._rows and np.any(row_ids[cut:] <= last_id):
+            raise SuwenError(f"{self.directory}: row ids are not increasing; cannot roll back")
+        dropped = self._rows - cut
+        if dropped:
+            self.truncate(cut)
+        return dropped
+
+    def save(self) -> None:
+        """Make the disk state match memory: vectors and ids flushed, index and parameters
+        written by rename (parameters last: they say how many rows are valid)."""
+        self._require_writable()
+        self._full.sync()
+        self._row_ids.sync()
+        _write_faiss(self.index, self.directory / COMPRESSED_FILE)
+        self.params = replace(self.params, count=self._rows)
+        self.params.write(self.directory / PARAMS_FILE)
+
+    def truncate(self, rows: int) -> None:
+        """Forget rows ``>= rows`` (resume after an interruption); they must not be indexed."""
+        self._require_writable()
+        if rows > self._rows:
+            raise SuwenError(f"{self.directory}: cannot truncate {self._rows} rows to {rows}")
+        if rows < self._rows:
+            self.index.remove_ids(faiss.IDSelectorRange(rows, self._rows))
+        self._full.truncate(rows)
+        self._row_ids.truncate(rows)
+        self._rows = rows
+        self._drop_views()
+
+    def set_search(self, *, nprobe: int | None = None, shortlist: int | None = None) -> None:
+        self.params = replace(
+            self.params,
+            nprobe=nprobe if nprobe is not None else self.params.nprobe,
+            shortlist=shortlist if shortlist is not None else self.params.shortlist,
+        )
+        self._ivf().nprobe = min(self.params.nprobe, self.params.nlist)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def full_vectors(self) -> npt.NDArray[Any]:
+        """The memory-mapped full-precision vectors (rows in insertion order)."""
+        if self._full_view is None:
+            self._full_view = self._full.view(self._rows)
+        return self._full_view
+
+    def row_ids(self) -> npt.NDArray[np.int64]:
+        if self._ids_view is None:
+            self._ids_view = self._row_ids.view(self._rows)
+        return self._ids_view
+
+    def live_rows(self) -> npt.NDArray[np.bool_]:
+        """A mask over rows: True where the row's vector is in the index (not removed)."""
+        mask = np.zeros(self._rows, dtype=bool)
+        invlists = self._ivf().invlists
+        if invlists is None:
+            return mask
+        for list_no in range(invlists.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                rows = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+                mask[np.asarray(rows, dtype=np.int64)] = True
+        return mask
+
+    def search(self, queries: npt.ArrayLike, k: int) -> tuple[FloatArray, IdArray]:
+        """Top-``k`` (scores, ids) per query: a PQ shortlist re-scored exactly."""
+        scores, rows = self.search_rows(queries, k)
+        ids = np.full(rows.shape, -1, dtype=np.int64)
+        found = rows >= 0
+        ids[found] = self.row_ids()[rows[found]]
+        return scores, ids
+
+    def search_rows(self, queries: npt.ArrayLike, k: int) -> tuple[FloatArray, IdArray]:
+        """Like ``search`` but returning row numbers of ``full_vectors.npy``."""
+        matrix = normalise(queries)
+        k = max(1, k)
+        shortlist = max(self.params.shortlist, 2 * k)
+        _, candidates = self.index.search(matrix, min(shortlist, max(self.count, 1)))
+        out_scores = np.full((len(matrix), k), -np.inf, dtype=np.float32)
+        out_rows = np.full((len(matrix), k), -1, dtype=np.int64)
+        full = self.full_vectors()
+        for qi, query in enumerate(matrix):
+            rows = np.unique(candidates[qi][candidates[qi] >= 0])  # sorted: sequential reads
+            if not len(rows):
+                continue
+            exact = np.asarray(full[rows], dtype=np.float32) @ query
+            order = np.argsort(-exact, kind="stable")[:k]
+            out_scores[qi, : len(order)] = exact[order]
+            out_rows[qi, : len(order)] = rows[order]
+        return out_scores, out_rows
+
+    def bytes_per_vector(self) -> float:
+        """RAM of the index (codes, ids, centroids) per live vector: the saved file's size."""
+        path = self.directory / COMPRESSED_FILE
+        size = path.stat().st_size if path.is_file() else len(faiss.serialize_index(self.index))
+        return size / max(self.count, 1)
+
+    def disk_bytes_per_vector(self) -> float:
+        """Disk (not RAM) for the memory-mapped re-scoring vectors and row ids."""
+        return float(np.dtype(self.params.vector_dtype).itemsize * self.dim + 8)
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise SuwenError(f"{self.directory}: compressed index opened read-only")
+
+    def _drop_views(self) -> None:
+        self._full_view = None
+        self._ids_view = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training samples, calibration and recall
+
+
+def held_out(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Rows reserved as recall queries: never part of a training sample."""
+    return np.asarray(rows % HELD_OUT_STRIDE == 0)
+
+
+def training_rows(total: int, size: int, seed: int = 0) -> npt.NDArray[np.int64]:
+    """A sorted random sample of at most ``size`` row numbers in ``[0, total)``, held-out rows
+    excluded."""
+    rng = np.random.default_rng(seed)
+    want = min(size, total)
+    picked = np.unique(rng.choice(total, size=min(total, want + want // 50 + 8), replace=False))
+    return picked[~held_out(picked)][:want].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RecallReport:
+    recall_at_10: float
+    queries: int
+    nprobe: int
+    shortlist: int
+    calibration: dict[str, float]
+
+
+def calibrate_and_measure(
+    store: CompressedStore,
+    *,
+    candidate_rows: npt.NDArray[np.int64] | None = None,
+    target: float = TARGET_RECALL,
+    queries: int = RECALL_QUERIES,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> RecallReport:
+    """Pick the smallest nprobe whose recall@10 on calibration queries reaches ``target``, then
+    measure recall@10 against exact search on a second, disjoint set of held-out queries.
+
+    Queries are stored vectors from held-out rows (never trained on: ``held_out`` rows, or the
+    caller's ``candidate_rows``); each query's own row is excluded from both the exact and the
+    compressed top-10 (leave-one-out).
+    """
+    live_mask = store.live_rows()
+    live = np.flatnonzero(live_mask)
+    if candidate_rows is None:
+        candidate_rows = live[held_out(live)]
+    candidates = candidate_rows[live_mask[candidate_rows]]
+    if len(candidates) < 4:
+        candidates = live
+    rng = np.random.default_rng(seed)
+    picked = rng.permutation(candidates)[: 2 * queries]
+    calibration, evaluation = np.sort(picked[0::2]), np.sort(picked[1::2])
+    if progress:
+        progress(f"exact ground truth for {len(picked)} held-out queries")
+    truth = exact_top_rows(store, np.concatenate([calibration, evaluation]), 10, live_mask)
+    truth_cal, truth_eval = truth[: len(calibration)], truth[len(calibration) :]
+    ladder = [p for p in NPROBE_LADDER if p <= store.params.nlist] or [store.params.nlist]
+    if store.params.nlist not in ladder:
+        ladder.append(store.params.nlist)
+    curve: dict[str, float] = {}
+    chosen = ladder[-1]
+    for nprobe in ladder:
+        store.set_search(nprobe=nprobe)
+        curve[str(nprobe)] = _recall(store, calibration, truth_cal)
+        if progress:
+            progress(f"nprobe {nprobe}: recall@10 {curve[str(nprobe)]:.3f}")
+        if curve[str(nprobe)] >= target:
+            chosen = nprobe
+            break
+    store.set_search(nprobe=chosen)
+    measured = _recall(store, evaluation, truth_eval)
+    return RecallReport(measured, len(evaluation), chosen, store.params.shortlist, curve)
+
+
+def exact_top_rows(
+    store: CompressedStore,
+    query_rows: npt.NDArray[np.int64],
+    k: int,
+    live_mask: npt.NDArray[np.bool_],
+    block: int = 131_072,
+) -> npt.NDArray[np.int64]:
+    """Exact top-``k`` rows for stored query rows by brute force over the full vectors,
+    the query's own row and removed rows excluded (one streaming pass, bounded memory)."""
+    full = store.full_vectors()
+    queries = np.asarray(full[query_rows], dtype=np.float32)
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(full), block):
+        stop = min(start + block, len(full))
+        scores = queries @ np.asarray(full[start:stop], dtype=np.float32).T
+        scores[:, ~live_mask[start:stop]] = -np.inf
+        own = (query_rows >= start) & (query_rows < stop)
+        scores[np.flatnonzero(own), query_rows[own] - start] = -np.inf
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_rows = np.concatenate(
+            [best_rows, np.broadcast_to(np.arange(start, stop), scores.shape)], axis=1
+        )
+        top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
+        best_scores = np.take_along_axis(merged_scores, top, axis=1)
+        best_rows = np.take_along_axis(merged_rows, top, axis=1)
+    return best_rows
+
+
+def _recall(
+    store: CompressedStore, query_rows: npt.NDArray[np.int64], truth: npt.NDArray[np.int64]
+) -> float:
+    queries = np.asarray(store.full_vectors()[query_rows], dtype=np.float32)
+    _, found = store.search_rows(queries, 11)
+    hits = 0
+    for qi, own in enumerate(query_rows):
+        top = [r for r in found[qi] if r != own and r >= 0][:10]
+        hits += len(set(top) & set(truth[qi].tolist()))
+    return hits / (10 * max(len(query_rows), 1))
+
+
+def compress_exact(
+    exact: ExactStore, directory: Path, *, progress: Callable[[str], None] | None = None
+) -> tuple[CompressedStore, RecallReport]:
+    """Build a compressed store in ``directory`` from every vector of an exact one: train on a
+    sample (held-out rows excluded), add all, calibrate nprobe and measure recall."""
+    params = CompressedParams.for_corpus(exact.dim, exact.count)
+    store = CompressedStore.create(directory, params)
+    flat = faiss.downcast_index(exact.index.index)
+    rows = training_rows(exact.count, MAX_TRAINING_VECTORS)
+    if progress:
+        progress(f"training on {len(rows)} of {exact.count} vectors")
+    store.train(np.stack([flat.reconstruct(int(r)) for r in rows]))
+    for matrix, ids in exact.iter_vectors():
+        store.add(matrix, ids)
+    report = calibrate_and_measure(store, progress=progress)
+    store.save()
+    return store, report
+
+
+@contextlib.contextmanager
+def faiss_threads(count: int) -> Iterator[None]:
+    """Run FAISS with ``count`` OpenMP threads inside the block.
+
+    PQ training runs thousands of tiny k-means whose OpenMP barriers spin: on a machine whose
+    cores are busy with other work, two threads measured 10-20x slower than one.
+    """
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU helpers (faiss-gpu builds only; the CPU path is the same code with a CPU quantiser)
+
+
+def _gpus() -> int:
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+@contextlib.contextmanager
+def _gpu_clustering(ivf: faiss.IndexIVF) -> Iterator[None]:
+    """Train the coarse quantiser's k-means on the GPU(s) when there are any."""
+    if _gpus() <= 0:
+        yield
+        return
+    ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    try:
+        yield
+    finally:
+        ivf.clustering_index = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _gpu_assignment(ivf: faiss.IndexIVF) -> Iterator[None]:
+    """Assign added vectors to lists with a GPU copy of the coarse quantiser; the lists and
+    codes stay on the CPU."""
+    if _gpus() <= 0:
+        yield
+        return
+    cpu_quantizer = ivf.quantizer
+    gpu_quantizer = faiss.index_cpu_to_all_gpus(cpu_quantizer)
+    owned = ivf.own_fields
+    ivf.own_fields = False
+    ivf.quantizer = gpu_quantizer
+    try:
+        yield
+    finally:
+        ivf.quantizer = cpu_quantizer
+        ivf.own_fields = owned
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+class AppendableArray:
+    """A ``.npy`` file that grows by appending rows, readable at any time with
+    ``np.load(path, mmap_mode='r', allow_pickle=False)``.
+
+    The header is written with a fixed size, so the shape can be rewritten in place after each
+    append; rows past the header's shape are ignored by readers.
+    """
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, dtype: str, dim: int | None) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.dim = dim
+        self.row_bytes = self.dtype.itemsize * (dim or 1)
+
+    def rows_on_disk(self) -> int:
+        if not self.path.is_file():
+            return 0
+        return max(0, (self.path.stat().st_size - self.HEADER_BYTES) // self.row_bytes)
+
+    def append(self, array: npt.NDArray[Any]) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        with self._open() as handle:
+            rows = self._header_rows(handle)
+            handle.seek(self.HEADER_BYTES + rows * self.row_bytes)
+            handle.write(array.tobytes())
+            handle.truncate()
+            self._write_header(handle, rows + len(array))
+
+    def truncate(self, rows: int) -> None:
+        with self._open() as handle:
+            handle.truncate(self.HEADER_BYTES + rows * self.row_bytes)
+            self._write_header(handle, rows)
+
+    def sync(self) -> None:
+        with self._open() as handle:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def view(self, rows: int) -> npt.NDArray[Any]:
+        """The first ``rows`` rows, memory-mapped read-only through ``np.load``."""
+        if rows == 0:
+            return np.zeros((0,) if self.dim is None else (0, self.dim), dtype=self.dtype)
+        array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        if array.dtype != self.dtype or len(array) < rows:
+            raise SuwenError(f"{self.path}: holds {len(array)} rows of {array.dtype}, need {rows}")
+        view: npt.NDArray[Any] = array[:rows]
+        return view
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[Any]:
+        if not self.path.exists():
+            with self.path.open("wb") as handle:
+                self._write_header(handle, 0)
+        with self.path.open("r+b") as handle:
+            yield handle
+
+    def _header_rows(self, handle: Any) -> int:
+        handle.seek(0)
+        np.lib.format.read_magic(handle)  # type: ignore[no-untyped-call]
+        shape, _, _ = np.lib.format.read_array_header_1_0(handle)  # type: ignore[no-untyped-call]
+        return int(shape[0])
+
+    def _write_header(self, handle: Any, rows: int) -> None:
+        shape: tuple[int, ...] = (rows,) if self.dim is None else (rows, self.dim)
+        text = repr(
+            {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),  # type: ignore[no-untyped-call]
+                "fortran_order": False,
+                "shape": shape,
+            }
+        )
+        body = text.ljust(self.HEADER_BYTES - 10 - 1) + "\n"
+        handle.seek(0)
+        handle.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1"))
+
+
+def _write_faiss(index: faiss.Index, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)

@@ -1,0 +1,171 @@
+"""Text encoders: a sentence-transformers model from a hub id or a local directory.
+
+A model that ships a sentence-transformers configuration (``modules.json``) is loaded exactly as
+its authors set it up (e.g. all-MiniLM-L6-v2: mean pooling, normalised). A plain Hugging Face
+encoder without one -- MedCPT's article and query encoders are published that way, and were
+trained to use the [CLS] vector -- gets a Transformer + Pooling stack built here with the pooling
+``text_pooling`` names ("auto" = CLS). Asymmetric models (MedCPT) load two encoders, one for
+articles and one for queries; a symmetric model is loaded once and used for both.
+
+Encoders are cached per process (loading takes seconds) and guard their model with a lock: Hugging
+Face fast tokenizers raise "Already borrowed" when two threads use one at the same time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from suwen.config import Settings
+from suwen.errors import ModelError
+from suwen.indexes.vectors import FloatArray, normalise
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+Pooling = Literal["auto", "cls", "mean"]
+EncodeProgress = Callable[[int, int], None]  # (texts done, texts total)
+
+# Tokenizers report a huge sentinel when a model sets no limit; BERT-style encoders take 512.
+_FALLBACK_MAX_TOKENS = 512
+
+_cache: dict[tuple[str, str, str], TextEncoder] = {}
+_cache_lock = threading.Lock()
+
+
+class TextEncoder:
+    """One loaded encoder: text in, L2-normalised float32 vectors out."""
+
+    def __init__(self, model: SentenceTransformer, name: str, pooling: str) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self.name = name
+        self.pooling = pooling
+        # Renamed get_embedding_dimension in sentence-transformers 6; older releases lack it.
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        dim = get_dim() if get_dim else model.get_sentence_embedding_dimension()
+        if not dim:
+            raise ModelError(f"text encoder {name!r}: cannot tell its embedding dimension")
+        self.dim: int = int(dim)
+        self.max_tokens: int = _max_tokens(model)
+        model.max_seq_length = self.max_tokens
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the encoder would see for ``text``, special tokens included."""
+        with self._lock:
+            ids = self._model.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+        return len(ids)
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 32,
+        progress: EncodeProgress | None = None,
+    ) -> FloatArray:
+        """Vectors for ``texts`` (one row each, in order), reporting progress per batch."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        # Similar lengths in a batch waste less time on padding; results go back in input order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            out[batch] = self._encode_batch([texts[i] for i in batch], batch_size)
+            if progress is not None:
+                progress(min(start + batch_size, len(texts)), len(texts))
+        return normalise(out)
+
+    def _encode_batch(self, texts: list[str], batch_size: int) -> FloatArray:
+        with self._lock:
+            vectors = self._model.encode(
+                texts,
+                batch_size=batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def _max_tokens(model: SentenceTransformer) -> int:
+    limit = model.max_seq_length or _FALLBACK_MAX_TOKENS
+    config = getattr(model[0], "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limit = min(limit, positions)
+    return int(limit) if limit < 100_000 else _FALLBACK_MAX_TOKENS
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _has_sentence_transformers_config(model: str) -> bool:
+    if Path(model).expanduser().is_dir():
+        return (Path(model).expanduser() / "modules.json").is_file()
+    from sentence_transformers.util import is_sentence_transformer_model
+
+    return is_sentence_transformer_model(model)
+
+
+def _build_model(model: str, pooling: Pooling, device: str) -> tuple[SentenceTransformer, str]:
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:  # sentence-transformers < 6 keeps them in `models`
+        from sentence_transformers import models as modules  # type: ignore[no-redef,attr-defined]
+
+    source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+    if _has_sentence_transformers_config(source):
+        return SentenceTransformer(source, device=device), "model's own"
+    mode = "cls" if pooling == "auto" else pooling
+    transformer = modules.Transformer(source)
+    pool = modules.Pooling(transformer.get_embedding_dimension(), mode)
+    return SentenceTransformer(modules=[transformer, pool], device=device), mode
+
+
+def load_text_encoder(
+    model: str, *, pooling: Pooling = "auto", device: str = "auto"
+) -> TextEncoder:
+    """The encoder for ``model`` (hub id or local directory), loaded once per process."""
+    device = resolve_device(device)
+    key = (model, pooling, device)
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        try:
+            st_model, used_pooling = _build_model(model, pooling, device)
+        except ModelError:
+            raise
+        except Exception as exc:  # hub, file and config errors come in many types
+            raise ModelError(
+                f"text encoder {model!r} could not be loaded ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+                "set SUWEN_TEXT_ENCODER to a local model directory"
+            ) from exc
+        encoder = TextEncoder(st_model, model, used_pooling)
+        _cache[key] = encoder
+        return encoder
+
+
+def article_encoder(settings: Settings) -> TextEncoder:
+    return load_text_encoder(
+        settings.text_encoder, pooling=settings.text_pooling, device=settings.device
+    )
+
+
+def query_encoder(settings: Settings) -> TextEncoder:
+    """The query-side encoder: the article encoder itself for symmetric models."""
+    return load_text_encoder(
+        settings.query_encoder, pooling=settings.text_pooling, device=settings.device
+    )

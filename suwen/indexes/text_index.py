@@ -1,0 +1,534 @@
+"""Build and update a PubMed text index: SQLite (documents, chunks, sources, FTS5) + FAISS.
+
+One version directory holds ``text.sqlite`` and ``vectors.faiss``; the FAISS id of a vector is
+the ``chunks.id`` of its row (also the FTS5 rowid), so any hit maps straight back to its text,
+article and source file. Chunk ids come from ``AUTOINCREMENT`` and are never reused, so a removed
+vector can never be confused with a newer row.
+
+Every build works on a copy of the live version (``store.new_version(copy_current=True)``) and
+publishes it with an atomic rename: Ctrl-C or a crash leaves the previous version live. Long
+ingests publish a checkpoint at source-file boundaries, and re-running the same command skips
+articles whose content is unchanged, so an interrupted ingest resumes where it stopped.
+
+Re-ingesting a PMID replaces its chunks and vectors; it never duplicates them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from suwen.config import Settings
+from suwen.errors import IndexMismatchError, InputError, SuwenError
+from suwen.indexes import store, vectors
+from suwen.indexes.chunking import chunk_document
+from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
+from suwen.indexes.text_sources import (
+    Deletion,
+    SkippedRecord,
+    SourceFormat,
+    detect_format,
+    expand_sources,
+    read_source,
+)
+from suwen.types import Chunk, Document
+
+TEXT_DB = "text.sqlite"
+VECTORS_FILE = "vectors.faiss"
+SCHEMA_VERSION = 1
+# Part of every document's content hash: a change to chunking re-encodes on the next ingest.
+CHUNKER_VERSION = 1
+FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    format TEXT NOT NULL,
+    size INTEGER,
+    ingested TEXT NOT NULL,
+    documents INTEGER NOT NULL DEFAULT 0,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS documents (
+    pmid TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    year INTEGER,
+    journal TEXT,
+    mesh TEXT NOT NULL,
+    source_id INTEGER REFERENCES sources(id),
+    content_sha256 TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pmid TEXT NOT NULL REFERENCES documents(pmid),
+    chunk_no INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    page INTEGER,
+    UNIQUE (pmid, chunk_no)
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    title, text, tokenize = '{FTS_TOKENIZER}'
+);
+"""
+
+# Documents per encoding batch: large enough to keep the encoder busy, small enough that
+# progress moves and memory stays flat.
+DOCS_PER_FLUSH = 128
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """A snapshot of a running ingest, sent to the progress callback."""
+
+    files_done: int
+    files_total: int
+    current: str
+    documents: int
+    chunks_encoded: int
+    chunks_total: int
+
+
+ProgressCallback = Callable[[IngestProgress], None]
+
+
+class SourceReport(BaseModel):
+    path: str
+    format: str | None = None
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    error: str | None = Field(None, description="Why the file stopped being read, if it did")
+
+    @property
+    def documents(self) -> int:
+        return self.added + self.updated + self.unchanged
+
+
+class IngestReport(BaseModel):
+    index: str
+    sources: list[SourceReport] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list, description="One line per problem")
+    documents: int = Field(0, description="Documents in the index afterwards")
+    chunks: int = Field(0, description="Chunks (= vectors) in the index afterwards")
+
+    def total(self, field: str) -> int:
+        return sum(int(getattr(report, field)) for report in self.sources)
+
+    @property
+    def files_failed(self) -> int:
+        return sum(1 for report in self.sources if report.error and not report.documents)
+
+    @property
+    def ingested_anything(self) -> bool:
+        return any(report.documents or report.deleted for report in self.sources)
+
+
+def embedding_text(title: str, text: str) -> str:
+    """What the encoder sees for a chunk: the article title gives every chunk its context."""
+    return f"{title}\n{text}" if title and text else title or text
+
+
+def content_sha256(doc: Document) -> str:
+    payload = doc.model_dump(include={"title", "text", "year", "journal", "mesh", "pages"})
+    payload["chunker"] = CHUNKER_VERSION
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class TextIndexWriter:
+    """Adds, replaces and deletes documents in one (staging) version directory."""
+
+    def __init__(self, directory: Path, encoder: TextEncoder, *, batch_size: int) -> None:
+        self.directory = directory
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.db = connect(directory / TEXT_DB)
+        self.db.executescript(SCHEMA)
+        self.db.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        vector_path = directory / VECTORS_FILE
+        if vector_path.is_file():
+            self.index = vectors.load_index(vector_path)
+        else:
+            self.index = vectors.exact_index(encoder.dim)
+        if self.index.d != encoder.dim:
+            raise IndexMismatchError(
+                f"{directory}: stored vectors have {self.index.d} dimensions, "
+                f"encoder {encoder.name!r} makes {encoder.dim}"
+            )
+        self._queue: dict[str, tuple[Document, int, SourceReport]] = {}
+        self.chunks_encoded = 0
+        self.chunks_queued = 0
+        self.on_encode: Callable[[], None] | None = None
+
+    # -- sources ---------------------------------------------------------------------------
+
+    def source_id(self, path: Path, fmt: str) -> int:
+        size = path.stat().st_size if path.is_file() else None
+        self.db.execute(
+            "INSERT INTO sources (path, format, size, ingested) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET format = excluded.format, size = excluded.size, "
+            "ingested = excluded.ingested, error = NULL",
+            (str(path), fmt, size, _now()),
+        )
+        row = self.db.execute("SELECT id FROM sources WHERE path = ?", (str(path),)).fetchone()
+        return int(row["id"])
+
+    def finish_source(self, source_id: int, report: SourceReport) -> None:
+        self.flush()
+        self.db.execute(
+            "UPDATE sources SET documents = ?, skipped = ?, error = ? WHERE id = ?",
+            (report.documents, report.skipped, report.error, source_id),
+        )
+
+    # -- documents -------------------------------------------------------------------------
+
+    def add(self, doc: Document, source_id: int, report: SourceReport) -> None:
+        """Queue a document; unchanged ones are counted and skipped without re-encoding."""
+        row = self.db.execute(
+            "SELECT content_sha256 FROM documents WHERE pmid = ?", (doc.pmid,)
+        ).fetchone()
+        if doc.pmid not in self._queue and row and row["content_sha256"] == content_sha256(doc):
+            report.unchanged += 1
+            return
+        if doc.pmid in self._queue or row:
+            report.updated += 1
+        else:
+            report.added += 1
+        # A PMID seen twice before a flush: the later record wins, once.
+        self._queue[doc.pmid] = (doc, source_id, report)
+        if len(self._queue) >= DOCS_PER_FLUSH:
+            self.flush()
+
+    def delete(self, pmid: str) -> bool:
+        """Drop a document (queued or stored); True if there was one."""
+        queued = self._queue.pop(pmid, None) is not None
+        return self._remove_stored(pmid) or queued
+
+    def flush(self) -> None:
+        """Chunk and encode the queued documents, then write them."""
+        if not self._queue:
+            return
+        queue, self._queue = list(self._queue.values()), {}
+        count, limit = self.encoder.count_tokens, self.encoder.max_tokens
+        chunked = [
+            (doc, source_id, chunk_document(doc, count, limit)) for doc, source_id, _ in queue
+        ]
+        texts = [embedding_text(doc.title, c.text) for doc, _, chunks in chunked for c in chunks]
+        self.chunks_queued += len(texts)
+        done_before = self.chunks_encoded
+
+        def encoded(done: int, _total: int) -> None:
+            self.chunks_encoded = done_before + done
+            if self.on_encode:
+                self.on_encode()
+
+        matrix = self.encoder.encode(texts, batch_size=self.batch_size, progress=encoded)
+        row = 0
+        for doc, source_id, chunks in chunked:
+            self._remove_stored(doc.pmid)
+            ids = self._insert(doc, source_id, chunks)
+            vectors.add_vectors(self.index, matrix[row : row + len(chunks)], ids)
+            row += len(chunks)
+        self.db.commit()
+
+    def _remove_stored(self, pmid: str) -> bool:
+        ids = [r["id"] for r in self.db.execute("SELECT id FROM chunks WHERE pmid = ?", (pmid,))]
+        if ids:
+            self.db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
+            self.db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
+            vectors.remove_ids(self.index, np.asarray(ids, dtype=np.int64))
+        cursor = self.db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
+        return bool(cursor.rowcount)
+
+    def _insert(self, doc: Document, source_id: int, chunks: Sequence[Chunk]) -> vectors.IdArray:
+        self.db.execute(
+            "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                doc.pmid,
+                doc.title,
+                doc.year,
+                doc.journal,
+                json.dumps(doc.mesh),
+                source_id,
+                content_sha256(doc),
+                _now(),
+            ),
+        )
+        ids = []
+        for number, chunk in enumerate(chunks):
+            cursor = self.db.execute(
+                "INSERT INTO chunks (pmid, chunk_no, text, page) VALUES (?, ?, ?, ?)",
+                (doc.pmid, number, chunk.text, chunk.page),
+            )
+            chunk_id = int(cursor.lastrowid or 0)
+            self.db.execute(
+                "INSERT INTO chunks_fts (rowid, title, text) VALUES (?, ?, ?)",
+                (chunk_id, doc.title, chunk.text),
+            )
+            ids.append(chunk_id)
+        return np.asarray(ids, dtype=np.int64)
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        documents = self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
+        chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return int(documents), int(chunks)
+
+    def save(self, manifest: store.IndexManifest) -> None:
+        """Write vectors, optimise FTS, close SQLite and write the manifest (last: the store
+        publishes only a version that has one)."""
+        self.flush()
+        documents, chunks = self.counts()
+        if self.index.ntotal != chunks:
+            raise SuwenError(
+                f"index {manifest.name!r}: {self.index.ntotal} vectors for {chunks} chunks; "
+                "refusing to publish an inconsistent index"
+            )
+        sources = [r["path"] for r in self.db.execute("SELECT path FROM sources ORDER BY id")]
+        self.db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
+        self.db.commit()
+        self.db.close()
+        vectors.save_index(self.index, self.directory / VECTORS_FILE)
+        manifest.count = chunks
+        manifest.sources = sources
+        manifest.bytes_per_vector = float(4 * self.encoder.dim)
+        manifest.extra.update(documents=documents, chunks=chunks)
+        store.write_manifest(self.directory, manifest)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.ProgrammingError):
+            self.db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+
+
+def check_compatible(manifest: store.IndexManifest, settings: Settings) -> None:
+    """Refuse to mix vectors of different encoders in one index."""
+    if manifest.kind != "text":
+        raise IndexMismatchError(f"index {manifest.name!r} is an {manifest.kind} index, not text")
+    if (
+        manifest.encoder != settings.text_encoder
+        or (manifest.query_encoder or manifest.encoder) != settings.query_encoder
+    ):
+        raise IndexMismatchError(
+            f"index {manifest.name!r} was built with text encoder {manifest.encoder!r} "
+            f"(queries: {manifest.query_encoder or manifest.encoder!r}) but the configured one is "
+            f"{settings.text_encoder!r} (queries: {settings.query_encoder!r}); set "
+            f"SUWEN_TEXT_ENCODER={manifest.encoder} or build a new index with another --name"
+        )
+
+
+@contextlib.contextmanager
+def build_lock(indexes_dir: Path, name: str) -> Iterator[None]:
+    """One writer per index: a second build would publish over the first one's work."""
+    root = store.index_root(indexes_dir, name)
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".build.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise InputError(f"index {name!r} is being built by another process") from exc
+        yield
+
+
+class _NothingChangedError(Exception):
+    """Raised inside a staging block to discard it: publishing would change nothing."""
+
+
+def build_text_index(
+    settings: Settings,
+    name: str,
+    paths: Sequence[Path],
+    *,
+    fmt: SourceFormat | None = None,
+    progress: ProgressCallback | None = None,
+    checkpoint_seconds: float = 600.0,
+) -> IngestReport:
+    """Create index ``name`` or add ``paths`` to it; returns what was ingested and skipped."""
+    store.check_name(name)
+    report = IngestReport(index=name)
+    files, missing = expand_sources(paths)
+    for path, message in missing:
+        report.errors.append(message)
+        report.sources.append(SourceReport(path=str(path), error=message))
+    if not files:
+        return report
+    with build_lock(settings.indexes_dir, name):
+        root = store.index_root(settings.indexes_dir, name)
+        live = store.current_version(root)
+        if live is not None:
+            check_compatible(store.read_manifest(live), settings)
+        encoder = article_encoder(settings)
+        query_dim = query_encoder(settings).dim
+        if query_dim != encoder.dim:
+            raise IndexMismatchError(
+                f"query encoder {settings.query_encoder!r} makes {query_dim}-d vectors, "
+                f"article encoder {settings.text_encoder!r} {encoder.dim}-d"
+            )
+        state = _BuildState(report, files, progress)
+        pending = list(files)
+        while pending:
+            _build_round(settings, name, encoder, pending, state, fmt, checkpoint_seconds)
+    return report
+
+
+@dataclass
+class _BuildState:
+    report: IngestReport
+    files: list[Path]
+    progress: ProgressCallback | None
+    files_done: int = 0
+    documents: int = 0
+    current: str = ""
+
+
+def _build_round(
+    settings: Settings,
+    name: str,
+    encoder: TextEncoder,
+    pending: list[Path],
+    state: _BuildState,
+    fmt: SourceFormat | None,
+    checkpoint_seconds: float,
+) -> None:
+    """Ingest files from ``pending`` into one new version until done or a checkpoint is due."""
+    started = time.monotonic()
+    changed = False
+    with (
+        contextlib.suppress(_NothingChangedError),
+        store.new_version(settings.indexes_dir, name, copy_current=True) as staging,
+    ):
+        writer = TextIndexWriter(staging, encoder, batch_size=settings.encode_batch_size)
+        try:
+            writer.on_encode = lambda: _notify(state, writer)
+            while pending and (time.monotonic() - started < checkpoint_seconds or not changed):
+                source = _ingest_file(writer, pending.pop(0), fmt, state)
+                changed |= bool(source.added or source.updated or source.deleted)
+            if not changed:
+                raise _NothingChangedError
+            writer.save(_manifest(settings, name, encoder))
+        finally:
+            writer.close()
+    _record_totals(settings, name, state.report)
+
+
+def _record_totals(settings: Settings, name: str, report: IngestReport) -> None:
+    version = store.current_version(store.index_root(settings.indexes_dir, name))
+    if version is not None:
+        manifest = store.read_manifest(version)
+        report.documents = int(manifest.extra.get("documents", 0))
+        report.chunks = manifest.count
+
+
+def _manifest(settings: Settings, name: str, encoder: TextEncoder) -> store.IndexManifest:
+    return store.IndexManifest(
+        name=name,
+        kind="text",
+        encoder=settings.text_encoder,
+        query_encoder=settings.query_encoder,
+        dim=encoder.dim,
+        index_type="exact",
+        extra={
+            "pooling": encoder.pooling,
+            "max_tokens": encoder.max_tokens,
+            "fts_tokenizer": FTS_TOKENIZER,
+            "schema_version": SCHEMA_VERSION,
+        },
+    )
+
+
+def _notify(state: _BuildState, writer: TextIndexWriter) -> None:
+    if state.progress is not None:
+        state.progress(
+            IngestProgress(
+                files_done=state.files_done,
+                files_total=len(state.files),
+                current=state.current,
+                documents=state.documents,
+                chunks_encoded=writer.chunks_encoded,
+                chunks_total=writer.chunks_queued,
+            )
+        )
+
+
+def _ingest_file(
+    writer: TextIndexWriter, path: Path, fmt: SourceFormat | None, state: _BuildState
+) -> SourceReport:
+    """Read one source into the writer; a file-level error ends this file only."""
+    source = SourceReport(path=str(path))
+    state.report.sources.append(source)
+    state.current = str(path)
+    _notify(state, writer)
+    try:
+        source.format = fmt or detect_format(path)
+        source_id = writer.source_id(path, source.format)
+        try:
+            for record in read_source(path, source.format):
+                _apply(writer, record, source_id, source, state)
+        except SuwenError as exc:
+            source.error = str(exc)
+        writer.finish_source(source_id, source)
+    except SuwenError as exc:
+        source.error = str(exc)
+    if source.error:
+        state.report.errors.append(source.error)
+    state.files_done += 1
+    _notify(state, writer)
+    return source
+
+
+def _apply(
+    writer: TextIndexWriter,
+    record: Document | Deletion | SkippedRecord,
+    source_id: int,
+    source: SourceReport,
+    state: _BuildState,
+) -> None:
+    if isinstance(record, SkippedRecord):
+        source.skipped += 1
+        state.report.errors.append(record.message)
+    elif isinstance(record, Deletion):
+        source.deleted += int(writer.delete(record.pmid))
+    elif not record.title.strip() and not record.text.strip():
+        source.skipped += 1
+        state.report.errors.append(f"{source.path}: PMID {record.pmid} has no title or text")
+    else:
+        writer.add(record, source_id, source)
+        state.documents += 1
+        if state.documents % 50 == 0:
+            _notify(state, writer)

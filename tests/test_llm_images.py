@@ -1,0 +1,94 @@
+"""Images become PNG data URLs on Qwen2.5-VL's 28-pixel grid, within its pixel limits; an
+unusable image is an InputError naming it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from suwen.errors import InputError
+from suwen.llm.images import FACTOR, fit_size, image_to_data_url, prepare_image
+
+MIN_PIXELS = 3136
+MAX_PIXELS = 1_003_520
+
+
+def decode(url: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
+
+
+@given(
+    height=st.integers(1, 6000),
+    width=st.integers(1, 6000),
+    # From 256 visual tokens up to Qwen's own maximum.
+    max_pixels=st.sampled_from([28 * 28 * 256, MAX_PIXELS, 12_845_056]),
+)
+def test_fit_size_is_on_the_grid_within_limits(height: int, width: int, max_pixels: int) -> None:
+    if max(height, width) / min(height, width) > 200:
+        with pytest.raises(ValueError, match="aspect ratio"):
+            fit_size(height, width, MIN_PIXELS, max_pixels)
+        return
+    new_h, new_w = fit_size(height, width, MIN_PIXELS, max_pixels)
+    assert new_h % FACTOR == 0 and new_w % FACTOR == 0
+    assert MIN_PIXELS <= new_h * new_w <= max_pixels
+    # Idempotent: what is sent is exactly what the server's processor keeps as it is.
+    assert fit_size(new_h, new_w, MIN_PIXELS, max_pixels) == (new_h, new_w)
+
+
+def test_matches_qwens_own_resize() -> None:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    for height, width in [(1384, 2321), (512, 512), (37, 4000), (20, 20), (4000, 3000)]:
+        expected = smart_resize(height, width, 28, MIN_PIXELS, MAX_PIXELS)
+        assert fit_size(height, width, MIN_PIXELS, MAX_PIXELS) == tuple(expected)
+
+
+def test_large_vqa_rad_scan_is_shrunk(shared_data: Path) -> None:
+    path = shared_data / "vqa_rad" / "images" / "synpic100132.jpg"
+    original = Image.open(path)
+    assert original.width * original.height > MAX_PIXELS
+    sent = decode(image_to_data_url(original, MIN_PIXELS, MAX_PIXELS))
+    assert sent.format == "PNG" and sent.mode == "RGB"
+    assert sent.width * sent.height <= MAX_PIXELS
+    assert (sent.height, sent.width) == fit_size(
+        original.height, original.width, MIN_PIXELS, MAX_PIXELS
+    )
+
+
+def test_small_greyscale_image_is_enlarged_and_made_rgb() -> None:
+    grey = Image.new("L", (30, 20), color=128)
+    sent = decode(image_to_data_url(grey, MIN_PIXELS, MAX_PIXELS))
+    assert sent.mode == "RGB"
+    assert sent.width * sent.height >= MIN_PIXELS
+    assert sent.getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_image_already_on_the_grid_is_sent_unchanged() -> None:
+    image = Image.effect_noise((280, 196), 40).convert("RGB")
+    sent = decode(image_to_data_url(image, MIN_PIXELS, MAX_PIXELS))
+    assert sent.size == image.size
+    assert sent.tobytes() == image.tobytes()  # lossless
+
+
+def test_truncated_file_is_an_input_error_naming_it(shared_data: Path, tmp_path: Path) -> None:
+    source = shared_data / "vqa_rad" / "images" / "synpic100132.jpg"
+    broken = tmp_path / "broken.jpg"
+    shutil.copy(source, broken)
+    broken.write_bytes(broken.read_bytes()[:2000])
+    image = Image.open(broken)  # PIL reads only the header here
+    with pytest.raises(InputError, match=r"broken\.jpg"):
+        prepare_image(image, MIN_PIXELS, MAX_PIXELS)
+
+
+def test_extreme_aspect_ratio_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="aspect ratio"):
+        prepare_image(Image.new("RGB", (5000, 10)), MIN_PIXELS, MAX_PIXELS)

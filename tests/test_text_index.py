@@ -1,0 +1,227 @@
+"""Building and updating a text index: SQLite + FTS5 + FAISS stay consistent, re-ingest updates
+in place, additions are incremental, and an interrupted build leaves the old version live."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from suwen.errors import IndexMismatchError
+from suwen.indexes import store, vectors
+from suwen.indexes.text_index import (
+    TEXT_DB,
+    VECTORS_FILE,
+    TextIndexWriter,
+    build_text_index,
+)
+from suwen.retrieval.text import TextSearcher
+from tests.fixtures_text import PUBMEDQA_DOCS, PUBTATOR_DOCS, TEXT_INDEX, text_settings_for
+
+ALL_DOCS = PUBMEDQA_DOCS + PUBTATOR_DOCS + 1
+
+
+def _live(home: Path) -> Path:
+    version = store.current_version(home / "indexes" / TEXT_INDEX)
+    assert version is not None
+    return version
+
+
+def _table_counts(version: Path) -> dict[str, int]:
+    db = sqlite3.connect(version / TEXT_DB)
+    try:
+        return {
+            table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("documents", "chunks", "chunks_fts", "sources")
+        }
+    finally:
+        db.close()
+
+
+def _assert_consistent(version: Path) -> dict[str, int]:
+    """Every chunk has exactly one FTS row and one vector, under the same id."""
+    counts = _table_counts(version)
+    index = vectors.load_index(version / VECTORS_FILE)
+    assert counts["chunks"] == counts["chunks_fts"] == index.ntotal
+    db = sqlite3.connect(version / TEXT_DB)
+    try:
+        chunk_ids = sorted(r[0] for r in db.execute("SELECT id FROM chunks"))
+        fts_ids = sorted(r[0] for r in db.execute("SELECT rowid FROM chunks_fts"))
+    finally:
+        db.close()
+    assert chunk_ids == fts_ids
+    stored = sorted(int(index.id_map.at(i)) for i in range(index.ntotal))
+    assert stored == chunk_ids
+    return counts
+
+
+def _jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_session_index_is_consistent_and_described(text_index_home: Path) -> None:
+    version = _live(text_index_home)
+    counts = _assert_consistent(version)
+    assert counts["documents"] == ALL_DOCS
+    assert counts["chunks"] > ALL_DOCS  # some abstracts exceed MiniLM's 256 tokens
+    assert counts["sources"] == 3
+    manifest = store.read_manifest(version)
+    assert manifest.kind == "text"
+    assert manifest.dim == 384
+    assert manifest.count == counts["chunks"]
+    assert manifest.encoder == manifest.query_encoder
+    assert manifest.extra["documents"] == ALL_DOCS
+    assert len(manifest.sources) == 3
+
+
+def test_reingest_same_pmid_updates_instead_of_duplicating(
+    text_home_copy: Path,
+    minilm_path: Path,
+    pubmedqa_subset: dict[str, dict[str, object]],
+    tmp_path: Path,
+) -> None:
+    settings = text_settings_for(text_home_copy, minilm_path)
+    pmid = sorted(pubmedqa_subset)[0]
+    before = _table_counts(_live(text_home_copy))
+    new_text = "Zebrafish xylophone quokka: a deliberately unique replacement abstract."
+    source = _jsonl(
+        tmp_path / "fix.jsonl", [{"pmid": pmid, "title": "Fixed", "abstract": new_text}]
+    )
+
+    report = build_text_index(settings, TEXT_INDEX, [source])
+
+    assert report.sources[0].updated == 1 and report.sources[0].added == 0
+    after = _assert_consistent(_live(text_home_copy))
+    assert after["documents"] == before["documents"]
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+        for method in ("bm25", "dense", "hybrid"):
+            hits = searcher.search("zebrafish xylophone quokka", 3, method=method)  # type: ignore[arg-type]
+            assert hits[0].pmid == pmid, method
+            assert hits[0].title == "Fixed" and hits[0].text == new_text
+            assert hits[0].source == str(source)
+        old_words = " ".join(str(c) for c in pubmedqa_subset[pmid]["CONTEXTS"])[:200]  # type: ignore[union-attr]
+        assert all(h.text != old_words for h in searcher.search(old_words, 10, method="bm25"))
+
+
+def test_same_source_again_changes_nothing(
+    text_home_copy: Path, minilm_path: Path, text_corpus: Path
+) -> None:
+    settings = text_settings_for(text_home_copy, minilm_path)
+    version = _live(text_home_copy)
+    report = build_text_index(settings, TEXT_INDEX, [text_corpus / "ncbi_subset.txt"])
+    assert report.sources[0].unchanged == PUBTATOR_DOCS
+    assert report.total("added") == report.total("updated") == 0
+    assert report.ingested_anything
+    assert _live(text_home_copy) == version  # nothing new to publish
+
+
+def test_incremental_add_keeps_existing_documents(
+    text_home_copy: Path, minilm_path: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    settings = text_settings_for(text_home_copy, minilm_path)
+    bc5 = (shared_data / "abstracts" / "bc5cdr" / "CDR_TestSet.PubTator.txt").read_text(
+        encoding="utf-8"
+    )
+    extra = tmp_path / "cdr_three.txt"
+    extra.write_text("\n\n".join(bc5.split("\n\n")[:3]) + "\n", encoding="utf-8")
+
+    report = build_text_index(settings, TEXT_INDEX, [extra])
+
+    assert report.sources[0].added == 3
+    counts = _assert_consistent(_live(text_home_copy))
+    assert counts["documents"] == ALL_DOCS + 3
+    assert counts["sources"] == 4
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+        assert searcher.search("famotidine delirium", 1)[0].pmid == "8701013"  # new
+        assert searcher.search("budesonide formoterol mild asthma", 1)[0].pmid == "29768149"  # old
+
+
+def test_delete_citation_removes_the_article(
+    text_home_copy: Path, minilm_path: Path, tmp_path: Path
+) -> None:
+    settings = text_settings_for(text_home_copy, minilm_path)
+    update = tmp_path / "pubmed24n1219.xml.gz"
+    update.write_bytes(
+        gzip.compress(
+            b"<PubmedArticleSet><DeleteCitation><PMID Version='1'>29768149</PMID>"
+            b"</DeleteCitation></PubmedArticleSet>"
+        )
+    )
+    report = build_text_index(settings, TEXT_INDEX, [update])
+    assert report.sources[0].deleted == 1
+    counts = _assert_consistent(_live(text_home_copy))
+    assert counts["documents"] == ALL_DOCS - 1
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+        assert all(h.pmid != "29768149" for h in searcher.search("budesonide formoterol", 10))
+
+
+def test_interrupted_build_leaves_previous_version_searchable(
+    text_home_copy: Path,
+    minilm_path: Path,
+    shared_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = text_settings_for(text_home_copy, minilm_path)
+    version = _live(text_home_copy)
+    flushes = 0
+    real_flush = TextIndexWriter.flush
+
+    def flush_then_interrupt(self: TextIndexWriter) -> None:
+        nonlocal flushes
+        flushes += 1
+        if flushes == 2:  # after one batch was written into the staging copy
+            raise KeyboardInterrupt
+        real_flush(self)
+
+    monkeypatch.setattr(TextIndexWriter, "flush", flush_then_interrupt)
+    cdr = shared_data / "abstracts" / "bc5cdr" / "CDR_TestSet.PubTator.txt"
+    with pytest.raises(KeyboardInterrupt):
+        build_text_index(settings, TEXT_INDEX, [cdr])
+    monkeypatch.undo()
+
+    assert _live(text_home_copy) == version
+    assert _assert_consistent(version)["documents"] == ALL_DOCS
+    root = text_home_copy / "indexes" / TEXT_INDEX
+    assert not list(root.glob(".staging-*"))  # no half-built copy left behind
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+        assert searcher.search("budesonide formoterol mild asthma", 1)[0].pmid == "29768149"
+        assert all(h.pmid != "8701013" for h in searcher.search("famotidine delirium", 5))
+
+
+def test_other_encoder_cannot_add_to_or_search_the_index(
+    text_home_copy: Path, tmp_path: Path
+) -> None:
+    from suwen.config import Settings
+
+    other = Settings(
+        home=text_home_copy, text_encoder=str(tmp_path / "another-model"), device="cpu"
+    )
+    with pytest.raises(IndexMismatchError, match="was built with text encoder") as caught:
+        TextSearcher.open(other, TEXT_INDEX)
+    assert "another-model" in str(caught.value) and "SUWEN_TEXT_ENCODER=" in str(caught.value)
+    source = _jsonl(tmp_path / "a.jsonl", [{"pmid": "1", "title": "t", "abstract": "a"}])
+    with pytest.raises(IndexMismatchError):
+        build_text_index(other, TEXT_INDEX, [source])
+
+
+def test_pdf_hits_name_their_page(text_home_copy: Path, minilm_path: Path, tmp_path: Path) -> None:
+    import pymupdf
+
+    path = tmp_path / "guideline.pdf"
+    pdf = pymupdf.open()
+    for text in ("Introduction to the hospital guideline.", "Warfarin dosing in elderly patients."):
+        pdf.new_page().insert_text((72, 72), text)
+    pdf.save(str(path))
+    pdf.close()
+    settings = text_settings_for(text_home_copy, minilm_path)
+    report = build_text_index(settings, TEXT_INDEX, [path])
+    assert report.sources[0].added == 1 and report.sources[0].format == "pdf"
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+        hit = searcher.search("warfarin dose for old people", 1)[0]
+    assert hit.pmid is not None and hit.pmid.startswith("pdf-")
+    assert hit.page == 2 and hit.as_search_json()["page"] == 2
+    assert hit.title == "guideline"

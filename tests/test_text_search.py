@@ -1,0 +1,161 @@
+"""Searching the session MiniLM index: hits, exclusions, query syntax, threads, rerank."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from suwen.config import Settings
+from suwen.indexes.text_index import embedding_text
+from suwen.retrieval.fusion import (
+    linear_fusion,
+    max_normalise,
+    reciprocal_rank_fusion,
+    z_normalise,
+)
+from suwen.retrieval.text import TextSearcher, fts_query
+from tests.fixtures_text import TEXT_INDEX
+
+ASTHMA = "as-needed budesonide-formoterol in mild asthma"
+
+
+@pytest.fixture(scope="module")
+def searcher(text_settings: Settings) -> Iterator[TextSearcher]:
+    with TextSearcher.open(text_settings, TEXT_INDEX) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("method", ["hybrid", "dense", "bm25"])
+def test_each_method_finds_the_article(searcher: TextSearcher, method: str) -> None:
+    hits = searcher.search(ASTHMA, 5, method=method)  # type: ignore[arg-type]
+    assert hits[0].pmid == "29768149"
+    assert hits[0].key == f"pmid:29768149#{hits[0].chunk_id.split('#')[1]}"  # type: ignore[union-attr]
+    assert hits[0].kind == "text" and hits[0].index == TEXT_INDEX
+    assert hits[0].title == "Inhaled Combined Budesonide-Formoterol as Needed in Mild Asthma."
+    assert hits[0].year == 2018 and hits[0].journal
+    assert hits[0].source.endswith("pubmed.xml")
+    assert method in hits[0].methods or method == "hybrid"
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert len({h.pmid for h in hits}) == len(hits)  # one hit per article
+
+
+def test_hybrid_records_which_retrievers_found_a_hit(searcher: TextSearcher) -> None:
+    top = searcher.search(ASTHMA, 1)[0]
+    assert set(top.methods) == {"dense", "bm25"}
+
+
+def test_pubmedqa_questions_find_their_abstract(
+    searcher: TextSearcher, pubmedqa_subset: dict[str, dict[str, object]]
+) -> None:
+    """The real task on the session subset: the question's own article ranks first."""
+    found = sum(
+        searcher.search(str(record["QUESTION"]), 1)[0].pmid == pmid
+        for pmid, record in pubmedqa_subset.items()
+    )
+    assert found / len(pubmedqa_subset) >= 0.95
+
+
+def test_exclude_pmids_removes_every_chunk_of_an_article(searcher: TextSearcher) -> None:
+    for method in ("hybrid", "dense", "bm25"):
+        hits = searcher.search(ASTHMA, 10, method=method, exclude_pmids={"29768149"})  # type: ignore[arg-type]
+        assert hits and all(h.pmid != "29768149" for h in hits)
+
+
+def test_k_and_empty_queries(searcher: TextSearcher) -> None:
+    assert len(searcher.search("genetic disease mutation", 7)) == 7
+    assert searcher.search("", 5) == []
+    assert searcher.search("   ", 5) == []
+    assert searcher.search("the of and", 3, method="bm25") != []  # stopwords only: kept
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        'unbalanced "quote',
+        "(parentheses) AND OR NOT NEAR(a b, 3)",
+        "title: column filter * ^ caret",
+        "budesonide-formoterol -x +y",
+        "NEAR",
+        "\"\" '' ``",
+        "日本語のクエリ",
+        "!!!",
+    ],
+)
+def test_fts_syntax_in_user_text_never_breaks_search(searcher: TextSearcher, query: str) -> None:
+    for method in ("bm25", "hybrid"):
+        searcher.search(query, 3, method=method)  # type: ignore[arg-type]
+
+
+@given(st.text(max_size=80))
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_fts_query_is_always_valid_fts5(text: str) -> None:
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE VIRTUAL TABLE t USING fts5(title, text)")
+    db.execute("INSERT INTO t VALUES ('a title', 'some text')")
+    match = fts_query(text)
+    if match is not None:
+        db.execute("SELECT rowid FROM t WHERE t MATCH ?", (match,)).fetchall()
+
+
+def test_concurrent_searches_match_sequential(searcher: TextSearcher) -> None:
+    queries = [ASTHMA, "complement deficiency mutation", "mitochondria lace plant", "G6PD"] * 4
+    expected = [[h.key for h in searcher.search(q, 5)] for q in queries]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda q: [h.key for h in searcher.search(q, 5)], queries))
+    assert got == expected
+
+
+def test_fusion_rules() -> None:
+    dense = [("a", 0.9), ("b", 0.5), ("c", 0.4)]
+    bm25 = [("c", 20.0), ("a", 10.0)]
+    assert max_normalise(bm25) == {"c": 1.0, "a": 0.5}
+    assert z_normalise(bm25) == {"c": 1.0, "a": -1.0}
+    weights = {"dense": 0.5, "bm25": 0.5}
+    fused = dict(linear_fusion({"dense": dense, "bm25": bm25}, weights, normalise="max"))
+    assert fused["a"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
+    # "b" is missing from the BM25 list: it gets that list's lowest normalised score.
+    assert fused["b"] == pytest.approx(0.5 * 0.5 / 0.9 + 0.5 * 0.5)
+    z = linear_fusion({"dense": dense, "bm25": bm25}, {"dense": 0.8, "bm25": 0.2})
+    assert [key for key, _ in z] == ["a", "c", "b"]
+    rrf = reciprocal_rank_fusion({"dense": dense, "bm25": bm25})
+    assert rrf[0][0] == "a" and rrf[0][1] == pytest.approx(1 / 61 + 1 / 62)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A cross-encoder built offline from MiniLM's weights (its score head is untrained)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("cross_encoder")
+    model = AutoModelForSequenceClassification.from_pretrained(str(minilm_path), num_labels=1)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_path)).save_pretrained(folder)
+    return folder
+
+
+def test_rerank_reorders_by_cross_encoder_scores(
+    text_settings: Settings, tiny_cross_encoder: Path
+) -> None:
+    from sentence_transformers import CrossEncoder
+
+    reranking = text_settings.model_copy(
+        update={"rerank": True, "cross_encoder": str(tiny_cross_encoder)}
+    )
+    with TextSearcher.open(reranking, TEXT_INDEX) as searcher:
+        hits = searcher.search("genetic mutation causing deficiency", 5)
+    assert len(hits) == 5 and all("rerank" in h.methods for h in hits)
+    model = CrossEncoder(str(tiny_cross_encoder), device="cpu")
+    pairs = [
+        ("genetic mutation causing deficiency", embedding_text(h.title or "", h.text)) for h in hits
+    ]
+    expected = [float(s) for s in model.predict(pairs)]
+    assert [h.score for h in hits] == pytest.approx(expected, abs=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
