@@ -44,19 +44,23 @@ def index_pubmed_medcpt(
 ) -> None:
     """Import NCBI's precomputed MedCPT embeddings of PubMed, chunk by chunk; rerun the same
     command to resume after an interruption."""
+    from suwen.errors import SuwenError
     from suwen.indexes.medcpt_import import import_medcpt
 
     settings = settings_of(ctx)
     index_name = name or settings.text_index
-    with _ImportBars() as bars:
-        report = import_medcpt(
-            settings,
-            directory,
-            index_name,
-            encoder=encoder,
-            query_encoder=query_encoder,
-            progress=bars.update,
-        )
+    try:
+        with _ImportBars() as bars:
+            report = import_medcpt(
+                settings,
+                directory,
+                index_name,
+                encoder=encoder,
+                query_encoder=query_encoder,
+                progress=bars.update,
+            )
+    except SuwenError as exc:
+        fail(str(exc))
     _print_import(report)
     if not report.published:
         fail(f"nothing could be imported into index {index_name!r} from {directory}", code=1)

@@ -328,15 +328,15 @@ class _Import:
         return plans
 
     def _check_dim(self, plan: ChunkPlan) -> None:
-        expected = self._plan_data().get("dim")
-        if expected is None and self.encoder in (MEDCPT_ARTICLE,):
-            expected = MEDCPT_DIM
+        """All chunks share one dimension: the index's, MedCPT's 768, or the first chunk's."""
+        recorded = self._plan_data().get("dim")
+        expected = recorded or (MEDCPT_DIM if self.encoder == MEDCPT_ARTICLE else None)
         if expected is not None and plan.dim != expected:
             raise InputError(
                 f"{plan.files.embeds}: {plan.dim}-d vectors, but {self.encoder!r} "
                 f"vectors in this index are {expected}-d"
             )
-        if expected is None:
+        if recorded is None:
             self._write_plan({**self._plan_data(), "dim": plan.dim})
 
     # -- staging -------------------------------------------------------------------------------
@@ -424,6 +424,8 @@ class _Import:
                 self._train(vector_store, plans)
             vector_store.save()
         compressed.check_dim(vector_store, dim, f"MedCPT chunks for index {self.name!r}")
+        if vector_store.index_type != index_type:  # an existing compressed index stays so
+            self._write_plan({**self._plan_data(), "index_type": vector_store.index_type})
         vector_store.discard_ids_above(_last_committed_id(db))
         return vector_store
 
@@ -542,7 +544,7 @@ class _Import:
             extra={
                 "documents": documents,
                 "chunks": chunks,
-                "pooling": "cls",
+                **({"pooling": "cls"} if self.encoder == MEDCPT_ARTICLE else {}),
                 "source": "NCBI MedCPT precomputed PubMed embeddings",
                 "schema_version": SCHEMA_VERSION,
             },

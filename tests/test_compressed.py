@@ -1,0 +1,272 @@
+"""The compressed vector store (IVF + 4-bit PQ shortlist, exact re-scoring from memory-mapped
+vectors) against exact search, on synthetic vectors fitted to real MiniLM embeddings of real
+PubMed abstracts; and the exact store behind the same interface."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from suwen.config import Settings
+from suwen.devtools.synthetic_vectors import EmbeddingMixture
+from suwen.errors import IndexMismatchError, InputError
+from suwen.indexes import compressed, store
+from suwen.indexes.compressed import (
+    AppendableArray,
+    CompressedParams,
+    CompressedStore,
+    ExactStore,
+    choose_index_type,
+    open_store,
+)
+from tests.fixtures_text import TEXT_INDEX
+
+CORPUS = 20_000
+QUERIES = 200
+
+
+@pytest.fixture(scope="module")
+def real_embeddings(text_index_home: Path) -> np.ndarray:
+    """MiniLM vectors of the real abstracts in the session text index."""
+    version, _ = store.open_version(Settings(home=text_index_home).indexes_dir, TEXT_INDEX)
+    exact = ExactStore.open(version)
+    return np.concatenate([matrix for matrix, _ in exact.iter_vectors()])
+
+
+@pytest.fixture(scope="module")
+def mixture(real_embeddings: np.ndarray) -> EmbeddingMixture:
+    return EmbeddingMixture.fit(real_embeddings, subspace=48, clusters=12)
+
+
+@pytest.fixture(scope="module")
+def corpus(mixture: EmbeddingMixture) -> tuple[np.ndarray, np.ndarray]:
+    """Indexed vectors and fresh queries (never indexed) from the fitted mixture."""
+    return mixture.sample(CORPUS, seed=1), mixture.sample(QUERIES, seed=2)
+
+
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory, corpus: tuple[np.ndarray, np.ndarray]
+) -> tuple[Path, compressed.RecallReport]:
+    """A compressed store over the corpus (ids = 10 * row + 3), calibrated and saved."""
+    vectors, _ = corpus
+    directory = tmp_path_factory.mktemp("compressed")
+    vector_store = CompressedStore.create(
+        directory, CompressedParams.for_corpus(vectors.shape[1], len(vectors))
+    )
+    vector_store.train(vectors[compressed.training_rows(len(vectors), 50_000)])
+    ids = np.arange(len(vectors), dtype=np.int64) * 10 + 3
+    for start in range(0, len(vectors), 6_000):
+        vector_store.add(vectors[start : start + 6_000], ids[start : start + 6_000])
+    report = compressed.calibrate_and_measure(vector_store)
+    vector_store.save()
+    return directory, report
+
+
+def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    return flat.search(queries, 10)[1]
+
+
+def writable_copy(directory: Path, tmp_path: Path) -> CompressedStore:
+    target = tmp_path / "copy"
+    shutil.copytree(directory, target)
+    return CompressedStore.open(target, writable=True)
+
+
+def test_mixture_keeps_the_structure_of_real_embeddings(
+    real_embeddings: np.ndarray, mixture: EmbeddingMixture
+) -> None:
+    """Synthetic vectors are as correlated as real ones, unlike isotropic noise."""
+
+    def mean_cosine(matrix: np.ndarray) -> float:
+        gram = matrix @ matrix.T
+        return float((gram.sum() - np.trace(gram)) / (len(matrix) * (len(matrix) - 1)))
+
+    sample = mixture.sample(len(real_embeddings), seed=5)
+    noise = np.random.default_rng(5).standard_normal(sample.shape).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    real = mean_cosine(real_embeddings)
+    assert real > 0.05
+    assert abs(mean_cosine(sample) - real) < 0.05
+    assert abs(mean_cosine(noise)) < 0.02
+    assert np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-4)
+    assert mixture.describe()["subspace"] == 48
+
+
+def test_compressed_recall_at_10_against_exact_search(
+    corpus: tuple[np.ndarray, np.ndarray], built: tuple[Path, compressed.RecallReport]
+) -> None:
+    vectors, queries = corpus
+    directory, report = built
+    vector_store = CompressedStore.open(directory)
+    truth = exact_top10(vectors, queries)
+    _, ids = vector_store.search(queries, 10)
+    rows = (ids - 3) // 10
+    recall = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth, strict=True)])
+    assert recall >= 0.95
+    # The recall measured at build time on held-out stored vectors says the same.
+    assert report.recall_at_10 >= 0.95
+    assert report.nprobe == vector_store.params.nprobe
+    assert report.calibration[str(report.nprobe)] >= compressed.TARGET_RECALL
+
+
+def test_compressed_store_holds_a_fraction_of_the_exact_ram(
+    built: tuple[Path, compressed.RecallReport],
+) -> None:
+    directory, _ = built
+    vector_store = CompressedStore.open(directory)
+    ivf = faiss.downcast_index(vector_store.index)
+    assert isinstance(ivf, faiss.IndexIVFPQFastScan)
+    assert ivf.code_size == compressed.CODE_BYTES
+    exact_bytes = ExactStore.create(directory / "unused", 384).bytes_per_vector()
+    # Codes + ids + this small corpus's share of the centroids and list padding.
+    assert vector_store.bytes_per_vector() < exact_bytes / 10
+    assert vector_store.bytes_per_vector() == pytest.approx(
+        (directory / compressed.COMPRESSED_FILE).stat().st_size / CORPUS
+    )
+
+
+def test_saved_store_reloads_from_plain_files(
+    corpus: tuple[np.ndarray, np.ndarray], built: tuple[Path, compressed.RecallReport]
+) -> None:
+    vectors, queries = corpus
+    directory, _ = built
+    reopened = open_store(directory)
+    assert isinstance(reopened, CompressedStore) and reopened.count == CORPUS
+    full = np.load(directory / compressed.FULL_VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+    assert full.shape == (CORPUS, 384) and full.dtype == np.float16
+    assert np.allclose(full[:50], vectors[:50], atol=2e-3)
+    row_ids = np.load(directory / compressed.ROW_IDS_FILE, allow_pickle=False)
+    assert row_ids[:3].tolist() == [3, 13, 23]
+    params = json.loads((directory / compressed.PARAMS_FILE).read_text(encoding="utf-8"))
+    assert params["count"] == CORPUS and params["nprobe"] == reopened.params.nprobe
+    scores, ids = reopened.search(vectors[:5], 3)
+    assert ids[:, 0].tolist() == [3, 13, 23, 33, 43]  # each vector finds itself first
+    assert np.allclose(scores[:, 0], 1.0, atol=2e-3)  # re-scored exactly (float16 on disk)
+    with pytest.raises(Exception, match="read-only"):
+        reopened.add(queries[:1], np.asarray([1], dtype=np.int64))
+
+
+def test_removed_ids_are_never_returned(
+    corpus: tuple[np.ndarray, np.ndarray],
+    built: tuple[Path, compressed.RecallReport],
+    tmp_path: Path,
+) -> None:
+    vectors, _ = corpus
+    vector_store = writable_copy(built[0], tmp_path)
+    gone = np.asarray([3, 13, 23], dtype=np.int64)
+    assert vector_store.remove(gone) == 3
+    assert vector_store.remove(gone) == 0
+    _, ids = vector_store.search(vectors[:3], 10)
+    assert not set(ids.ravel()) & set(gone.tolist())
+    vector_store.save()
+    again = CompressedStore.open(vector_store.directory)
+    assert again.count == CORPUS - 3
+    assert not set(again.search(vectors[:3], 10)[1].ravel()) & set(gone.tolist())
+    assert not again.live_rows()[:3].any() and again.live_rows()[3:].all()
+
+
+def test_rows_added_after_the_last_save_are_dropped_on_reopen(
+    corpus: tuple[np.ndarray, np.ndarray],
+    built: tuple[Path, compressed.RecallReport],
+    tmp_path: Path,
+) -> None:
+    """A crash after vectors were appended but before save: the saved state comes back."""
+    vectors, queries = corpus
+    vector_store = writable_copy(built[0], tmp_path)
+    vector_store.add(queries[:7], np.arange(10**6, 10**6 + 7, dtype=np.int64))
+    appended = np.load(vector_store.directory / compressed.FULL_VECTORS_FILE, mmap_mode="r")
+    assert appended.shape[0] == CORPUS + 7  # on disk, but never saved into the index
+    reopened = CompressedStore.open(vector_store.directory, writable=True)
+    assert reopened.rows == CORPUS and reopened.count == CORPUS
+    on_disk = np.load(reopened.directory / compressed.FULL_VECTORS_FILE, mmap_mode="r")
+    assert on_disk.shape[0] == CORPUS
+    assert reopened.search(vectors[:1], 1)[1][0, 0] == 3
+
+
+def test_discard_ids_above_rolls_back_newest_rows(
+    corpus: tuple[np.ndarray, np.ndarray],
+    built: tuple[Path, compressed.RecallReport],
+    tmp_path: Path,
+) -> None:
+    """Rows whose metadata never committed (ids above the last committed one) are dropped,
+    even after they were saved."""
+    _, queries = corpus
+    vector_store = writable_copy(built[0], tmp_path)
+    last = int(vector_store.row_ids()[-1])
+    vector_store.add(queries[:5], np.arange(last + 1, last + 6, dtype=np.int64))
+    vector_store.save()
+    assert vector_store.count == CORPUS + 5
+    assert vector_store.discard_ids_above(last) == 5
+    vector_store.save()
+    reopened = CompressedStore.open(vector_store.directory)
+    assert reopened.count == CORPUS and reopened.rows == CORPUS
+    assert reopened.search(queries[:1], 1)[1][0, 0] <= last
+
+
+def test_appendable_array_is_a_valid_npy_after_every_change(tmp_path: Path) -> None:
+    path = tmp_path / "grow.npy"
+    array = AppendableArray(path, "float16", 4)
+    array.append(np.ones((3, 4)))
+    assert np.load(path, allow_pickle=False).shape == (3, 4)
+    array.append(np.full((1000, 4), 2.0))
+    loaded = np.load(path, mmap_mode="r", allow_pickle=False)
+    assert loaded.shape == (1003, 4) and loaded[-1, 0] == 2.0
+    array.truncate(2)
+    assert np.load(path, allow_pickle=False).tolist() == [[1.0] * 4] * 2
+    ids = AppendableArray(tmp_path / "ids.npy", "int64", None)
+    ids.append(np.arange(5))
+    assert np.load(tmp_path / "ids.npy").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_index_type_is_chosen_by_corpus_size_unless_set() -> None:
+    assert choose_index_type("auto", 1_000, 200_000) == "exact"
+    assert choose_index_type("auto", 200_001, 200_000) == "compressed"
+    assert choose_index_type("exact", 10**8, 200_000) == "exact"
+    assert choose_index_type("compressed", 50_000, 200_000) == "compressed"
+    with pytest.raises(InputError, match="at least"):
+        choose_index_type("compressed", 10, 200_000)
+
+
+def test_parameters_follow_corpus_size_and_dimension() -> None:
+    small = CompressedParams.for_corpus(384, 20_000)
+    pubmed = CompressedParams.for_corpus(768, 24_000_000)
+    assert small.factory == f"IVF{small.nlist},PQ128x4fsr"
+    assert pubmed.pq_m == 128 and pubmed.dim % pubmed.pq_m == 0
+    # The training sample bounds nlist: at least MIN_POINTS_PER_LIST vectors per centroid.
+    assert pubmed.nlist * compressed.MIN_POINTS_PER_LIST <= compressed.MAX_TRAINING_VECTORS
+    assert small.nlist < pubmed.nlist
+
+
+def test_exact_store_converts_to_compressed(mixture: EmbeddingMixture, tmp_path: Path) -> None:
+    vectors = mixture.sample(6_000, seed=11)
+    exact = ExactStore.create(tmp_path / "exact", vectors.shape[1])
+    ids = np.arange(100, 100 + len(vectors), dtype=np.int64)
+    exact.add(vectors, ids)
+    converted, report = compressed.compress_exact(exact, tmp_path / "compressed")
+    assert converted.count == len(vectors)
+    assert converted.search(vectors[:4], 1)[1][:, 0].tolist() == [100, 101, 102, 103]
+    assert report.recall_at_10 >= 0.9
+    exact_ids = exact.search(vectors[10:14], 5)[1]
+    assert (converted.search(vectors[10:14], 5)[1][:, 0] == exact_ids[:, 0]).all()
+
+
+def test_a_store_refuses_vectors_of_another_dimension(
+    built: tuple[Path, compressed.RecallReport], tmp_path: Path
+) -> None:
+    vector_store = writable_copy(built[0], tmp_path)
+    with pytest.raises(IndexMismatchError, match="384"):
+        compressed.check_dim(vector_store, 768, "MedCPT")
+    with pytest.raises(IndexMismatchError):
+        vector_store.add(np.ones((2, 768), np.float32), np.asarray([1, 2], dtype=np.int64))
+    with pytest.raises(InputError, match="training vectors"):
+        CompressedStore.create(tmp_path / "tiny", CompressedParams(dim=8, nlist=64, pq_m=4)).train(
+            np.ones((10, 8), np.float32)
+        )
