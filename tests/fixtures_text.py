@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,20 @@ def pubmedqa_subset(text_corpus: Path) -> dict[str, dict[str, object]]:
         (text_corpus / "pubmedqa_subset.json").read_text(encoding="utf-8")
     )
     return data
+
+
+def write_pdf(path: Path, pages: list[str], title: str = "") -> None:
+    """A real PDF with one line of text per page (pymupdf)."""
+    import pymupdf
+
+    opener: Any = pymupdf.open
+    pdf = opener()
+    for text in pages:
+        pdf.new_page().insert_text((72, 72), text)
+    if title:
+        pdf.set_metadata({"title": title})
+    pdf.save(str(path))
+    pdf.close()
 
 
 def text_settings_for(home: Path, minilm_path: Path, **values: object) -> Settings:

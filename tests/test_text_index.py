@@ -7,6 +7,7 @@ import gzip
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,13 @@ from suwen.indexes.text_index import (
     build_text_index,
 )
 from suwen.retrieval.text import TextSearcher
-from tests.fixtures_text import PUBMEDQA_DOCS, PUBTATOR_DOCS, TEXT_INDEX, text_settings_for
+from tests.fixtures_text import (
+    PUBMEDQA_DOCS,
+    PUBTATOR_DOCS,
+    TEXT_INDEX,
+    text_settings_for,
+    write_pdf,
+)
 
 ALL_DOCS = PUBMEDQA_DOCS + PUBTATOR_DOCS + 1
 
@@ -44,7 +51,7 @@ def _table_counts(version: Path) -> dict[str, int]:
 def _assert_consistent(version: Path) -> dict[str, int]:
     """Every chunk has exactly one FTS row and one vector, under the same id."""
     counts = _table_counts(version)
-    index = vectors.load_index(version / VECTORS_FILE)
+    index: Any = vectors.load_index(version / VECTORS_FILE)
     assert counts["chunks"] == counts["chunks_fts"] == index.ntotal
     db = sqlite3.connect(version / TEXT_DB)
     try:
@@ -103,8 +110,14 @@ def test_reingest_same_pmid_updates_instead_of_duplicating(
             assert hits[0].pmid == pmid, method
             assert hits[0].title == "Fixed" and hits[0].text == new_text
             assert hits[0].source == str(source)
-        old_words = " ".join(str(c) for c in pubmedqa_subset[pmid]["CONTEXTS"])[:200]  # type: ignore[union-attr]
-        assert all(h.text != old_words for h in searcher.search(old_words, 10, method="bm25"))
+        question = str(pubmedqa_subset[pmid]["QUESTION"])
+        assert pmid not in [h.pmid for h in searcher.search(question, 10, method="bm25")]
+    db = sqlite3.connect(_live(text_home_copy) / TEXT_DB)
+    try:
+        rows = db.execute("SELECT chunk_no, text FROM chunks WHERE pmid = ?", (pmid,)).fetchall()
+    finally:
+        db.close()
+    assert rows == [(0, new_text)]  # the old chunks are gone, not kept beside the new one
 
 
 def test_same_source_again_changes_nothing(
@@ -163,25 +176,34 @@ def test_interrupted_build_leaves_previous_version_searchable(
     text_home_copy: Path,
     minilm_path: Path,
     shared_data: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = text_settings_for(text_home_copy, minilm_path)
     version = _live(text_home_copy)
+    blocks = (shared_data / "abstracts" / "bc5cdr" / "CDR_TestSet.PubTator.txt").read_text(
+        encoding="utf-8"
+    )
+    blocks_list = blocks.split("\n\n")
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n\n".join(blocks_list[:2]) + "\n", encoding="utf-8")
+    second.write_text("\n\n".join(blocks_list[2:4]) + "\n", encoding="utf-8")
     flushes = 0
     real_flush = TextIndexWriter.flush
 
     def flush_then_interrupt(self: TextIndexWriter) -> None:
         nonlocal flushes
-        flushes += 1
-        if flushes == 2:  # after one batch was written into the staging copy
+        if self._queue:
+            flushes += 1
+        if flushes == 2:  # the first file is already written into the staging copy
             raise KeyboardInterrupt
         real_flush(self)
 
     monkeypatch.setattr(TextIndexWriter, "flush", flush_then_interrupt)
-    cdr = shared_data / "abstracts" / "bc5cdr" / "CDR_TestSet.PubTator.txt"
     with pytest.raises(KeyboardInterrupt):
-        build_text_index(settings, TEXT_INDEX, [cdr])
+        build_text_index(settings, TEXT_INDEX, [first, second])
     monkeypatch.undo()
+    assert flushes == 2
 
     assert _live(text_home_copy) == version
     assert _assert_consistent(version)["documents"] == ALL_DOCS
@@ -190,6 +212,11 @@ def test_interrupted_build_leaves_previous_version_searchable(
     with TextSearcher.open(settings, TEXT_INDEX) as searcher:
         assert searcher.search("budesonide formoterol mild asthma", 1)[0].pmid == "29768149"
         assert all(h.pmid != "8701013" for h in searcher.search("famotidine delirium", 5))
+
+    # The same command run again completes, and publishes everything.
+    report = build_text_index(settings, TEXT_INDEX, [first, second])
+    assert report.total("added") == 4
+    assert _assert_consistent(_live(text_home_copy))["documents"] == ALL_DOCS + 4
 
 
 def test_other_encoder_cannot_add_to_or_search_the_index(
@@ -209,14 +236,10 @@ def test_other_encoder_cannot_add_to_or_search_the_index(
 
 
 def test_pdf_hits_name_their_page(text_home_copy: Path, minilm_path: Path, tmp_path: Path) -> None:
-    import pymupdf
-
     path = tmp_path / "guideline.pdf"
-    pdf = pymupdf.open()
-    for text in ("Introduction to the hospital guideline.", "Warfarin dosing in elderly patients."):
-        pdf.new_page().insert_text((72, 72), text)
-    pdf.save(str(path))
-    pdf.close()
+    write_pdf(
+        path, ["Introduction to the hospital guideline.", "Warfarin dosing in elderly patients."]
+    )
     settings = text_settings_for(text_home_copy, minilm_path)
     report = build_text_index(settings, TEXT_INDEX, [path])
     assert report.sources[0].added == 1 and report.sources[0].format == "pdf"

@@ -18,6 +18,7 @@ from suwen.indexes.text_sources import (
     read_source,
 )
 from suwen.types import Document
+from tests.fixtures_text import write_pdf
 
 
 def _documents(path: Path, fmt: str | None = None) -> list[Document]:
@@ -115,22 +116,9 @@ def test_jsonl_with_long_first_line_is_detected(tmp_path: Path) -> None:
     assert detect_format(path) == "jsonl"
 
 
-def _write_pdf(path: Path, pages: list[str], title: str = "") -> None:
-    import pymupdf
-
-    pdf = pymupdf.open()
-    for text in pages:
-        page = pdf.new_page()
-        page.insert_text((72, 72), text)
-    if title:
-        pdf.set_metadata({"title": title})
-    pdf.save(str(path))
-    pdf.close()
-
-
 def test_pdf_pages_and_stable_id(tmp_path: Path) -> None:
     path = tmp_path / "paper.pdf"
-    _write_pdf(path, ["Page one about asthma.", "Page two about gout."], title="A PDF")
+    write_pdf(path, ["Page one about asthma.", "Page two about gout."], title="A PDF")
     [doc] = _documents(path)
     assert doc.pages == ["Page one about asthma.", "Page two about gout."]
     assert doc.title == "A PDF"

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
-from suwen.indexes import store, vectors
+from suwen.indexes import compressed, store, vectors
 from suwen.indexes.chunking import chunk_document
 from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
 from suwen.indexes.text_sources import (
@@ -168,25 +168,28 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
 class TextIndexWriter:
     """Adds, replaces and deletes documents in one (staging) version directory."""
 
-    def __init__(self, directory: Path, encoder: TextEncoder, *, batch_size: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        encoder: TextEncoder,
+        *,
+        batch_size: int,
+        index_type: str = "exact",
+        compressed_threshold: int = 200_000,
+    ) -> None:
         self.directory = directory
         self.encoder = encoder
         self.batch_size = batch_size
+        self.index_type = index_type
+        self.compressed_threshold = compressed_threshold
         self.db = connect(directory / TEXT_DB)
         self.db.executescript(SCHEMA)
         self.db.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
-        vector_path = directory / VECTORS_FILE
-        if vector_path.is_file():
-            self.index = vectors.load_index(vector_path)
-        else:
-            self.index = vectors.exact_index(encoder.dim)
-        if self.index.d != encoder.dim:
-            raise IndexMismatchError(
-                f"{directory}: stored vectors have {self.index.d} dimensions, "
-                f"encoder {encoder.name!r} makes {encoder.dim}"
-            )
+        # Exact or compressed (see suwen.indexes.compressed); a new index starts exact.
+        self.index = compressed.open_or_create(directory, encoder.dim)
+        compressed.check_dim(self.index, encoder.dim, f"encoder {encoder.name!r}")
         self._queue: dict[str, tuple[Document, int, SourceReport]] = {}
         self.chunks_encoded = 0
         self.chunks_queued = 0
@@ -259,7 +262,7 @@ class TextIndexWriter:
         for doc, source_id, chunks in chunked:
             self._remove_stored(doc.pmid)
             ids = self._insert(doc, source_id, chunks)
-            vectors.add_vectors(self.index, matrix[row : row + len(chunks)], ids)
+            self.index.add(matrix[row : row + len(chunks)], ids)
             row += len(chunks)
         self.db.commit()
 
@@ -268,7 +271,7 @@ class TextIndexWriter:
         if ids:
             self.db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
             self.db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
-            vectors.remove_ids(self.index, np.asarray(ids, dtype=np.int64))
+            self.index.remove(np.asarray(ids, dtype=np.int64))
         cursor = self.db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
         return bool(cursor.rowcount)
 
@@ -312,20 +315,25 @@ class TextIndexWriter:
         publishes only a version that has one)."""
         self.flush()
         documents, chunks = self.counts()
-        if self.index.ntotal != chunks:
+        if self.index.count != chunks:
             raise SuwenError(
-                f"index {manifest.name!r}: {self.index.ntotal} vectors for {chunks} chunks; "
+                f"index {manifest.name!r}: {self.index.count} vectors for {chunks} chunks; "
                 "refusing to publish an inconsistent index"
             )
         sources = [r["path"] for r in self.db.execute("SELECT path FROM sources ORDER BY id")]
         self.db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
         self.db.commit()
         self.db.close()
-        vectors.save_index(self.index, self.directory / VECTORS_FILE)
+        # Past the size threshold an exact index is compressed here (recall measured).
+        self.index, described = compressed.finish_store(
+            self.index, self.index_type, self.compressed_threshold
+        )
         manifest.count = chunks
         manifest.sources = sources
-        manifest.bytes_per_vector = float(4 * self.encoder.dim)
-        manifest.extra.update(documents=documents, chunks=chunks)
+        manifest.index_type = described["index_type"]
+        manifest.bytes_per_vector = described["bytes_per_vector"]
+        manifest.recall_at_10 = described["recall_at_10"]
+        manifest.extra.update(documents=documents, chunks=chunks, **described["extra"])
         store.write_manifest(self.directory, manifest)
 
     def close(self) -> None:
@@ -433,7 +441,13 @@ def _build_round(
         contextlib.suppress(_NothingChangedError),
         store.new_version(settings.indexes_dir, name, copy_current=True) as staging,
     ):
-        writer = TextIndexWriter(staging, encoder, batch_size=settings.encode_batch_size)
+        writer = TextIndexWriter(
+            staging,
+            encoder,
+            batch_size=settings.encode_batch_size,
+            index_type=settings.index_type,
+            compressed_threshold=settings.compressed_threshold,
+        )
         try:
             writer.on_encode = lambda: _notify(state, writer)
             while pending and (time.monotonic() - started < checkpoint_seconds or not changed):

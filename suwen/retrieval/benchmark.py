@@ -194,6 +194,10 @@ def _setup(
             "depth": fusion.depth,
         },
         "ms_per_query": dict(timing),
+        "timing_note": (
+            "dense includes encoding each question; later runs reuse the searcher's cached "
+            "query embeddings, so hybrid's time is search and fusion only"
+        ),
         "index_seconds": round(index_seconds, 1),
         "rerank": settings.rerank,
     }

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import faiss
-
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, ModelError
 from suwen.indexes import store, vectors
+from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
 from suwen.indexes.text_index import (
     TEXT_DB,
-    VECTORS_FILE,
     check_compatible,
     connect,
     embedding_text,
@@ -110,7 +108,7 @@ class TextSearcher:
         settings: Settings,
         manifest: store.IndexManifest,
         db: sqlite3.Connection,
-        index: faiss.Index,
+        index: VectorStore,
         encoder: TextEncoder,
         fusion: FusionConfig | None = None,
     ) -> None:
@@ -139,11 +137,11 @@ class TextSearcher:
                 f"{settings.query_encoder!r} makes {encoder.dim}-d ones"
             )
         db = connect(version / TEXT_DB, read_only=True)
-        index = vectors.load_index(version / VECTORS_FILE)
-        if index.d != manifest.dim:
+        index = open_store(version)  # exact or compressed, as the index was built
+        if index.dim != manifest.dim:
             db.close()
             raise IndexMismatchError(
-                f"{version}: vectors have {index.d} dims, manifest {manifest.dim}"
+                f"{version}: vectors have {index.dim} dims, manifest {manifest.dim}"
             )
         return cls(settings, manifest, db, index, encoder)
 
@@ -163,7 +161,7 @@ class TextSearcher:
         """Chunks nearest to the query embedding, best first."""
         vector = self._query_vector(query)
         extra = self._chunk_count(exclude_pmids)
-        scores, ids = vectors.search(self._index, vector, depth + extra)
+        scores, ids = self._index.search(vector, depth + extra)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         pmids = self._pmids_of([chunk_id for chunk_id, _ in found])
         excluded = set(exclude_pmids)
