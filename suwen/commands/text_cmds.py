@@ -112,8 +112,10 @@ def _print_report(report: IngestReport) -> None:
     if len(report.errors) > MAX_ERRORS_SHOWN:
         err_console.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more errors")
     table = Table(title=f"ingest into {report.index!r}")
-    for column in ("source", "format", "added", "updated", "unchanged", "deleted", "skipped"):
-        table.add_column(column, justify="left" if column in ("source", "format") else "right")
+    table.add_column("source", overflow="fold")
+    table.add_column("format")
+    for column in ("added", "updated", "unchanged", "deleted", "skipped"):
+        table.add_column(column, justify="right")
     table.add_column("status")
     for row in report.sources:
         status = "[red]failed[/]" if row.error and not row.documents else "ok"
@@ -202,7 +204,7 @@ def list_indexes(
     for column in ("name", "kind", "items", "vectors", "dim", "encoder", "created"):
         table.add_column(column, overflow="fold")
     for m in manifests:
-        items = m.extra.get("documents", m.extra.get("images", ""))
+        items = m.extra.get("documents", m.extra.get("cases", ""))
         table.add_row(m.name, m.kind, str(items), str(m.count), str(m.dim), m.encoder, m.created)
     console.print(table)
 

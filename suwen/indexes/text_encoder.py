@@ -125,6 +125,10 @@ def _build_model(model: str, pooling: Pooling, device: str) -> tuple[SentenceTra
     except ImportError:  # sentence-transformers < 6 keeps them in `models`
         from sentence_transformers import models as modules  # type: ignore[no-redef,attr-defined]
 
+    # Loading reports through our own progress callbacks; transformers' bars would garble them.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
     if _has_sentence_transformers_config(source):
         return SentenceTransformer(source, device=device), "model's own"
