@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from suwen.commands.common import fail
+from suwen.commands.common import fail, print_error
 from suwen.config import SettingsError, load_settings, parse_assignments
 from suwen.errors import SuwenError
 
@@ -74,9 +74,12 @@ _register_commands()
 
 
 def main() -> None:
+    # Outside typer's own handling, errors are printed here and become exit codes directly.
     try:
         app()
     except SuwenError as exc:
-        fail(str(exc))
+        print_error(str(exc))
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
-        fail("interrupted", code=130)
+        print_error("interrupted")
+        raise SystemExit(130) from None

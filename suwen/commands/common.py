@@ -29,7 +29,11 @@ def settings_of(ctx: typer.Context) -> Settings:
     return loaded(ctx).settings
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print a one-line error and exit."""
+def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print a one-line error and exit (inside a command)."""
+    print_error(message)
     raise typer.Exit(code)
