@@ -524,3 +524,57 @@ def test_cli_imports_and_index_info_shows_it(
     failed = runner.invoke(app, ["--home", str(home), "index", "pubmed-medcpt", str(empty)])
     assert failed.exit_code != 0
     assert "no embeds_chunk_N.npy" in failed.stderr
+
+
+def test_compressed_import_is_searched_through_the_text_searcher(
+    tmp_path: Path, minilm_path: Path, synthetic_chunks: tuple[Path, np.ndarray]
+) -> None:
+    from suwen.retrieval.text import TextSearcher
+
+    source, _ = synthetic_chunks
+    home = tmp_path / "home"
+    settings = settings_at(home, minilm_path, index_type="compressed")
+    import_medcpt(settings, source, NAME, encoder=str(minilm_path))
+    with TextSearcher.open(settings, NAME) as searcher:
+        assert isinstance(searcher._index, CompressedStore)
+        bm25 = searcher.search("Synthetic article 1234", 1, method="bm25")
+        dense = searcher.search("cardiac arrhythmia after surgery", 5, method="dense")
+        hybrid = searcher.search("Synthetic article 1234", 5)
+    assert bm25[0].pmid == str(30_000_000 + 1234)
+    assert len(dense) == 5 and all(h.pmid and h.title for h in dense)
+    assert len({h.pmid for h in hybrid}) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_type", ["compressed", "exact"])
+def test_text_ingest_adds_to_an_imported_index_and_compresses_past_the_threshold(
+    tmp_path: Path,
+    minilm_path: Path,
+    synthetic_chunks: tuple[Path, np.ndarray],
+    text_corpus: Path,
+    pubmedqa_subset: dict[str, dict[str, object]],
+    first_type: str,
+) -> None:
+    """`suwen index text` into an imported index: a compressed one takes the new vectors; an
+    exact one past compressed_threshold is compressed at publish, with recall measured."""
+    from suwen.indexes.text_index import build_text_index
+    from suwen.retrieval.text import TextSearcher
+
+    source, _ = synthetic_chunks
+    home = tmp_path / "home"
+    import_medcpt(
+        settings_at(home, minilm_path, index_type=first_type),
+        source,
+        NAME,
+        encoder=str(minilm_path),
+    )
+    settings = settings_at(home, minilm_path, index_type="auto", compressed_threshold=2_000)
+    report = build_text_index(settings, NAME, [text_corpus])
+    assert not report.errors and report.chunks > 3_000
+    version, manifest = store.open_version(home / "indexes", NAME)
+    assert manifest.index_type == "compressed" and manifest.count == report.chunks
+    assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.9
+    assert not (version / "vectors.faiss").exists()
+    pmid, record = next(iter(pubmedqa_subset.items()))
+    with TextSearcher.open(settings, NAME) as searcher:
+        assert searcher.search(str(record["QUESTION"]), 3, method="dense")[0].pmid == pmid

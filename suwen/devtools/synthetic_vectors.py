@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
+from scipy.cluster.vq import kmeans2
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -61,11 +61,12 @@ class EmbeddingMixture:
         residual = centred - coords @ basis
         residual_std = float(np.sqrt((residual**2).sum(axis=1).mean() / (dim - subspace)))
         energy = singular**2
-        kmeans = faiss.Kmeans(subspace, clusters, niter=25, seed=seed, verbose=False)
-        kmeans.train(np.ascontiguousarray(coords, dtype=np.float32))
-        _, assigned = kmeans.index.search(np.ascontiguousarray(coords, dtype=np.float32), 1)
-        centroids = np.asarray(kmeans.centroids, dtype=np.float32)
-        centres, scales, weights = _cluster_gaussians(coords, assigned[:, 0], centroids)
+        # scipy's k-means, not faiss.Kmeans: once pymupdf is imported, SWIG hands faiss's
+        # std::vector<float> results to pymupdf's proxy class and faiss.Kmeans fails.
+        centroids, assigned = kmeans2(coords, clusters, iter=25, minit="++", seed=seed)
+        centres, scales, weights = _cluster_gaussians(
+            coords, assigned.astype(np.int64), centroids.astype(np.float32)
+        )
         return cls(
             mean=mean.astype(np.float32),
             basis=basis.astype(np.float32),

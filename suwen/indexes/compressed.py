@@ -227,6 +227,9 @@ class CompressedParams:
     shortlist: int = DEFAULT_SHORTLIST
     vector_dtype: str = "float16"
     count: int = 0
+    # The last calibration: its recall@10 on held-out queries and the vector count it saw.
+    recall_at_10: float | None = None
+    calibrated_count: int = 0
 
     @classmethod
     def for_corpus(cls, dim: int, expected_count: int) -> CompressedParams:
@@ -492,6 +495,63 @@ class CompressedStore:
         self._ids_view = None
 
 
+def open_or_create(directory: Path, dim: int) -> VectorStore:
+    """The store in ``directory``, or a new exact one (``finish_store`` compresses it later if
+    the corpus grows past the threshold)."""
+    if (directory / PARAMS_FILE).is_file() or (directory / EXACT_FILE).is_file():
+        return open_store(directory, writable=True)
+    return ExactStore.create(directory, dim)
+
+
+# A compressed index is re-calibrated once it has grown by this factor since the last time.
+RECALIBRATE_GROWTH = 1.2
+
+
+def finish_store(
+    vector_store: VectorStore,
+    setting: str,
+    threshold: int,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[VectorStore, dict[str, Any]]:
+    """Save ``vector_store``, compressing it first when the corpus is now large enough (or the
+    setting says so), and return the store with what the manifest records about it:
+    ``index_type``, ``bytes_per_vector``, ``recall_at_10`` and ``extra`` details."""
+    directory = vector_store.directory
+    if isinstance(vector_store, ExactStore):
+        wanted = choose_index_type(setting, vector_store.count, threshold)
+        if wanted == "exact":
+            vector_store.save()
+            return vector_store, {
+                "index_type": "exact",
+                "bytes_per_vector": vector_store.bytes_per_vector(),
+                "recall_at_10": None,
+                "extra": {},
+            }
+        converted, _ = compress_exact(vector_store, directory, progress=progress)
+        (directory / EXACT_FILE).unlink(missing_ok=True)
+        vector_store = converted
+    if not isinstance(vector_store, CompressedStore):
+        raise SuwenError(f"{directory}: unknown vector store {type(vector_store).__name__}")
+    params = vector_store.params
+    if vector_store.count > RECALIBRATE_GROWTH * max(params.calibrated_count, 1):
+        calibrate_and_measure(vector_store, progress=progress)
+    vector_store.save()
+    params = vector_store.params
+    return vector_store, {
+        "index_type": "compressed",
+        "bytes_per_vector": round(vector_store.bytes_per_vector(), 2),
+        "recall_at_10": None if params.recall_at_10 is None else round(params.recall_at_10, 4),
+        "extra": {
+            "pq": params.factory,
+            "nlist": params.nlist,
+            "nprobe": params.nprobe,
+            "shortlist": params.shortlist,
+            "disk_bytes_per_vector": vector_store.disk_bytes_per_vector(),
+        },
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Training samples, calibration and recall
 
@@ -564,6 +624,7 @@ def calibrate_and_measure(
             break
     store.set_search(nprobe=chosen)
     measured = _recall(store, evaluation, truth_eval)
+    store.params = replace(store.params, recall_at_10=measured, calibrated_count=store.count)
     return RecallReport(measured, len(evaluation), chosen, store.params.shortlist, curve)
 
 
