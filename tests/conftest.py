@@ -17,7 +17,22 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("SUWEN_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def _find_shared_data() -> Path:
+    """SUWEN_SHARED_DATA, else the nearest ``shared/data`` beside the checkout or an ancestor
+    (a CI clone may sit a level or two deeper than the main checkout)."""
+    if "SUWEN_SHARED_DATA" in os.environ:
+        return Path(os.environ["SUWEN_SHARED_DATA"]).resolve()
+    for folder in REPO.parents:
+        if (folder / "shared" / "data" / "README.md").is_file():
+            return (folder / "shared" / "data").resolve()
+    return (REPO.parent / "shared" / "data").resolve()
+
+
+SHARED_DATA = _find_shared_data()
+# Child processes (CLI runs, benchmarks started by tests) find the same folder.
+os.environ["SUWEN_SHARED_DATA"] = str(SHARED_DATA)
 
 pytest_plugins = ["tests.fixtures_text", "tests.fixtures_images", "tests.fixtures_vllm"]
 
