@@ -2,15 +2,27 @@
 
 For concurrency 1, 4 and 16, sends the same chat request (a VQA-RAD question, text only or
 with its radiograph) through ``VLLMClient.chat`` and through ``openai.AsyncOpenAI``
-``chat.completions.create`` with the same concurrency cap, in alternating rounds so both see
-the same server load (other work on the machine drifts; alternation pairs each Suwen round
-with the bare round next to it). Reports requests/s and completion tokens/s per client and
-the client's overhead = 1 - (Suwen requests/s / bare requests/s), the median over rounds.
-The target is overhead within 5%.
+``chat.completions.create`` with the same concurrency cap (closed loop: ``concurrency``
+requests in flight), in many short rounds that alternate A-B, B-A so that each Suwen round
+has a bare round beside it under the same machine load. Reports pooled requests/s and
+completion tokens/s per client, and the overhead = 1 - Suwen requests/s / bare requests/s as
+the median over the pairs of rounds (with its interquartile range: other work on a shared
+2-core machine moves single rounds by tens of percent). The target is overhead within 5%.
 
-In the image workload the bare client sends a data URL encoded once, up front, while
-VLLMClient resizes and encodes the PIL image on every call (as the agent does): its overhead
-includes that work.
+The same rounds also run against a stand-in server in another process that answers every
+chat completion with a fixed reply after a fixed 50 ms: there the server costs the same for
+every request, so the comparison isolates what each client itself costs (on the tiny model,
+machine noise can swamp a 5% difference).
+
+Why not interleave both clients' requests in one round: in one event loop the two HTTP stacks
+interfere (openai uses httpx2, VLLMClient httpx; interleaved, plain httpx requests took 20-40%
+longer than httpx2 ones against a fixed-latency fake server, although run alone httpx was the
+faster), which measures the loop's fairness, not what a client costs.
+
+In the image workload both clients send the same radiograph on every call, as the agent does
+within one question: the bare client a data URL encoded once up front, VLLMClient the PIL
+image, which it resizes and encodes on its first call (in the warm-up) and then serves from
+its per-image cache. The one-off encoding cost is reported separately (``image_encode_ms``).
 
 Model: a running server (``--vllm-url``) or a managed server started on ``--vlm`` (default:
 the tiny checkpoint, built into a temporary directory with ``suwen.devtools.tiny_qwen``).
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import platform
 import statistics
 import tempfile
@@ -43,6 +56,7 @@ from PIL import Image
 from suwen.config import Settings
 from suwen.llm.base import Message
 from suwen.llm.client import VLLMClient, to_openai_messages
+from suwen.llm.images import image_to_data_url
 from suwen.llm.server import ManagedServer, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -65,25 +79,24 @@ class Round:
     def requests_per_second(self) -> float:
         return self.requests / self.seconds
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.completion_tokens / self.seconds
-
 
 @dataclass
 class Level:
+    server: str
     workload: str
     concurrency: int
+    requests_per_client: int
     suwen_rps: float
     bare_rps: float
     suwen_tps: float
     bare_tps: float
-    overhead_percent: float  # median over paired rounds
-    round_overheads: list[float]
+    overhead_percent: float  # median over pairs of rounds
+    overhead_iqr: tuple[float, float]
+    pair_overheads: list[float]
 
 
-async def timed_round(name: str, request: Request, count: int, concurrency: int) -> Round:
-    """``count`` requests, at most ``concurrency`` at a time."""
+async def timed_round(request: Request, client: str, count: int, concurrency: int) -> Round:
+    """``count`` requests, at most ``concurrency`` in flight."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> int:
@@ -92,7 +105,15 @@ async def timed_round(name: str, request: Request, count: int, concurrency: int)
 
     started = time.perf_counter()
     tokens = await asyncio.gather(*(one() for _ in range(count)))
-    return Round(name, count, time.perf_counter() - started, sum(tokens))
+    return Round(client, count, time.perf_counter() - started, sum(tokens))
+
+
+def pooled(rounds: list[Round]) -> tuple[float, float]:
+    """(requests/s, tokens/s) over all ``rounds``."""
+    seconds = sum(r.seconds for r in rounds)
+    return sum(r.requests for r in rounds) / seconds, sum(
+        r.completion_tokens for r in rounds
+    ) / seconds
 
 
 def requests_for(
@@ -116,43 +137,127 @@ def requests_for(
 
 
 async def measure(
+    server: str,
     url: str,
     settings: Settings,
     workload: str,
     messages: list[Message],
     concurrency: int,
-    rounds: int,
+    pairs_wanted: int,
     max_tokens: int,
 ) -> Level:
     settings = settings.model_copy(update={"concurrency": concurrency})
     suwen, bare, through_suwen, through_openai = requests_for(url, settings, messages, max_tokens)
-    count = max(8, 4 * concurrency)
-    # Warm up both paths (connections, prefix cache) before timing.
-    await timed_round("warm-up", through_suwen, concurrency, concurrency)
-    await timed_round("warm-up", through_openai, concurrency, concurrency)
+    count = max(8, 4 * concurrency)  # per round: a second or two
+    # Warm up both paths (connections, prefix cache, the image cache) before timing.
+    await timed_round(through_suwen, "suwen", concurrency, concurrency)
+    await timed_round(through_openai, "openai", concurrency, concurrency)
     pairs: list[tuple[Round, Round]] = []
-    for index in range(rounds):
-        # Alternate which client goes first, so neither always meets a warmer server.
-        if index % 2 == 0:
-            s = await timed_round("suwen", through_suwen, count, concurrency)
-            b = await timed_round("openai", through_openai, count, concurrency)
+    for index in range(pairs_wanted):
+        if index % 2 == 0:  # A-B, then B-A: neither client always goes first
+            ours = await timed_round(through_suwen, "suwen", count, concurrency)
+            bare_round = await timed_round(through_openai, "openai", count, concurrency)
         else:
-            b = await timed_round("openai", through_openai, count, concurrency)
-            s = await timed_round("suwen", through_suwen, count, concurrency)
-        pairs.append((s, b))
+            bare_round = await timed_round(through_openai, "openai", count, concurrency)
+            ours = await timed_round(through_suwen, "suwen", count, concurrency)
+        pairs.append((ours, bare_round))
     await suwen.aclose()
     await bare.close()
-    overheads = [100 * (1 - s.requests_per_second / b.requests_per_second) for s, b in pairs]
+    overheads = sorted(
+        100 * (1 - ours.requests_per_second / other.requests_per_second) for ours, other in pairs
+    )
+    quartiles = statistics.quantiles(overheads, n=4)
+    suwen_rps, suwen_tps = pooled([ours for ours, _ in pairs])
+    bare_rps, bare_tps = pooled([other for _, other in pairs])
     return Level(
+        server=server,
         workload=workload,
         concurrency=concurrency,
-        suwen_rps=sum(s.requests for s, _ in pairs) / sum(s.seconds for s, _ in pairs),
-        bare_rps=sum(b.requests for _, b in pairs) / sum(b.seconds for _, b in pairs),
-        suwen_tps=sum(s.completion_tokens for s, _ in pairs) / sum(s.seconds for s, _ in pairs),
-        bare_tps=sum(b.completion_tokens for _, b in pairs) / sum(b.seconds for _, b in pairs),
+        requests_per_client=count * pairs_wanted,
+        suwen_rps=suwen_rps,
+        bare_rps=bare_rps,
+        suwen_tps=suwen_tps,
+        bare_tps=bare_tps,
         overhead_percent=statistics.median(overheads),
-        round_overheads=[round(value, 2) for value in overheads],
+        overhead_iqr=(round(quartiles[0], 2), round(quartiles[2], 2)),
+        pair_overheads=[round(value, 2) for value in overheads],
     )
+
+
+STAND_IN_SECONDS = 0.05
+
+
+def serve_stand_in(port: int, model: str, completion_tokens: int) -> None:
+    """A fixed-latency chat-completions server (runs in its own process)."""
+    import http.server
+
+    body = json.dumps(
+        {
+            "id": "stand-in",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "word " * completion_tokens},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 20, "completion_tokens": completion_tokens},
+        }
+    ).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as vLLM
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(STAND_IN_SECONDS)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 128  # 16 clients connect at once
+        daemon_threads = True
+
+    Server(("127.0.0.1", port), Handler).serve_forever()
+
+
+@contextmanager
+def stand_in_url(model: str, completion_tokens: int) -> Iterator[str]:
+    port = free_port("127.0.0.1")
+    process = multiprocessing.get_context("spawn").Process(
+        target=serve_stand_in, args=(port, model, completion_tokens), daemon=True
+    )
+    process.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.post(f"{url}/v1/chat/completions", json={}, trust_env=False)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.join(10)
+
+
+def image_encode_ms(image: Image.Image, settings: Settings, repeats: int = 10) -> float:
+    started = time.perf_counter()
+    for _ in range(repeats):
+        image_to_data_url(image, settings.vllm_image_min_pixels, settings.vllm_image_max_pixels)
+    return 1000 * (time.perf_counter() - started) / repeats
 
 
 def workloads(shared_data: Path) -> dict[str, list[Message]]:
@@ -194,19 +299,52 @@ def model_dir(args: argparse.Namespace) -> Iterator[str]:
         yield str(Path(tmp) / "tiny-model")
 
 
-def print_table(levels: list[Level]) -> None:
-    header = (
-        f"{'workload':<8} {'conc':>4} {'suwen req/s':>12} {'openai req/s':>13} "
-        f"{'suwen tok/s':>12} {'openai tok/s':>13} {'overhead %':>11}  rounds"
+HEADER = (
+    f"{'server':<9} {'workload':<8} {'conc':>4} {'n':>4} {'suwen req/s':>12} "
+    f"{'openai req/s':>13} {'suwen tok/s':>12} {'openai tok/s':>13} "
+    f"{'overhead % (median)':>20} {'IQR':>16}"
+)
+
+
+def print_row(level: Level) -> None:
+    low, high = level.overhead_iqr
+    print(
+        f"{level.server:<9} {level.workload:<8} {level.concurrency:>4} "
+        f"{level.requests_per_client:>4} {level.suwen_rps:>12.2f} {level.bare_rps:>13.2f} "
+        f"{level.suwen_tps:>12.1f} {level.bare_tps:>13.1f} {level.overhead_percent:>20.2f} "
+        f"{f'[{low:.1f}, {high:.1f}]':>16}",
+        flush=True,
     )
-    print(header)
-    print("-" * len(header))
+
+
+def print_table(levels: list[Level]) -> None:
+    print()
+    print(HEADER)
+    print("-" * len(HEADER))
     for level in levels:
-        print(
-            f"{level.workload:<8} {level.concurrency:>4} {level.suwen_rps:>12.2f} "
-            f"{level.bare_rps:>13.2f} {level.suwen_tps:>12.1f} {level.bare_tps:>13.1f} "
-            f"{level.overhead_percent:>11.2f}  {level.round_overheads}"
-        )
+        print_row(level)
+
+
+def run_levels(server: str, url: str, settings: Settings, args: argparse.Namespace) -> list[Level]:
+    levels = []
+    for name, messages in workloads(args.shared_data).items():
+        for concurrency in LEVELS:
+            levels.append(
+                asyncio.run(
+                    measure(
+                        server,
+                        url,
+                        settings,
+                        name,
+                        messages,
+                        concurrency,
+                        args.pairs,
+                        args.max_tokens,
+                    )
+                )
+            )
+            print_row(levels[-1])
+    return levels
 
 
 def main() -> None:
@@ -214,8 +352,11 @@ def main() -> None:
     parser.add_argument("--vllm-url", help="A running vLLM server (default: start one).")
     parser.add_argument("--vlm", help="Model to serve (default: the tiny checkpoint).")
     parser.add_argument("--shared-data", type=Path, default=SHARED_DATA)
-    parser.add_argument("--rounds", type=int, default=5, help="Paired rounds per level.")
+    parser.add_argument("--pairs", type=int, default=12, help="Pairs of rounds per level.")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--servers", nargs="+", choices=["vllm", "stand-in"], default=["vllm", "stand-in"]
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "client_overhead.json")
     args = parser.parse_args()
 
@@ -223,25 +364,36 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="suwen-client-bench-home-") as home,
         model_dir(args) as vlm,
     ):
-        settings = Settings(home=Path(home), vlm=vlm, vllm_cpu_kvcache_gib=1)
-        with server_url(args, settings) as url:
-            if args.vllm_url:
-                settings.vlm = served_model(url)
-            levels = [
-                asyncio.run(
-                    measure(url, settings, name, messages, level, args.rounds, args.max_tokens)
-                )
-                for name, messages in workloads(args.shared_data).items()
-                for level in LEVELS
-            ]
+        settings = Settings(
+            home=Path(home),
+            vlm=vlm,
+            vllm_cpu_kvcache_gib=1,
+            # The tiny model's compile costs minutes and is not what is measured here.
+            vllm_extra_args=["--enforce-eager"],
+        )
+        levels: list[Level] = []
+        if "vllm" in args.servers:
+            with server_url(args, settings) as url:
+                if args.vllm_url:
+                    settings.vlm = served_model(url)
+                levels += run_levels("vLLM", url, settings, args)
+        if "stand-in" in args.servers:
+            with stand_in_url(settings.vlm, args.max_tokens) as url:
+                levels += run_levels("stand-in", url, settings, args)
     print_table(levels)
+    encode_ms = image_encode_ms(workloads(args.shared_data)["image"][0].images[0], settings)
+    print(f"one-off resize + PNG encoding of the radiograph: {encode_ms:.1f} ms")
     result = {
         "benchmark": "client_overhead",
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "server": args.vllm_url or "managed vLLM on the tiny Qwen2.5-VL checkpoint (CPU)",
+        "servers": {
+            "vLLM": args.vllm_url or "managed vLLM on the tiny Qwen2.5-VL checkpoint (CPU)",
+            "stand-in": f"fixed {STAND_IN_SECONDS * 1000:.0f} ms reply, in another process",
+        },
         "max_tokens": args.max_tokens,
-        "rounds": args.rounds,
+        "pairs_of_rounds": args.pairs,
         "target_overhead_percent": 5.0,
+        "image_encode_ms": round(encode_ms, 2),
         "levels": [asdict(level) for level in levels],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -270,3 +270,32 @@ def test_a_store_refuses_vectors_of_another_dimension(
         CompressedStore.create(tmp_path / "tiny", CompressedParams(dim=8, nlist=64, pq_m=4)).train(
             np.ones((10, 8), np.float32)
         )
+
+
+@pytest.mark.slow
+def test_bench_index_command_reports_both_index_types(
+    tmp_path: Path, shared_data: Path, minilm_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from suwen.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["--home", str(tmp_path), "bench", "index", "--vectors", "3000", "--dim", "96",
+         "--fit-docs", "60", "--data", str(shared_data), "--encoder", str(minilm_path),
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["setup"]["vectors"] == 3000 and payload["setup"]["dim"] == 96
+    assert payload["setup"]["synthetic"]["fitted_on"].startswith("60 real PubMed abstracts")
+    for kind in ("exact", "compressed"):
+        row = payload["results"][kind]
+        assert {"bytes_per_vector", "recall@10", "p50_ms", "p95_ms", "build_s"} <= set(row)
+        assert row["vectors"] == 3000 and row["dim"] == 96
+    assert payload["results"]["exact"]["recall@10"] == 1.0
+    assert payload["results"]["compressed"]["recall@10"] >= 0.9
+    exact_bytes = payload["results"]["exact"]["bytes_per_vector"]
+    assert payload["results"]["compressed"]["bytes_per_vector"] < exact_bytes
+    assert list((tmp_path / "cache").glob("mixture-*.npz"))  # the fit is reused next time

@@ -202,6 +202,29 @@ def test_images_go_first_as_resized_png_data_urls(settings: Settings) -> None:
     assert sent.width % 28 == 0 and sent.height % 28 == 0
 
 
+def test_an_image_sent_twice_is_encoded_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from suwen.llm import images
+
+    encoded: list[int] = []
+    real = images.image_to_data_url
+    monkeypatch.setattr(
+        images, "image_to_data_url", lambda im, lo, hi: encoded.append(1) or real(im, lo, hi)
+    )
+    fake = FakeVLLM()
+    client = fake.client(settings)
+    scan = Image.effect_noise((600, 400), 30)
+
+    async def main() -> None:
+        await client.chat(ask("Look.", [scan]))
+        await client.chat(ask("Look again.", [scan]))
+
+    run(main())
+    urls = [body["messages"][0]["content"][0]["image_url"]["url"] for _, body in fake.requests]
+    assert urls[0] == urls[1] and len(encoded) == 1
+
+
 def test_unreadable_image_fails_before_any_request(settings: Settings, tmp_path: Path) -> None:
     broken = tmp_path / "scan.png"
     Image.new("RGB", (64, 64)).save(broken)

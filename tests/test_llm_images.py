@@ -4,6 +4,7 @@ unusable image is an InputError naming it."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from suwen.errors import InputError
-from suwen.llm.images import FACTOR, fit_size, image_to_data_url, prepare_image
+from suwen.llm.images import FACTOR, ImageEncoder, fit_size, image_to_data_url, prepare_image
 
 MIN_PIXELS = 3136
 MAX_PIXELS = 1_003_520
@@ -92,3 +93,28 @@ def test_truncated_file_is_an_input_error_naming_it(shared_data: Path, tmp_path:
 def test_extreme_aspect_ratio_is_an_input_error() -> None:
     with pytest.raises(InputError, match="aspect ratio"):
         prepare_image(Image.new("RGB", (5000, 10)), MIN_PIXELS, MAX_PIXELS)
+
+
+def test_encoder_encodes_each_image_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from suwen.llm import images
+
+    calls: list[int] = []
+    real = images.image_to_data_url
+
+    def counting(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
+        calls.append(id(image))
+        return real(image, min_pixels, max_pixels)
+
+    monkeypatch.setattr(images, "image_to_data_url", counting)
+    encoder = ImageEncoder(MIN_PIXELS, MAX_PIXELS, capacity=2)
+    first, second = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (56, 56), "blue")
+    assert encoder.data_url(first) == encoder.data_url(first)
+    assert encoder.data_url(second) != encoder.data_url(first)
+    assert len(calls) == 2
+    third = Image.new("RGB", (56, 56), "green")
+    encoder.data_url(third)  # capacity 2: the least recently used (second) goes
+    assert not encoder.cached(second) and encoder.cached(first) and encoder.cached(third)
+    key = id(third)
+    del third
+    gc.collect()
+    assert key not in encoder._urls  # a collected image's id may be reused: forgotten

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from suwen.config import Settings
-from suwen.errors import ServerError
+from suwen.errors import InputError, ServerError
 from suwen.llm import server as server_module
 from suwen.llm.server import (
     ManagedServer,
@@ -156,6 +156,12 @@ def test_vllm_missing_names_the_install_command(
     monkeypatch.setattr(server_module, "vllm_installed", lambda: False)
     with pytest.raises(ServerError, match=r"scripts/setup\.sh.*pip install -e '\.\[gpu\]'"):
         ManagedServer(settings).start()
+
+
+def test_missing_model_directory_fails_before_starting(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"model directory .*nowhere not found"):
+        ManagedServer(settings, model=str(tmp_path / "nowhere")).start()
+    assert not settings.logs_dir.exists()
 
 
 def test_failed_start_says_why_and_shows_the_log(settings: Settings, fake_vllm: list[str]) -> None:

@@ -128,6 +128,7 @@ def cli_env(home: Path, model_dir: Path) -> dict[str, str]:
             "SUWEN_HOME": str(home),
             "SUWEN_VLM": str(model_dir),
             "SUWEN_VLLM_CPU_KVCACHE_GIB": "1",
+            "SUWEN_VLLM_EXTRA_ARGS": "--enforce-eager",
             "NO_COLOR": "1",
             "TERM": "dumb",
             "COLUMNS": "200",

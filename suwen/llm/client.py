@@ -3,7 +3,8 @@
 It speaks vLLM's OpenAI-compatible HTTP API with httpx directly (the ``openai`` SDK changes its
 HTTP stack between releases; the wire protocol does not). What it adds, and why:
 - images as PNG data URLs resized within Qwen2.5-VL's pixel limits (``suwen.llm.images``),
-  prepared before anything is sent, so an unreadable image costs no request;
+  prepared before anything is sent, so an unreadable image costs no request, and encoded
+  once per image however many calls send it;
 - requests spread over several servers (the least busy first), which is how a user scales to
   several GPUs or machines;
 - retries with exponential backoff on connection errors and 5xx (tenacity), an overall
@@ -38,7 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError, StructuredOutputError
 from suwen.llm.base import CallRecord, ChatReply, Message, record_call
-from suwen.llm.images import image_to_data_url
+from suwen.llm.images import ImageEncoder
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -59,7 +60,9 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 # -- messages and schemas -------------------------------------------------------------------
 
 
-def to_openai_messages(messages: Sequence[Message], settings: Settings) -> list[dict[str, Any]]:
+def to_openai_messages(
+    messages: Sequence[Message], settings: Settings, encoder: ImageEncoder | None = None
+) -> list[dict[str, Any]]:
     """Suwen messages as OpenAI chat messages; images (first, as Qwen expects) become data
     URLs. Raises InputError for an unusable image or too many images, before any request."""
     count = sum(len(message.images) for message in messages)
@@ -68,20 +71,16 @@ def to_openai_messages(messages: Sequence[Message], settings: Settings) -> list[
             f"{count} images in one prompt: the server admits {settings.vllm_max_images} "
             "(setting vllm_max_images)"
         )
+    encoder = encoder or ImageEncoder(
+        settings.vllm_image_min_pixels, settings.vllm_image_max_pixels
+    )
     converted: list[dict[str, Any]] = []
     for message in messages:
         if not message.images:
             converted.append({"role": message.role, "content": message.text})
             continue
         parts: list[dict[str, Any]] = [
-            {
-                "type": "image_url",
-                "image_url": {
-                    "url": image_to_data_url(
-                        image, settings.vllm_image_min_pixels, settings.vllm_image_max_pixels
-                    )
-                },
-            }
+            {"type": "image_url", "image_url": {"url": encoder.data_url(image)}}
             for image in message.images
         ]
         parts.append({"type": "text", "text": message.text})
@@ -274,6 +273,7 @@ class VLLMClient:
         self._status_hint = status_hint
         self._rotation = itertools.count()
         self._state: _LoopState | None = None
+        self._images = ImageEncoder(settings.vllm_image_min_pixels, settings.vllm_image_max_pixels)
 
     @property
     def urls(self) -> list[str]:
@@ -360,11 +360,14 @@ class VLLMClient:
     async def _payload(
         self, messages: list[Message], max_tokens: int | None, temperature: float | None
     ) -> dict[str, Any]:
-        if any(message.images for message in messages):
-            # Resizing and PNG-encoding a large scan takes a while: not on the event loop.
-            converted = await asyncio.to_thread(to_openai_messages, messages, self.settings)
+        images = [image for message in messages for image in message.images]
+        if all(self._images.cached(image) for image in images):
+            converted = to_openai_messages(messages, self.settings, self._images)
         else:
-            converted = to_openai_messages(messages, self.settings)
+            # Resizing and PNG-encoding a large scan takes a while: not on the event loop.
+            converted = await asyncio.to_thread(
+                to_openai_messages, messages, self.settings, self._images
+            )
         return {
             "messages": converted,
             "max_tokens": max_tokens or self.settings.max_tokens,

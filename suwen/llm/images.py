@@ -13,6 +13,9 @@ from __future__ import annotations
 import base64
 import io
 import math
+import threading
+import weakref
+from collections import OrderedDict
 
 from PIL import Image
 
@@ -74,3 +77,45 @@ def image_to_data_url(image: Image.Image, min_pixels: int, max_pixels: int) -> s
     buffer = io.BytesIO()
     prepared.save(buffer, format="PNG", compress_level=1)  # fast; size matters less than time
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class ImageEncoder:
+    """Data URLs for images, each encoded once per image object.
+
+    The agent sends the same image in several calls of one question (look, reread, answer);
+    resizing and PNG-encoding a radiograph costs tens of milliseconds, more than a cached
+    prefix takes vLLM to answer. Entries are keyed by object identity and dropped when the
+    image is garbage collected, so images are treated as immutable once sent (Suwen never
+    edits a decoded image in place). Thread-safe: encoding runs in worker threads."""
+
+    def __init__(self, min_pixels: int, max_pixels: int, capacity: int = 64) -> None:
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.capacity = capacity
+        self._urls: OrderedDict[int, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached(self, image: Image.Image) -> bool:
+        with self._lock:
+            return id(image) in self._urls
+
+    def data_url(self, image: Image.Image) -> str:
+        key = id(image)
+        with self._lock:
+            url = self._urls.get(key)
+            if url is not None:
+                self._urls.move_to_end(key)
+                return url
+        url = image_to_data_url(image, self.min_pixels, self.max_pixels)
+        with self._lock:
+            if key not in self._urls:
+                # The id may be reused once the image is gone: forget it then.
+                weakref.finalize(image, self._forget, key)
+            self._urls[key] = url
+            while len(self._urls) > self.capacity:
+                self._urls.popitem(last=False)
+        return url
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._urls.pop(key, None)

