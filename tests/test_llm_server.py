@@ -59,6 +59,21 @@ FAKE_SERVER = textwrap.dedent(
 )
 
 
+_before: set[object] = set()
+
+
+@pytest.fixture(autouse=True)
+def _servers_running_before() -> None:
+    """The session's real vLLM server (other tests' fixture) may be live: ignore it."""
+    _before.clear()
+    _before.update(server_module.managed_servers())
+
+
+def started_here() -> list[object]:
+    """Managed servers started by the current test."""
+    return [s for s in server_module.managed_servers() if s not in _before]
+
+
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
     return Settings(home=tmp_path / "home", vllm_startup_timeout=60.0, vlm="fake")
@@ -175,7 +190,7 @@ def test_failed_start_says_why_and_shows_the_log(settings: Settings, fake_vllm: 
     assert str(settings.logs_dir) in first
     assert any("INFO loading model" in line for line in tail)
     assert server.log_path is not None and server.log_path.parent == settings.logs_dir
-    assert server_module.managed_servers() == []
+    assert started_here() == []
 
 
 def test_start_serves_and_stop_leaves_no_process(settings: Settings, fake_vllm: list[str]) -> None:
@@ -185,7 +200,7 @@ def test_start_serves_and_stop_leaves_no_process(settings: Settings, fake_vllm: 
         assert len(members) == 2  # the server and its engine-like child
         assert server in server_module.managed_servers()
     assert_all_gone(members)
-    assert server_module.managed_servers() == []
+    assert started_here() == []
 
 
 def test_busy_port_moves_or_fails_when_named(settings: Settings, fake_vllm: list[str]) -> None:
@@ -226,7 +241,7 @@ def test_open_model_starts_and_stops_a_managed_server(
     settings.vllm_port = free_port("127.0.0.1")
     with open_model(settings) as client:
         assert client.urls == [f"http://127.0.0.1:{settings.vllm_port}"]
-        (server,) = server_module.managed_servers()
+        (server,) = started_here()
         members = group_members(server)
     assert_all_gone(members)
 
@@ -234,7 +249,7 @@ def test_open_model_starts_and_stops_a_managed_server(
 def test_async_open_model_uses_given_urls_without_a_server(settings: Settings) -> None:
     async def main() -> list[str]:
         async with open_model(settings, ["http://gpu-a:8000/v1", "http://gpu-b:8000"]) as client:
-            assert server_module.managed_servers() == []
+            assert started_here() == []
             return client.urls
 
     assert asyncio.run(main()) == ["http://gpu-a:8000", "http://gpu-b:8000"]
@@ -248,7 +263,7 @@ def test_async_open_model_stops_the_server_on_an_exception(
 
     async def main() -> None:
         async with open_model(settings):
-            (server,) = server_module.managed_servers()
+            (server,) = started_here()
             members.extend(group_members(server))
             raise KeyError("boom")
 
