@@ -578,3 +578,28 @@ def test_text_ingest_adds_to_an_imported_index_and_compresses_past_the_threshold
     pmid, record = next(iter(pubmedqa_subset.items()))
     with TextSearcher.open(settings, NAME) as searcher:
         assert searcher.search(str(record["QUESTION"]), 3, method="dense")[0].pmid == pmid
+
+
+def test_rerunning_a_finished_import_changes_nothing_and_a_refreshed_chunk_is_reimported(
+    tmp_path: Path, chunks_dir: Path, minilm_path: Path, real_corpus: RealCorpus
+) -> None:
+    home = tmp_path / "home"
+    run_import(home, chunks_dir, minilm_path)
+    version, _ = store.open_version(home / "indexes", NAME)
+    again = run_import(home, chunks_dir, minilm_path)
+    assert again.up_to_date and not again.published and again.chunks_already_done == 3
+    assert store.open_version(home / "indexes", NAME)[0] == version  # nothing republished
+
+    # NCBI refreshes a chunk: same PMIDs, new content. It is imported again, replacing them.
+    refreshed = chunks_dir / "pubmed_chunk_2.json"
+    records = json.loads(refreshed.read_text(encoding="utf-8"))
+    for record in records.values():
+        record["t"] = f"Revised {record['t']}"
+    refreshed.write_text(json.dumps(records), encoding="utf-8")
+    third = run_import(home, chunks_dir, minilm_path)
+    assert (third.chunks_already_done, third.chunks_imported) == (2, 1)
+    assert third.articles_replaced == SIZES[2] and third.articles_added == 0
+    result = snapshot(home, real_corpus.vectors[::10])
+    assert result.documents == sum(SIZES) and result.duplicates == []
+    revised = [p for p, title in result.titles.items() if title.startswith("Revised")]
+    assert len(revised) == SIZES[2]

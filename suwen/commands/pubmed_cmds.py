@@ -62,7 +62,9 @@ def index_pubmed_medcpt(
     except SuwenError as exc:
         fail(str(exc))
     _print_import(report)
-    if not report.published:
+    if report.up_to_date:
+        console.print(f"index {index_name!r} already holds every chunk in {directory}")
+    elif not report.published:
         fail(f"nothing could be imported into index {index_name!r} from {directory}", code=1)
 
 

@@ -13,6 +13,8 @@ import gc
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -194,6 +196,31 @@ def rss_bytes() -> int | None:
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_RSS_PROBE = """
+import sys
+from pathlib import Path
+from suwen.indexes.compressed import open_store
+from suwen.indexes.index_bench import rss_bytes
+before = rss_bytes()
+store = open_store(Path(sys.argv[1]))
+after = rss_bytes()
+print(-1 if before is None or after is None else after - before)
+"""
+
+
+def rss_of_loading(directory: Path) -> int | None:
+    """Resident memory a fresh process gains by opening the store in ``directory``: the index's
+    real RAM, measured where no freed memory from building it can be reused."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    value = int(probe.stdout.strip().splitlines()[-1])
+    return None if value < 0 else value
+
+
 def exact_neighbours(vectors: FloatArray, queries: FloatArray, k: int = 10) -> npt.NDArray[Any]:
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
@@ -274,9 +301,8 @@ def measure_exact(
     exact.save()
     del exact
     gc.collect()
-    before = rss_bytes()
+    loaded_rss = rss_of_loading(workdir)
     loaded = ExactStore.open(workdir)
-    after = rss_bytes()
     _, found = loaded.search(queries[:RECALL_QUERIES], 10)
     p50, p95, threads = best_latency(lambda q: loaded.search(q, 10), queries[:LATENCY_QUERIES])
     n = len(vectors)
@@ -285,7 +311,7 @@ def measure_exact(
         n,
         vectors.shape[1],
         (workdir / compressed.EXACT_FILE).stat().st_size / n,
-        (after - before) / n if before is not None and after is not None else None,
+        None if loaded_rss is None else loaded_rss / n,
         recall_at_10(found, truth),
         p50,
         p95,
@@ -336,9 +362,8 @@ def measure_compressed(
     store, details, build = build_compressed(vectors, workdir, progress)
     del store
     gc.collect()
-    before = rss_bytes()
+    loaded_rss = rss_of_loading(workdir)
     loaded = compressed.CompressedStore.open(workdir)
-    after = rss_bytes()
     _, found = loaded.search(queries[:RECALL_QUERIES], 10)
     p50, p95, threads = best_latency(lambda q: loaded.search(q, 10), queries[:LATENCY_QUERIES])
     details["threads"] = threads
@@ -348,7 +373,7 @@ def measure_compressed(
         n,
         vectors.shape[1],
         loaded.bytes_per_vector(),
-        (after - before) / n if before is not None and after is not None else None,
+        None if loaded_rss is None else loaded_rss / n,
         recall_at_10(found, truth),
         p50,
         p95,

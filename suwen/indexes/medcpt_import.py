@@ -65,6 +65,7 @@ PROGRESS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS medcpt_progress (
     chunk INTEGER PRIMARY KEY,
     embeds TEXT NOT NULL,
+    signature TEXT NOT NULL,
     rows INTEGER NOT NULL,
     articles INTEGER NOT NULL,
     replaced INTEGER NOT NULL,
@@ -81,6 +82,10 @@ class ChunkFiles:
     embeds: Path
     pmids: Path
     pubmed: Path
+
+    def signature(self) -> str:
+        """The three files' sizes: a chunk NCBI has since refreshed is imported again."""
+        return ":".join(str(p.stat().st_size) for p in (self.embeds, self.pmids, self.pubmed))
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class ImportReport(BaseModel):
     bytes_per_vector: float | None = None
     recall_at_10: float | None = None
     published: bool = False
+    up_to_date: bool = Field(False, description="Every chunk was already in the live index")
 
     @property
     def imported_anything(self) -> bool:
@@ -296,16 +302,21 @@ class _Import:
     # -- plan ----------------------------------------------------------------------------------
 
     def run(self, files: list[ChunkFiles]) -> None:
+        if self._live_has_all(files):
+            self.report.up_to_date = True
+            self.report.chunks_already_done = len(files)
+            return
         self._prepare_staging()
         db = connect(self.staging / TEXT_DB)
         try:
-            done = {int(r["chunk"]) for r in db.execute("SELECT chunk FROM medcpt_progress")}
+            imported = dict(db.execute("SELECT chunk, signature FROM medcpt_progress").fetchall())
+            done = {f.number for f in files if imported.get(f.number) == f.signature()}
             plans = self._inspect([f for f in files if f.number not in done])
-            self.report.chunks_already_done = len([f for f in files if f.number in done])
+            self.report.chunks_already_done = len(done)
             self.chunks_total = len(plans) + self.report.chunks_already_done
             self.chunks_done = self.report.chunks_already_done
             self.rows_total = sum(p.rows for p in plans)
-            if not plans and not done:
+            if not plans and not imported:
                 return  # nothing readable: leave any live version alone
             vector_store = self._open_store(db, plans)
             for plan in plans:
@@ -338,6 +349,21 @@ class _Import:
             )
         if recorded is None:
             self._write_plan({**self._plan_data(), "dim": plan.dim})
+
+    def _live_has_all(self, files: list[ChunkFiles]) -> bool:
+        """True when no import is under way and the live version already holds every chunk as
+        it is now on disk: rerunning a finished import copies and republishes nothing."""
+        live = store.current_version(self.root)
+        if live is None or self.staging.exists() or not files:
+            return False
+        db = connect(live / TEXT_DB, read_only=True)
+        try:
+            imported = dict(db.execute("SELECT chunk, signature FROM medcpt_progress").fetchall())
+        except sqlite3.OperationalError:  # an index built by `suwen index text` only
+            return False
+        finally:
+            db.close()
+        return all(imported.get(f.number) == f.signature() for f in files)
 
     # -- staging -------------------------------------------------------------------------------
 
@@ -683,10 +709,11 @@ class _ChunkWriter:
     def _commit(self, ids_for_rows: npt.NDArray[np.int64]) -> None:
         last_id = max(int(ids_for_rows.max(initial=-1)), _last_committed_id(self.db))
         self.db.execute(
-            "INSERT INTO medcpt_progress VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO medcpt_progress VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.plan.files.number,
                 str(self.plan.files.embeds),
+                self.plan.files.signature(),
                 self.plan.rows,
                 self.counts.added + self.counts.replaced,
                 self.counts.replaced,
