@@ -114,7 +114,8 @@ def test_compressed_recall_at_10_against_exact_search(
     # The recall measured at build time on held-out stored vectors says the same.
     assert report.recall_at_10 >= 0.95
     assert report.nprobe == vector_store.params.nprobe
-    assert report.calibration[str(report.nprobe)] >= compressed.TARGET_RECALL
+    assert report.calibration[f"{report.shortlist}/{report.nprobe}"] >= compressed.TARGET_RECALL
+    assert report.shortlist == vector_store.params.shortlist
 
 
 def test_compressed_store_holds_a_fraction_of_the_exact_ram(

@@ -64,8 +64,11 @@ MIN_POINTS_PER_LIST = 32
 # Shortlist re-scored exactly; calibrated nprobe is the smallest reaching TARGET_RECALL on
 # held-out calibration queries (a second, disjoint set is used for the recall we report).
 DEFAULT_SHORTLIST = 200
+SHORTLIST_LADDER = (DEFAULT_SHORTLIST, 400, 800, 1600)
 TARGET_RECALL = 0.97
 NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# More lists stop paying when recall@10 gains less than this from one nprobe step to the next.
+SATURATED_GAIN = 0.002
 RECALL_QUERIES = 200
 # One row in HELD_OUT_STRIDE is never used for training, so recall queries are held out.
 HELD_OUT_STRIDE = 97
@@ -588,8 +591,13 @@ def calibrate_and_measure(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> RecallReport:
-    """Pick the smallest nprobe whose recall@10 on calibration queries reaches ``target``, then
-    measure recall@10 against exact search on a second, disjoint set of held-out queries.
+    """Pick the cheapest search setting whose recall@10 on calibration queries reaches
+    ``target`` -- the smallest shortlist, and with it the smallest nprobe -- then measure
+    recall@10 against exact search on a second, disjoint set of held-out queries.
+
+    More lists (nprobe) find neighbours the coarse quantiser put elsewhere; a longer shortlist
+    finds those the PQ codes ranked too low. When nprobe stops helping at one shortlist length,
+    the next length is tried. If nothing reaches ``target`` the best setting seen is kept.
 
     Queries are stored vectors from held-out rows (never trained on: ``held_out`` rows, or the
     caller's ``candidate_rows``); each query's own row is excluded from both the exact and the
@@ -609,23 +617,49 @@ def calibrate_and_measure(
         progress(f"exact ground truth for {len(picked)} held-out queries")
     truth = exact_top_rows(store, np.concatenate([calibration, evaluation]), 10, live_mask)
     truth_cal, truth_eval = truth[: len(calibration)], truth[len(calibration) :]
-    ladder = [p for p in NPROBE_LADDER if p <= store.params.nlist] or [store.params.nlist]
-    if store.params.nlist not in ladder:
-        ladder.append(store.params.nlist)
     curve: dict[str, float] = {}
-    chosen = ladder[-1]
-    for nprobe in ladder:
-        store.set_search(nprobe=nprobe)
-        curve[str(nprobe)] = _recall(store, calibration, truth_cal)
+    best = (-1.0, DEFAULT_SHORTLIST, store.params.nlist)
+    for shortlist in SHORTLIST_LADDER:
+        recall, nprobe = _walk_nprobe(store, shortlist, calibration, truth_cal, target, curve)
         if progress:
-            progress(f"nprobe {nprobe}: recall@10 {curve[str(nprobe)]:.3f}")
-        if curve[str(nprobe)] >= target:
-            chosen = nprobe
+            progress(f"shortlist {shortlist}: recall@10 {recall:.3f} at nprobe {nprobe}")
+        if recall > best[0]:
+            best = (recall, shortlist, nprobe)
+        if recall >= target:
             break
-    store.set_search(nprobe=chosen)
+    _, shortlist, nprobe = best
+    store.set_search(nprobe=nprobe, shortlist=shortlist)
     measured = _recall(store, evaluation, truth_eval)
     store.params = replace(store.params, recall_at_10=measured, calibrated_count=store.count)
-    return RecallReport(measured, len(evaluation), chosen, store.params.shortlist, curve)
+    return RecallReport(measured, len(evaluation), nprobe, shortlist, curve)
+
+
+def _walk_nprobe(
+    store: CompressedStore,
+    shortlist: int,
+    queries: npt.NDArray[np.int64],
+    truth: npt.NDArray[np.int64],
+    target: float,
+    curve: dict[str, float],
+) -> tuple[float, int]:
+    """(recall, nprobe): the first nprobe reaching ``target`` at this shortlist length, or the
+    best one before two steps in a row gained less than SATURATED_GAIN."""
+    best_recall, best_nprobe, flat_steps = -1.0, store.params.nlist, 0
+    for nprobe in _nprobe_ladder(store.params.nlist):
+        store.set_search(nprobe=nprobe, shortlist=shortlist)
+        recall = _recall(store, queries, truth)
+        curve[f"{shortlist}/{nprobe}"] = round(recall, 4)
+        flat_steps = flat_steps + 1 if recall - best_recall < SATURATED_GAIN else 0
+        if recall > best_recall:
+            best_recall, best_nprobe = recall, nprobe
+        if recall >= target or flat_steps >= 2:
+            break
+    return best_recall, best_nprobe
+
+
+def _nprobe_ladder(nlist: int) -> list[int]:
+    ladder = [p for p in NPROBE_LADDER if p < nlist]
+    return [*ladder, nlist]
 
 
 def exact_top_rows(
