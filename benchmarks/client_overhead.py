@@ -1,22 +1,31 @@
 """What Suwen's VLLMClient costs over a bare ``openai`` client, against the same vLLM server.
 
-For concurrency 1, 4 and 16, sends the same chat request (a VQA-RAD question, text only or
-with its radiograph) through ``VLLMClient.chat`` and through ``openai.AsyncOpenAI``
+For concurrency 1, 4 and 16, the same chat request (a VQA-RAD question, text only or with its
+radiograph) goes through ``VLLMClient.chat`` and through ``openai.AsyncOpenAI``
 ``chat.completions.create`` with the same concurrency cap (closed loop: ``concurrency``
-requests in flight), in many short rounds that alternate A-B, B-A so that each Suwen round
-has a bare round beside it under the same machine load. Reports pooled requests/s and
-completion tokens/s per client, and the overhead = 1 - Suwen requests/s / bare requests/s as
-the median over the pairs of rounds (with its interquartile range: other work on a shared
-2-core machine moves single rounds by tens of percent). The target is overhead within 5%.
+requests in flight). Reports requests/s and completion tokens/s per client, and the overhead
+= 1 - Suwen requests/s / bare requests/s; the target is overhead within 5%.
 
-The same rounds also run against a stand-in server in another process that answers every
-chat completion with a fixed reply after a fixed 50 ms: there the server costs the same for
-every request, so the comparison isolates what each client itself costs (on the tiny model,
-machine noise can swamp a 5% difference).
+Against vLLM (default ``--vllm-method simultaneous``) both clients run at the same time, each
+in its own process, for ``--windows`` windows of ``--window-seconds``; the overhead is the
+median over windows (with its interquartile range). Run one after the other, in short
+alternating rounds (``--vllm-method alternating``), the tiny model on a shared 2-core machine
+moved single rounds by +-30% or more, swamping a 5% difference: batching, the engine's
+OpenMP threads and other load change from second to second. Run together, both clients see
+the same server at every moment.
 
-Why not interleave both clients' requests in one round: in one event loop the two HTTP stacks
-interfere (openai uses httpx2, VLLMClient httpx; interleaved, plain httpx requests took 20-40%
-longer than httpx2 ones against a fixed-latency fake server, although run alone httpx was the
+With a managed server on a machine with 2 or more cores, the engine's OpenMP threads are
+bound to all cores but the last and the clients run on the last (``--no-pin`` to turn off):
+a client sharing a core with spinning OpenMP threads stalls their barriers.
+
+The same comparison also runs against a stand-in server in another process that answers
+every chat completion with a fixed reply after a fixed 50 ms, in alternating rounds (A-B, B-A):
+there the server costs the same for every request, so it isolates what each client itself
+costs.
+
+Why separate processes, not one event loop: in one loop the two HTTP stacks interfere
+(openai uses httpx2, VLLMClient httpx; interleaved, plain httpx requests took 20-40% longer
+than httpx2 ones against a fixed-latency fake server, although run alone httpx was the
 faster), which measures the loop's fairness, not what a client costs.
 
 In the image workload both clients send the same radiograph on every call, as the agent does
@@ -39,6 +48,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import tempfile
@@ -90,9 +100,10 @@ class Level:
     bare_rps: float
     suwen_tps: float
     bare_tps: float
-    overhead_percent: float  # median over pairs of rounds
+    overhead_percent: float  # median over pairs of rounds, or over windows
     overhead_iqr: tuple[float, float]
     pair_overheads: list[float]
+    method: str = "alternating rounds"
 
 
 async def timed_round(request: Request, client: str, count: int, concurrency: int) -> Round:
@@ -181,6 +192,120 @@ async def measure(
         overhead_percent=statistics.median(overheads),
         overhead_iqr=(round(quartiles[0], 2), round(quartiles[2], 2)),
         pair_overheads=[round(value, 2) for value in overheads],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Against vLLM: both clients at once, each in its own process, over the same time windows
+
+
+def closed_loop_worker(
+    client: str,
+    url: str,
+    settings_json: str,
+    messages_of: tuple[str, str],
+    concurrency: int,
+    max_tokens: int,
+    windows: int,
+    seconds: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """One client's closed loop (``concurrency`` in flight) for ``windows`` x ``seconds``,
+    started together with the other client's process; puts per-window request and token
+    counts on ``results``."""
+    settings = Settings.model_validate_json(settings_json)
+    messages = workloads(Path(messages_of[0]))[messages_of[1]]
+
+    async def run() -> tuple[list[int], list[int]]:
+        suwen, bare, through_suwen, through_openai = requests_for(
+            url, settings, messages, max_tokens
+        )
+        request = through_suwen if client == "suwen" else through_openai
+        await asyncio.gather(*(request() for _ in range(concurrency)))  # warm up
+        counts, tokens = [0] * windows, [0] * windows
+        await asyncio.to_thread(barrier.wait)
+        began = time.monotonic()
+        end = began + windows * seconds
+
+        async def loop() -> None:
+            while time.monotonic() < end:
+                completion = await request()
+                window = int((time.monotonic() - began) // seconds)
+                if window < windows:
+                    counts[window] += 1
+                    tokens[window] += completion
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await suwen.aclose()
+        await bare.close()
+        return counts, tokens
+
+    counts, tokens = asyncio.run(run())
+    results.put((client, counts, tokens))
+
+
+def measure_simultaneous(
+    url: str,
+    settings: Settings,
+    shared_data: Path,
+    workload: str,
+    concurrency: int,
+    windows: int,
+    seconds: float,
+    max_tokens: int,
+) -> Level:
+    """Suwen's client and the bare openai client drive the same server at the same time,
+    each from its own process with ``concurrency`` requests in flight: the server's moods
+    (batching, the engine's threads, other load) hit both alike, which short alternating
+    rounds cannot ensure on a 2-core machine. Overhead per window = 1 - Suwen's completed
+    requests / the bare client's."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    settings = settings.model_copy(update={"concurrency": concurrency})
+    workers = [
+        context.Process(
+            target=closed_loop_worker,
+            args=(
+                client,
+                url,
+                settings.model_dump_json(),
+                (str(shared_data), workload),
+                concurrency,
+                max_tokens,
+                windows,
+                seconds,
+                barrier,
+                results,
+            ),
+        )
+        for client in ("suwen", "openai")
+    ]
+    for worker in workers:
+        worker.start()
+    got = {}
+    for _ in workers:
+        client, counts, tokens = results.get()
+        got[client] = (counts, tokens)
+    for worker in workers:
+        worker.join()
+    (ours, our_tokens), (theirs, their_tokens) = got["suwen"], got["openai"]
+    overheads = sorted(100 * (1 - a / b) for a, b in zip(ours, theirs, strict=True) if b)
+    quartiles = statistics.quantiles(overheads, n=4)
+    total = windows * seconds
+    return Level(
+        server="vLLM",
+        workload=workload,
+        concurrency=concurrency,
+        requests_per_client=sum(ours),
+        suwen_rps=sum(ours) / total,
+        bare_rps=sum(theirs) / total,
+        suwen_tps=sum(our_tokens) / total,
+        bare_tps=sum(their_tokens) / total,
+        overhead_percent=statistics.median(overheads),
+        overhead_iqr=(round(quartiles[0], 2), round(quartiles[2], 2)),
+        pair_overheads=[round(value, 2) for value in overheads],
+        method=f"simultaneous processes, {windows} windows of {seconds:g} s",
     )
 
 
@@ -283,8 +408,20 @@ def server_url(args: argparse.Namespace, settings: Settings) -> Iterator[str]:
     if args.vllm_url:
         yield args.vllm_url.rstrip("/").removesuffix("/v1")
         return
+    cores = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cores) >= 2
+    if pin:
+        # vLLM's CPU engine spins OpenMP threads on every core it is given; a client sharing
+        # a core with them stalls their barriers and moves round times by tens of percent.
+        # Engine on all cores but the last, the clients on the last.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-2]}"
     with ManagedServer(settings, port=free_port("127.0.0.1")) as server:
-        yield server.url
+        if pin:
+            os.sched_setaffinity(0, {cores[-1]})
+        try:
+            yield server.url
+        finally:
+            os.sched_setaffinity(0, cores)
 
 
 @contextmanager
@@ -329,6 +466,21 @@ def run_levels(server: str, url: str, settings: Settings, args: argparse.Namespa
     levels = []
     for name, messages in workloads(args.shared_data).items():
         for concurrency in LEVELS:
+            if server == "vLLM" and args.vllm_method == "simultaneous":
+                levels.append(
+                    measure_simultaneous(
+                        url,
+                        settings,
+                        args.shared_data,
+                        name,
+                        concurrency,
+                        args.windows,
+                        args.window_seconds,
+                        args.max_tokens,
+                    )
+                )
+                print_row(levels[-1])
+                continue
             levels.append(
                 asyncio.run(
                     measure(
@@ -356,6 +508,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument(
         "--servers", nargs="+", choices=["vllm", "stand-in"], default=["vllm", "stand-in"]
+    )
+    parser.add_argument(
+        "--vllm-method",
+        choices=["simultaneous", "alternating"],
+        default="simultaneous",
+        help="Against vLLM: both clients at once in two processes, or alternating rounds.",
+    )
+    parser.add_argument("--windows", type=int, default=8, help="Windows per level.")
+    parser.add_argument("--window-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="Let the managed vLLM engine and the clients share every core (noisier).",
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "client_overhead.json")
     args = parser.parse_args()
@@ -390,6 +556,7 @@ def main() -> None:
             "vLLM": args.vllm_url or "managed vLLM on the tiny Qwen2.5-VL checkpoint (CPU)",
             "stand-in": f"fixed {STAND_IN_SECONDS * 1000:.0f} ms reply, in another process",
         },
+        "pinned": bool(args.pin and not args.vllm_url and len(os.sched_getaffinity(0)) >= 2),
         "max_tokens": args.max_tokens,
         "pairs_of_rounds": args.pairs,
         "target_overhead_percent": 5.0,

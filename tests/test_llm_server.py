@@ -33,7 +33,8 @@ from suwen.llm.server import (
 )
 
 # Serves /health (and /v1/models) on argv[1]; starts a long-lived child like vLLM's engine
-# core. With argv[2] == "fail" it prints a traceback-style error and exits instead.
+# core. With argv[2] == "fail" it prints a traceback-style error and exits instead; with "hang"
+# it never becomes healthy (a model still loading).
 FAKE_SERVER = textwrap.dedent(
     """
     import http.server, json, subprocess, sys
@@ -44,6 +45,9 @@ FAKE_SERVER = textwrap.dedent(
         print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
         sys.exit(1)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    if mode == "hang":
+        import time
+        time.sleep(600)
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             body = json.dumps({"data": [{"id": "fake"}]}).encode()
@@ -308,6 +312,48 @@ def test_killing_the_parent_leaves_no_orphan(tmp_path: Path, signum: signal.Sign
         assert len(members) == 2
         parent.send_signal(signum)
         parent.wait(timeout=30)
+        assert_all_gone(members)
+    finally:
+        parent.kill()
+
+
+# A Python process that starts a managed (fake) server the way the commands do (async, the
+# start in a thread) while that server never gets healthy: a signal arrives during start-up.
+STARTING_PARENT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from suwen.config import Settings
+    from suwen.llm import server as server_module
+    fake = [sys.executable, "-c", sys.argv[2]]
+    server_module.server_command = lambda s, m, h, port: [*fake, str(port), "hang"]
+    settings = Settings(
+        home=Path(sys.argv[1]), vllm_port={port}, vlm="fake", vllm_startup_timeout=600
+    )
+    async def main():
+        async with server_module.open_model(settings):
+            pass
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_start_up_stops_the_starting_server(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    code = STARTING_PARENT.replace("{port}", str(free_port("127.0.0.1")))
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), FAKE_SERVER])
+    try:
+        watched = psutil.Process(parent.pid)
+        deadline = time.monotonic() + 60
+        members: list[psutil.Process] = []
+        while time.monotonic() < deadline and len(members) < 2:
+            members = watched.children(recursive=True)  # the server and its engine child
+            time.sleep(0.05)
+        assert len(members) == 2, members
+        parent.send_signal(signum)
+        parent.wait(timeout=30)  # not the 600 s start-up timeout
         assert_all_gone(members)
     finally:
         parent.kill()

@@ -142,6 +142,11 @@ class SuwenAgent:
         self.checkpointer = checkpointer
         self.graph: Graph = build_graph(self.nodes).compile(checkpointer=checkpointer)
 
+    @property
+    def model(self) -> VisionLanguageModel:
+        """The model every node calls (plain-mode evaluation and the judge use it directly)."""
+        return self.nodes.model
+
     def _config(self, thread_id: str | None) -> RunnableConfig:
         # Each round is retrieve + reread + decide; the explicit round counter in the state is
         # what bounds the loop, this limit only guards against a routing bug.

@@ -9,10 +9,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.common import LiveBars, console, fail, progress_bars, settings_of
 
 bench_app = typer.Typer(help="Benchmarks: retrieval quality (and more).", no_args_is_help=True)
 
@@ -91,26 +90,13 @@ def print_retrieval_table(results: Mapping[str, Any], out: Console) -> None:
     out.print(f"encoder: {setup.get('encoder')}; hybrid: {setup.get('hybrid')}")
 
 
-class _Bars:
-    """Progress on stderr: indexing first, then one bar per query run."""
+class _Bars(LiveBars):
+    """Indexing first, then one bar per query run."""
 
     def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-        )
+        self.progress = progress_bars()
         self.index_task = self.progress.add_task("encoding corpus", total=None)
         self.query_tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Bars:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.progress.stop()
 
     def on_index(self, event: Any) -> None:
         self.progress.update(

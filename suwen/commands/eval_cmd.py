@@ -107,7 +107,7 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
             return await run_evaluation(
                 config,
                 samples,
-                model=agent.nodes.model,
+                model=agent.model,
                 answerer=AgentAnswerer(agent) if "agent" in config.modes else None,
                 on_progress=progress,
             )

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
-from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.common import console, err_console, fail, progress_bars, settings_of
 from suwen.commands.index import index_app, search_app
 from suwen.errors import SuwenError
 
@@ -115,11 +115,4 @@ def search_image(
 
 
 def _progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
+    return progress_bars(transient=True)

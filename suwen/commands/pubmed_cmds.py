@@ -10,19 +10,25 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from suwen.commands.bench import bench_app, write_json
-from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.common import (
+    LiveBars,
+    console,
+    detail_column,
+    err_console,
+    fail,
+    print_errors,
+    progress_bars,
+    settings_of,
+)
 from suwen.commands.index import index_app
 from suwen.config import MEDCPT_ARTICLE
 
 if TYPE_CHECKING:
     from suwen.indexes.index_bench import IndexMeasurement
     from suwen.indexes.medcpt_import import ImportProgress, ImportReport
-
-MAX_ERRORS_SHOWN = 20
 
 
 @index_app.command("pubmed-medcpt")
@@ -68,25 +74,13 @@ def index_pubmed_medcpt(
         fail(f"nothing could be imported into index {index_name!r} from {directory}", code=1)
 
 
-class _ImportBars:
+class _ImportBars(LiveBars):
+    """Two bars: chunk files imported, and vectors copied."""
+
     def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}", style="dim"),
-            console=err_console,
-        )
+        self.progress = progress_bars(detail_column())
         self.chunks = self.progress.add_task("chunks", total=None, detail="")
         self.rows = self.progress.add_task("vectors", total=None, detail="")
-
-    def __enter__(self) -> _ImportBars:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.progress.stop()
 
     def update(self, event: ImportProgress) -> None:
         self.progress.update(
@@ -99,10 +93,7 @@ class _ImportBars:
 
 
 def _print_import(report: ImportReport) -> None:
-    for message in report.errors[:MAX_ERRORS_SHOWN]:
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    if len(report.errors) > MAX_ERRORS_SHOWN:
-        err_console.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more errors")
+    print_errors(report.errors)
     if not report.published:
         return
     table = Table(title=f"MedCPT import into {report.index!r}", show_header=False)

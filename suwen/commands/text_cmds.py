@@ -10,10 +10,17 @@ from typing import TYPE_CHECKING, cast
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.common import (
+    LiveBars,
+    console,
+    detail_column,
+    fail,
+    print_errors,
+    progress_bars,
+    settings_of,
+)
 from suwen.commands.index import index_app, search_app
 from suwen.errors import SuwenError
 from suwen.indexes import store
@@ -25,7 +32,6 @@ if TYPE_CHECKING:
     from suwen.types import Hit
 
 FORMATS = ("pubmed-xml", "pubtator", "jsonl", "pubmedqa", "pdf")
-MAX_ERRORS_SHOWN = 20
 
 
 @contextmanager
@@ -71,27 +77,13 @@ def index_text(
         fail(f"nothing could be ingested into index {index_name!r}", code=1)
 
 
-class _IngestBars:
-    """Two rich bars on stderr: files read, and chunks encoded (the slow part)."""
+class _IngestBars(LiveBars):
+    """Two bars: files read, and chunks encoded (the slow part)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}", style="dim"),
-            console=err_console,
-        )
+        self.progress = progress_bars(detail_column())
         self.files = self.progress.add_task("files", total=None, detail="")
         self.chunks = self.progress.add_task("encoding", total=None, detail="")
-
-    def __enter__(self) -> _IngestBars:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.progress.stop()
 
     def update(self, event: IngestProgress) -> None:
         current = Path(event.current).name if event.current else ""
@@ -107,10 +99,7 @@ class _IngestBars:
 
 
 def _print_report(report: IngestReport) -> None:
-    for message in report.errors[:MAX_ERRORS_SHOWN]:
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    if len(report.errors) > MAX_ERRORS_SHOWN:
-        err_console.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more errors")
+    print_errors(report.errors)
     table = Table(title=f"ingest into {report.index!r}")
     table.add_column("source", overflow="fold")
     table.add_column("format")

@@ -49,7 +49,8 @@ from suwen.indexes.text_index import (
     TEXT_DB,
     build_lock,
     connect,
-    content_sha256,
+    delete_document_rows,
+    insert_document_rows,
 )
 from suwen.types import Document
 
@@ -579,7 +580,7 @@ class _Import:
     def _publish(self) -> None:
         """fsync, rename staging to the next version, and point CURRENT at it."""
         self.notify("publish", "publishing")
-        _fsync_tree(self.staging)
+        store.fsync_tree(self.staging)
         numbers = [int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.name[1:].isdigit()]
         final = self.root / f"v{max(numbers, default=0) + 1:06d}"
         self.staging.rename(final)
@@ -625,21 +626,20 @@ class _ChunkWriter:
         source = str(self.plan.files.pubmed)
         source_id = self._source_id(source)
         replaced: list[int] = []
-        now = datetime.now(UTC).isoformat(timespec="seconds")
         pending = 0
         for pmid, record in stream_records(self.plan.files.pubmed):
             row = row_of.get(pmid)
             if row is None:
                 continue  # metadata for an article without a vector
             doc = record_document(pmid, record, source)
-            old = self._remove_document(pmid)
+            old = delete_document_rows(self.db, pmid)[0]
             if old and ids_for_rows[row] < 0:
                 self.counts.replaced += 1
             replaced.extend(old)
             if not doc.title and not doc.text:
                 ids_for_rows[row] = -1
                 continue
-            ids_for_rows[row] = self._insert_document(doc, source_id, now)
+            ids_for_rows[row] = insert_document_rows(self.db, doc, source_id, [(doc.text, None)])[0]
             pending += 1
             if pending % INSERT_BATCH == 0:
                 self.job.notify("chunk", f"chunk {self.plan.files.number}: {pending} articles")
@@ -656,40 +656,6 @@ class _ChunkWriter:
         )
         row = self.db.execute("SELECT id FROM sources WHERE path = ?", (path,)).fetchone()
         return int(row["id"])
-
-    def _remove_document(self, pmid: str) -> list[int]:
-        """Delete a PMID's stored rows (from an earlier chunk or import); their chunk ids."""
-        ids = [int(r[0]) for r in self.db.execute("SELECT id FROM chunks WHERE pmid = ?", (pmid,))]
-        if ids:
-            self.db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
-            self.db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
-            self.db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
-        return ids
-
-    def _insert_document(self, doc: Document, source_id: int, now: str) -> int:
-        self.db.execute(
-            "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                doc.pmid,
-                doc.title,
-                doc.year,
-                doc.journal,
-                json.dumps(doc.mesh),
-                source_id,
-                content_sha256(doc),
-                now,
-            ),
-        )
-        cursor = self.db.execute(
-            "INSERT INTO chunks (pmid, chunk_no, text, page) VALUES (?, 0, ?, NULL)",
-            (doc.pmid, doc.text),
-        )
-        chunk_id = int(cursor.lastrowid or 0)
-        self.db.execute(
-            "INSERT INTO chunks_fts (rowid, title, text) VALUES (?, ?, ?)",
-            (chunk_id, doc.title, doc.text),
-        )
-        return chunk_id
 
     def _add_vectors(self, ids_for_rows: npt.NDArray[np.int64]) -> None:
         """Add vectors in id order (ids grow with insertion, so rows on disk stay sorted by id,
@@ -749,15 +715,3 @@ def _held_out_rows(db: sqlite3.Connection, vector_store: CompressedStore) -> npt
     row_ids = vector_store.row_ids()
     rows = np.minimum(np.searchsorted(row_ids, ids), max(len(row_ids) - 1, 0))
     return rows[row_ids[rows] == ids].astype(np.int64) if len(row_ids) else rows
-
-
-def _fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")):
-        if item.is_file():
-            with item.open("rb") as handle:
-                os.fsync(handle.fileno())
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -93,7 +93,8 @@ def list_indexes(indexes_dir: Path) -> list[IndexManifest]:
     return found
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Make every file under ``path``, and the directory itself, durable before a rename."""
     for item in sorted(path.rglob("*")):
         if item.is_file():
             with item.open("rb") as handle:
@@ -130,7 +131,7 @@ def new_version(indexes_dir: Path, name: str, *, copy_current: bool) -> Iterator
         yield staging
         if not (staging / MANIFEST).is_file():
             raise RuntimeError(f"index build for {name!r} wrote no manifest")
-        _fsync_tree(staging)
+        fsync_tree(staging)
         final = root / _next_version_name(root)
         staging.rename(final)
         publish(root, final)

@@ -151,6 +151,50 @@ def content_sha256(doc: Document) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def delete_document_rows(db: sqlite3.Connection, pmid: str) -> tuple[list[int], bool]:
+    """Delete a document with its chunks and their BM25 rows: the chunk ids it had (whose
+    vectors the caller removes) and whether the document was stored at all."""
+    ids = [int(r[0]) for r in db.execute("SELECT id FROM chunks WHERE pmid = ?", (pmid,))]
+    if ids:
+        db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
+        db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
+    cursor = db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
+    return ids, bool(cursor.rowcount)
+
+
+def insert_document_rows(
+    db: sqlite3.Connection, doc: Document, source_id: int, chunks: Sequence[tuple[str, int | None]]
+) -> list[int]:
+    """Store a document and its chunks ``(text, page)`` with their BM25 rows; the new chunk
+    ids in chunk order (ids grow with insertion)."""
+    db.execute(
+        "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            doc.pmid,
+            doc.title,
+            doc.year,
+            doc.journal,
+            json.dumps(doc.mesh),
+            source_id,
+            content_sha256(doc),
+            _now(),
+        ),
+    )
+    ids = []
+    for number, (text, page) in enumerate(chunks):
+        cursor = db.execute(
+            "INSERT INTO chunks (pmid, chunk_no, text, page) VALUES (?, ?, ?, ?)",
+            (doc.pmid, number, text, page),
+        )
+        chunk_id = int(cursor.lastrowid or 0)
+        db.execute(
+            "INSERT INTO chunks_fts (rowid, title, text) VALUES (?, ?, ?)",
+            (chunk_id, doc.title, text),
+        )
+        ids.append(chunk_id)
+    return ids
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -267,40 +311,13 @@ class TextIndexWriter:
         self.db.commit()
 
     def _remove_stored(self, pmid: str) -> bool:
-        ids = [r["id"] for r in self.db.execute("SELECT id FROM chunks WHERE pmid = ?", (pmid,))]
+        ids, existed = delete_document_rows(self.db, pmid)
         if ids:
-            self.db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
-            self.db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
             self.index.remove(np.asarray(ids, dtype=np.int64))
-        cursor = self.db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
-        return bool(cursor.rowcount)
+        return existed
 
     def _insert(self, doc: Document, source_id: int, chunks: Sequence[Chunk]) -> vectors.IdArray:
-        self.db.execute(
-            "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                doc.pmid,
-                doc.title,
-                doc.year,
-                doc.journal,
-                json.dumps(doc.mesh),
-                source_id,
-                content_sha256(doc),
-                _now(),
-            ),
-        )
-        ids = []
-        for number, chunk in enumerate(chunks):
-            cursor = self.db.execute(
-                "INSERT INTO chunks (pmid, chunk_no, text, page) VALUES (?, ?, ?, ?)",
-                (doc.pmid, number, chunk.text, chunk.page),
-            )
-            chunk_id = int(cursor.lastrowid or 0)
-            self.db.execute(
-                "INSERT INTO chunks_fts (rowid, title, text) VALUES (?, ?, ?)",
-                (chunk_id, doc.title, chunk.text),
-            )
-            ids.append(chunk_id)
+        ids = insert_document_rows(self.db, doc, source_id, [(c.text, c.page) for c in chunks])
         return np.asarray(ids, dtype=np.int64)
 
     # -- finishing -------------------------------------------------------------------------

@@ -176,6 +176,9 @@ class ManagedServer:
         self._stopping = threading.Event()
         self._lock = threading.RLock()
         self._watcher: threading.Thread | None = None
+        # Now, while (usually) on the main thread: start() may run in a worker thread, where
+        # Python refuses signal handlers, and a SIGTERM during start-up would orphan vLLM.
+        _install_cleanup()
 
     @property
     def url(self) -> str:
@@ -388,18 +391,28 @@ def _kill_survivors(pids: list[int]) -> None:
 
 _live: set[ManagedServer] = set()
 _live_lock = threading.Lock()
-_cleanup_installed = False
+_atexit_installed = False
+_signals_installed = False
+
+
+def _install_cleanup() -> None:
+    """Once per process: stop every managed server at exit and on SIGTERM/SIGHUP. The signal
+    part only takes on the main thread; a later call from there completes it."""
+    global _atexit_installed, _signals_installed
+    with _live_lock:
+        if not _atexit_installed:
+            atexit.register(stop_all)
+            _atexit_installed = True
+        if _signals_installed or threading.current_thread() is not threading.main_thread():
+            return
+        _signals_installed = True
+    _install_signal_handlers()
 
 
 def _register(server: ManagedServer) -> None:
-    global _cleanup_installed
     with _live_lock:
         _live.add(server)
-        if _cleanup_installed:
-            return
-        _cleanup_installed = True
-    atexit.register(stop_all)
-    _install_signal_handlers()
+    _install_cleanup()
 
 
 def _unregister(server: ManagedServer) -> None:
