@@ -58,7 +58,7 @@ from suwen.evaluate.benchmarks import LoadContext, Sample, load_pubmedqa, load_v
 from suwen.llm.base import ChatReply, Message, VisionLanguageModel
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
-from suwen.types import AgentResult, Hit
+from suwen.types import AgentResult, Hit, TextMethod
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -165,7 +165,7 @@ class TimedText:
         query: str,
         k: int = 10,
         *,
-        method: Literal["hybrid"] = "hybrid",
+        method: TextMethod = "hybrid",
         exclude_pmids: Collection[str] = (),
     ) -> list[Hit]:
         with self.clock.timing("search"):

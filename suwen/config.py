@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     index_type: Literal["auto", "exact", "compressed"] = Field(
         "auto", description="FAISS index type; auto picks by corpus size"
     )
+    text_method: Literal["hybrid", "dense", "bm25"] = Field(
+        "hybrid",
+        description="How the agent and `search text` search PubMed; dense on very large "
+        "indexes, where BM25 over SQLite FTS5 is slow (see README)",
+    )
     compressed_threshold: int = Field(
         200_000, ge=1, description="Vector count above which 'auto' builds a compressed index"
     )

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# How PubMed is searched: dense + BM25 fused (the default), or one of them alone.
+TextMethod = Literal["hybrid", "dense", "bm25"]
+
 
 class Document(BaseModel):
     """One article (or PDF) as read from a source file."""

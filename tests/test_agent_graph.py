@@ -52,6 +52,22 @@ def test_enough_evidence_in_round_one(tmp_path: Path) -> None:
     assert not degraded_nodes(result)
 
 
+def test_the_text_method_setting_reaches_the_searcher(tmp_path: Path) -> None:
+    # A full-PubMed index answers dense queries in ms but BM25 ones in a second (README).
+    model = FakeModel().script("plan", PLAN)
+    text = FakeTextSearch(corpus())
+    ask(make_agent(tmp_path, model, text=text), question())
+    assert {method for _, _, method, _ in text.calls} == {"hybrid"}
+    dense = FakeTextSearch(corpus())
+    ask(
+        make_agent(
+            tmp_path / "d", FakeModel().script("plan", PLAN), text=dense, text_method="dense"
+        ),
+        question(),
+    )
+    assert dense.calls and {method for _, _, method, _ in dense.calls} == {"dense"}
+
+
 def test_second_round_after_rewrite(tmp_path: Path) -> None:
     decide = json.dumps(
         {"enough": False, "missing": ["chest tube timing"], "queries": ["chest tube outcomes"]}

@@ -194,7 +194,11 @@ class AgentNodes:
             text_search = self.text_search
             searches.extend(
                 search_pubmed(
-                    text_search, q, k=self.settings.text_k, exclude_pmids=question.exclude_pmids
+                    text_search,
+                    q,
+                    k=self.settings.text_k,
+                    exclude_pmids=question.exclude_pmids,
+                    method=self.settings.text_method,
                 )
                 for q in queries
             )

@@ -134,16 +134,20 @@ def search_text(
     query: str = typer.Argument(..., help="What to look for, in plain words."),
     index: str | None = typer.Option(None, "--index", help="Text index (default: text_index)."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of articles to return."),
-    method: str = typer.Option("hybrid", "--method", help="hybrid, dense or bm25."),
+    method: str | None = typer.Option(
+        None, "--method", help="hybrid, dense or bm25 (default: the text_method setting)."
+    ),
     exclude: list[str] = typer.Option([], "--exclude", help="PMID never to return (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits."),
 ) -> None:
     """Search a PubMed text index (dense + BM25 hybrid by default)."""
     from suwen.retrieval.text import TextSearcher
 
+    settings = settings_of(ctx)
+    method = method or settings.text_method
     if method not in ("hybrid", "dense", "bm25"):
         fail(f"--method {method!r}: choose hybrid, dense or bm25")
-    with user_errors(), TextSearcher.open(settings_of(ctx), index) as searcher:
+    with user_errors(), TextSearcher.open(settings, index) as searcher:
         hits = searcher.search(query, k, method=cast("Method", method), exclude_pmids=exclude)
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], ensure_ascii=False, indent=2))

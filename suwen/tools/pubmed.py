@@ -1,6 +1,6 @@
 """search_pubmed: the agent's typed adapter over a PubMed text searcher.
 
-No decisions here: the agent chooses the queries; this runs one hybrid search off the event
+No decisions here: the agent chooses the queries; this runs one search off the event
 loop (searchers are synchronous and do CPU/IO work) and stamps each hit with the query that
 found it, so the evidence keeps its provenance.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
-from typing import Literal, Protocol
+from typing import Protocol
 
-from suwen.types import Hit
+from suwen.types import Hit, TextMethod
 
 
 class TextSearch(Protocol):
@@ -22,17 +22,20 @@ class TextSearch(Protocol):
         query: str,
         k: int = ...,
         *,
-        method: Literal["hybrid"] = ...,
+        method: TextMethod = ...,
         exclude_pmids: Collection[str] = ...,
     ) -> list[Hit]: ...
 
 
 async def search_pubmed(
-    searcher: TextSearch, query: str, *, k: int, exclude_pmids: Collection[str] = ()
+    searcher: TextSearch,
+    query: str,
+    *,
+    k: int,
+    exclude_pmids: Collection[str] = (),
+    method: TextMethod = "hybrid",
 ) -> list[Hit]:
-    """Hybrid (dense + BM25) search for ``query``; hits carry ``found_by=[query]``."""
+    """Search for ``query`` (hybrid dense + BM25 unless told); hits carry ``found_by=[query]``."""
     excluded = frozenset(exclude_pmids)
-    hits = await asyncio.to_thread(
-        searcher.search, query, k, method="hybrid", exclude_pmids=excluded
-    )
+    hits = await asyncio.to_thread(searcher.search, query, k, method=method, exclude_pmids=excluded)
     return [hit.model_copy(update={"found_by": [query]}) for hit in hits]
