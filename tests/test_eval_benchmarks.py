@@ -278,3 +278,71 @@ def test_iu_xray_and_medxpertqa_layouts(tmp_path: Path, cache: Path) -> None:
     )
     [mm] = load_benchmark("MedXpertQA-MM", tmp_path / "mx", cache)
     assert mm.gold == "C" and mm.choices[4] == "E. e" and Path(mm.images[0]).is_file()
+
+
+class _HubRows(list[dict[str, Any]]):
+    """A loaded hub split as the loaders use it: iterable rows, and ``cast_column``."""
+
+    def cast_column(self, column: str, feature: Any) -> _HubRows:
+        assert feature == ("Image", False), "images must stay undecoded bytes"
+        return self
+
+
+def _fake_datasets(splits: dict[tuple[str, str | None], list[dict[str, Any]]]) -> Any:
+    """A stand-in ``datasets`` module serving ``splits`` (hub id, split) -> rows, offline."""
+    import types
+
+    module = types.ModuleType("datasets")
+
+    def load_dataset(path: str, name: str | None = None, split: str | None = None) -> _HubRows:
+        return _HubRows(splits[(path, split)])
+
+    module.load_dataset = load_dataset  # type: ignore[attr-defined]
+    module.Image = lambda decode=True: ("Image", decode)  # type: ignore[attr-defined]
+    return module
+
+
+def test_hub_loaders_map_the_hub_columns_like_the_local_files(
+    shared_data: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub path (no --data) on rows in the hub datasets' layouts, built from the same
+    questions as the shared files: the samples must match the local loaders' field by field."""
+    import sys
+
+    root = shared_data / "vqa_rad"
+    testset = json.loads((root / "testset.json").read_text("utf-8"))
+    vqa_rows = [
+        {
+            "image": {"bytes": (root / "images" / r["image_name"]).read_bytes(), "path": "x.jpg"},
+            "question": r["question"],
+            "answer": r["answer"],
+        }
+        for r in testset
+    ]
+    medqa_file = shared_data / "mcq" / "medqa" / "us_4options_test.jsonl"
+    medqa_rows = [json.loads(line) for line in medqa_file.read_text("utf-8").splitlines() if line]
+    splits = {
+        ("flaviagiammarino/vqa-rad", "test"): vqa_rows,
+        ("GBaker/MedQA-USMLE-4-options", "test"): medqa_rows,
+    }
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(splits))
+
+    local = load_benchmark("VQA-RAD", shared_data, cache)
+    hub = load_benchmark("VQA-RAD", None, cache)
+    assert len(hub) == len(local) == 451
+    for ours, theirs in zip(hub, local, strict=True):
+        assert (ours.question, ours.gold, ours.kind, ours.prompt) == (
+            theirs.question,
+            theirs.gold,
+            theirs.kind,
+            theirs.prompt,
+        )
+        # The image is stored once by content, and the leakage guard hashes the same bytes.
+        assert ours.exclude_image_sha256 == theirs.exclude_image_sha256
+        assert (
+            hashlib.sha256(Path(ours.images[0]).read_bytes()).hexdigest()
+            == (ours.exclude_image_sha256[0])
+        )
+    local_mcq = load_benchmark("MedQA-USMLE", shared_data, cache)
+    hub_mcq = load_benchmark("MedQA-USMLE", None, cache)
+    assert [s.model_dump() for s in hub_mcq] == [s.model_dump() for s in local_mcq]
