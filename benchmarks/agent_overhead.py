@@ -51,6 +51,7 @@ from typing import Any, Literal, TypeVar
 from PIL import Image
 from pydantic import BaseModel
 
+from benchmarks.common import shared_data_default
 from suwen.agent.graph import SuwenAgent, open_sessions
 from suwen.config import Settings, load_settings
 from suwen.errors import IndexMissingError
@@ -61,7 +62,6 @@ from suwen.tools.pubmed import TextSearch
 from suwen.types import AgentResult, Hit, TextMethod
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULT = HERE / "results" / "agent_overhead.json"
 NODES = ("look", "plan", "retrieve", "reread", "decide", "answer", "verify")
 TARGET = 0.05
@@ -365,7 +365,7 @@ def main() -> None:
     parser.add_argument("--url", action="append", default=[], help="running vLLM server(s)")
     parser.add_argument("--vlm", default=None, help="model to serve when no --url (e.g. tiny)")
     parser.add_argument("--home", default=None, help="data home with indexes (default: temp)")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=shared_data_default())
     parser.add_argument("--per-set", type=int, default=20)
     parser.add_argument("--per-request", type=float, default=0.015)
     parser.add_argument("--prefill-tps", type=float, default=5000.0)

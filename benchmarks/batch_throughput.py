@@ -40,6 +40,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import shared_data_default
 from suwen.agent import prompts
 from suwen.agent.graph import SuwenAgent
 from suwen.batch import load_questions, run_batch
@@ -51,7 +52,6 @@ from suwen.runtime import open_agent
 from suwen.types import Question
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULT = HERE / "results" / "batch_throughput.json"
 TARGET = 0.9
 HOST = "127.0.0.1"
@@ -249,7 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", action="append", default=[], help="running vLLM server(s)")
     parser.add_argument("--vlm", default=None, help="model to serve (default: build the tiny one)")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=shared_data_default())
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="passes of bare and of batch")

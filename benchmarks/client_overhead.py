@@ -63,6 +63,7 @@ import httpx
 from openai import AsyncOpenAI
 from PIL import Image
 
+from benchmarks.common import shared_data_default
 from suwen.config import Settings
 from suwen.llm.base import Message
 from suwen.llm.client import VLLMClient, to_openai_messages
@@ -70,7 +71,6 @@ from suwen.llm.images import image_to_data_url
 from suwen.llm.server import ManagedServer, free_port
 
 HERE = Path(__file__).resolve().parent
-SHARED_DATA = HERE.parent.parent / "shared" / "data"
 IMAGE = "synpic42202.jpg"  # a chest radiograph from the VQA-RAD test split
 LEVELS = (1, 4, 16)
 
@@ -503,7 +503,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vllm-url", help="A running vLLM server (default: start one).")
     parser.add_argument("--vlm", help="Model to serve (default: the tiny checkpoint).")
-    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA)
+    parser.add_argument("--shared-data", type=Path, default=shared_data_default())
     parser.add_argument("--pairs", type=int, default=12, help="Pairs of rounds per level.")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument(

