@@ -159,3 +159,39 @@ def test_rerank_reorders_by_cross_encoder_scores(
     expected = [float(s) for s in model.predict(pairs)]
     assert [h.score for h in hits] == pytest.approx(expected, abs=1e-4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_article_keys_group_chunks_and_old_versions_still_search(
+    text_home_copy: Path, minilm_path: Path, text_settings: Settings
+) -> None:
+    """The build writes chunk -> article keys; a version without them (or with a stale file)
+    searches the same, from keys computed out of SQLite."""
+    import numpy as np
+
+    from suwen.indexes import article_keys, store
+    from tests.fixtures_text import text_settings_for
+
+    settings = text_settings_for(text_home_copy, minilm_path)
+    version, manifest = store.open_version(settings.indexes_dir, TEXT_INDEX)
+    keys = np.load(version / article_keys.ARTICLE_KEYS)
+    db = sqlite3.connect(version / "text.sqlite")
+    rows = db.execute("SELECT id, pmid FROM chunks").fetchall()
+    db.close()
+    assert int((keys >= 0).sum()) == len(rows) == manifest.count
+    by_pmid: dict[str, set[int]] = {}
+    for chunk_id, pmid in rows:
+        by_pmid.setdefault(pmid, set()).add(int(keys[chunk_id]))
+    assert all(len(found) == 1 for found in by_pmid.values())  # one key per article
+    assert len({next(iter(found)) for found in by_pmid.values()}) == len(by_pmid)  # distinct
+    assert any(np.bincount(keys[keys >= 0]) > 1)  # the corpus has multi-chunk articles
+
+    with TextSearcher.open(text_settings, TEXT_INDEX) as reference:
+        expected = [h.key for h in reference.search(ASTHMA, 8, exclude_pmids=["29768149"])]
+    for broken in (keys[:-3], None):  # stale (fewer ids than chunks), then missing
+        if broken is None:
+            (version / article_keys.ARTICLE_KEYS).unlink()
+        else:
+            np.save(version / article_keys.ARTICLE_KEYS, broken)
+        with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+            found = searcher.search(ASTHMA, 8, exclude_pmids=["29768149"])
+            assert [h.key for h in found] == expected

@@ -50,6 +50,7 @@ from suwen.indexes.text_index import (
     build_lock,
     connect,
     delete_document_rows,
+    finish_rows,
     insert_document_rows,
 )
 from suwen.types import Document
@@ -546,8 +547,7 @@ class _Import:
             )
         manifest.bytes_per_vector = round(vector_store.bytes_per_vector(), 2)
         self.notify("publish", "optimising the full-text index")
-        db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
-        db.commit()
+        finish_rows(db, self.staging)
         store.write_manifest(self.staging, manifest)
         self._publish()
         report = self.report

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
-from suwen.indexes import compressed, store, vectors
+from suwen.indexes import article_keys, compressed, store, vectors
 from suwen.indexes.chunking import chunk_document
 from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
 from suwen.indexes.text_sources import (
@@ -199,6 +199,14 @@ def insert_document_rows(
     return ids
 
 
+def finish_rows(db: sqlite3.Connection, directory: Path) -> None:
+    """Last step on a version's rows before its manifest: optimise the full-text index, commit,
+    and write the chunk-to-article keys the searcher keeps in RAM."""
+    db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
+    db.commit()
+    article_keys.write(db, directory)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -342,8 +350,7 @@ class TextIndexWriter:
                 "refusing to publish an inconsistent index"
             )
         sources = [r["path"] for r in self.db.execute("SELECT path FROM sources ORDER BY id")]
-        self.db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
-        self.db.commit()
+        finish_rows(self.db, self.directory)
         self.db.close()
         # Past the size threshold an exact index is compressed here (recall measured).
         self.index, described = compressed.finish_store(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, ModelError
-from suwen.indexes import store, vectors
+from suwen.indexes import article_keys, store, vectors
 from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
 from suwen.indexes.text_index import (
@@ -96,7 +96,7 @@ class FusionConfig:
 @dataclass(frozen=True)
 class Candidate:
     chunk_id: int
-    pmid: str
+    article: int  # equal for chunks of one article (see suwen.indexes.article_keys)
     score: float
 
 
@@ -110,6 +110,7 @@ class TextSearcher:
         db: sqlite3.Connection,
         index: VectorStore,
         encoder: TextEncoder,
+        keys: article_keys.KeyArray,
         fusion: FusionConfig | None = None,
     ) -> None:
         self.settings = settings
@@ -120,6 +121,7 @@ class TextSearcher:
         self._db_lock = threading.Lock()
         self._index = index
         self._encoder = encoder
+        self._article_keys = keys
         self._vector_cache: OrderedDict[str, vectors.FloatArray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._cross: CrossEncoder | None = None
@@ -143,7 +145,8 @@ class TextSearcher:
             raise IndexMismatchError(
                 f"{version}: vectors have {index.dim} dims, manifest {manifest.dim}"
             )
-        return cls(settings, manifest, db, index, encoder)
+        keys = article_keys.load(version, db, manifest.count)
+        return cls(settings, manifest, db, index, encoder, keys)
 
     def close(self) -> None:
         with self._db_lock:
@@ -160,16 +163,9 @@ class TextSearcher:
     def dense(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
         """Chunks nearest to the query embedding, best first."""
         vector = self._query_vector(query)
-        extra = self._chunk_count(exclude_pmids)
-        scores, ids = self._index.search(vector, depth + extra)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        pmids = self._pmids_of([chunk_id for chunk_id, _ in found])
-        excluded = set(exclude_pmids)
-        return [
-            Candidate(chunk_id, pmids[chunk_id], score)
-            for chunk_id, score in found
-            if chunk_id in pmids and pmids[chunk_id] not in excluded
-        ][:depth]
+        excluded = self._chunk_ids_of(exclude_pmids)
+        scores, ids = self._index.search(vector, depth + len(excluded))
+        return self._candidates(ids[0], scores[0], excluded)[:depth]
 
     def _query_vector(self, query: str) -> vectors.FloatArray:
         """The query's embedding; recent ones are kept (agents and benchmarks repeat queries)."""
@@ -188,9 +184,9 @@ class TextSearcher:
     def bm25(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
         """Chunks ranked by FTS5 BM25 (title and text columns), best first.
 
-        The ranking runs on the FTS table alone and only its top rows are joined to their
-        PMIDs: joining every match first cost 2.4x the time at 300k chunks, where a question's
-        words match most of the corpus. Enough extra rows are taken to drop the excluded
+        The ranking runs on the FTS table alone (joining every match to its chunk row first
+        cost 2.4x the time at 300k chunks, where a question's words match most of the corpus);
+        articles come from the in-RAM keys. Enough extra rows are taken to drop the excluded
         PMIDs' chunks afterwards, so the result is the same."""
         match = fts_query(query)
         if match is None:
@@ -200,16 +196,23 @@ class TextSearcher:
             "SELECT rowid AS id, -bm25(chunks_fts, ?, 1.0) AS score FROM chunks_fts "
             "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts, ?, 1.0) LIMIT ?"
         )
-        extra = self._chunk_count(exclude_pmids)
+        excluded = self._chunk_ids_of(exclude_pmids)
         with self._db_lock:
-            rows = self._db.execute(sql, (weight, match, weight, depth + extra)).fetchall()
-        pmids = self._pmids_of([int(row["id"]) for row in rows])
-        excluded = set(exclude_pmids)
+            rows = self._db.execute(sql, (weight, match, weight, depth + len(excluded))).fetchall()
+        ids = [int(row["id"]) for row in rows]
+        return self._candidates(ids, [float(row["score"]) for row in rows], excluded)[:depth]
+
+    def _candidates(
+        self, chunk_ids: Sequence[int], scores: Sequence[float], excluded: Collection[int]
+    ) -> list[Candidate]:
+        """Candidates with their article keys, in the given order; excluded chunks, FAISS's -1
+        padding and ids without a chunk are dropped."""
+        keys = article_keys.lookup(self._article_keys, chunk_ids)
         return [
-            Candidate(int(row["id"]), pmids[int(row["id"])], float(row["score"]))
-            for row in rows
-            if int(row["id"]) in pmids and pmids[int(row["id"])] not in excluded
-        ][:depth]
+            Candidate(int(chunk_id), int(key), float(score))
+            for chunk_id, key, score in zip(chunk_ids, keys, scores, strict=True)
+            if key >= 0 and int(chunk_id) not in excluded
+        ]
 
     # -- search -------------------------------------------------------------------------------
 
@@ -279,18 +282,12 @@ class TextSearcher:
             rows = self._db.execute(sql, (json.dumps(list(chunk_ids)),)).fetchall()
         return {int(row["id"]): row for row in rows}
 
-    def _pmids_of(self, chunk_ids: Sequence[int]) -> dict[int, str]:
-        sql = "SELECT id, pmid FROM chunks WHERE id IN (SELECT value FROM json_each(?))"
-        with self._db_lock:
-            rows = self._db.execute(sql, (json.dumps(list(chunk_ids)),)).fetchall()
-        return {int(row["id"]): str(row["pmid"]) for row in rows}
-
-    def _chunk_count(self, pmids: Collection[str]) -> int:
+    def _chunk_ids_of(self, pmids: Collection[str]) -> set[int]:
         if not pmids:
-            return 0
-        sql = "SELECT count(*) FROM chunks WHERE pmid IN (SELECT value FROM json_each(?))"
+            return set()
+        sql = "SELECT id FROM chunks WHERE pmid IN (SELECT value FROM json_each(?))"
         with self._db_lock:
-            return int(self._db.execute(sql, (json.dumps(list(pmids)),)).fetchone()[0])
+            return {int(row[0]) for row in self._db.execute(sql, (json.dumps(list(pmids)),))}
 
     # -- reranking ----------------------------------------------------------------------------
 
@@ -331,13 +328,13 @@ def _best_chunk_per_article(
     ranked: Sequence[tuple[int, float]], lists: dict[str, list[Candidate]]
 ) -> list[tuple[int, float]]:
     """Keep each article's best-ranked chunk only."""
-    pmid_of = {c.chunk_id: c.pmid for found in lists.values() for c in found}
-    seen: set[str] = set()
+    article_of = {c.chunk_id: c.article for found in lists.values() for c in found}
+    seen: set[int] = set()
     best = []
     for chunk_id, score in ranked:
-        pmid = pmid_of[chunk_id]
-        if pmid not in seen:
-            seen.add(pmid)
+        article = article_of[chunk_id]
+        if article not in seen:
+            seen.add(article)
             best.append((chunk_id, score))
     return best
 
