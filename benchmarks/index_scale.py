@@ -52,7 +52,9 @@ HERE = Path(__file__).resolve().parent
 console = Console()
 PUBMED_ARTICLES = 24_000_000
 E2E_QUESTIONS = 200
+BM25_QUESTIONS = 100
 NCBI_CHUNK_ROWS = 250_000
+ABSTRACT_SENTENCES = 8
 
 
 def load() -> list[float]:
@@ -196,19 +198,33 @@ def ratios(results: list[IndexMeasurement]) -> dict[str, float]:
 
 
 def write_ncbi_chunks(folder: Path, vectors: np.ndarray, texts: list[str]) -> int:
-    """``vectors`` in NCBI's MedCPT layout, real abstracts recycled as their metadata."""
+    """``vectors`` in NCBI's MedCPT layout, with distinct article texts made of real ones.
+
+    Each article takes one real title and eight sentences drawn from all the real abstracts, so
+    no two articles are copies: with copies, the top BM25 scores are all ties of one abstract,
+    which flatters an engine that skips blocks below the current top-k score."""
     folder.mkdir(parents=True, exist_ok=True)
+    titles = [text.partition("\n")[0] for text in texts]
+    sentences = [
+        sentence.strip() + "."
+        for text in texts
+        for sentence in text.partition("\n")[2].split(". ")
+        if len(sentence.split()) >= 4
+    ]
+    rng = np.random.default_rng(11)
     chunks = 0
     for number, start in enumerate(range(0, len(vectors), NCBI_CHUNK_ROWS)):
         stop = min(start + NCBI_CHUNK_ROWS, len(vectors))
         pmids = [str(40_000_000 + row) for row in range(start, stop)]
+        picks = rng.integers(0, len(sentences), size=(stop - start, ABSTRACT_SENTENCES))
         np.save(folder / f"embeds_chunk_{number}.npy", vectors[start:stop] * 30.0)
         (folder / f"pmids_chunk_{number}.json").write_text(json.dumps(pmids), encoding="utf-8")
         with (folder / f"pubmed_chunk_{number}.json").open("w", encoding="utf-8") as handle:
             handle.write("{")
             for offset, pmid in enumerate(pmids):
-                title, _, abstract = texts[(start + offset) % len(texts)].partition("\n")
-                record = {"d": "20200101", "t": title, "a": abstract, "m": ""}
+                abstract = " ".join(sentences[i] for i in picks[offset])
+                record = {"d": "20200101", "t": titles[(start + offset) % len(titles)]}
+                record |= {"a": abstract, "m": ""}
                 handle.write(("," if offset else "") + json.dumps(pmid) + ":" + json.dumps(record))
             handle.write("}")
         chunks += 1
@@ -278,6 +294,56 @@ def end_to_end(
                 key=lambda row: row["p50_ms"],
             )
     result["searcher_rss_mb"] = searcher_rss_mb(settings, questions[0])
+    result["bm25_engines"] = bm25_engines(settings, questions[-BM25_QUESTIONS:])
+    return result
+
+
+def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
+    """BM25 alone on the 1M chunks, side by side: Suwen's tantivy index against the SQLite FTS5
+    table earlier versions used (built here from the same rows), same questions, top 200 each
+    (what hybrid search takes), and how far their top 10 agree."""
+    from suwen.indexes import bm25, store
+    from suwen.indexes.text_index import TEXT_DB, connect
+    from suwen.retrieval.text import STOPWORDS, fts5_bm25
+
+    version, _ = store.open_version(settings.indexes_dir, "e2e")
+    say(f"BM25 engines: building an FTS5 table of the same rows for {len(questions)} questions")
+    db = connect(version / TEXT_DB)
+    started = time.perf_counter()
+    db.execute(
+        "CREATE VIRTUAL TABLE chunks_fts USING fts5(title, text, "
+        "tokenize = 'porter unicode61 remove_diacritics 2')"
+    )
+    db.execute(
+        "INSERT INTO chunks_fts (rowid, title, text) SELECT c.id, d.title, c.text "
+        "FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid"
+    )
+    db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
+    db.commit()
+    fts5_build_s = time.perf_counter() - started
+    searcher = bm25.Bm25Searcher(version)
+    times: dict[str, list[float]] = {"tantivy": [], "fts5": []}
+    overlap = []
+    for question in questions:
+        began = time.perf_counter()
+        fast = searcher.search(bm25.query_words(question, STOPWORDS), 200)
+        times["tantivy"].append((time.perf_counter() - began) * 1000)
+        began = time.perf_counter()
+        slow = fts5_bm25(db, question, 200)
+        times["fts5"].append((time.perf_counter() - began) * 1000)
+        top = {chunk_id for chunk_id, _ in fast[:10]}
+        overlap.append(len(top & {chunk_id for chunk_id, _ in slow[:10]}) / max(len(top), 1))
+    db.close()
+    result: dict[str, Any] = {"questions": len(questions), "fts5_build_s": round(fts5_build_s, 1)}
+    for engine, measured in times.items():
+        result[engine] = {
+            "p50_ms": round(float(np.percentile(measured, 50)), 2),
+            "p95_ms": round(float(np.percentile(measured, 95)), 2),
+        }
+    result["p50_fts5_over_tantivy"] = round(
+        result["fts5"]["p50_ms"] / result["tantivy"]["p50_ms"], 1
+    )
+    result["top10_overlap"] = round(float(np.mean(overlap)), 3)
     return result
 
 
@@ -370,6 +436,14 @@ def print_tables(payload: dict[str, Any]) -> None:
             f"holds {e2e['searcher_rss_mb']['after_query']} MB resident after a query "
             f"({e2e['searcher_rss_mb']['python_and_imports']} MB of it Python and imports)"
         )
+        engines = e2e.get("bm25_engines")
+        if engines:
+            console.print(
+                f"BM25 alone, top 200, {engines['questions']} questions: tantivy p50 "
+                f"{engines['tantivy']['p50_ms']} ms (p95 {engines['tantivy']['p95_ms']}) vs "
+                f"FTS5 p50 {engines['fts5']['p50_ms']} ms (p95 {engines['fts5']['p95_ms']}) = "
+                f"{engines['p50_fts5_over_tantivy']}x; top-10 overlap {engines['top10_overlap']}"
+            )
     enc = payload["encoder"]
     console.print(
         f"encoder: {enc['texts_per_s']} abstracts/s, {enc['mflops_per_token']} MFLOP/token, "

@@ -31,6 +31,7 @@ from suwen.llm.server import (
     server_command,
     server_env,
 )
+from tests.terminal_signals import default_signal_actions
 
 # Serves /health (and /v1/models) on argv[1]; starts a long-lived child like vLLM's engine
 # core. With argv[2] == "fail" it prints a traceback-style error and exits instead; with "hang"
@@ -302,6 +303,7 @@ def test_killing_the_parent_leaves_no_orphan(tmp_path: Path, signum: signal.Sign
         [sys.executable, "-c", code, str(tmp_path), FAKE_SERVER],
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=default_signal_actions,
     )
     try:
         assert parent.stdout is not None
@@ -343,7 +345,9 @@ def test_a_signal_during_start_up_stops_the_starting_server(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
     code = STARTING_PARENT.replace("{port}", str(free_port("127.0.0.1")))
-    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), FAKE_SERVER])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), FAKE_SERVER], preexec_fn=default_signal_actions
+    )
     try:
         watched = psutil.Process(parent.pid)
         deadline = time.monotonic() + 60

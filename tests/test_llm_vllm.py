@@ -26,6 +26,7 @@ from suwen.errors import ModelError, StructuredOutputError
 from suwen.llm.base import Message, recording
 from suwen.llm.client import VLLMClient
 from suwen.llm.server import free_port
+from tests.terminal_signals import default_signal_actions
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -159,6 +160,7 @@ def test_serve_survives_a_crash_once_and_stops_cleanly_on_ctrl_c(
         env=cli_env(tmp_path / "home", tiny_model_dir),
         encoding="utf-8",
         timeout=900,
+        preexec_fn=default_signal_actions,
     )
     seen: list[psutil.Process] = []
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from suwen.errors import IndexMismatchError
-from suwen.indexes import store, vectors
+from suwen.indexes import bm25, store, vectors
 from suwen.indexes.text_index import (
     TEXT_DB,
     VECTORS_FILE,
@@ -42,24 +43,31 @@ def _table_counts(version: Path) -> dict[str, int]:
     try:
         return {
             table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("documents", "chunks", "chunks_fts", "sources")
+            for table in ("documents", "chunks", "sources")
         }
     finally:
         db.close()
 
 
+def _bm25_ids(version: Path) -> list[int]:
+    import tantivy
+
+    searcher = tantivy.Index.open(str(version / bm25.BM25_DIR)).searcher()
+    found = searcher.search(tantivy.Query.all_query(), max(searcher.num_docs, 1), count=False)
+    return sorted(searcher.fast_field_values("id", [address for _, address in found.hits]))
+
+
 def _assert_consistent(version: Path) -> dict[str, int]:
-    """Every chunk has exactly one FTS row and one vector, under the same id."""
+    """Every chunk has exactly one BM25 document and one vector, under the same id."""
     counts = _table_counts(version)
     index: Any = vectors.load_index(version / VECTORS_FILE)
-    assert counts["chunks"] == counts["chunks_fts"] == index.ntotal
+    assert counts["chunks"] == index.ntotal
     db = sqlite3.connect(version / TEXT_DB)
     try:
         chunk_ids = sorted(r[0] for r in db.execute("SELECT id FROM chunks"))
-        fts_ids = sorted(r[0] for r in db.execute("SELECT rowid FROM chunks_fts"))
     finally:
         db.close()
-    assert chunk_ids == fts_ids
+    assert _bm25_ids(version) == chunk_ids
     stored = sorted(int(index.id_map.at(i)) for i in range(index.ntotal))
     assert stored == chunk_ids
     return counts
@@ -248,3 +256,52 @@ def test_pdf_hits_name_their_page(text_home_copy: Path, minilm_path: Path, tmp_p
     assert hit.pmid is not None and hit.pmid.startswith("pdf-")
     assert hit.page == 2 and hit.as_search_json()["page"] == 2
     assert hit.title == "guideline"
+
+
+def _make_schema_1(version: Path) -> None:
+    """Turn a version into what Suwen wrote before bm25/: an FTS5 table, no tantivy index."""
+    db = sqlite3.connect(version / TEXT_DB)
+    try:
+        db.execute(
+            "CREATE VIRTUAL TABLE chunks_fts USING fts5(title, text, "
+            "tokenize = 'porter unicode61 remove_diacritics 2')"
+        )
+        db.execute(
+            "INSERT INTO chunks_fts (rowid, title, text) SELECT c.id, d.title, c.text "
+            "FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid"
+        )
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        db.commit()
+    finally:
+        db.close()
+    shutil.rmtree(version / bm25.BM25_DIR)
+
+
+def test_an_index_from_before_bm25_dir_searches_and_is_upgraded_by_its_next_build(
+    text_home_copy: Path, minilm_path: Path, tmp_path: Path
+) -> None:
+    settings = text_settings_for(text_home_copy, minilm_path)
+    _make_schema_1(_live(text_home_copy))
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:  # BM25 from the FTS5 table
+        legacy = [h.pmid for h in searcher.search("budesonide formoterol asthma", 5, method="bm25")]
+    assert legacy and legacy[0] == "29768149"
+
+    source = _jsonl(
+        tmp_path / "new.jsonl",
+        [{"pmid": "990001", "title": "Quokka fever", "abstract": "Quokka fever in zookeepers."}],
+    )
+    build_text_index(settings, TEXT_INDEX, [source])
+
+    version = _live(text_home_copy)
+    _assert_consistent(version)  # every old chunk and the new one are in bm25/
+    db = sqlite3.connect(version / TEXT_DB)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        schema = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    finally:
+        db.close()
+    assert "chunks_fts" not in tables and schema == "2"
+    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
+        upgraded = searcher.search("budesonide formoterol asthma", 5, method="bm25")
+        assert upgraded[0].pmid == "29768149"
+        assert searcher.search("quokka fever", 1, method="bm25")[0].pmid == "990001"

@@ -8,7 +8,8 @@ https://ftp.ncbi.nlm.nih.gov/pub/lu/MedCPT/pubmed_embeddings/ as 38 chunks of ab
 * ``pubmed_chunk_N.json``: ``{PMID: {"t": title, "a": abstract, "m": MeSH, "d": date}}``.
 
 The result is an ordinary text index (the same SQLite schema as ``suwen index text``: documents,
-one chunk per article, FTS5 for BM25) whose queries are encoded with MedCPT-Query-Encoder.
+one chunk per article, a tantivy BM25 index built from the rows once the last chunk is in) whose
+queries are encoded with MedCPT-Query-Encoder.
 
 Bounded memory: arrays are memory-mapped (``np.load(mmap_mode='r')``), the multi-GB metadata file
 is parsed as a stream (ijson), and one chunk's PMIDs are the largest thing held.
@@ -41,7 +42,7 @@ from pydantic import BaseModel, Field
 
 from suwen.config import MEDCPT_ARTICLE, QUERY_ENCODER_OF, Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
-from suwen.indexes import compressed, store
+from suwen.indexes import bm25, compressed, store
 from suwen.indexes.compressed import CompressedStore, VectorStore
 from suwen.indexes.text_index import (
     SCHEMA,
@@ -52,6 +53,7 @@ from suwen.indexes.text_index import (
     delete_document_rows,
     finish_rows,
     insert_document_rows,
+    rebuild_bm25,
 )
 from suwen.types import Document
 
@@ -408,7 +410,7 @@ class _Import:
         try:
             db.executescript(SCHEMA + PROGRESS_SCHEMA)
             db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
             db.commit()
         finally:
@@ -546,7 +548,8 @@ class _Import:
                 disk_bytes_per_vector=vector_store.disk_bytes_per_vector(),
             )
         manifest.bytes_per_vector = round(vector_store.bytes_per_vector(), 2)
-        self.notify("publish", "optimising the full-text index")
+        self.notify("publish", f"building the BM25 index of {chunks} articles")
+        rebuild_bm25(db, self.staging)
         finish_rows(db, self.staging)
         store.write_manifest(self.staging, manifest)
         self._publish()
@@ -573,6 +576,7 @@ class _Import:
                 "chunks": chunks,
                 **({"pooling": "cls"} if self.encoder == MEDCPT_ARTICLE else {}),
                 "source": "NCBI MedCPT precomputed PubMed embeddings",
+                "bm25": bm25.DESCRIPTION,
                 "schema_version": SCHEMA_VERSION,
             },
         )

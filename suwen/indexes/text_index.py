@@ -1,8 +1,9 @@
-"""Build and update a PubMed text index: SQLite (documents, chunks, sources, FTS5) + FAISS.
+"""Build and update a PubMed text index: SQLite (documents, chunks, sources), FAISS, tantivy.
 
-One version directory holds ``text.sqlite`` and ``vectors.faiss``; the FAISS id of a vector is
-the ``chunks.id`` of its row (also the FTS5 rowid), so any hit maps straight back to its text,
-article and source file. Chunk ids come from ``AUTOINCREMENT`` and are never reused, so a removed
+One version directory holds ``text.sqlite``, the vectors (``suwen.indexes.compressed``) and the
+BM25 index ``bm25/`` (``suwen.indexes.bm25``); the vector id of a chunk is the ``chunks.id`` of
+its row, as is its BM25 document's ``id``, so any hit maps straight back to its text, article
+and source file. Chunk ids come from ``AUTOINCREMENT`` and are never reused, so a removed
 vector can never be confused with a newer row.
 
 Every build works on a copy of the live version (``store.new_version(copy_current=True)``) and
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
-from suwen.indexes import article_keys, compressed, store, vectors
+from suwen.indexes import article_keys, bm25, compressed, store, vectors
 from suwen.indexes.chunking import chunk_document
 from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
 from suwen.indexes.text_sources import (
@@ -46,12 +47,12 @@ from suwen.types import Chunk, Document
 
 TEXT_DB = "text.sqlite"
 VECTORS_FILE = "vectors.faiss"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: BM25 moved from an FTS5 table to bm25/ (tantivy)
 # Part of every document's content hash: a change to chunking re-encodes on the next ingest.
 CHUNKER_VERSION = 1
-FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
+LEGACY_FTS_TABLE = "chunks_fts"  # schema 1's BM25 table, dropped when a version is next built
 
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY,
@@ -80,9 +81,6 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     page INTEGER,
     UNIQUE (pmid, chunk_no)
-);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
-    title, text, tokenize = '{FTS_TOKENIZER}'
 );
 """
 
@@ -152,11 +150,10 @@ def content_sha256(doc: Document) -> str:
 
 
 def delete_document_rows(db: sqlite3.Connection, pmid: str) -> tuple[list[int], bool]:
-    """Delete a document with its chunks and their BM25 rows: the chunk ids it had (whose
-    vectors the caller removes) and whether the document was stored at all."""
+    """Delete a document with its chunks: the chunk ids it had (whose vectors and BM25
+    documents the caller removes) and whether the document was stored at all."""
     ids = [int(r[0]) for r in db.execute("SELECT id FROM chunks WHERE pmid = ?", (pmid,))]
     if ids:
-        db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
         db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
     cursor = db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
     return ids, bool(cursor.rowcount)
@@ -169,8 +166,8 @@ def insert_document_rows(
     chunks: Sequence[tuple[str, int | None]],
     ingested: str | None = None,
 ) -> list[int]:
-    """Store a document and its chunks ``(text, page)`` with their BM25 rows; the new chunk
-    ids in chunk order (ids grow with insertion). ``ingested`` defaults to now."""
+    """Store a document and its chunks ``(text, page)``; the new chunk ids in chunk order
+    (ids grow with insertion). ``ingested`` defaults to now."""
     db.execute(
         "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -190,21 +187,31 @@ def insert_document_rows(
             "INSERT INTO chunks (pmid, chunk_no, text, page) VALUES (?, ?, ?, ?)",
             (doc.pmid, number, text, page),
         )
-        chunk_id = int(cursor.lastrowid or 0)
-        db.execute(
-            "INSERT INTO chunks_fts (rowid, title, text) VALUES (?, ?, ?)",
-            (chunk_id, doc.title, text),
-        )
-        ids.append(chunk_id)
+        ids.append(int(cursor.lastrowid or 0))
     return ids
 
 
 def finish_rows(db: sqlite3.Connection, directory: Path) -> None:
-    """Last step on a version's rows before its manifest: optimise the full-text index, commit,
-    and write the chunk-to-article keys the searcher keeps in RAM."""
-    db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
+    """Last step on a version's rows before its manifest: commit, and write the
+    chunk-to-article keys the searcher keeps in RAM."""
     db.commit()
     article_keys.write(db, directory)
+
+
+def rebuild_bm25(db: sqlite3.Connection, directory: Path) -> int:
+    """Build the version's BM25 index from its rows (dropping schema 1's FTS5 table, which it
+    replaces); the number of chunks indexed."""
+    db.execute(f"DROP TABLE IF EXISTS {LEGACY_FTS_TABLE}")
+    db.commit()
+    return bm25.rebuild(directory, db)
+
+
+def open_bm25(db: sqlite3.Connection, directory: Path) -> bm25.Bm25Writer:
+    """The version's BM25 writer; a version from before ``bm25/`` existed (schema 1) gets its
+    BM25 index built from its rows first."""
+    if not bm25.exists(directory):
+        rebuild_bm25(db, directory)
+    return bm25.Bm25Writer(directory)
 
 
 def _now() -> str:
@@ -241,11 +248,12 @@ class TextIndexWriter:
         self.db = connect(directory / TEXT_DB)
         self.db.executescript(SCHEMA)
         self.db.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         # Exact or compressed (see suwen.indexes.compressed); a new index starts exact.
         self.index = compressed.open_or_create(directory, encoder.dim)
         compressed.check_dim(self.index, encoder.dim, f"encoder {encoder.name!r}")
+        self.bm25 = open_bm25(self.db, directory)
         self._queue: dict[str, tuple[Document, int, SourceReport]] = {}
         self.chunks_encoded = 0
         self.chunks_queued = 0
@@ -319,6 +327,8 @@ class TextIndexWriter:
             self._remove_stored(doc.pmid)
             ids = self._insert(doc, source_id, chunks)
             self.index.add(matrix[row : row + len(chunks)], ids)
+            for chunk_id, chunk in zip(ids, chunks, strict=True):
+                self.bm25.add(int(chunk_id), doc.title, chunk.text)
             row += len(chunks)
         self.db.commit()
 
@@ -326,6 +336,7 @@ class TextIndexWriter:
         ids, existed = delete_document_rows(self.db, pmid)
         if ids:
             self.index.remove(np.asarray(ids, dtype=np.int64))
+            self.bm25.delete(ids)
         return existed
 
     def _insert(self, doc: Document, source_id: int, chunks: Sequence[Chunk]) -> vectors.IdArray:
@@ -352,6 +363,7 @@ class TextIndexWriter:
         sources = [r["path"] for r in self.db.execute("SELECT path FROM sources ORDER BY id")]
         finish_rows(self.db, self.directory)
         self.db.close()
+        self.bm25.commit()
         # Past the size threshold an exact index is compressed here (recall measured).
         self.index, described = compressed.finish_store(
             self.index, self.index_type, self.compressed_threshold
@@ -367,6 +379,7 @@ class TextIndexWriter:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.ProgrammingError):
             self.db.close()
+        self.bm25.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +521,7 @@ def _manifest(settings: Settings, name: str, encoder: TextEncoder) -> store.Inde
         extra={
             "pooling": encoder.pooling,
             "max_tokens": encoder.max_tokens,
-            "fts_tokenizer": FTS_TOKENIZER,
+            "bm25": bm25.DESCRIPTION,
             "schema_version": SCHEMA_VERSION,
         },
     )

@@ -149,7 +149,7 @@ def _variants(
     out = {}
     try:
         for label, fusion in VARIANTS.items():
-            searcher.fusion = replace(fusion, depth=chosen.depth, title_weight=chosen.title_weight)
+            searcher.fusion = replace(fusion, depth=chosen.depth)
             ranks, _ = gold_ranks(searcher, questions, "hybrid", label=label, progress=progress)
             out[label] = metrics_of(list(ranks.values()))
     finally:

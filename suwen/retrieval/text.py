@@ -1,4 +1,4 @@
-"""Search a PubMed text index: dense (FAISS), BM25 (SQLite FTS5) or both fused.
+"""Search a PubMed text index: dense (FAISS), BM25 (tantivy) or both fused.
 
 A :class:`TextSearcher` opens the live version of an index once and can then be used from many
 threads at a time (the agent searches concurrently through ``asyncio.to_thread``): FAISS reads
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, ModelError
 from suwen.indexes import article_keys, store, vectors
+from suwen.indexes import bm25 as bm25_store
 from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
 from suwen.indexes.text_index import (
@@ -71,6 +72,19 @@ def fts_query(text: str) -> str | None:
     return " OR ".join(f'"{word}"' for word in unique)
 
 
+def fts5_bm25(db: sqlite3.Connection, query: str, limit: int) -> list[tuple[int, float]]:
+    """``(chunk id, score)`` by BM25 from the FTS5 table of a version built before ``bm25/``
+    (schema 1): slow at scale, kept so such indexes still search until their next build."""
+    match = fts_query(query)
+    if match is None:
+        return []
+    sql = (
+        "SELECT rowid AS id, -bm25(chunks_fts) AS score FROM chunks_fts "
+        "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?"
+    )
+    return [(int(row[0]), float(row[1])) for row in db.execute(sql, (match, limit))]
+
+
 @dataclass(frozen=True)
 class FusionConfig:
     """How hybrid search mixes its two lists.
@@ -90,7 +104,6 @@ class FusionConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"dense": 0.8, "bm25": 0.2})
     normalise: Normaliser = "z"
     depth: int = 200  # chunks taken from each retriever (the z-score statistics use them all)
-    title_weight: float = 1.0  # BM25 weight of the title column relative to the text
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ class TextSearcher:
         index: VectorStore,
         encoder: TextEncoder,
         keys: article_keys.KeyArray,
+        bm25_searcher: bm25_store.Bm25Searcher | None,
         fusion: FusionConfig | None = None,
     ) -> None:
         self.settings = settings
@@ -122,6 +136,7 @@ class TextSearcher:
         self._index = index
         self._encoder = encoder
         self._article_keys = keys
+        self._bm25 = bm25_searcher
         self._vector_cache: OrderedDict[str, vectors.FloatArray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._cross: CrossEncoder | None = None
@@ -146,7 +161,8 @@ class TextSearcher:
                 f"{version}: vectors have {index.dim} dims, manifest {manifest.dim}"
             )
         keys = article_keys.load(version, db, manifest.count)
-        return cls(settings, manifest, db, index, encoder, keys)
+        bm25 = bm25_store.Bm25Searcher(version) if bm25_store.exists(version) else None
+        return cls(settings, manifest, db, index, encoder, keys, bm25)
 
     def close(self) -> None:
         with self._db_lock:
@@ -182,25 +198,17 @@ class TextSearcher:
         return vector
 
     def bm25(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
-        """Chunks ranked by FTS5 BM25 (title and text columns), best first.
-
-        The ranking runs on the FTS table alone (joining every match to its chunk row first
-        cost 2.4x the time at 300k chunks, where a question's words match most of the corpus);
-        articles come from the in-RAM keys. Enough extra rows are taken to drop the excluded
-        PMIDs' chunks afterwards, so the result is the same."""
-        match = fts_query(query)
-        if match is None:
-            return []
-        weight = self.fusion.title_weight
-        sql = (
-            "SELECT rowid AS id, -bm25(chunks_fts, ?, 1.0) AS score FROM chunks_fts "
-            "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts, ?, 1.0) LIMIT ?"
-        )
+        """Chunks ranked by BM25 over title and text, best first. Enough extra chunks are taken
+        to drop the excluded PMIDs' chunks afterwards, so the result is the same."""
         excluded = self._chunk_ids_of(exclude_pmids)
-        with self._db_lock:
-            rows = self._db.execute(sql, (weight, match, weight, depth + len(excluded))).fetchall()
-        ids = [int(row["id"]) for row in rows]
-        return self._candidates(ids, [float(row["score"]) for row in rows], excluded)[:depth]
+        if self._bm25 is None:
+            with self._db_lock:
+                found = fts5_bm25(self._db, query, depth + len(excluded))
+        else:
+            words = bm25_store.query_words(query, STOPWORDS)
+            found = self._bm25.search(words, depth + len(excluded))
+        ids, scores = [chunk_id for chunk_id, _ in found], [score for _, score in found]
+        return self._candidates(ids, scores, excluded)[:depth]
 
     def _candidates(
         self, chunk_ids: Sequence[int], scores: Sequence[float], excluded: Collection[int]
