@@ -302,6 +302,7 @@ def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
     """BM25 alone on the 1M chunks, side by side: Suwen's tantivy index against the SQLite FTS5
     table earlier versions used (built here from the same rows), same questions, top 200 each
     (what hybrid search takes), and how far their top 10 agree."""
+    from suwen.devtools.fts5_table import create_fts5_table
     from suwen.indexes import bm25, store
     from suwen.indexes.text_index import TEXT_DB, connect
     from suwen.retrieval.text import STOPWORDS, fts5_bm25
@@ -310,16 +311,7 @@ def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
     say(f"BM25 engines: building an FTS5 table of the same rows for {len(questions)} questions")
     db = connect(version / TEXT_DB)
     started = time.perf_counter()
-    db.execute(
-        "CREATE VIRTUAL TABLE chunks_fts USING fts5(title, text, "
-        "tokenize = 'porter unicode61 remove_diacritics 2')"
-    )
-    db.execute(
-        "INSERT INTO chunks_fts (rowid, title, text) SELECT c.id, d.title, c.text "
-        "FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid"
-    )
-    db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
-    db.commit()
+    create_fts5_table(db)
     fts5_build_s = time.perf_counter() - started
     searcher = bm25.Bm25Searcher(version)
     times: dict[str, list[float]] = {"tantivy": [], "fts5": []}

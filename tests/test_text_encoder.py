@@ -84,3 +84,39 @@ def test_unavailable_model_is_a_one_line_model_error(tmp_path: Path) -> None:
         load_text_encoder(str(tmp_path / "no-such-model"), device="cpu")
     assert "no-such-model" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+QUERIES = [
+    "What is the first-line treatment of mild asthma?",
+    "BRCA1",
+    "Ist die Ösophagusvarizenblutung häufig? 食道静脈瘤",
+    "tumour " * 400,  # past max_tokens: truncated the same way
+]
+
+
+@pytest.mark.parametrize("pooling", ["st", "cls"])
+def test_query_vectors_equal_the_batch_encoders(
+    minilm_path: Path, plain_encoder_dir: Path, pooling: str
+) -> None:
+    """One query takes a frozen TorchScript path on the CPU; its vectors must be the ones the
+    articles were compared with (sentence-transformers pipeline and the MedCPT-style stack)."""
+    source = minilm_path if pooling == "st" else plain_encoder_dir
+    encoder = load_text_encoder(str(source), device="cpu")
+    for text in QUERIES:
+        np.testing.assert_allclose(encoder.encode_query(text), encoder.encode([text]), atol=1e-5)
+
+
+def test_a_model_that_cannot_be_traced_stays_eager(
+    minilm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from suwen.indexes import text_encoder
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("not traceable")
+
+    monkeypatch.setattr(torch.jit, "trace", fail)
+    monkeypatch.setattr(text_encoder, "_cache", {})
+    encoder = load_text_encoder(str(minilm_path), device="cpu")
+    np.testing.assert_allclose(encoder.encode_query(QUERIES[0]), encoder.encode(QUERIES[:1]))

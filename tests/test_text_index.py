@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from suwen.devtools.fts5_table import create_fts5_table
 from suwen.errors import IndexMismatchError
 from suwen.indexes import bm25, store, vectors
 from suwen.indexes.text_index import (
@@ -262,14 +263,7 @@ def _make_schema_1(version: Path) -> None:
     """Turn a version into what Suwen wrote before bm25/: an FTS5 table, no tantivy index."""
     db = sqlite3.connect(version / TEXT_DB)
     try:
-        db.execute(
-            "CREATE VIRTUAL TABLE chunks_fts USING fts5(title, text, "
-            "tokenize = 'porter unicode61 remove_diacritics 2')"
-        )
-        db.execute(
-            "INSERT INTO chunks_fts (rowid, title, text) SELECT c.id, d.title, c.text "
-            "FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid"
-        )
+        create_fts5_table(db)
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         db.commit()
     finally:
@@ -305,3 +299,11 @@ def test_an_index_from_before_bm25_dir_searches_and_is_upgraded_by_its_next_buil
         upgraded = searcher.search("budesonide formoterol asthma", 5, method="bm25")
         assert upgraded[0].pmid == "29768149"
         assert searcher.search("quokka fever", 1, method="bm25")[0].pmid == "990001"
+
+
+def test_a_version_without_any_bm25_index_is_refused_clearly(
+    text_home_copy: Path, minilm_path: Path
+) -> None:
+    shutil.rmtree(_live(text_home_copy) / bm25.BM25_DIR)
+    with pytest.raises(IndexMismatchError, match=r"BM25 index is missing.*suwen index text"):
+        TextSearcher.open(text_settings_for(text_home_copy, minilm_path), TEXT_INDEX)

@@ -16,6 +16,7 @@ computed, and what one field reproduces). Nothing else is stored: texts stay in 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sqlite3
@@ -42,7 +43,12 @@ def _schema() -> tantivy.Schema:
 
 
 def exists(version: Path) -> bool:
-    return (version / BM25_DIR / "meta.json").is_file()
+    """True when the version has a BM25 index with this module's fields."""
+    try:
+        meta = json.loads((version / BM25_DIR / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return {field.get("name") for field in meta.get("schema", [])} == {"id", "body"}
 
 
 class Bm25Writer:

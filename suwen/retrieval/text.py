@@ -28,6 +28,7 @@ from suwen.indexes import bm25 as bm25_store
 from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
 from suwen.indexes.text_index import (
+    LEGACY_FTS_TABLE,
     TEXT_DB,
     check_compatible,
     connect,
@@ -162,6 +163,12 @@ class TextSearcher:
             )
         keys = article_keys.load(version, db, manifest.count)
         bm25 = bm25_store.Bm25Searcher(version) if bm25_store.exists(version) else None
+        if bm25 is None and not _has_table(db, LEGACY_FTS_TABLE):
+            db.close()
+            raise IndexMismatchError(
+                f"{version}: the BM25 index is missing or was written by another Suwen; "
+                f"rebuild index {manifest.name!r} with `suwen index text`"
+            )
         return cls(settings, manifest, db, index, encoder, keys, bm25)
 
     def close(self) -> None:
@@ -190,7 +197,7 @@ class TextSearcher:
             if cached is not None:
                 self._vector_cache.move_to_end(query)
                 return cached
-        vector = self._encoder.encode([query])
+        vector = self._encoder.encode_query(query)
         with self._cache_lock:
             self._vector_cache[query] = vector
             while len(self._vector_cache) > QUERY_CACHE_SIZE:
@@ -326,6 +333,11 @@ class TextSearcher:
                     "set SUWEN_CROSS_ENCODER to a local directory or turn rerank off"
                 ) from exc
         return self._cross
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return db.execute(sql, (name,)).fetchone() is not None
 
 
 def _scored(found: Sequence[Candidate]) -> list[tuple[int, float]]:
