@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     )
     text_method: Literal["hybrid", "dense", "bm25"] = Field(
         "hybrid",
-        description="How the agent and `search text` search PubMed; dense on very large "
-        "indexes, where BM25 over SQLite FTS5 is slow (see README)",
+        description="How the agent and `search text` search PubMed: dense + BM25 fused, "
+        "or one of them alone",
     )
     compressed_threshold: int = Field(
         200_000, ge=1, description="Vector count above which 'auto' builds a compressed index"

@@ -351,8 +351,8 @@ class TextIndexWriter:
         return int(documents), int(chunks)
 
     def save(self, manifest: store.IndexManifest) -> None:
-        """Write vectors, optimise FTS, close SQLite and write the manifest (last: the store
-        publishes only a version that has one)."""
+        """Write vectors, the article keys and the BM25 index, close SQLite and write the
+        manifest (last: the store publishes only a version that has one)."""
         self.flush()
         documents, chunks = self.counts()
         if self.index.count != chunks:
