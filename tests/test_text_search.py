@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from suwen.config import Settings
-from suwen.indexes.text_index import embedding_text
+from suwen.indexes.chunking import embedding_text
 from suwen.retrieval.fusion import (
     linear_fusion,
     max_normalise,

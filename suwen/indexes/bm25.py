@@ -26,6 +26,8 @@ from pathlib import Path
 
 import tantivy
 
+from suwen.indexes.chunking import embedding_text
+
 BM25_DIR = "bm25"
 ANALYZER = "en_stem"  # tantivy's default tokenizer + lowercase + English Snowball stemmer
 DESCRIPTION = f"tantivy BM25, one title+text field, {ANALYZER}"  # shown by `suwen index info`
@@ -64,7 +66,7 @@ class Bm25Writer:
     def add(self, chunk_id: int, title: str, text: str) -> None:
         doc = tantivy.Document()
         doc.add_unsigned("id", chunk_id)
-        doc.add_text("body", f"{title}\n{text}" if title else text)
+        doc.add_text("body", embedding_text(title, text))
         self._writer.add_document(doc)
 
     def add_rows(self, rows: Iterable[tuple[int, str, str]]) -> int:
@@ -125,10 +127,6 @@ class Bm25Searcher:
         self._index = tantivy.Index.open(str(version / BM25_DIR))
         self._searcher = self._index.searcher()
         self._lock = threading.Lock()
-
-    @property
-    def count(self) -> int:
-        return int(self._searcher.num_docs)
 
     def search(self, words: Sequence[str], depth: int) -> list[tuple[int, float]]:
         """``(chunk id, score)`` best first for chunks holding any of ``words``."""

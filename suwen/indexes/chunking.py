@@ -25,6 +25,12 @@ _SENTENCE_END = re.compile(
 _SECTION_BREAK = re.compile(r"\n\s*\n|\n(?=[A-Z][A-Z /&-]{2,40}:)|\n")
 
 
+def embedding_text(title: str, text: str) -> str:
+    """What a chunk is encoded and BM25-indexed as: the article title gives every chunk its
+    context."""
+    return f"{title}\n{text}" if title and text else title or text
+
+
 def approx_tokens(text: str) -> int:
     """A tokenizer-free estimate (about 1.3 word-piece tokens per word) for callers without one."""
     return int(len(text.split()) * 1.3) + 2

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
 from suwen.indexes import article_keys, bm25, compressed, store, vectors
-from suwen.indexes.chunking import chunk_document
+from suwen.indexes.chunking import chunk_document, embedding_text
 from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
 from suwen.indexes.text_sources import (
     Deletion,
@@ -136,11 +136,6 @@ class IngestReport(BaseModel):
     @property
     def ingested_anything(self) -> bool:
         return any(report.documents or report.deleted for report in self.sources)
-
-
-def embedding_text(title: str, text: str) -> str:
-    """What the encoder sees for a chunk: the article title gives every chunk its context."""
-    return f"{title}\n{text}" if title and text else title or text
 
 
 def content_sha256(doc: Document) -> str:

@@ -25,6 +25,7 @@ from suwen.config import Settings
 from suwen.errors import IndexMismatchError, ModelError
 from suwen.indexes import article_keys, store, vectors
 from suwen.indexes import bm25 as bm25_store
+from suwen.indexes.chunking import embedding_text
 from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
 from suwen.indexes.text_index import (
@@ -32,7 +33,6 @@ from suwen.indexes.text_index import (
     TEXT_DB,
     check_compatible,
     connect,
-    embedding_text,
 )
 from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
 from suwen.types import Hit, TextMethod
@@ -79,9 +79,10 @@ def fts5_bm25(db: sqlite3.Connection, query: str, limit: int) -> list[tuple[int,
     match = fts_query(query)
     if match is None:
         return []
+    table = LEGACY_FTS_TABLE
     sql = (
-        "SELECT rowid AS id, -bm25(chunks_fts) AS score FROM chunks_fts "
-        "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?"
+        f"SELECT rowid AS id, -bm25({table}) AS score FROM {table} "
+        f"WHERE {table} MATCH ? ORDER BY bm25({table}) LIMIT ?"
     )
     return [(int(row[0]), float(row[1])) for row in db.execute(sql, (match, limit))]
 
@@ -183,10 +184,9 @@ class TextSearcher:
 
     # -- the two retrievers ------------------------------------------------------------------
 
-    def dense(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
-        """Chunks nearest to the query embedding, best first."""
+    def dense(self, query: str, depth: int, excluded: Collection[int] = ()) -> list[Candidate]:
+        """Chunks nearest to the query embedding, best first; ``excluded`` chunk ids never."""
         vector = self._query_vector(query)
-        excluded = self._chunk_ids_of(exclude_pmids)
         scores, ids = self._index.search(vector, depth + len(excluded))
         return self._candidates(ids[0], scores[0], excluded)[:depth]
 
@@ -204,10 +204,9 @@ class TextSearcher:
                 self._vector_cache.popitem(last=False)
         return vector
 
-    def bm25(self, query: str, depth: int, exclude_pmids: Collection[str] = ()) -> list[Candidate]:
+    def bm25(self, query: str, depth: int, excluded: Collection[int] = ()) -> list[Candidate]:
         """Chunks ranked by BM25 over title and text, best first. Enough extra chunks are taken
-        to drop the excluded PMIDs' chunks afterwards, so the result is the same."""
-        excluded = self._chunk_ids_of(exclude_pmids)
+        to drop the ``excluded`` chunk ids afterwards, so the result is the same."""
         if self._bm25 is None:
             with self._db_lock:
                 found = fts5_bm25(self._db, query, depth + len(excluded))
@@ -248,10 +247,11 @@ class TextSearcher:
             return []
         depth = max(self.fusion.depth, 2 * k)
         lists: dict[str, list[Candidate]] = {}
+        excluded = self._chunk_ids_of(exclude_pmids)
         if method in ("dense", "hybrid"):
-            lists["dense"] = self.dense(query, depth, exclude_pmids)
+            lists["dense"] = self.dense(query, depth, excluded)
         if method in ("bm25", "hybrid"):
-            lists["bm25"] = self.bm25(query, depth, exclude_pmids)
+            lists["bm25"] = self.bm25(query, depth, excluded)
         ranked = self._combine(lists) if method == "hybrid" else _scored(lists[method])
         best = _best_chunk_per_article(ranked, lists)
         rerank = self.settings.rerank
