@@ -88,3 +88,14 @@ def text_home_copy(text_index_home: Path, tmp_path: Path) -> Path:
     home = tmp_path / "home"
     shutil.copytree(text_index_home, home)
     return home
+
+
+def bm25_chunk_ids(version: Path) -> list[int]:
+    """Every chunk id in a version's BM25 index, sorted."""
+    import tantivy
+
+    from suwen.indexes.bm25 import BM25_DIR
+
+    searcher = tantivy.Index.open(str(version / BM25_DIR)).searcher()
+    found = searcher.search(tantivy.Query.all_query(), max(searcher.num_docs, 1), count=False)
+    return sorted(searcher.fast_field_values("id", [address for _, address in found.hits]))

@@ -30,7 +30,7 @@ from suwen.indexes.compressed import CompressedStore, ExactStore, open_store
 from suwen.indexes.index_bench import to_dim
 from suwen.indexes.medcpt_import import ImportProgress, ImportReport, import_medcpt
 from suwen.indexes.text_index import TEXT_DB
-from tests.fixtures_text import TEXT_INDEX, text_settings_for
+from tests.fixtures_text import TEXT_INDEX, bm25_chunk_ids, text_settings_for
 
 SIZES = (41, 40, 40)
 NAME = "medcpt"
@@ -124,6 +124,7 @@ class Snapshot:
     vectors: int
     titles: dict[str, str]
     neighbours: list[list[str]]
+    bm25_holds_every_chunk_once: bool
 
 
 def snapshot(home: Path, queries: np.ndarray) -> Snapshot:
@@ -142,6 +143,7 @@ def snapshot(home: Path, queries: np.ndarray) -> Snapshot:
         vectors=vector_store.count,
         titles=dict(db.execute("SELECT pmid, title FROM documents").fetchall()),
         neighbours=[[pmid_of[int(i)] for i in row if i >= 0] for row in ids],
+        bm25_holds_every_chunk_once=bm25_chunk_ids(version) == sorted(pmid_of),
     )
     db.close()
     assert result.chunks == result.vectors == manifest.count
@@ -350,6 +352,47 @@ def test_sigkill_at_any_point_resumes_without_loss_or_duplicates(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     report = run_import(home, chunks_dir, minilm_path)
     assert report.published and not report.errors
+    assert snapshot(home, real_corpus.vectors[::10]) == reference
+
+
+BM25_KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from suwen.config import Settings
+from suwen.indexes import bm25
+from suwen.indexes.medcpt_import import import_medcpt
+
+home, source, encoder = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+add = bm25.Bm25Writer.add
+added = 0
+
+def dying_add(self, chunk_id, title, text):
+    global added
+    added += 1
+    if added == 50:
+        os.kill(os.getpid(), signal.SIGKILL)
+    add(self, chunk_id, title, text)
+
+bm25.Bm25Writer.add = dying_add
+import_medcpt(Settings(home=home, text_encoder=encoder, device="cpu"), source, "medcpt",
+              encoder=encoder)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_building_the_bm25_index_resumes_to_a_complete_one(
+    tmp_path: Path, chunks_dir: Path, minilm_path: Path, real_corpus: RealCorpus,
+    reference: Snapshot,
+) -> None:  # fmt: skip
+    home = tmp_path / "home"
+    killed = subprocess.run(
+        [sys.executable, "-c", BM25_KILL_SCRIPT, str(home), str(chunks_dir), str(minilm_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert store.current_version(home / "indexes" / NAME) is None  # nothing half-built is live
+    report = run_import(home, chunks_dir, minilm_path)
+    assert report.published and report.chunks_already_done == len(SIZES)
     assert snapshot(home, real_corpus.vectors[::10]) == reference
 
 

@@ -26,6 +26,7 @@ from tests.fixtures_text import (
     PUBMEDQA_DOCS,
     PUBTATOR_DOCS,
     TEXT_INDEX,
+    bm25_chunk_ids,
     text_settings_for,
     write_pdf,
 )
@@ -50,14 +51,6 @@ def _table_counts(version: Path) -> dict[str, int]:
         db.close()
 
 
-def _bm25_ids(version: Path) -> list[int]:
-    import tantivy
-
-    searcher = tantivy.Index.open(str(version / bm25.BM25_DIR)).searcher()
-    found = searcher.search(tantivy.Query.all_query(), max(searcher.num_docs, 1), count=False)
-    return sorted(searcher.fast_field_values("id", [address for _, address in found.hits]))
-
-
 def _assert_consistent(version: Path) -> dict[str, int]:
     """Every chunk has exactly one BM25 document and one vector, under the same id."""
     counts = _table_counts(version)
@@ -68,7 +61,7 @@ def _assert_consistent(version: Path) -> dict[str, int]:
         chunk_ids = sorted(r[0] for r in db.execute("SELECT id FROM chunks"))
     finally:
         db.close()
-    assert _bm25_ids(version) == chunk_ids
+    assert bm25_chunk_ids(version) == chunk_ids
     stored = sorted(int(index.id_map.at(i)) for i in range(index.ntotal))
     assert stored == chunk_ids
     return counts
