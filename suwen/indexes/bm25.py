@@ -2,9 +2,9 @@
 
 Why tantivy and not SQLite FTS5 (which earlier versions used): FTS5 computes BM25 for every row
 that matches any word of an OR query before it sorts, so a question's cost grows with the
-postings of all its words -- 400 ms p50 at 1M chunks, seconds at all of PubMed. Tantivy keeps
-per-block score bounds and skips blocks that cannot reach the top ``k`` (block-max WAND): 5 ms
-p50 on the same 1M chunks (``benchmarks/index_scale.py``).
+postings of all its words -- 611 ms p50 for the top 200 at 1M chunks. Tantivy keeps per-block
+score bounds and skips blocks that cannot reach the top ``k`` (block-max WAND): 6.4 ms p50 on
+the same chunks and questions (``benchmarks/index_scale.py``, ``bm25_engines``).
 
 Documents are the chunks: ``id`` (the chunk id, an indexed fast field, so deletes and hit ids
 need no stored fields) and ``body``, the article title followed by the chunk text (English
