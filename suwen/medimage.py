@@ -8,11 +8,23 @@ coronal and sagittal slices). Wider-than-8-bit data without a window is stretche
 
 Every failure (missing, unsupported, corrupt or truncated file, DICOM without pixel data, a
 decompression bomb) raises :class:`~suwen.errors.InputError` with one line naming the file.
+
+Files are hostile until their sizes check out: before any decoder runs, the size of what it
+would allocate is read from the file itself and checked against a budget (``MAX_PIXELS`` per 2-D
+image, ``MAX_IMAGE_BYTES`` with every sample and bit counted, ``MAX_VOLUME_BYTES`` for what a
+volume reader or an inflater may hold). For compressed data that size comes from the codestream
+(a JPEG's SOF, a JPEG 2000's SIZ, a PNG's IHDR as Pillow parses it on open), not from a
+container that may disagree with it: a DICOM frame's JPEG, a TIFF tile's JPEG. Suwen checks
+sizes itself rather than through Pillow's process-wide ``Image.MAX_IMAGE_PIXELS``, so no other
+thread's Pillow settings change and a process that lowered or disabled Pillow's guard does not
+weaken Suwen's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,11 +35,18 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
+from suwen.codestreams import FrameHeader, frame_header
 from suwen.errors import InputError
 
 # Largest 2-D image decoded: Pillow's own decompression-bomb threshold (~89 megapixels), applied
 # to every format before any pixel is read.
 MAX_PIXELS = 89_478_485
+# Largest decoded 2-D image in bytes, every sample and bit counted: an RGBA (or 32-bit) image at
+# the pixel limit, which is also what Pillow holds for any 8-bit image of that size.
+MAX_IMAGE_BYTES = 4 * MAX_PIXELS
+# Most pixel data a reader may hold at once beyond one image: a NIfTI volume (nibabel may read
+# a whole volume to cut one slice out of it), a deflated DICOM data set once inflated.
+MAX_VOLUME_BYTES = 1 << 30
 # Largest number of frames/slices a file may claim (a header can say anything).
 MAX_FRAMES = 100_000
 
@@ -163,13 +182,27 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _check_size(path: Path, rows: int, columns: int, frames: int = 1) -> None:
+def _check_size(
+    path: Path, rows: int, columns: int, frames: int = 1, *, samples: int = 1, bits: int = 8
+) -> None:
+    """Refuse an image whose decoded size (each of ``frames`` images of ``rows`` x ``columns``
+    pixels of ``samples`` samples of ``bits`` bits) is beyond the budget."""
     if rows <= 0 or columns <= 0:
         raise InputError(f"{path}: image has no pixels ({rows}x{columns})")
-    if rows * columns > MAX_PIXELS or frames > MAX_FRAMES:
+    image_bytes = rows * columns * max(samples, 1) * max((bits + 7) // 8, 1)
+    if rows * columns > MAX_PIXELS or frames > MAX_FRAMES or image_bytes > MAX_IMAGE_BYTES:
         raise InputError(
-            f"{path}: refused, {columns}x{rows} pixels x {frames} frame(s) exceeds the limit of "
-            f"{MAX_PIXELS} pixels per image (decompression bomb?)"
+            f"{path}: refused, {columns}x{rows} pixels x {samples} sample(s) of {bits} bits x "
+            f"{frames} frame(s) exceeds the limit of {MAX_PIXELS} pixels or {MAX_IMAGE_BYTES} "
+            "bytes per image (decompression bomb?)"
+        )
+
+
+def _refuse_volume(path: Path, what: str, size: int) -> None:
+    if size > MAX_VOLUME_BYTES:
+        raise InputError(
+            f"{path}: refused, {what} would take {size} bytes, which exceeds the limit of "
+            f"{MAX_VOLUME_BYTES} bytes (decompression bomb?)"
         )
 
 
@@ -222,10 +255,13 @@ def to_rgb(array: npt.ArrayLike) -> Image.Image:
 
 
 def _pil_frames(path: Path, max_frames: int) -> list[Frame]:
+    # Image.open parses only the header (a PNG's IHDR, a JPEG's SOF, ...); pixels are decoded
+    # by load(), after the size it declared has passed the budget.
     with Image.open(path, formats=PIL_FORMATS) as image:
         width, height = image.size
         count = int(getattr(image, "n_frames", 1))
-        _check_size(path, height, width, count)
+        samples, bits = _pil_layout(image.mode)
+        _check_size(path, height, width, count, samples=samples, bits=bits)
         if count == 1:
             return [Frame(_pil_to_rgb(image))]
         frames = []
@@ -233,6 +269,15 @@ def _pil_frames(path: Path, max_frames: int) -> list[Frame]:
             image.seek(i)  # one image object, moved frame to frame; each is copied out
             frames.append(Frame(_pil_to_rgb(image), f"frame {i + 1}/{count}"))
         return frames
+
+
+def _pil_layout(mode: str) -> tuple[int, int]:
+    """Samples per pixel and bits per sample Pillow holds an image of ``mode`` in."""
+    if mode.startswith("I;16"):
+        return 1, 16
+    if mode in ("I", "F"):
+        return 1, 32
+    return Image.getmodebands(mode), 8
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -246,6 +291,15 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
 # --- TIFF -------------------------------------------------------------------------------------
 
 
+# TIFF compressions whose segments are whole image codestreams (tifffile decodes them without
+# an output size): JPEG, lossy JPEG (DNG) and JPEG 2000 (Aperio, generic). Their headers are
+# read before decoding; other such codecs (WebP, JPEG XL, PNG, old-style JPEG...) are refused.
+_TIFF_JPEG = frozenset({7, 34892})
+_TIFF_J2K = frozenset({33003, 33004, 33005, 34712})
+# Bytes read from the start of a segment to find its frame header (after any APPn segments).
+_SEGMENT_HEAD = 1 << 18
+
+
 def _tiff_frames(path: Path, max_frames: int) -> list[Frame]:
     import tifffile
 
@@ -255,15 +309,63 @@ def _tiff_frames(path: Path, max_frames: int) -> list[Frame]:
         pages = [page for page in tif.series[0].pages if page is not None]
         if not pages:
             raise InputError(f"{path}: TIFF holds no image")
-        first = pages[0]
-        key: Any = first.keyframe or first  # the page holding the tags a frame shares
-        _check_size(path, int(key.imagelength), int(key.imagewidth), len(pages))
+        chosen = [0] if len(pages) == 1 else pick_indices(len(pages), max_frames)
+        for i in chosen:
+            _check_tiff_page(path, pages[i], len(pages))
         if len(pages) == 1:
-            return [Frame(_tiff_page_rgb(first))]
-        return [
-            Frame(_tiff_page_rgb(pages[i]), f"page {i + 1}/{len(pages)}")
-            for i in pick_indices(len(pages), max_frames)
-        ]
+            return [Frame(_tiff_page_rgb(pages[0]))]
+        return [Frame(_tiff_page_rgb(pages[i]), f"page {i + 1}/{len(pages)}") for i in chosen]
+
+
+def _check_tiff_page(path: Path, page: Any, count: int) -> None:
+    """The page's decoded size (depth, samples and bit depth counted) within the budget, and
+    each image-codec segment no larger than the tile or strip it fills."""
+    import tifffile
+
+    key: Any = page.keyframe or page  # the page holding the tags a frame shares
+    rows = int(key.imagelength) * max(int(key.imagedepth), 1)
+    _check_size(
+        path,
+        rows,
+        int(key.imagewidth),
+        count,
+        samples=int(key.samplesperpixel),
+        bits=int(key.bitspersample),
+    )
+    compression = int(key.compression)
+    if compression not in tifffile.TIFF.IMAGE_COMPRESSIONS:
+        return  # tifffile decompresses these into a buffer of the segment's size
+    if compression not in _TIFF_JPEG | _TIFF_J2K:
+        name = getattr(key.compression, "name", str(compression))
+        raise InputError(
+            f"{path}: TIFF compression {name} is not supported (its decoded size cannot be "
+            "checked before decoding)"
+        )
+    if key.is_tiled:
+        width, height = int(key.tilewidth), int(key.tilelength)
+    else:
+        width = int(key.imagewidth)
+        height = min(int(key.rowsperstrip), int(key.imagelength))
+    with path.open("rb") as handle:
+        for offset, length in zip(page.dataoffsets, page.databytecounts, strict=False):
+            if not length:
+                continue  # an empty tile: tifffile fills it without decoding
+            handle.seek(int(offset))
+            _check_segment(path, handle.read(min(int(length), _SEGMENT_HEAD)), width, height)
+
+
+def _check_segment(path: Path, head: bytes, width: int, height: int) -> None:
+    try:
+        header = frame_header(head)
+    except ValueError as exc:
+        raise InputError(f"{path}: corrupt TIFF tile or strip: {exc}") from exc
+    if header is None:
+        raise InputError(f"{path}: a TIFF tile or strip is not the codestream it claims to be")
+    if header.width > width or header.height > height:
+        raise InputError(
+            f"{path}: refused, a {header.kind} tile declares {header.width}x{header.height} "
+            f"pixels in a {width}x{height} tile (decompression bomb?)"
+        )
 
 
 def _tiff_page_rgb(page: Any) -> Image.Image:
@@ -285,6 +387,7 @@ def _nifti_frames(path: Path, max_frames: int) -> list[Frame]:
     shape = tuple(int(n) for n in image.shape)
     if len(shape) < 2 or any(n <= 0 for n in shape):
         raise InputError(f"{path}: NIfTI has no pixels (shape {shape})")
+    _check_nifti_data(path, image.header, shape)
     spatial = shape[:3]
     if len(spatial) == 2 or spatial[2] == 1:
         _check_size(path, spatial[1], spatial[0])
@@ -301,6 +404,25 @@ def _nifti_frames(path: Path, max_frames: int) -> list[Frame]:
     orientation = nib.io_orientation(image.affine)  # type: ignore[no-untyped-call]
     ras_of = {axis: (int(ras), bool(flip < 0)) for axis, (ras, flip) in enumerate(orientation)}
     return [_nifti_plane(image, shape, ras_of, name, fixed) for name, fixed in _PLANES[:max_frames]]
+
+
+def _check_nifti_data(path: Path, header: Any, shape: tuple[int, ...]) -> None:
+    """The header's dimensions x bytes per voxel: all present in the file (uncompressed) and
+    the first volume within the budget, since nibabel may read a whole volume to cut a slice."""
+    itemsize = int(header.get_data_dtype().itemsize)
+    volume = math.prod(shape[:3]) * itemsize
+    _refuse_volume(
+        path, f"a {'x'.join(map(str, shape[:3]))} volume of {itemsize}-byte voxels", volume
+    )
+    if path.name.lower().endswith(".gz"):
+        return  # the compressed size says nothing; a short stream fails as it is read
+    needed = int(header.get_data_offset()) + math.prod(shape) * itemsize
+    available = path.stat().st_size
+    if needed > available:
+        raise InputError(
+            f"{path}: truncated NIfTI, its header describes {needed} bytes of data but the file "
+            f"holds {available}"
+        )
 
 
 def _nifti_plane(
@@ -330,10 +452,37 @@ def _read_dicom(path: Path, *, header_only: bool = False) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _check_inflated_size(path)
     try:
         return pydicom.dcmread(path, force=True, stop_before_pixels=header_only)
     except InvalidDicomError as exc:
         raise InputError(f"{path}: not a DICOM file: {_one_line(exc)}") from exc
+
+
+def _check_inflated_size(path: Path) -> None:
+    """pydicom inflates a deflated data set whole, in one call, before parsing it: measure what
+    it would inflate first, in bounded steps, and refuse a zip bomb."""
+    from pydicom import uid
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with path.open("rb") as handle:
+        try:
+            read_preamble(handle, True)
+            syntax = _read_file_meta_info(handle).get("TransferSyntaxUID")
+        except Exception:  # not this check's business: dcmread reports a broken header
+            return
+        if syntax != uid.DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        try:
+            while block := handle.read(1 << 20):
+                while block:
+                    inflated += len(inflater.decompress(block, 1 << 20))
+                    _refuse_volume(path, "the deflated DICOM data set", inflated)
+                    block = inflater.unconsumed_tail
+        except zlib.error:
+            return  # corrupt: dcmread reports it
 
 
 def _dicom_file_frames(path: Path, max_frames: int) -> list[Frame]:
@@ -347,9 +496,14 @@ def _dicom_file_frames(path: Path, max_frames: int) -> list[Frame]:
     ]
 
 
+_PIXEL_KEYWORDS = {"PixelData": 0, "FloatPixelData": 32, "DoubleFloatPixelData": 64}
+
+
 def _checked_frame_count(path: Path, dataset: Any) -> int:
-    pixel_keywords = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-    if not any(keyword in dataset for keyword in pixel_keywords):
+    """The number of frames, after the header's image size has passed the budget and, for
+    native (uncompressed) pixel data, the data really holds what the header describes."""
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in dataset), None)
+    if keyword is None:
         sop_class = dataset.get("SOPClassUID")
         kind = f" ({sop_class.name})" if sop_class is not None else ""
         raise InputError(f"{path}: DICOM file has no pixel data{kind}, nothing to show")
@@ -357,10 +511,40 @@ def _checked_frame_count(path: Path, dataset: Any) -> int:
         rows, columns = int(dataset.Rows), int(dataset.Columns)
         count = int(dataset.get("NumberOfFrames") or 1)
         samples = int(dataset.get("SamplesPerPixel") or 1)
+        bits = int(dataset.get("BitsAllocated") or _PIXEL_KEYWORDS[keyword] or 8)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: DICOM image size missing or invalid: {_one_line(exc)}") from exc
-    _check_size(path, rows, columns * max(samples, 1), count)
+    _check_size(path, rows, columns, count, samples=samples, bits=bits)
+    if not _is_encapsulated(dataset):
+        _check_native_length(path, dataset, keyword)
     return count
+
+
+def _check_native_length(path: Path, dataset: Any, keyword: str) -> None:
+    from pydicom.pixels.utils import get_expected_length
+
+    try:
+        expected = int(get_expected_length(dataset, "bytes"))
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: DICOM image size missing or invalid: {_one_line(exc)}") from exc
+    held = len(dataset[keyword].value or b"")
+    if held < expected:
+        raise InputError(
+            f"{path}: truncated DICOM pixel data, {held} bytes where Rows, Columns, "
+            f"SamplesPerPixel, BitsAllocated and NumberOfFrames describe {expected}"
+        )
+
+
+def _transfer_syntax(dataset: Any) -> Any:
+    file_meta = getattr(dataset, "file_meta", None)
+    return file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+
+
+def _is_encapsulated(dataset: Any) -> bool:
+    syntax = _transfer_syntax(dataset)
+    if syntax is not None:
+        return bool(syntax.is_encapsulated)
+    return "PixelData" in dataset and bool(dataset["PixelData"].is_undefined_length)
 
 
 def _dicom_frame_rgb(path: Path, dataset: Any, index: int, count: int) -> Image.Image:
@@ -381,23 +565,59 @@ def _dicom_frame_rgb(path: Path, dataset: Any, index: int, count: int) -> Image.
 def _decode_dicom_frame(path: Path, dataset: Any, index: int, count: int) -> Any:
     from pydicom.pixels.utils import pixel_array
 
+    encoded = _checked_encoded_frame(path, dataset, index, count)
     try:
-        return pixel_array(dataset, index=index if count > 1 else None)
+        # Always by index: pydicom then decodes exactly the frame whose header was checked.
+        return pixel_array(dataset, index=index)
     except (RuntimeError, NotImplementedError) as exc:
         # pydicom's plugins refuse some real-world JPEG streams (12-bit JPEG Extended, slightly
         # malformed scan headers) that libjpeg-turbo inside imagecodecs decodes fine.
-        fallback = _imagecodecs_frame(dataset, index, count)
+        fallback = None if encoded is None else _imagecodecs_frame(dataset, encoded)
         if fallback is None:
             raise InputError(f"{path}: cannot decode DICOM pixel data: {_one_line(exc)}") from exc
         return fallback
 
 
-def _imagecodecs_frame(dataset: Any, index: int, count: int) -> Any | None:
+def _checked_encoded_frame(path: Path, dataset: Any, index: int, count: int) -> bytes | None:
+    """Frame ``index`` of encapsulated pixel data (None for native data), after the size its
+    codestream declares has passed the budget and matched the DICOM header's Rows/Columns."""
     from pydicom import uid
     from pydicom.encaps import get_frame
 
-    file_meta = getattr(dataset, "file_meta", None)
-    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if not _is_encapsulated(dataset):
+        return None
+    offsets = None
+    if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+        offsets = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+    # The same call, with the same arguments, that pydicom's decoders make.
+    frame = get_frame(dataset.PixelData, index, extended_offsets=offsets, number_of_frames=count)
+    if _transfer_syntax(dataset) == uid.RLELossless:
+        return frame  # the RLE decoder fills a buffer sized from the checked Rows/Columns
+    which = f"frame {index + 1}/{count}" if count > 1 else "pixel data"
+    try:
+        header = frame_header(frame)
+    except ValueError as exc:
+        raise InputError(f"{path}: corrupt DICOM {which}: {exc}") from exc
+    if header is None:
+        raise InputError(f"{path}: DICOM {which} is not a JPEG or JPEG 2000 codestream")
+    _check_size(path, header.height, header.width, count, samples=header.samples, bits=header.bits)
+    _check_frame_matches(path, which, header, int(dataset.Rows), int(dataset.Columns))
+    return frame
+
+
+def _check_frame_matches(
+    path: Path, which: str, header: FrameHeader, rows: int, columns: int
+) -> None:
+    if (header.height, header.width) != (rows, columns):
+        raise InputError(
+            f"{path}: refused, the {header.kind} codestream of its {which} is "
+            f"{header.width}x{header.height} pixels but the DICOM header says {columns}x{rows}"
+        )
+
+
+def _imagecodecs_frame(dataset: Any, frame: bytes) -> Any | None:
+    from pydicom import uid
+
     try:
         import imagecodecs
     except ImportError:
@@ -412,10 +632,10 @@ def _imagecodecs_frame(dataset: Any, index: int, count: int) -> Any | None:
         uid.JPEG2000Lossless: imagecodecs.jpeg2k_decode,
         uid.JPEG2000: imagecodecs.jpeg2k_decode,
     }
-    decode = decoders.get(syntax)
+    decode = decoders.get(_transfer_syntax(dataset))
     if decode is None:
         return None
-    frame = get_frame(dataset.PixelData, index, number_of_frames=count)
+    # ``frame`` passed _checked_encoded_frame: its codestream's size is within the budget.
     return np.asarray(decode(frame))
 
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from PIL import Image
 
 from suwen.errors import InputError
+from suwen.medimage import MAX_PIXELS
 
 # Qwen2.5-VL's processor constants.
 FACTOR = 28  # patch_size 14 x merge_size 2
@@ -58,7 +59,14 @@ def fit_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple
 def prepare_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """Decode (PIL opens files lazily), convert to RGB and resize to Qwen's grid.
 
-    An image that cannot be decoded or sized raises InputError naming it."""
+    An image that cannot be decoded or sized raises InputError naming it, and so does one
+    larger than the loader's pixel limit, before it is decoded (an image Suwen did not load
+    itself may still be a lazily opened file)."""
+    if image.width * image.height > MAX_PIXELS:
+        raise InputError(
+            f"{describe(image)}: refused, {image.width}x{image.height} pixels exceeds the limit "
+            f"of {MAX_PIXELS} pixels per image (decompression bomb?)"
+        )
     try:
         image.load()
         height, width = fit_size(image.height, image.width, min_pixels, max_pixels)
