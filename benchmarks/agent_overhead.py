@@ -52,7 +52,8 @@ from PIL import Image
 from pydantic import BaseModel
 
 from benchmarks.common import shared_data_default, without_machine_paths
-from suwen.agent.graph import SuwenAgent, open_sessions
+from suwen.agent.graph import SuwenAgent
+from suwen.agent.sessions import open_sessions
 from suwen.config import Settings, load_settings
 from suwen.errors import IndexMissingError
 from suwen.evaluate.benchmarks import LoadContext, Sample, load_pubmedqa, load_vqa_rad

@@ -3,21 +3,22 @@
 The conversation itself (what earlier turns said) lives in the agent's checkpointer under the
 thread id, so a follow-up question sees it and ``suwen chat --resume THREAD`` continues it. This
 object keeps what the terminal needs on top: the images attached with ``/image``, whether the
-baseline (plain) mode is on, and the turns of this sitting for ``/save``.
+baseline (plain) mode is on, and the turns of this sitting for ``/save``. Listing and deleting
+saved conversations is ``suwen.agent.sessions``'s business.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
+from suwen.agent.sessions import record_transcript
 from suwen.agent.state import Turn
 from suwen.errors import InputError
 from suwen.medimage import load_image
@@ -103,6 +104,13 @@ class ChatSession:
         """The finished turns of a saved conversation, as the session store holds them."""
         return await self.agent.history(thread_id)
 
+    def save_transcript(self, path: Path, text: str, sessions_db: Path) -> Path:
+        """Write a transcript of this conversation (owner-only) and remember it with the
+        thread, so deleting the conversation deletes this copy of it too."""
+        written = write_atomically(path, text)
+        record_transcript(sessions_db, self.thread_id, written)
+        return written
+
 
 def _unquote(raw: str) -> str:
     """A path as a terminal pastes it: 'quoted', "quoted" or with escaped spaces."""
@@ -129,7 +137,9 @@ def write_atomically(path: Path, text: str) -> Path:
         raise InputError(f"{path.parent}: no such folder")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as handle:
+        # Owner-only from the start: a transcript holds what was asked about a patient.
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -138,64 +148,3 @@ def write_atomically(path: Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     return path
-
-
-@dataclass(frozen=True)
-class SavedThread:
-    thread_id: str
-    checkpoints: int
-    last_active: datetime | None
-
-
-# 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
-_UUID_EPOCH_OFFSET = 0x01B21DD213814000
-
-
-def saved_threads(sessions_db: Path, limit: int = 20) -> list[SavedThread]:
-    """Threads in the session store, most recently active first.
-
-    Reads LangGraph's ``checkpoints`` table directly and read-only: checkpoint ids are
-    time-ordered UUIDv6, so the newest per thread says when it was last used, without
-    deserialising every checkpoint as ``alist`` would.
-    """
-    rows = _query(
-        sessions_db,
-        "SELECT thread_id, COUNT(*), MAX(checkpoint_id) FROM checkpoints "
-        "WHERE checkpoint_ns = '' GROUP BY thread_id ORDER BY MAX(checkpoint_id) DESC LIMIT ?",
-        (limit,),
-    )
-    return [SavedThread(str(t), int(n), _uuid6_time(str(c))) for t, n, c in rows]
-
-
-def thread_exists(sessions_db: Path, thread_id: str) -> bool:
-    rows = _query(
-        sessions_db, "SELECT 1 FROM checkpoints WHERE thread_id = ? LIMIT 1", (thread_id,)
-    )
-    return bool(rows)
-
-
-def _query(sessions_db: Path, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
-    if not sessions_db.is_file():
-        return []
-    uri = f"{sessions_db.resolve().as_uri()}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True)
-        try:
-            return list(conn.execute(sql, params).fetchall())
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        if "no such table" in str(exc):
-            return []  # the store exists but nothing was ever saved in it
-        raise InputError(f"{sessions_db}: cannot read saved sessions: {exc}") from exc
-
-
-def _uuid6_time(checkpoint_id: str) -> datetime | None:
-    try:
-        value = uuid.UUID(checkpoint_id)
-    except ValueError:
-        return None
-    if value.version != 6:
-        return None
-    ticks = ((value.int >> 80) << 12) | ((value.int >> 64) & 0x0FFF)
-    return datetime.fromtimestamp((ticks - _UUID_EPOCH_OFFSET) / 1e7)

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "serve",
     "ask",
     "chat",
+    "sessions_cmd",
     "batch",
     "eval_cmd",
     "bench",

@@ -93,7 +93,8 @@ async def open_agent(
     """A ready agent: model (``vllm_urls``, else ``settings.vllm_url``, else a managed server),
     the text and image searchers whose indexes exist (a missing index is reported through
     ``on_notice`` and its tool left out), and, with ``sessions``, the conversation store."""
-    from suwen.agent.graph import SuwenAgent, open_sessions
+    from suwen.agent.graph import SuwenAgent
+    from suwen.agent.sessions import open_sessions
 
     parts = backends or _installed
     notice = on_notice or (lambda message: None)

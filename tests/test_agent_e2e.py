@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from suwen.agent.graph import SuwenAgent, open_sessions
+from suwen.agent.graph import SuwenAgent
+from suwen.agent.sessions import open_sessions
 from suwen.config import Settings
 from suwen.llm.client import VLLMClient
 from suwen.retrieval.images import ImageSearcher

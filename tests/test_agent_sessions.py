@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from suwen.agent.graph import SuwenAgent, open_sessions
+from suwen.agent.graph import SuwenAgent
+from suwen.agent.sessions import open_sessions
 from suwen.errors import InputError
 from suwen.types import AgentEvent
 from tests.agent_helpers import NODES, QUESTION, corpus, question, settings

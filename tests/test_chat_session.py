@@ -13,8 +13,8 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from rich.console import Console
 
-from suwen.agent.graph import open_sessions
-from suwen.chat_session import ChatSession, saved_threads, thread_exists, write_atomically
+from suwen.agent.sessions import conversation_exists, open_sessions, saved_conversations
+from suwen.chat_session import ChatSession, write_atomically
 from suwen.commands.answer_view import numbered_evidence, transcript_markdown
 from suwen.commands.chat import AnswerStream, ChatCompleter
 from suwen.errors import InputError
@@ -77,27 +77,29 @@ def test_session_attaches_images_asks_in_its_thread_and_starts_over(tmp_path: Pa
         "Plainly, what is a pneumothorax?",
     ]
     assert new != old and session.images == [] and session.turns == []
-    assert thread_exists(agent.settings.sessions_db, old)
-    assert not thread_exists(agent.settings.sessions_db, new)
+    assert asyncio.run(conversation_exists(agent.settings, old))
+    assert not asyncio.run(conversation_exists(agent.settings, new))
 
 
-def test_saved_threads_lists_newest_first(tmp_path: Path) -> None:
+def test_saved_conversations_list_newest_first(tmp_path: Path) -> None:
     async def steps(agent):
         for thread in ("older", "newer"):
             await ChatSession(agent, thread_id=thread).ask(QUESTION)
             time.sleep(0.01)
-        return agent.settings.sessions_db
+        return agent.settings
 
-    db = asyncio.run(_session_run(tmp_path, steps))
-    threads = saved_threads(db)
+    config = asyncio.run(_session_run(tmp_path, steps))
+    threads = asyncio.run(saved_conversations(config))
     assert [t.thread_id for t in threads] == ["newer", "older"]
-    assert all(t.checkpoints > 0 and t.last_active is not None for t in threads)
+    assert all(t.turns == 1 and t.first_question == QUESTION for t in threads)
     assert threads[0].last_active >= threads[1].last_active  # type: ignore[operator]
-    assert saved_threads(tmp_path / "none.sqlite") == []
-    not_sqlite = tmp_path / "junk.sqlite"
-    not_sqlite.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(InputError, match=r"junk\.sqlite"):
-        saved_threads(not_sqlite)
+    fresh = make_agent(tmp_path / "fresh", FakeModel()).settings
+    assert asyncio.run(saved_conversations(fresh)) == []
+    assert not fresh.sessions_db.exists(), "listing must not create a store"
+    fresh.sessions_db.parent.mkdir(parents=True)
+    fresh.sessions_db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(InputError, match=r"sessions\.sqlite: cannot open"):
+        asyncio.run(saved_conversations(fresh))
 
 
 def test_transcript_numbers_sources_as_the_answer_does(tmp_path: Path) -> None:

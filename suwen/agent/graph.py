@@ -15,16 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import aiosqlite
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
@@ -39,7 +35,7 @@ from suwen.agent.nodes import (
     search_again_or_answer,
     start_message,
 )
-from suwen.agent.state import CHECKPOINT_TYPES, AgentState, Mode, RunContext, Turn
+from suwen.agent.state import AgentState, Mode, RunContext, Turn
 from suwen.agent.state import fresh_question_state as fresh_state
 from suwen.config import Settings
 from suwen.errors import InputError
@@ -105,25 +101,6 @@ def load_question_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
     from suwen.medimage import load_image  # the one loader for PNG/JPEG/TIFF/DICOM/NIfTI
 
     return [(Path(path).name, load_image(Path(path))) for path in paths]
-
-
-def session_serializer() -> JsonPlusSerializer:
-    """Checkpoint serde that revives only the agent's own types (and never unpickles)."""
-    return JsonPlusSerializer(allowed_msgpack_modules=list(CHECKPOINT_TYPES))
-
-
-@asynccontextmanager
-async def open_sessions(settings: Settings) -> AsyncIterator[AsyncSqliteSaver]:
-    """The conversation store at ``settings.sessions_db``, created on first use."""
-    path = settings.sessions_db
-    path.parent.mkdir(parents=True, exist_ok=True)
-    async with aiosqlite.connect(str(path)) as conn:
-        saver = AsyncSqliteSaver(conn, serde=session_serializer())
-        try:
-            await saver.setup()
-        except aiosqlite.DatabaseError as exc:
-            raise InputError(f"{path}: cannot open the sessions database: {exc}") from exc
-        yield saver
 
 
 class SuwenAgent:

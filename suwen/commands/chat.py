@@ -26,9 +26,9 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
+from suwen.agent.sessions import conversation_exists, saved_conversations
 from suwen.agent.state import Turn
-from suwen.chat_session import ChatSession, new_thread_id, saved_threads, thread_exists
-from suwen.chat_session import write_atomically as write_file
+from suwen.chat_session import ChatSession, new_thread_id
 from suwen.commands.answer_view import (
     answer_view,
     evidence_detail,
@@ -71,7 +71,7 @@ def chat(
     settings = settings_of(ctx)
     try:
         images = checked_images(image)
-        if resume is not None and not thread_exists(settings.sessions_db, resume):
+        if resume is not None and not asyncio.run(conversation_exists(settings, resume)):
             raise InputError(
                 f"--resume {resume}: no saved conversation with that id in "
                 f"{settings.sessions_db} (list them with /sessions)"
@@ -275,7 +275,7 @@ class ChatScreen:
         if not arg:
             raise InputError("/save needs a file name, e.g. /save chat.md")
         text = transcript_markdown(self.session.thread_id, self.earlier, self.session.turns)
-        path = write_file(Path(arg), text)
+        path = self.session.save_transcript(Path(arg), text, self.settings.sessions_db)
         console.print(f"saved the conversation to {path}", highlight=False)
 
     def _new(self, arg: str) -> None:
@@ -291,7 +291,7 @@ class ChatScreen:
         console.print("Ctrl-C cancels an answer being written; Ctrl-D leaves.", style="dim")
 
     async def _sessions(self) -> None:
-        threads = saved_threads(self.settings.sessions_db)
+        threads = (await saved_conversations(self.settings))[:20]
         if not threads:
             console.print("no saved conversations yet")
             return
