@@ -58,6 +58,7 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES
 SUPPORTED = "PNG, JPEG, BMP, GIF, WebP, TIFF, DICOM (file or series folder) or NIfTI"
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _NIFTI_MAGIC = (b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00")
 
@@ -255,6 +256,7 @@ def to_rgb(array: npt.ArrayLike) -> Image.Image:
 
 
 def _pil_frames(path: Path, max_frames: int) -> list[Frame]:
+    _check_declared_size(path)
     # Image.open parses only the header (a PNG's IHDR, a JPEG's SOF, ...); pixels are decoded
     # by load(), after the size it declared has passed the budget.
     with Image.open(path, formats=PIL_FORMATS) as image:
@@ -269,6 +271,22 @@ def _pil_frames(path: Path, max_frames: int) -> list[Frame]:
             image.seek(i)  # one image object, moved frame to frame; each is copied out
             frames.append(Frame(_pil_to_rgb(image), f"frame {i + 1}/{count}"))
         return frames
+
+
+def _check_declared_size(path: Path) -> None:
+    """A PNG's IHDR or a JPEG's SOF, read by Suwen before Pillow opens the file: an oversized
+    image is refused whatever Pillow's process-wide limit is set to, and without its warning."""
+    head = _read_head(path, _SEGMENT_HEAD)
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 26:
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        _check_size(path, height, width)  # bytes: checked in Pillow's own layout after open
+        return
+    try:
+        header = frame_header(head) if head.startswith(b"\xff\xd8") else None
+    except ValueError:
+        return  # not this check's business: Pillow reports a broken header in its words
+    if header is not None:
+        _check_size(path, header.height, header.width)
 
 
 def _pil_layout(mode: str) -> tuple[int, int]:

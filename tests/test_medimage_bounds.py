@@ -11,6 +11,7 @@ import json
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -260,6 +261,17 @@ print(json.dumps(report))
         assert growth_kb < 40 * 1024, f"{case}: peak RSS grew by {growth_kb // 1024} MB"
 
 
+@pytest.mark.parametrize("case", ["png-ihdr-12000x12000", "jpeg-sof-12000x12000"])
+def test_oversized_png_and_jpeg_are_refused_before_pillow_opens_them(
+    hostile: dict[str, Path], case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever Pillow's process-wide limit says (here: disabled), and without its warning.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "exceeds the limit" in refusal(hostile[case])
+
+
 # --- every decoder path is bounded ------------------------------------------------------------
 
 
@@ -344,6 +356,7 @@ def test_tiff_with_an_unboundable_codec_is_refused_and_wide_tiffs_within_budget_
     assert load_image(tiled).size == (32, 32)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_request_encoding_refuses_an_oversized_lazy_image_before_decoding(tmp_path: Path) -> None:
     path = png_claiming(tmp_path / "lazy.png", HUGE, HUGE)
     refused = pytest.raises(InputError, match=r"lazy\.png: refused, 12000x12000 pixels exceeds")
