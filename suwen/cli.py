@@ -33,7 +33,6 @@ COMMAND_MODULES = (
     "sessions_cmd",
     "batch",
     "eval_cmd",
-    "bench",
     "dev",
     "demo",
 )

@@ -12,8 +12,8 @@ import faiss
 import numpy as np
 import pytest
 
+from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
-from suwen.devtools.synthetic_vectors import EmbeddingMixture
 from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import compressed, store
 from suwen.indexes.compressed import (
@@ -274,29 +274,20 @@ def test_a_store_refuses_vectors_of_another_dimension(
 
 
 @pytest.mark.slow
-def test_bench_index_command_reports_both_index_types(
+def test_index_benchmark_reports_both_index_types(
     tmp_path: Path, shared_data: Path, minilm_path: Path
 ) -> None:
-    from typer.testing import CliRunner
+    from benchmarks import index_bench
 
-    from suwen.cli import app
-
-    result = CliRunner().invoke(
-        app,
-        ["--home", str(tmp_path), "bench", "index", "--vectors", "3000", "--dim", "96",
-         "--fit-docs", "60", "--data", str(shared_data), "--encoder", str(minilm_path),
-         "--json"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.stderr
-    payload = json.loads(result.stdout)
-    assert payload["setup"]["vectors"] == 3000 and payload["setup"]["dim"] == 96
-    assert payload["setup"]["synthetic"]["fitted_on"].startswith("60 real PubMed abstracts")
+    mixture, fit = index_bench.fitted_mixture(shared_data, str(minilm_path), tmp_path, docs=60)
+    assert fit["fitted_on"].startswith("60 real PubMed abstracts")
+    data = index_bench.bench_data(mixture, 3000, 96)
+    results = {r.index_type: r.as_json() for r in index_bench.run_index_bench(data)}
     for kind in ("exact", "compressed"):
-        row = payload["results"][kind]
+        row = results[kind]
         assert {"bytes_per_vector", "recall@10", "p50_ms", "p95_ms", "build_s"} <= set(row)
         assert row["vectors"] == 3000 and row["dim"] == 96
-    assert payload["results"]["exact"]["recall@10"] == 1.0
-    assert payload["results"]["compressed"]["recall@10"] >= 0.9
-    exact_bytes = payload["results"]["exact"]["bytes_per_vector"]
-    assert payload["results"]["compressed"]["bytes_per_vector"] < exact_bytes
-    assert list((tmp_path / "cache").glob("mixture-*.npz"))  # the fit is reused next time
+    assert results["exact"]["recall@10"] == 1.0
+    assert results["compressed"]["recall@10"] >= 0.9
+    assert results["compressed"]["bytes_per_vector"] < results["exact"]["bytes_per_vector"]
+    assert list(tmp_path.glob("mixture-*.npz"))  # the fit is reused next time

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks.index_bench import to_dim
+from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.cli import app
 from suwen.config import MEDCPT_ARTICLE, MEDCPT_QUERY, Settings
-from suwen.devtools.synthetic_vectors import EmbeddingMixture
 from suwen.errors import IndexMismatchError
 from suwen.indexes import medcpt_import, store
 from suwen.indexes.compressed import CompressedStore, ExactStore, open_store
-from suwen.indexes.index_bench import to_dim
 from suwen.indexes.medcpt_import import ImportProgress, ImportReport, import_medcpt
 from suwen.indexes.text_index import TEXT_DB
 from tests.fixtures_text import TEXT_INDEX, bm25_chunk_ids, text_settings_for

@@ -1,4 +1,5 @@
-"""`suwen bench retrieval`: metrics and the JSON it writes, on the session subset."""
+"""The retrieval benchmark (``benchmarks/retrieval.py``): metrics and the JSON it writes, on the
+session subset."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from suwen.cli import app
-from suwen.retrieval.benchmark import METHODS, bench_index_name, metrics_of
+from benchmarks.retrieval import METHODS, bench_index_name, main, metrics_of
 from tests.fixtures_text import TEXT_INDEX, text_settings_for
 
 METRICS = {"recall@1", "recall@5", "recall@10", "mrr"}
@@ -39,6 +38,7 @@ def test_bench_retrieval_json(
     pubmedqa_subset: dict[str, dict[str, object]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Seed the benchmark index with the session index: same abstracts, so nothing is re-encoded.
     home = tmp_path / "home"
@@ -49,16 +49,13 @@ def test_bench_retrieval_json(
     paraphrases.write_text(json.dumps({"queries": {pmid: "a reworded question"}}))
     monkeypatch.setenv("SUWEN_TEXT_ENCODER", str(minilm_path))
     monkeypatch.setenv("SUWEN_DEVICE", "cpu")
+    monkeypatch.setenv("SUWEN_HOME", str(home))
     output = tmp_path / "results" / "retrieval.json"
 
-    result = CliRunner().invoke(
-        app,
-        ["--home", str(home), "bench", "retrieval", "--data", str(bench_data),
-         "--paraphrases", str(paraphrases), "--output", str(output), "--json"],
-    )  # fmt: skip
+    main(["--data", str(bench_data), "--paraphrases", str(paraphrases),
+          "--output", str(output), "--json"])  # fmt: skip
 
-    assert result.exit_code == 0, result.stderr
-    printed = json.loads(result.stdout)
+    printed = json.loads(capsys.readouterr().out)
     assert json.loads(output.read_text()) == printed
     for method in METHODS:
         assert set(printed[method]) == METRICS
@@ -70,8 +67,9 @@ def test_bench_retrieval_json(
     # The seeded index also holds the session's PubMed XML record.
     assert printed["setup"]["documents"] == len(pubmedqa_subset) + 60 + 1
     assert printed["paraphrase"]["queries"] == 1
+    assert str(tmp_path) not in output.read_text()  # no machine paths in results
 
 
 def test_bench_retrieval_needs_the_data_folder(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["bench", "retrieval", "--data", str(tmp_path)])
-    assert result.exit_code == 2 and "not the shared data folder" in result.stderr
+    with pytest.raises(SystemExit, match="not the shared data folder"):
+        main(["--data", str(tmp_path)])

@@ -1,4 +1,4 @@
-"""Building and updating a text index: SQLite + FTS5 + FAISS stay consistent, re-ingest updates
+"""Building and updating a text index: SQLite + tantivy + FAISS stay consistent, re-ingest updates
 in place, additions are incremental, and an interrupted build leaves the old version live."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from suwen.devtools.fts5_table import create_fts5_table
+from benchmarks.fts5_baseline import create_fts5_table
 from suwen.errors import IndexMismatchError
 from suwen.indexes import bm25, store, vectors
 from suwen.indexes.text_index import (
@@ -264,34 +264,13 @@ def _make_schema_1(version: Path) -> None:
     shutil.rmtree(version / bm25.BM25_DIR)
 
 
-def test_an_index_from_before_bm25_dir_searches_and_is_upgraded_by_its_next_build(
-    text_home_copy: Path, minilm_path: Path, tmp_path: Path
+def test_an_index_from_before_bm25_dir_is_refused_with_rebuild(
+    text_home_copy: Path, minilm_path: Path
 ) -> None:
     settings = text_settings_for(text_home_copy, minilm_path)
     _make_schema_1(_live(text_home_copy))
-    with TextSearcher.open(settings, TEXT_INDEX) as searcher:  # BM25 from the FTS5 table
-        legacy = [h.pmid for h in searcher.search("budesonide formoterol asthma", 5, method="bm25")]
-    assert legacy and legacy[0] == "29768149"
-
-    source = _jsonl(
-        tmp_path / "new.jsonl",
-        [{"pmid": "990001", "title": "Quokka fever", "abstract": "Quokka fever in zookeepers."}],
-    )
-    build_text_index(settings, TEXT_INDEX, [source])
-
-    version = _live(text_home_copy)
-    _assert_consistent(version)  # every old chunk and the new one are in bm25/
-    db = sqlite3.connect(version / TEXT_DB)
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        schema = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-    finally:
-        db.close()
-    assert "chunks_fts" not in tables and schema == "2"
-    with TextSearcher.open(settings, TEXT_INDEX) as searcher:
-        upgraded = searcher.search("budesonide formoterol asthma", 5, method="bm25")
-        assert upgraded[0].pmid == "29768149"
-        assert searcher.search("quokka fever", 1, method="bm25")[0].pmid == "990001"
+    with pytest.raises(IndexMismatchError, match=r"rebuild index .*suwen index text"):
+        TextSearcher.open(settings, TEXT_INDEX)
 
 
 def test_a_version_without_any_bm25_index_is_refused_clearly(

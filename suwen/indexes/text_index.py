@@ -50,7 +50,6 @@ VECTORS_FILE = "vectors.faiss"
 SCHEMA_VERSION = 2  # 2: BM25 moved from an FTS5 table to bm25/ (tantivy)
 # Part of every document's content hash: a change to chunking re-encodes on the next ingest.
 CHUNKER_VERSION = 1
-LEGACY_FTS_TABLE = "chunks_fts"  # schema 1's BM25 table, dropped when a version is next built
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -194,10 +193,7 @@ def finish_rows(db: sqlite3.Connection, directory: Path) -> None:
 
 
 def rebuild_bm25(db: sqlite3.Connection, directory: Path) -> int:
-    """Build the version's BM25 index from its rows (dropping schema 1's FTS5 table, which it
-    replaces); the number of chunks indexed."""
-    db.execute(f"DROP TABLE IF EXISTS {LEGACY_FTS_TABLE}")
-    db.commit()
+    """Build the version's BM25 index from its rows; the number of chunks indexed."""
     return bm25.rebuild(directory, db)
 
 

