@@ -5,6 +5,7 @@ deleted question's text is then in no byte of sessions.sqlite or its WAL."""
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from suwen.chat_session import ChatSession
 from suwen.cli import app
 from suwen.commands.chat import HISTORY_FILE
 from suwen.config import Settings
-from tests.agent_helpers import corpus, settings
+from tests.agent_helpers import corpus, question, settings
 from tests.fake_model import FakeModel
 from tests.fake_search import FakeTextSearch
 
@@ -167,10 +168,25 @@ def test_purge_removes_everything_and_chat_input_history(made) -> None:
     assert code == 0 and "no saved conversations" in output
 
 
-def test_store_and_transcripts_are_owner_only(made) -> None:
-    config, transcripts = made
-    for path in (config.sessions_db, transcripts["keep"]):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+def test_store_and_transcripts_are_owner_only(tmp_path: Path, home: Path) -> None:
+    previous = os.umask(0o022)  # a usual umask: files would be world-readable
+    try:
+        config = settings(tmp_path)
+        transcripts = make_conversations(tmp_path, config)
+
+        async def modes_while_open() -> dict[str, int]:
+            async with open_sessions(config) as saver:
+                agent = SuwenAgent(config, FakeModel(), None, None, saver)
+                await agent.run(question(KEEP), thread_id="keep")
+                files = config.sessions_db.parent.glob(config.sessions_db.name + "*")
+                return {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+
+        modes = asyncio.run(modes_while_open())
+    finally:
+        os.umask(previous)
+    assert {"sessions.sqlite", "sessions.sqlite-wal"} <= set(modes)
+    assert set(modes.values()) == {0o600}, modes
+    assert stat.S_IMODE(transcripts["keep"].stat().st_mode) == 0o600
 
 
 def test_commands_on_a_fresh_home_create_nothing(home: Path) -> None:

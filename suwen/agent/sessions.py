@@ -15,6 +15,7 @@ and every deletion ends with ``VACUUM`` and a truncating WAL checkpoint, so neit
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
@@ -52,9 +53,8 @@ def session_serializer() -> JsonPlusSerializer:
 async def open_sessions(settings: Settings) -> AsyncIterator[AsyncSqliteSaver]:
     """The conversation store at ``settings.sessions_db``, created (owner-only) on first use."""
     path = settings.sessions_db
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _create_private(path)
     async with aiosqlite.connect(str(path)) as conn:
-        _owner_only(path)
         saver = AsyncSqliteSaver(conn, serde=session_serializer())
         try:
             await conn.execute("PRAGMA secure_delete = ON")
@@ -66,7 +66,11 @@ async def open_sessions(settings: Settings) -> AsyncIterator[AsyncSqliteSaver]:
         yield saver
 
 
-def _owner_only(path: Path) -> None:
+def _create_private(path: Path) -> None:
+    """Create the database file owner-only before SQLite opens it (SQLite gives its -wal and
+    -shm files the database file's permissions), and tighten an existing one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if file.exists() and file.stat().st_mode & 0o077:
             file.chmod(0o600)
@@ -231,7 +235,7 @@ async def purge_all(settings: Settings) -> Removed:
 def record_transcript(sessions_db: Path, thread_id: str, path: Path) -> None:
     """Remember a transcript just written for ``thread_id``, so deleting the conversation
     deletes it too (if it still holds what was written)."""
-    sessions_db.parent.mkdir(parents=True, exist_ok=True)
+    _create_private(sessions_db)
     try:
         with closing(sqlite3.connect(sessions_db, timeout=10)) as db, db:
             db.execute(_TRANSCRIPTS_TABLE)
@@ -242,7 +246,6 @@ def record_transcript(sessions_db: Path, thread_id: str, path: Path) -> None:
             )
     except sqlite3.Error as exc:
         raise InputError(f"{sessions_db}: cannot record the transcript {path}: {exc}") from exc
-    _owner_only(sessions_db)
 
 
 def _sha256(path: Path) -> str | None:
