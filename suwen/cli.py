@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "eval_cmd",
     "dev",
     "demo",
+    "models_cmd",
 )
 
 
