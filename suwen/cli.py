@@ -11,9 +11,13 @@ from pathlib import Path
 
 import typer
 
+from suwen import privacy
 from suwen.commands.common import fail, print_error
 from suwen.config import SettingsError, load_settings, parse_assignments
 from suwen.errors import SuwenError
+
+# Before any command imports a library that reads its settings once (huggingface_hub).
+privacy.enforce()
 
 app = typer.Typer(
     name="suwen",
@@ -58,6 +62,18 @@ def root(
         ctx.obj = load_settings(config, cli_values)
     except SettingsError as exc:
         fail(str(exc))
+    _private_home(ctx.obj.settings.home)
+
+
+def _private_home(home: Path) -> None:
+    """Everything Suwen writes from here on is its user's alone: umask 077 (inherited by
+    every child) and a 0700 data home."""
+    privacy.enforce()
+    privacy.private_umask()
+    try:
+        privacy.private_dir(home)
+    except OSError as exc:
+        fail(f"data home {home}: cannot create it readable by its owner only: {exc}")
 
 
 def _register_commands() -> None:
@@ -76,6 +92,8 @@ _register_commands()
 
 def main() -> None:
     # Outside typer's own handling, errors are printed here and become exit codes directly.
+    privacy.enforce()
+    privacy.private_umask()
     try:
         app()
     except SuwenError as exc:

@@ -8,6 +8,7 @@ came from so ``suwen config show`` can say it.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,75 @@ MEDCPT_CROSS = "ncbi/MedCPT-Cross-Encoder"
 QUERY_ENCODER_OF = {MEDCPT_ARTICLE: MEDCPT_QUERY}
 
 CONFIG_FILE_NAME = "suwen.toml"
+
+# vLLM flags that would change where the managed server listens, who may call it, or what it
+# trusts (remote code, local files, media from the web, trace exporters, request logging).
+REFUSED_VLLM_FLAGS = frozenset(
+    {
+        "--host",
+        "--port",
+        "--uds",
+        "--grpc-port",
+        "--api-key",
+        "--allow-credentials",
+        "--allowed-origins",
+        "--allowed-methods",
+        "--allowed-headers",
+        "--ssl-keyfile",
+        "--ssl-certfile",
+        "--ssl-ca-certs",
+        "--ssl-cert-reqs",
+        "--ssl-ciphers",
+        "--enable-ssl-refresh",
+        "--root-path",
+        "--middleware",
+        "--trust-remote-code",
+        "--allowed-local-media-path",
+        "--allowed-media-domains",
+        "--trust-request-chat-template",
+        "--trust-request-mm-kwargs",
+        "--tool-server",
+        "--hf-token",
+        "--otlp-traces-endpoint",
+        "--collect-detailed-traces",
+        "--kv-transfer-config",
+        "--kv-events-config",
+        "--data-parallel-address",
+        "--data-parallel-rpc-port",
+        "--headless",
+        "--enable-log-requests",
+        "--enable-log-outputs",
+        # A YAML file of further flags, which could set any of the above.
+        "--config",
+    }
+)
+
+
+# vLLM's short forms of --data-parallel-address and --data-parallel-rpc-port.
+REFUSED_SHORT_FLAGS = ("-dpa", "-dpp")
+# argparse accepts any unambiguous prefix of a long flag ("--ho" for "--host"), and vLLM's
+# JSON flags take dotted keys ("--kv-transfer-config.kv_ip").
+MIN_ABBREVIATION = len("--h")
+
+
+def refused_vllm_flag(arg: str) -> str | None:
+    """The refused flag ``arg`` would set (exact, abbreviated, ``=value``, dotted key,
+    underscore spelling or ``--no-`` form), else None."""
+    if arg.startswith(REFUSED_SHORT_FLAGS):
+        return arg[: len(REFUSED_SHORT_FLAGS[0])]
+    if not arg.startswith("--"):
+        return None
+    flag = arg.split("=", 1)[0].split(".", 1)[0].replace("_", "-").lower()
+    if flag.startswith("--no-"):
+        flag = "--" + flag[len("--no-") :]
+    if flag in REFUSED_VLLM_FLAGS:
+        return flag
+    if len(flag) >= MIN_ABBREVIATION:
+        for refused in sorted(REFUSED_VLLM_FLAGS):
+            if refused.startswith(flag):
+                return refused
+    return None
+
 
 Source = Literal["default", "file", "env", "cli"]
 
@@ -83,6 +153,9 @@ class Settings(BaseSettings):
     vllm_dtype: str = Field("auto", description="vLLM dtype")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     vllm_tensor_parallel_size: int = Field(1, ge=1)
+    vllm_data_parallel_size: int = Field(
+        1, ge=1, description="Engine replicas of a managed vLLM server (--data-parallel-size)"
+    )
     vllm_max_images: int = Field(4, ge=1, description="Images allowed per prompt")
     # Qwen2.5-VL's processor admits 3136..12845056 pixels; 1280 visual tokens (28*28*1280) is
     # the budget Qwen recommends for serving and keeps 4 images inside the default context.
@@ -93,7 +166,14 @@ class Settings(BaseSettings):
     vllm_cpu_kvcache_gib: int = Field(4, ge=1, description="KV cache on CPU-only vLLM (GiB)")
     vllm_startup_timeout: float = Field(900.0, gt=0, description="Seconds to wait for /health")
     vllm_extra_args: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Extra vLLM flags"
+        default_factory=list,
+        description="Extra vLLM flags (not ones that change where the server listens or "
+        "what it trusts)",
+    )
+    allow_remote_vllm: bool = Field(
+        False,
+        description="Allow vllm_url / --vllm-url outside this machine (questions and images "
+        "then leave it)",
     )
     request_timeout: float = Field(300.0, gt=0, description="Seconds per model request")
     max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx")
@@ -118,6 +198,17 @@ class Settings(BaseSettings):
         # Environment values arrive as one string; a comma-separated list is the natural form.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("vllm_extra_args")
+    @classmethod
+    def _no_listening_or_trust_flags(cls, value: list[str]) -> list[str]:
+        refused = sorted({flag for arg in value if (flag := refused_vllm_flag(arg))})
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)} may not be set: Suwen decides where its vLLM server "
+                "listens and what it trusts"
+            )
         return value
 
     @property
@@ -153,7 +244,26 @@ class LoadedSettings:
         self.config_file = config_file
 
 
+def _check_file_is_private(path: Path) -> None:
+    """A settings file another user could edit could redirect every question: refuse it."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read settings file: {exc}") from exc
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SettingsError(
+            f"{path}: settings file is writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); run chmod go-w on it"
+        )
+    if info.st_uid not in (os.getuid(), 0):
+        raise SettingsError(
+            f"{path}: settings file belongs to another user (uid {info.st_uid}); "
+            "Suwen only reads its own"
+        )
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    _check_file_is_private(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -218,7 +328,7 @@ def load_settings(
 
 
 def offline_env() -> dict[str, str]:
-    """Environment for child processes: telemetry off, hub access as the user chose."""
-    env = dict(os.environ)
-    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
-    return env
+    """Environment for child processes: offline, telemetry and tracing off (see privacy)."""
+    from suwen.privacy import child_env
+
+    return child_env()

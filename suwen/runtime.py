@@ -20,6 +20,7 @@ from contextlib import (
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from suwen import privacy
 from suwen.config import Settings
 from suwen.errors import IndexMissingError
 from suwen.llm.base import VisionLanguageModel
@@ -99,6 +100,13 @@ async def open_agent(
     parts = backends or _installed
     notice = on_notice or (lambda message: None)
     urls = list(vllm_urls) or list(settings.vllm_url)
+    # Library users get the same guarantees as the CLI: offline, untraced, a private home,
+    # and model requests only to this machine unless a setting says otherwise.
+    privacy.enforce()
+    privacy.private_dir(settings.home)
+    remote = privacy.check_vllm_urls(urls, settings.allow_remote_vllm)
+    if remote:
+        notice(remote)
     async with AsyncExitStack() as stack:
         text_name = text_index or settings.text_index
         image_name = image_index or settings.image_index

@@ -87,7 +87,7 @@ def test_missing_indexes_are_left_out_and_reported(tmp_path: Path) -> None:
     async def run() -> AgentResult:
         async with open_agent(
             _settings(tmp_path),
-            ["http://h:1/v1"],
+            ["http://127.0.0.1:1/v1"],
             sessions=False,
             backends=recorder.backends(),
             on_notice=notices.append,
@@ -98,7 +98,7 @@ def test_missing_indexes_are_left_out_and_reported(tmp_path: Path) -> None:
 
     result = asyncio.run(run())
     assert result.answer and result.evidence == []
-    assert recorder.urls == ["http://h:1/v1"]
+    assert recorder.urls == ["http://127.0.0.1:1/v1"]
     assert notices == [
         "index 'pubmed' not found -- answering without PubMed search",
         "index 'images' not found -- answering without similar-case search",

@@ -23,6 +23,7 @@ import pytest
 from suwen.config import Settings
 from suwen.errors import InputError, ServerError
 from suwen.llm import server as server_module
+from suwen.llm.base import Message
 from suwen.llm.server import (
     ManagedServer,
     failure_reason,
@@ -31,35 +32,68 @@ from suwen.llm.server import (
     server_command,
     server_env,
 )
+from suwen.privacy import RemoteServerError
+from tests.capture_server import CaptureServer
 from tests.terminal_signals import default_signal_actions
 
-# Serves /health (and /v1/models) on argv[1]; starts a long-lived child like vLLM's engine
-# core. With argv[2] == "fail" it prints a traceback-style error and exits instead; with "hang"
-# it never becomes healthy (a model still loading).
+# Serves /health (and /v1/models); answers chat completions with "fake answer" after
+# FAKE_POST_DELAY seconds, to callers with the key vLLM would take from VLLM_API_KEY; starts a
+# long-lived child like vLLM's engine core. Modes (argv[2]): "ok"; "fail" prints a
+# traceback-style error and exits; "hang" never becomes healthy (a model still loading);
+# "patient" waits instead of failing when its port is taken (argv[3]: a file it creates
+# then); "inuse-once" fails like vLLM on a taken port the first time (argv[3]: marker file).
 FAKE_SERVER = textwrap.dedent(
     """
-    import http.server, json, subprocess, sys
+    import http.server, json, os, pathlib, subprocess, sys, time
     port, mode = int(sys.argv[1]), sys.argv[2]
     if mode == "fail":
         print("INFO loading model", flush=True)
         print("ValueError: unsupported dtype 'float7' for this model", flush=True)
         print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
         sys.exit(1)
+    if mode == "inuse-once" and not pathlib.Path(sys.argv[3]).exists():
+        pathlib.Path(sys.argv[3]).touch()
+        print("OSError: [Errno 98] error while attempting to bind on address "
+              "('127.0.0.1', %d): address already in use" % port, flush=True)
+        sys.exit(1)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     if mode == "hang":
-        import time
         time.sleep(600)
+    KEY = os.environ.get("VLLM_API_KEY")
+    COMPLETION = {
+        "choices": [{"message": {"content": "fake answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"data": [{"id": "fake"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+        def reply(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
+        def authorized(self):
+            return KEY is None or self.headers.get("Authorization") == "Bearer " + KEY
+        def do_GET(self):
+            if self.path.startswith("/v1") and not self.authorized():
+                return self.reply(401, {"error": "Unauthorized"})
+            self.reply(200, {"data": [{"id": "fake"}]})
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not self.authorized():
+                return self.reply(401, {"error": "Unauthorized"})
+            time.sleep(float(os.environ.get("FAKE_POST_DELAY", "0")))
+            self.reply(200, COMPLETION)
         def log_message(self, *args):
             pass
     print("fake vLLM child", child.pid, flush=True)
-    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    except OSError:
+        if mode == "patient":
+            pathlib.Path(sys.argv[3]).touch()
+            time.sleep(600)
+        raise
+    server.serve_forever()
     """
 )
 
@@ -86,11 +120,11 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture()
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Make ManagedServer launch FAKE_SERVER; the list selects its mode ("ok" or "fail")."""
+    """Make ManagedServer launch FAKE_SERVER; the list holds its mode and arguments."""
     mode = ["ok"]
 
     def command(settings: Settings, model: str, host: str, port: int) -> list[str]:
-        return [sys.executable, "-c", FAKE_SERVER, str(port), mode[0]]
+        return [sys.executable, "-c", FAKE_SERVER, str(port), *mode]
 
     monkeypatch.setattr(server_module, "server_command", command)
     monkeypatch.setattr(server_module, "HEALTH_POLL_SECONDS", 0.1)
@@ -114,6 +148,7 @@ def test_command_has_lingshu_settings(tmp_path: Path) -> None:
         vllm_max_model_len=16384,
         vllm_dtype="bfloat16",
         vllm_tensor_parallel_size=2,
+        vllm_data_parallel_size=3,
         vllm_gpu_memory_utilization=0.8,
         vllm_max_images=3,
         vllm_extra_args=["--seed", "7"],
@@ -129,6 +164,11 @@ def test_command_has_lingshu_settings(tmp_path: Path) -> None:
     assert value("--max-model-len") == "16384"
     assert value("--dtype") == "bfloat16"
     assert value("--tensor-parallel-size") == "2"
+    assert value("--data-parallel-size") == "3"
+    # Sampling comes from each request, not from the checkpoint's generation_config.json.
+    assert value("--generation-config") == "vllm"
+    assert value("--host") == "127.0.0.1"
+    assert not any("api-key" in arg or "api_key" in arg for arg in command)
     assert value("--gpu-memory-utilization") == "0.8"
     assert "--enable-prefix-caching" in command
     assert json.loads(value("--limit-mm-per-prompt")) == {"image": 3, "video": 0}
@@ -148,12 +188,22 @@ def test_users_structured_output_config_wins(tmp_path: Path) -> None:
 def test_environment_is_private_and_sizes_cpu_kv_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Whatever the user's environment says.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("VLLM_NO_USAGE_STATS", "0")
+    monkeypatch.setenv("LANGSMITH_TRACING", "true")
+    monkeypatch.setenv("LANGSMITH_API_KEY", "user-key")
+    monkeypatch.setenv("LANGSMITH_ENDPOINT", "http://10.9.9.9")
     monkeypatch.setattr(server_module, "is_cpu_build", lambda: True)
-    env = server_env(Settings(home=tmp_path, vllm_cpu_kvcache_gib=3))
+    env = server_env(Settings(home=tmp_path, vllm_cpu_kvcache_gib=3), "secret", "127.0.0.1")
     assert env["VLLM_NO_USAGE_STATS"] == "1"
     assert env["DO_NOT_TRACK"] == "1"
-    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
+    assert env["LANGSMITH_TRACING"] == env["LANGCHAIN_TRACING_V2"] == "false"
+    assert "LANGSMITH_API_KEY" not in env and "LANGSMITH_ENDPOINT" not in env
+    # vLLM learns its address instead of connecting a socket to 8.8.8.8 to find it.
+    assert env["VLLM_HOST_IP"] == "127.0.0.1"
+    assert env["VLLM_API_KEY"] == "secret"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     monkeypatch.setattr(server_module, "is_cpu_build", lambda: False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
@@ -202,7 +252,7 @@ def test_start_serves_and_stop_leaves_no_process(settings: Settings, fake_vllm: 
     with ManagedServer(settings, port=free_port("127.0.0.1")) as server:
         assert httpx.get(f"{server.url}/health").status_code == 200
         members = group_members(server)
-        assert len(members) == 2  # the server and its engine-like child
+        assert len(members) == 3  # the guard, the server and its engine-like child
         assert server in server_module.managed_servers()
     assert_all_gone(members)
     assert started_here() == []
@@ -252,12 +302,18 @@ def test_open_model_starts_and_stops_a_managed_server(
 
 
 def test_async_open_model_uses_given_urls_without_a_server(settings: Settings) -> None:
-    async def main() -> list[str]:
-        async with open_model(settings, ["http://gpu-a:8000/v1", "http://gpu-b:8000"]) as client:
+    remote = ["http://gpu-a:8000/v1", "http://gpu-b:8000"]
+
+    async def main(settings: Settings) -> list[str]:
+        async with open_model(settings, remote) as client:
             assert started_here() == []
             return client.urls
 
-    assert asyncio.run(main()) == ["http://gpu-a:8000", "http://gpu-b:8000"]
+    # Questions and images leave the machine only when a setting says they may.
+    with pytest.raises(RemoteServerError, match=r"gpu-a:8000.*allow_remote_vllm"):
+        asyncio.run(main(settings))
+    allowed = settings.model_copy(update={"allow_remote_vllm": True})
+    assert asyncio.run(main(allowed)) == ["http://gpu-a:8000", "http://gpu-b:8000"]
 
 
 def test_async_open_model_stops_the_server_on_an_exception(
@@ -296,7 +352,7 @@ PARENT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL])
 def test_killing_the_parent_leaves_no_orphan(tmp_path: Path, signum: signal.Signals) -> None:
     code = PARENT.replace("{port}", str(free_port("127.0.0.1")))
     parent = subprocess.Popen(
@@ -311,7 +367,7 @@ def test_killing_the_parent_leaves_no_orphan(tmp_path: Path, signum: signal.Sign
         assert line.startswith("server "), line
         server = psutil.Process(int(line.split()[1]))
         members = [server, *server.children(recursive=True)]
-        assert len(members) == 2
+        assert len(members) == 3  # the guard, the server and its engine-like child
         parent.send_signal(signum)
         parent.wait(timeout=30)
         assert_all_gone(members)
@@ -352,12 +408,134 @@ def test_a_signal_during_start_up_stops_the_starting_server(
         watched = psutil.Process(parent.pid)
         deadline = time.monotonic() + 60
         members: list[psutil.Process] = []
-        while time.monotonic() < deadline and len(members) < 2:
-            members = watched.children(recursive=True)  # the server and its engine child
+        while time.monotonic() < deadline and len(members) < 3:
+            # the guard, the server and its engine child
+            members = watched.children(recursive=True)
             time.sleep(0.05)
-        assert len(members) == 2, members
+        assert len(members) == 3, members
         parent.send_signal(signum)
         parent.wait(timeout=30)  # not the 600 s start-up timeout
         assert_all_gone(members)
     finally:
         parent.kill()
+
+
+def test_the_api_key_is_in_the_servers_environment_only_and_the_client_sends_it(
+    settings: Settings, fake_vllm: list[str]
+) -> None:
+    settings.vllm_port = free_port("127.0.0.1")
+
+    async def main() -> str:
+        async with open_model(settings) as client:
+            (server,) = started_here()
+            for member in group_members(server):
+                assert not any(server.api_key in arg for arg in member.cmdline())
+            assert group_members(server)[1].environ()["VLLM_API_KEY"] == server.api_key
+            # Another local user, without the key, is turned away.
+            url = f"{server.url}/v1/chat/completions"
+            assert httpx.post(url, json={}).status_code == 401
+            reply = await client.chat([Message(role="user", text="hello")])
+            return reply.text
+
+    assert asyncio.run(main()) == "fake answer"
+
+
+def test_a_port_taken_before_the_server_binds_is_chosen_again(
+    settings: Settings, fake_vllm: list[str], tmp_path: Path
+) -> None:
+    fake_vllm[:] = ["inuse-once", str(tmp_path / "refused-once")]
+    first = free_port("127.0.0.1")
+    with ManagedServer(settings, port=first) as server:
+        assert server.port != first
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert server.log_path is not None
+        assert f"port {first} taken" in server.log_path.read_text()
+
+
+def test_a_port_another_process_answers_on_is_never_used(
+    settings: Settings, fake_vllm: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process binds the port between Suwen's check and vLLM's bind, and answers
+    /health: Suwen sees that the listener is not its own and never sends it a question."""
+    monkeypatch.setattr(server_module, "port_is_free", lambda host, port: True)
+    fake_vllm[:] = ["patient", str(tmp_path / "found-it-taken")]
+    with CaptureServer() as impostor:
+        port = int(impostor.url.rsplit(":", 1)[1])
+        with pytest.raises(ServerError, match=f"port {port} .* taken by another process"):
+            ManagedServer(settings, port=port, strict_port=True).start()
+        assert started_here() == []
+        with open_model(settings.model_copy(update={"vllm_port": port})) as client:
+            assert client.urls != [impostor.url]
+            (server,) = started_here()
+            assert httpx.get(f"{server.url}/health").status_code == 200
+    assert all(request.startswith("GET /health") for request in impostor.requests)
+
+
+# A Python process that starts a managed (fake) server and waits, printing the guard's pid.
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from suwen.config import Settings
+    from suwen.llm import server as server_module
+    fake = [sys.executable, "-c", sys.argv[2]]
+    server_module.server_command = lambda s, m, h, port: [*fake, str(port), "ok"]
+    settings = Settings(home=Path(sys.argv[1]), vllm_port={port}, vlm="fake")
+    with server_module.open_model(settings):
+        (server,) = server_module.managed_servers()
+        print("guard", server.pid, flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_a_stale_server_left_by_a_dead_run_is_ended_by_the_next(
+    settings: Settings, fake_vllm: list[str]
+) -> None:
+    """The run and its guard both die by SIGKILL (say, the OOM killer on a full machine):
+    vLLM's engine is left behind; the next run in the same data home finds and ends it."""
+    code = HOLDER.replace("{port}", str(free_port("127.0.0.1")))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(settings.home), FAKE_SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        assert line.startswith("guard "), line
+        guard = psutil.Process(int(line.split()[1]))
+        (server,) = guard.children()
+        (engine,) = server.children()
+        (record,) = (settings.home / "run").glob("vllm-*.json")
+        assert record.stat().st_mode & 0o777 == 0o600
+        holder.send_signal(signal.SIGSTOP)  # it cannot clean up now
+        guard.kill()
+        holder.kill()
+        holder.wait(timeout=30)
+        # The parent-death signal took the API server with its guard; the engine is left.
+        assert_all_gone([guard, server])
+        assert engine.is_running()
+        with ManagedServer(settings, port=free_port("127.0.0.1")) as fresh:
+            (ended,) = fresh.ended_stale  # the dead run's server command line
+            assert ended.startswith(sys.executable) and ended.endswith(" ok")
+            assert fresh.log_path is not None
+            assert "ended a stale vLLM server" in fresh.log_path.read_text()
+            assert_all_gone([engine])
+            assert [path.name for path in (settings.home / "run").iterdir()] == [
+                f"vllm-{fresh.pid}.json"
+            ]
+        assert list((settings.home / "run").iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_live_runs_server_is_not_taken_for_a_stale_one(
+    settings: Settings, fake_vllm: list[str]
+) -> None:
+    with ManagedServer(settings, port=free_port("127.0.0.1")) as first:
+        members = group_members(first)
+        with ManagedServer(settings, port=free_port("127.0.0.1")) as second:
+            assert second.ended_stale == []
+            assert all(member.is_running() for member in members)

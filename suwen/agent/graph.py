@@ -40,6 +40,7 @@ from suwen.agent.state import fresh_question_state as fresh_state
 from suwen.config import Settings
 from suwen.errors import InputError
 from suwen.llm.base import CallLog, VisionLanguageModel, recording
+from suwen.privacy import no_tracing
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
 from suwen.types import AgentEvent, AgentResult, Question, TokenUsage, TraceEvent
@@ -165,7 +166,9 @@ class SuwenAgent:
         # the other questions a batch runs at the same time.
         images = await asyncio.to_thread(load_question_images, paths)
         context = RunContext(images=images)
-        with recording() as log:
+        # No LangSmith trace, whatever the environment or a caller configured: questions,
+        # images' findings and answers stay on this machine.
+        with recording() as log, no_tracing():
             start = fresh_state(question, paths, mode)
             final = await self._stream(start, context, thread_id, on_event)
         return _result(question, mode, final, log, time.perf_counter() - started, thread_id)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.status import Status
 
+from suwen.batch import answer_failure
 from suwen.commands.answer_view import result_view
 from suwen.commands.common import console, err_console, fail, settings_of
 from suwen.config import Settings
@@ -61,10 +62,14 @@ def ask(
             settings, request, plain, vllm_url, text_index=text_index, image_index=image_index
         )
     )
+    failure = answer_failure(request, result)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
-    else:
+    elif result.answer.strip():
         console.print(result_view(result))
+    if failure is not None:
+        # No answer (or one cut off): a script must not take it for one.
+        fail(failure, code=1)
 
 
 async def answer_question(

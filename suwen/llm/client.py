@@ -260,10 +260,12 @@ class VLLMClient:
         model: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         status_hint: Callable[[], str | None] | None = None,
+        api_key: str | None = None,
     ) -> None:
         """``model``: the served model name (default: ``settings.vlm`` if a server serves
         it, else the one model it serves). ``transport``: an httpx transport (tests).
-        ``status_hint``: says why a managed server cannot be reached (it died, say)."""
+        ``status_hint``: says why a managed server cannot be reached (it died, say).
+        ``api_key``: the servers' key (a managed server's own; default: VLLM_API_KEY)."""
         if not urls:
             raise InputError("no vLLM URL given")
         self.settings = settings
@@ -271,6 +273,7 @@ class VLLMClient:
         self._model = model
         self._transport = transport
         self._status_hint = status_hint
+        self._api_key = api_key or os.environ.get("VLLM_API_KEY", "EMPTY")
         self._rotation = itertools.count()
         self._state: _LoopState | None = None
         self._images = ImageEncoder(settings.vllm_image_min_pixels, settings.vllm_image_max_pixels)
@@ -579,7 +582,7 @@ class VLLMClient:
         return httpx.AsyncClient(
             transport=self._transport,
             # vLLM started with --api-key checks it; otherwise any value is accepted.
-            headers={"Authorization": f"Bearer {os.environ.get('VLLM_API_KEY', 'EMPTY')}"},
+            headers={"Authorization": f"Bearer {self._api_key}"},
             timeout=httpx.Timeout(self.settings.request_timeout, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             # Prompts and images go to the configured servers only, never through a proxy

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,11 +28,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
-from suwen.config import Settings, offline_env
+from suwen import privacy
+from suwen.config import Settings, refused_vllm_flag
 from suwen.errors import InputError, ServerError
 from suwen.llm.client import VLLMClient
 
@@ -45,6 +47,11 @@ STOP_GRACE_SECONDS = 15.0
 STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
 _ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b:?.*)$")
 _GENERIC_ERRORS = ("See root cause above", "Engine core initialization failed")
+GUARD_MODULE = "suwen.llm.guard"
+# A port another process took between our choice and vLLM's bind: choose again this often.
+PORT_ATTEMPTS = 3
+_ADDRESS_IN_USE = re.compile(r"address already in use|errno 98\b", re.IGNORECASE)
+RUN_DIR_NAME = "run"
 
 
 def vllm_installed() -> bool:
@@ -61,8 +68,12 @@ def is_cpu_build() -> bool:
 
 
 def server_command(settings: Settings, model: str, host: str, port: int) -> list[str]:
-    """The vLLM command line for serving ``model`` with Suwen's settings."""
+    """The vLLM command line for serving ``model`` with Suwen's settings. Its API key is
+    not on it (command lines are visible to every user): vLLM reads it from VLLM_API_KEY."""
     extra = list(settings.vllm_extra_args)
+    refused = sorted({flag for arg in extra if (flag := refused_vllm_flag(arg))})
+    if refused:  # settings validate this; a copy made without validation must not slip by
+        raise ServerError(f"vllm_extra_args: {', '.join(refused)} may not be set")
     command = [
         sys.executable,
         "-m",
@@ -83,6 +94,12 @@ def server_command(settings: Settings, model: str, host: str, port: int) -> list
         str(settings.vllm_gpu_memory_utilization),
         "--tensor-parallel-size",
         str(settings.vllm_tensor_parallel_size),
+        "--data-parallel-size",
+        str(settings.vllm_data_parallel_size),
+        # Sampling comes from each request alone, never from the checkpoint's
+        # generation_config.json (which would silently change temperature and top-p).
+        "--generation-config",
+        "vllm",
         "--enable-prefix-caching",
         "--limit-mm-per-prompt",
         json.dumps({"image": settings.vllm_max_images, "video": 0}),
@@ -104,12 +121,17 @@ def server_command(settings: Settings, model: str, host: str, port: int) -> list
     return command + extra
 
 
-def server_env(settings: Settings) -> dict[str, str]:
-    """The server's environment: telemetry off, the user's HF_HUB_OFFLINE kept, CPU KV cache."""
-    env = offline_env()
+def server_env(
+    settings: Settings, api_key: str | None = None, host: str = "127.0.0.1"
+) -> dict[str, str]:
+    """The server's environment: offline, telemetry and tracing off; its address given
+    (vLLM otherwise finds it by connecting a socket to 8.8.8.8); its API key; CPU KV cache."""
+    extra = {"VLLM_HOST_IP": host, "VLLM_LOOPBACK_IP": host}
+    if api_key is not None:
+        extra["VLLM_API_KEY"] = api_key
     if is_cpu_build():
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_cpu_kvcache_gib)
-    return env
+        extra["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_cpu_kvcache_gib)
+    return privacy.child_env(extra)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -171,7 +193,12 @@ class ManagedServer:
         self.restarts = 0
         self.log_path: Path | None = None
         self.failure: str | None = None
+        # Only Suwen's client knows it: another local user cannot use (or read from) the server.
+        self.api_key = secrets.token_urlsafe(32)
+        self.ended_stale: list[str] = []
         self._process: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # write end of the guard's pipe; see guard.py
+        self._record: Path | None = None
         self._log: IO[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.RLock()
@@ -211,6 +238,7 @@ class ManagedServer:
         ):
             # A path, not a hub id: say so now rather than after vLLM's start-up.
             raise InputError(f"model directory {self.model} not found")
+        self.ended_stale = end_stale_servers(self.settings)
         if not port_is_free(self.host, self.requested_port):
             if self.strict_port:
                 raise ServerError(
@@ -221,14 +249,33 @@ class ManagedServer:
         try:
             self._open_log()
             _register(self)
-            self._launch()
-            self._wait_healthy(self.settings.vllm_startup_timeout)
+            for stale in self.ended_stale:
+                self._note(f"ended a stale vLLM server left by an earlier run: {stale}")
+            self._start_on_a_free_port()
         except BaseException:
             self.stop()
             raise
         self._watcher = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
         self._watcher.start()
         return self.url
+
+    def _start_on_a_free_port(self) -> None:
+        """Launch and wait for health; when another process took the port between our
+        choice and vLLM's bind (vLLM then dies with address-in-use, or the port answers but
+        is not ours), choose a free port again, unless the user named the port."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self._launch()
+            try:
+                self._wait_healthy(self.settings.vllm_startup_timeout)
+                return
+            except _PortTakenError as taken:
+                if self.strict_port or attempt == PORT_ATTEMPTS:
+                    raise ServerError(
+                        f"vLLM server for {self.model}: port {self.port} on {self.host} "
+                        f"was taken by another process ({taken}) (log: {self.log_path})"
+                    ) from None
+                self._note(f"port {self.port} taken ({taken}); trying another")
+                self.port = free_port(self.host)
 
     def _open_log(self) -> None:
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -244,16 +291,23 @@ class ManagedServer:
         with self._lock:
             if self._stopping.is_set():
                 raise ServerError(f"vLLM server for {self.model}: stopped before it started")
-            # Its own session: Ctrl-C in the terminal reaches us, not vLLM, and the whole
-            # group (API server, engine core, workers) can be killed as one.
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                env=server_env(self.settings),
-                start_new_session=True,
-            )
+            # The guard leads its own session: Ctrl-C in the terminal reaches us, not vLLM;
+            # the whole group (guard, API server, engine core, workers) can be killed as one;
+            # and the guard ends that group when this process dies, even by SIGKILL.
+            lifeline_read, self._lifeline = _fresh_lifeline(self._lifeline)
+            try:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", GUARD_MODULE, str(lifeline_read), "--", *command],
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log,
+                    stderr=subprocess.STDOUT,
+                    env=server_env(self.settings, self.api_key, self.host),
+                    start_new_session=True,
+                    pass_fds=(lifeline_read,),
+                )
+            finally:
+                os.close(lifeline_read)
+            self._record = write_server_record(self.settings, self._process.pid, command)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -264,8 +318,16 @@ class ManagedServer:
                 raise ServerError(f"vLLM server for {self.model}: stopped while starting")
             code = process.poll()
             if code is not None:
+                assert self.log_path is not None
+                if _ADDRESS_IN_USE.search(log_tail(self.log_path)):
+                    self._kill_group()
+                    raise _PortTakenError("address already in use")
                 self._fail_start(f"exited with code {code} while starting")
             if _healthy(self.url):
+                if not _listens_in_group(process.pid, self.port):
+                    # Whoever answers there is not our server: never send it a question.
+                    self._kill_group()
+                    raise _PortTakenError("another process answers on it")
                 return
             if time.monotonic() > deadline:
                 self._fail_start(f"not healthy after {timeout:.0f} s")
@@ -327,6 +389,9 @@ class ManagedServer:
         with self._lock:
             if self._log is not None and not self._log.closed:
                 self._log.close()
+            if self._lifeline is not None:
+                os.close(self._lifeline)
+                self._lifeline = None
         _unregister(self)
 
     def _kill_group(self) -> None:
@@ -343,6 +408,9 @@ class ManagedServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=STOP_GRACE_SECONDS)
             _kill_survivors(members)
+            if self._record is not None:
+                self._record.unlink(missing_ok=True)
+                self._record = None
 
     def __enter__(self) -> ManagedServer:
         self.start()
@@ -355,6 +423,34 @@ class ManagedServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class _PortTakenError(Exception):
+    """The server's port turned out to be someone else's."""
+
+
+def _fresh_lifeline(previous: int | None) -> tuple[int, int]:
+    """A new pipe for a (re)launched guard: (read end for the guard, write end we keep). The
+    old write end is closed so an earlier guard, if any is left, also sees its end."""
+    if previous is not None:
+        os.close(previous)
+    return os.pipe()  # both ends non-inheritable: no other child of ours holds the write end
+
+
+def _listens_in_group(leader: int, port: int) -> bool:
+    """True when a process of the server's group listens on ``port``."""
+    import psutil
+
+    try:
+        members = [psutil.Process(leader), *psutil.Process(leader).children(recursive=True)]
+    except psutil.Error:
+        return False
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            for conn in member.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                    return True
+    return False
 
 
 def _healthy(url: str) -> bool:
@@ -459,6 +555,8 @@ class open_model:  # noqa: N801 - used like a function: `with open_model(setting
 
     def __enter__(self) -> VLLMClient:
         if self.urls:
+            # Nothing goes to a server outside this machine unless a setting allows it.
+            privacy.check_vllm_urls(self.urls, self.settings.allow_remote_vllm)
             self.client = VLLMClient(self.urls, self.settings)
             return self.client
         self.server = ManagedServer(self.settings)
@@ -468,7 +566,11 @@ class open_model:  # noqa: N801 - used like a function: `with open_model(setting
 
     def _client_of(self, server: ManagedServer) -> VLLMClient:
         return VLLMClient(
-            [server.url], self.settings, model=server.model, status_hint=server.status
+            [server.url],
+            self.settings,
+            model=server.model,
+            status_hint=server.status,
+            api_key=server.api_key,
         )
 
     def __exit__(
@@ -512,3 +614,111 @@ def managed_servers() -> list[ManagedServer]:
     """The servers this process is running now (for diagnostics and tests)."""
     with _live_lock:
         return list(_live)
+
+
+# -- servers left behind by a run that died -------------------------------------------------
+
+
+def write_server_record(settings: Settings, pid: int, command: list[str]) -> Path:
+    """``<home>/run/vllm-<pid>.json`` (0600): who started the server group ``pid`` and
+    when, so a later run can tell a stale server (its starter is gone) from a live one."""
+    import psutil
+
+    run_dir = privacy.private_dir(settings.home / RUN_DIR_NAME)
+    record = {
+        "pid": pid,
+        "started": _start_time(pid),
+        "owner_pid": os.getpid(),
+        "owner_started": psutil.Process().create_time(),
+        "command": command,
+    }
+    path = run_dir / f"vllm-{pid}.json"
+    partial = path.with_suffix(".json.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+    partial.replace(path)
+    return path
+
+
+def end_stale_servers(settings: Settings) -> list[str]:
+    """End every server group recorded in the data home whose starter is gone (it died
+    without stopping it); the command lines of those ended. Live runs' servers are left."""
+    run_dir = settings.home / RUN_DIR_NAME
+    if not run_dir.is_dir():
+        return []
+    ended = []
+    for path in sorted(run_dir.glob("vllm-*.json")):
+        record = _read_record(path)
+        if record is not None and _alive(record["owner_pid"], record["owner_started"]):
+            continue  # another Suwen process is using it
+        if record is not None and _end_group_of(record):
+            ended.append(" ".join(map(str, record["command"])))
+        path.unlink(missing_ok=True)
+    return ended
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            return None
+        for key in ("pid", "owner_pid"):
+            if not isinstance(record.get(key), int) or record[key] <= 1:
+                return None
+        for key in ("started", "owner_started"):
+            if not isinstance(record.get(key), float | int):
+                return None
+        if not isinstance(record.get("command"), list):
+            return None
+        return record
+    except (OSError, ValueError):
+        return None
+
+
+def _start_time(pid: int) -> float:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _alive(pid: int, started: float) -> bool:
+    """The process ``pid`` still runs and is the one recorded (pids are reused)."""
+    return abs(_start_time(pid) - started) < 0.5 if started else False
+
+
+def _end_group_of(record: dict[str, Any]) -> bool:
+    """Kill the recorded group: its leader (the guard) if it is still the recorded process,
+    and every process of ours in that group started after it (vLLM outlives a killed guard
+    in its group). True when something was ended."""
+    import psutil
+
+    group, started = int(record["pid"]), float(record["started"])
+    leader_started = _start_time(group)
+    if leader_started and not _alive(group, started):
+        # The id belongs to a newer process: Linux reuses an id only once no process is in
+        # the group it named, so the recorded group is gone.
+        return False
+    members = []
+    for process in psutil.process_iter(["pid", "uids", "create_time"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if (
+                os.getpgid(process.pid) == group
+                and process.info["uids"].real == os.getuid()
+                and process.info["create_time"] >= started - 0.5
+            ):
+                members.append(process)
+    if not members:
+        return False
+    for process in members:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _gone, alive = psutil.wait_procs(members, timeout=STOP_GRACE_SECONDS)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=STOP_GRACE_SECONDS)
+    return True
