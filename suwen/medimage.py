@@ -521,6 +521,11 @@ def _checked_frame_count(path: Path, dataset: Any) -> int:
     """The number of frames, after the header's image size has passed the budget and, for
     native (uncompressed) pixel data, the data really holds what the header describes."""
     keyword = next((k for k in _PIXEL_KEYWORDS if k in dataset), None)
+    if keyword is None and "Rows" in dataset:
+        raise InputError(
+            f"{path}: the DICOM header describes an image but the file holds no pixel data "
+            "(truncated?)"
+        )
     if keyword is None:
         sop_class = dataset.get("SOPClassUID")
         kind = f" ({sop_class.name})" if sop_class is not None else ""

@@ -400,3 +400,41 @@ def test_frame_header_refuses_malformed_streams() -> None:
         with pytest.raises(ValueError, match=message):
             frame_header(data)
     assert frame_header(b"GIF89a...") is None
+
+
+# --- truncated files ----------------------------------------------------------------------------
+
+
+def whole_files(folder: Path, shared_data: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(7)
+    dicom = shared_data / "imaging" / "dicom"
+    png, tiff = folder / "noise.png", folder / "noise.tif"
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(png)
+    tifffile.imwrite(tiff, rng.integers(0, 4096, (64, 64), dtype=np.uint16))
+    nifti_gz = folder / "anatomical.nii.gz"
+    nifti_gz.write_bytes(gzip.compress((shared_data / "imaging/nifti/anatomical.nii").read_bytes()))
+    return {
+        "png": png,
+        "jpeg": sorted((shared_data / "vqa_rad" / "images").glob("*.jpg"))[0],
+        "tiff": tiff,
+        "dicom-native": dicom / "CT_small.dcm",
+        "dicom-jpeg-12bit": dicom / "JPEG-lossy.dcm",
+        "dicom-rle": dicom / "MR_small_RLE.dcm",
+        "nifti": shared_data / "imaging" / "nifti" / "anatomical.nii",
+        "nifti-gz": nifti_gz,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["png", "jpeg", "tiff", "dicom-native", "dicom-jpeg-12bit", "dicom-rle", "nifti", "nifti-gz"],
+)
+def test_truncated_file_of_each_format_is_refused_in_one_line(
+    kind: str, tmp_path: Path, shared_data: Path
+) -> None:
+    whole = whole_files(tmp_path, shared_data)[kind]
+    load_frames(whole)  # the complete file loads
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut-{whole.name}"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    assert any(word in refusal(cut) for word in ("truncated", "corrupt"))

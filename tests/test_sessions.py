@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +139,24 @@ def test_delete_while_a_chat_holds_the_store_open_still_leaves_no_text(made) -> 
             return removed.compacted
 
     assert asyncio.run(go())
+
+
+def test_delete_during_another_process_read_says_so_and_the_text_goes_when_it_closes(
+    made,
+) -> None:
+    config, _ = made
+    reader = sqlite3.connect(config.sessions_db)  # another process in a read transaction
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        code, output = cli("delete", "drop")
+        assert code == 0 and "deleted 1 conversation" in output
+        assert "another Suwen process has" in " ".join(output.split())
+        assert [c.thread_id for c in asyncio.run(saved_conversations(config))] == ["other", "keep"]
+    finally:
+        reader.rollback()
+        reader.close()
+    assert DROP.encode() not in store_bytes(config)
 
 
 def test_unknown_id_is_a_one_line_error(made) -> None:
