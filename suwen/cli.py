@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "dev",
     "demo",
     "models_cmd",
+    "data_cmd",
 )
 
 
