@@ -501,6 +501,7 @@ class BatchProgress:
     done: int = 0
     answered: int = 0
     errors: int = 0
+    abstained: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -516,6 +517,7 @@ class BatchSummary:
     errors: list[tuple[str, str]]
     seconds: float
     notes: list[str]
+    abstained: int = 0  # answered, but below the abstention threshold (counted in answered)
 
     @property
     def complete(self) -> bool:
@@ -582,6 +584,7 @@ async def answer_pending(
             errors.append((item.id, record["error"]))
         else:
             progress.answered += 1
+            progress.abstained += record.get("outcome") == "abstained"
         if on_progress:
             on_progress(progress)
 
@@ -599,6 +602,7 @@ async def answer_pending(
         errors=errors,
         seconds=progress.seconds,
         notes=list(questions.notes) + _prior_notes(log.prior, log.path),
+        abstained=progress.abstained,
     )
 
 
@@ -639,8 +643,16 @@ def answer_failure(question: Question, result: AgentResult) -> str | None:
 
 
 def result_record(item: BatchItem, result: AgentResult) -> dict[str, Any]:
-    """The output line of an answered question: its id and images, then the full result."""
-    return {"id": item.id, "images": list(item.images), **result.model_dump(mode="json")}
+    """The output line of an answered question: its id, images and outcome (``abstained``:
+    below the abstention threshold, a best guess that is neither right nor wrong; else
+    ``answered``), then the full result."""
+    outcome = "abstained" if result.abstained else "answered"
+    return {
+        "id": item.id,
+        "images": list(item.images),
+        "outcome": outcome,
+        **result.model_dump(mode="json"),
+    }
 
 
 def _prior_notes(prior: PriorOutput, out: Path) -> list[str]:

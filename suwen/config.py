@@ -192,6 +192,21 @@ class Settings(BaseSettings):
     )
     history_turns: int = Field(4, ge=0, description="Earlier chat turns the model sees")
 
+    # Confidence, adaptive retrieval and abstention.
+    confidence: bool = Field(
+        True, description="Measure each answer's confidence (one extra one-token request)"
+    )
+    adaptive_threshold: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Adaptive mode answers plainly at or above this confidence (a calibration "
+        "file's threshold takes precedence)",
+    )
+    abstain_below: float | None = Field(
+        None, ge=0, le=1, description="Below this confidence Suwen says it is not confident"
+    )
+
     @field_validator("vllm_url", "vllm_extra_args", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:

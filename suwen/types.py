@@ -126,9 +126,39 @@ class TraceEvent(BaseModel):
     degraded: bool = Field(False, description="The step failed and the agent went on without it")
 
 
+ConfidenceSource = Literal["option-probability", "yes-no-probability", "self-check", "none"]
+
+
+class Confidence(BaseModel):
+    """One answer's confidence before calibration, and what it was read from."""
+
+    value: float | None = Field(None, ge=0, le=1, description="None: could not be measured")
+    source: ConfidenceSource = "none"
+    distribution: dict[str, float] = Field(
+        default_factory=dict, description="Allowed answer -> normalised probability"
+    )
+    mass: float = Field(
+        0.0, ge=0, le=1, description="Next-token probability on the allowed answers together"
+    )
+    note: str = ""
+
+
+class Route(BaseModel):
+    """Which way adaptive mode went for one question, and why."""
+
+    path: Literal["plain", "agent"]
+    reason: str
+    threshold: float
+    plain_answer: str | None = Field(None, description="The plain model's short answer")
+    plain_confidence: float | None = None
+    changed: str | None = Field(
+        None, description="How and why retrieval changed the plain answer (None: it did not)"
+    )
+
+
 class AgentResult(BaseModel):
     question: str
-    mode: Literal["agent", "plain"] = "agent"
+    mode: Literal["agent", "plain", "adaptive"] = "agent"
     answer: str = ""
     short_answer: str | None = None
     citations: list[Citation] = Field(default_factory=list)
@@ -143,6 +173,17 @@ class AgentResult(BaseModel):
     removed_citations: list[str] = Field(default_factory=list)
     trace: list[TraceEvent] = Field(default_factory=list)
     thread_id: str | None = None
+    # How sure Suwen is (suwen.agent.confidence): calibrated when a calibration map for this
+    # model, answer family and mode was found, else the raw value, labelled uncalibrated.
+    confidence: float | None = Field(None, ge=0, le=1, description="None: not measured")
+    confidence_raw: float | None = Field(None, ge=0, le=1)
+    confidence_source: str = "none"
+    calibrated: bool = False
+    answer_probabilities: dict[str, float] = Field(
+        default_factory=dict, description="Each allowed answer's probability (closed forms)"
+    )
+    abstained: bool = Field(False, description="Confidence below the abstention threshold")
+    route: Route | None = Field(None, description="Adaptive mode: the path taken and why")
 
 
 class AnswerFormat(BaseModel):
@@ -160,6 +201,9 @@ class Question(BaseModel):
     answer_format: AnswerFormat = Field(default_factory=AnswerFormat)
     exclude_pmids: list[str] = Field(default_factory=list)
     exclude_image_sha256: list[str] = Field(default_factory=list)
+    family: str | None = Field(
+        None, description="Benchmark whose calibration map applies (default: the answer form)"
+    )
 
 
 class AgentEvent(BaseModel):

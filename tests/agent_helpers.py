@@ -13,7 +13,7 @@ from tests.fake_model import FakeModel
 from tests.fake_search import FakeImageSearch, FakeTextSearch, case_hit, text_hit
 
 QUESTION = "What is the first-line treatment for a tension pneumothorax?"
-NODES = ["look", "plan", "retrieve", "reread", "decide", "answer", "verify"]
+NODES = ["look", "plan", "retrieve", "reread", "decide", "answer", "verify", "assess"]
 
 
 def corpus() -> list[Any]:

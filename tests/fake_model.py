@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,15 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from suwen.errors import ModelError, StructuredOutputError
-from suwen.llm.base import CallRecord, ChatReply, Message, record_call
+from suwen.llm.base import (
+    CallRecord,
+    CandidateLogprob,
+    ChatReply,
+    LogprobRequest,
+    Message,
+    TokenLogprobs,
+    record_call,
+)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -45,6 +54,40 @@ class Fail:
 
 
 @dataclass
+class Probs:
+    """A reply to a log-probability request: the probability of each answer's first token
+    (keys as the candidates are written, stripped: "A", "yes"). Unlisted candidates get ~0."""
+
+    probs: dict[str, float]
+
+    @property
+    def text(self) -> str:
+        return max(self.probs, key=lambda key: self.probs[key]) if self.probs else ""
+
+
+UNLISTED_LOGPROB = -30.0
+
+
+def fake_token_id(text: str) -> int:
+    """The fake tokenizer: a candidate's first token is its stripped, case-folded text."""
+    return sum(ord(ch) * 31**i for i, ch in enumerate(text.strip().casefold())) % 100_003
+
+
+def probs_logprobs(reply: Probs, request: LogprobRequest) -> list[TokenLogprobs]:
+    candidates = []
+    for text in request.candidates:
+        p = reply.probs.get(text.strip())
+        logprob = math.log(p) if p else UNLISTED_LOGPROB
+        candidates.append(
+            CandidateLogprob(text=text, token_id=fake_token_id(text), logprob=logprob)
+        )
+    chosen = reply.text
+    top = [(key, math.log(p)) for key, p in reply.probs.items() if p > 0][: request.top]
+    logprob = math.log(reply.probs[chosen]) if chosen and reply.probs[chosen] > 0 else 0.0
+    return [TokenLogprobs(token=chosen, logprob=logprob, top=top, candidates=candidates)]
+
+
+@dataclass
 class FakeCall:
     kind: str
     purpose: str
@@ -52,6 +95,8 @@ class FakeCall:
     max_tokens: int | None
     started: float = 0.0
     ended: float = 0.0
+    prefill: str | None = None
+    logprobs: LogprobRequest | None = None
 
     @property
     def text(self) -> str:
@@ -66,7 +111,7 @@ class FakeCall:
         return self.messages[-1].text
 
 
-Reply = str | Fail | Callable[[FakeCall], "str | Fail"]
+Reply = str | Fail | Probs | Callable[[FakeCall], "str | Fail | Probs"]
 
 
 @dataclass
@@ -100,8 +145,21 @@ def evidence_items(text: str) -> list[tuple[str, str]]:
     return items
 
 
-def default_reply(call: FakeCall) -> str:
+def default_probs(call: FakeCall) -> Probs:
+    """A log-probability probe nobody scripted: 0.6 on the first candidate's answer."""
+    labels = (
+        list(dict.fromkeys(c.strip() for c in call.logprobs.candidates)) if call.logprobs else []
+    )
+    if not labels:
+        return Probs({})
+    rest = 0.4 / max(1, len(labels) - 1)
+    return Probs({label: 0.6 if i == 0 else rest for i, label in enumerate(labels)})
+
+
+def default_reply(call: FakeCall) -> str | Probs:
     question = question_of(call)
+    if call.logprobs is not None:
+        return default_probs(call)
     if call.purpose == "look":
         words = sorted(content_words(question))
         modality = "CT" if call.images else ""
@@ -163,6 +221,7 @@ class FakeModel:
         self.delay = delay
         self.in_flight = 0
         self.max_in_flight = 0
+        self.logprob_replies: dict[int, Probs] = {}
 
     def script(
         self, purpose: str, reply: Reply, *, when: str | None = None, times: int | None = None
@@ -175,7 +234,7 @@ class FakeModel:
     def calls_for(self, purpose: str) -> list[FakeCall]:
         return [call for call in self.calls if call.purpose == purpose]
 
-    def _choose(self, call: FakeCall) -> str | Fail:
+    def _choose(self, call: FakeCall) -> str | Fail | Probs:
         for rule in self.rules:
             if rule.purpose != call.purpose or (rule.times is not None and rule.times <= 0):
                 continue
@@ -187,11 +246,23 @@ class FakeModel:
         return default_reply(call)
 
     async def _call(
-        self, kind: str, messages: list[Message], purpose: str, max_tokens: int | None
+        self,
+        kind: str,
+        messages: list[Message],
+        purpose: str,
+        max_tokens: int | None,
+        prefill: str | None = None,
+        logprobs: LogprobRequest | None = None,
     ) -> tuple[FakeCall, str | Fail]:
-        call = FakeCall(kind, purpose, list(messages), max_tokens, started=time.perf_counter())
+        call = FakeCall(kind, purpose, list(messages), max_tokens, time.perf_counter())
+        call.prefill, call.logprobs = prefill, logprobs
         self.calls.append(call)
-        reply = self._choose(call)
+        chosen = self._choose(call)
+        if isinstance(chosen, Probs):
+            self.logprob_replies[id(call)] = chosen
+            reply: str | Fail = chosen.text
+        else:
+            reply = chosen
         if isinstance(reply, str) and max_tokens is not None:
             # Like a real server: a reply longer than the budget is cut off mid-way.
             reply = " ".join(reply.split(" ")[:max_tokens])
@@ -224,11 +295,19 @@ class FakeModel:
         max_tokens: int | None = None,
         temperature: float | None = None,
         purpose: str = "",
+        prefill: str | None = None,
+        logprobs: LogprobRequest | None = None,
     ) -> ChatReply:
-        _, reply = await self._call("chat", messages, purpose, max_tokens)
+        call, reply = await self._call("chat", messages, purpose, max_tokens, prefill, logprobs)
         if isinstance(reply, Fail):
             raise reply.error
-        return ChatReply(text=reply, finish_reason="stop", record=CallRecord(kind="chat"))
+        positions = None
+        if logprobs is not None:
+            probs = self.logprob_replies.pop(id(call), None) or Probs({reply.strip(): 1.0})
+            positions = probs_logprobs(probs, logprobs)
+        return ChatReply(
+            text=reply, finish_reason="stop", record=CallRecord(kind="chat"), logprobs=positions
+        )
 
     async def stream(
         self,

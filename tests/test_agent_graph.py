@@ -44,8 +44,8 @@ def test_enough_evidence_in_round_one(tmp_path: Path) -> None:
     assert first.quote == "Tension pneumothorax requires immediate needle decompression."
     assert result.supported and not result.removed_citations
     assert result.findings is not None and result.findings.candidates
-    # Every call is accounted: look, plan, one reread per item, decide, answer.
-    assert result.model_calls == len(model.calls) == 3 + len(result.evidence) + 1
+    # Every call is accounted: look, plan, one reread per item, decide, answer, confidence probe.
+    assert result.model_calls == len(model.calls) == 3 + len(result.evidence) + 2
     assert result.tokens.prompt > 0 and result.tokens.completion > 0
     assert set(result.timings) == {*NODES, "total"}
     assert sum(result.timings[n] for n in NODES) <= result.timings["total"]
@@ -78,7 +78,7 @@ def test_second_round_after_rewrite(tmp_path: Path) -> None:
     result = ask(make_agent(tmp_path, model, text=text, rounds=2), question())
 
     assert result.rounds == 2
-    assert visited(result) == [*NODES[:5], "retrieve", "reread", "decide", "answer", "verify"]
+    assert visited(result) == [*NODES[:5], "retrieve", "reread", "decide", *NODES[5:]]
     assert text.queries == ["pleural line radiography", "chest tube outcomes"]
     # The rewrite's prompt saw what round one kept and what was already searched.
     decide_prompt = model.calls_for("decide")[0].text
@@ -88,7 +88,7 @@ def test_second_round_after_rewrite(tmp_path: Path) -> None:
     assert len(keys) == len(set(keys))
     second = next(item for item in result.evidence if item.key == "pmid:444#0")
     assert second.hit.found_by == ["chest tube outcomes"] and second.kept
-    assert "round budget reached (2/2)" in result.trace[-3].message
+    assert "round budget reached (2/2)" in result.trace[-4].message
     assert len(model.calls_for("decide")) == 1  # no model call once the budget is spent
 
 
@@ -153,15 +153,15 @@ def test_plain_mode_answers_without_retrieval(tmp_path: Path) -> None:
     )
 
     assert result.mode == "plain"
-    assert visited(result) == ["answer", "verify"]
+    assert visited(result) == ["answer", "verify", "assess"]
     assert not text.calls and not images.calls
-    assert [call.purpose for call in model.calls] == ["answer"]
+    assert [call.purpose for call in model.calls] == ["answer", "confidence"]
     assert "<evidence>" not in model.calls[0].text
     assert "Options:\nA. Needle decompression\nB. Observation" in model.calls[0].text
     assert result.short_answer == "A"
     assert "Short answer" not in result.answer
     assert result.evidence == [] and result.citations == [] and not result.supported
-    assert result.rounds == 0 and result.model_calls == 1
+    assert result.rounds == 0 and result.model_calls == 2  # the answer and its confidence probe
 
 
 def test_missing_indexes_are_reported_not_fatal(tmp_path: Path) -> None:

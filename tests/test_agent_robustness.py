@@ -46,7 +46,7 @@ def test_bad_structured_reply_degrades_that_step(tmp_path: Path, step: str, bad:
     result = _run(tmp_path, model)
 
     assert degraded_nodes(result) == [step]
-    assert visited(result)[-2:] == ["answer", "verify"]
+    assert visited(result)[-3:] == ["answer", "verify", "assess"]
     assert result.answer
     event = next(e for e in result.trace if e.node == step)
     if bad != "error":

@@ -97,8 +97,8 @@ def test_ask_plain_is_the_model_alone(fake: Opened) -> None:
     assert result.exit_code == 0, result.output
     answer = AgentResult.model_validate_json(result.stdout)
     assert answer.mode == "plain" and answer.evidence == [] and answer.citations == []
-    assert [event.node for event in answer.trace] == ["answer", "verify"]
-    assert {call.purpose for call in fake.model.calls} == {"answer"}
+    assert [event.node for event in answer.trace] == ["answer", "verify", "assess"]
+    assert {call.purpose for call in fake.model.calls} == {"answer", "confidence"}
 
 
 def test_ask_without_indexes_answers_and_says_so(

@@ -1,8 +1,8 @@
 """The agent as a LangGraph state machine, and ``SuwenAgent``, the one way to run it.
 
     START -> look -> plan -> retrieve -> reread -> decide -(more?)-> retrieve ...
-                                                         \\-> answer -> verify -> END
-    START (plain mode) --------------------------------------> answer -> verify -> END
+                                                         \\-> answer -> verify -> assess -> END
+    START (plain mode) --------------------------------------> answer -> verify -> assess -> END
 
 Each node is wrapped so it announces itself on the custom stream, is timed, and appends one
 ``TraceEvent``. ``run`` turns the stream into ``AgentEvent`` callbacks for the chat and the
@@ -39,15 +39,24 @@ from suwen.agent.state import AgentState, Mode, RunContext, Turn
 from suwen.agent.state import fresh_question_state as fresh_state
 from suwen.config import Settings
 from suwen.errors import InputError
+from suwen.evaluate.calibration import CalibrationFile, load_calibration
 from suwen.llm.base import CallLog, VisionLanguageModel, recording
 from suwen.privacy import no_tracing
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
-from suwen.types import AgentEvent, AgentResult, Question, TokenUsage, TraceEvent
+from suwen.types import AgentEvent, AgentResult, Confidence, Question, TokenUsage, TraceEvent
 
 StepFunction = Callable[[AgentState, RunContext, Emit], Awaitable[Step]]
 Graph = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
 EventHandler = Callable[[AgentEvent], None]
+RunMode = Literal["agent", "plain", "adaptive"]
+
+
+def calibration_for(settings: Settings) -> CalibrationFile | None:
+    """The data home's calibration file when it belongs to the model in use (a map learnt for
+    another model says nothing about this one's confidence)."""
+    calibration = load_calibration(settings.home)
+    return calibration if calibration and calibration.model == settings.vlm else None
 
 
 def _traced(name: NodeName, step: StepFunction) -> Callable[..., Awaitable[AgentState]]:
@@ -82,6 +91,7 @@ def build_graph(nodes: AgentNodes) -> StateGraph[AgentState, RunContext, AgentSt
         "decide": nodes.decide,
         "answer": nodes.answer,
         "verify": nodes.verify,
+        "assess": nodes.assess,
     }
     graph = StateGraph(AgentState, context_schema=RunContext)
     for name, step in steps.items():
@@ -93,7 +103,8 @@ def build_graph(nodes: AgentNodes) -> StateGraph[AgentState, RunContext, AgentSt
     graph.add_edge("reread", "decide")
     graph.add_conditional_edges("decide", search_again_or_answer, ["retrieve", "answer"])
     graph.add_edge("answer", "verify")
-    graph.add_edge("verify", END)
+    graph.add_edge("verify", "assess")
+    graph.add_edge("assess", END)
     return graph
 
 
@@ -119,6 +130,7 @@ class SuwenAgent:
         self.nodes = AgentNodes(settings, model, text_search, image_search)
         self.checkpointer = checkpointer
         self.graph: Graph = build_graph(self.nodes).compile(checkpointer=checkpointer)
+        self.calibration = calibration_for(settings)
 
     @property
     def model(self) -> VisionLanguageModel:
@@ -149,16 +161,34 @@ class SuwenAgent:
         self,
         question: Question,
         *,
-        mode: Literal["agent", "plain"] = "agent",
+        mode: RunMode = "agent",
         thread_id: str | None = None,
         on_event: EventHandler | None = None,
     ) -> AgentResult:
         """Answer one question. In a thread, a question without images is about the images
-        the conversation already has."""
+        the conversation already has. ``adaptive``: the plain answer when it is confident
+        enough, else the agent's (see ``suwen.agent.adaptive``)."""
         if not question.text.strip():
             raise InputError("question: empty question")
         if thread_id is None and self.checkpointer is not None:
             thread_id = uuid.uuid4().hex
+        if mode == "adaptive":
+            from suwen.agent.adaptive import run_adaptive
+
+            return await run_adaptive(self, question, thread_id, on_event)
+        return await self.run_mode(question, mode, thread_id, on_event)
+
+    async def run_mode(
+        self,
+        question: Question,
+        mode: Mode,
+        thread_id: str | None,
+        on_event: EventHandler | None,
+        *,
+        history: list[Turn] | None = None,
+    ) -> AgentResult:
+        """One pass of the graph in ``mode``; ``history`` replaces the thread's (adaptive mode
+        uses it to take back a plain turn it did not keep)."""
         started = time.perf_counter()
         previous = await self._thread_state(thread_id)
         paths = list(question.images) or list(previous.get("images", []))
@@ -170,8 +200,19 @@ class SuwenAgent:
         # images' findings and answers stay on this machine.
         with recording() as log, no_tracing():
             start = fresh_state(question, paths, mode)
+            if history is not None:
+                start["history"] = history
             final = await self._stream(start, context, thread_id, on_event)
-        return _result(question, mode, final, log, time.perf_counter() - started, thread_id)
+        result = _result(question, mode, final, log, time.perf_counter() - started, thread_id)
+        return self.judged(result, question, final.get("confidence"))
+
+    def judged(
+        self, result: AgentResult, question: Question, measured: Confidence | None
+    ) -> AgentResult:
+        """The result with its confidence (calibrated when a map applies) and abstention."""
+        from suwen.agent.adaptive import with_confidence
+
+        return with_confidence(result, question, measured, self.calibration, self.settings)
 
     async def _stream(
         self,

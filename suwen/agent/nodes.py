@@ -24,6 +24,7 @@ from suwen.agent.answers import (
     short_answer_of,
     uncited_claims,
 )
+from suwen.agent.confidence import answer_confidence
 from suwen.agent.state import (
     AgentState,
     DecideReply,
@@ -41,7 +42,7 @@ from suwen.tools.pubmed import TextSearch, search_pubmed
 from suwen.types import AgentEvent, Citation, Evidence, Findings, Hit, Question
 
 Emit = Callable[[AgentEvent], None]
-NodeName = Literal["look", "plan", "retrieve", "reread", "decide", "answer", "verify"]
+NodeName = Literal["look", "plan", "retrieve", "reread", "decide", "answer", "verify", "assess"]
 SEARCH_FAILURES = (SuwenError, OSError)
 TRACE_ITEM_CHARS = 80
 
@@ -110,6 +111,7 @@ def start_message(node: NodeName, state: AgentState, context: RunContext) -> str
         "decide": "checking whether the evidence is enough",
         "answer": "writing the answer",
         "verify": "checking citations",
+        "assess": "weighing the answer",
     }[node]
 
 
@@ -348,6 +350,7 @@ class AgentNodes:
             plain=plain,
         )
         text, failure = await self._stream(messages, emit)
+        context.written.messages, context.written.text = messages, text
         explanation, short = short_answer_of(text, question.answer_format)
         notes = [f"{len(text.split())} words, {len(numbered)} numbered sources"]
         if failure:
@@ -388,6 +391,31 @@ class AgentNodes:
         message = f"{len(citations)} citations valid, {len(checked.removed)} removed, "
         message += f"{len(unsupported)} sentences uncited; supported={supported}"
         return Step(update, message)
+
+    # -- assess ---------------------------------------------------------------------------
+
+    async def assess(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
+        """How sure the model is of the answer (one probe request; see agent/confidence.py)."""
+        if not self.settings.confidence:
+            return Step({"confidence": None}, "confidence not measured (setting confidence off)")
+        question = state["question"]
+        if not state.get("answer") and not state.get("short_answer"):
+            return Step({"confidence": None}, "no answer to weigh")
+        measured = await answer_confidence(
+            self.model,
+            messages=context.written.messages,
+            reply=context.written.text,
+            short=state.get("short_answer"),
+            answer_format=question.answer_format,
+            question=question.text,
+            images=_images(context),
+            answer=state.get("answer", ""),
+            history=self._history(state),
+        )
+        if measured.value is None:
+            return Step({"confidence": measured}, f"confidence unknown: {measured.note}", True)
+        message = f"confidence {measured.value:.2f} ({measured.source}, uncalibrated)"
+        return Step({"confidence": measured}, message)
 
 
 def _citation(number: int, item: Evidence) -> Citation:

@@ -304,3 +304,24 @@ def short_answer_messages(question: Question, explanation: str) -> list[Message]
         f"The answer must be {form}."
     )
     return [Message(role="system", text=SHORT_ANSWER_SYSTEM), _user(text)]
+
+
+# -- confidence self-check (suwen.agent.confidence) -------------------------------------------
+
+SELF_CHECK_SYSTEM = (
+    f"{ROLE}\nYou check a proposed answer to a medical question (and image, when there is one). "
+    "Reply with one word: yes if the proposed answer is correct, no if it is not."
+)
+MAX_CHECKED_ANSWER_CHARS = 2000
+
+
+def self_check_messages(
+    question: str, images: Sequence[Image.Image], answer: str, history: list[Message]
+) -> list[Message]:
+    """The P(True) probe: is this answer correct? (the reply's first token is read)."""
+    text = (
+        f"Question: {question}\n\nProposed answer: "
+        f"{_clip(_without_citations(answer), MAX_CHECKED_ANSWER_CHARS)}\n\n"
+        "Is the proposed answer correct? Answer yes or no."
+    )
+    return [Message(role="system", text=SELF_CHECK_SYSTEM), *history, _user(text, images)]

@@ -14,7 +14,8 @@ from typing import Literal, TypedDict
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from suwen.types import Citation, Evidence, Findings, Hit, Question, TraceEvent
+from suwen.llm.base import Message
+from suwen.types import Citation, Confidence, Evidence, Findings, Hit, Question, TraceEvent
 
 Mode = Literal["agent", "plain"]
 
@@ -48,6 +49,7 @@ class AgentState(TypedDict, total=False):
     supported: bool
     unsupported_sentences: list[str]
     removed_citations: list[str]
+    confidence: Confidence | None  # how sure the model is of this answer (uncalibrated)
     trace: list[TraceEvent]
 
 
@@ -72,6 +74,7 @@ def fresh_question_state(question: Question, images: list[str], mode: Mode) -> A
         supported=False,
         unsupported_sentences=[],
         removed_citations=[],
+        confidence=None,
         trace=[],
     )
 
@@ -85,7 +88,17 @@ CHECKPOINT_TYPES: tuple[type[BaseModel], ...] = (
     Evidence,
     Citation,
     TraceEvent,
+    Confidence,
 )
+
+
+@dataclass
+class WrittenAnswer:
+    """The answer prompt and the model's raw reply, kept for the confidence probe (which
+    replays them); never checkpointed."""
+
+    messages: list[Message] = field(default_factory=list)
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class RunContext:
     """What one run needs but must not be checkpointed: the decoded images."""
 
     images: list[tuple[str, Image.Image]] = field(default_factory=list)  # (file name, RGB image)
+    written: WrittenAnswer = field(default_factory=WrittenAnswer)
 
 
 # Replies the model is asked for (structured output schemas).

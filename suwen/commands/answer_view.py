@@ -19,6 +19,7 @@ from rich.text import Text
 from suwen.agent.state import Turn
 from suwen.chat_session import ChatTurn
 from suwen.commands.common import NOT_MEDICAL_ADVICE
+from suwen.commands.confidence_view import abstention_notice, confidence_line, route_lines
 from suwen.types import AgentResult, Citation, Evidence, Hit
 
 QUOTE_PREVIEW = 160
@@ -94,10 +95,15 @@ def _entry(
 
 
 def answer_view(result: AgentResult) -> RenderableType:
-    """The answer as markdown, with the short answer and any warnings beneath."""
-    parts: list[RenderableType] = [Markdown(result.answer or "_(no answer)_")]
+    """The answer as markdown, with the short answer, its confidence and any warnings beneath
+    (led by the abstention notice when Suwen is not confident enough)."""
+    notice = abstention_notice(result)
+    parts: list[RenderableType] = [notice] if notice is not None else []
+    parts.append(Markdown(result.answer or "_(no answer)_"))
     if result.short_answer and result.short_answer.strip() != result.answer.strip():
         parts.append(Text.assemble(("Short answer: ", "bold"), result.short_answer))
+    parts.append(confidence_line(result))
+    parts.extend(route_lines(result))
     parts.extend(warnings_view(result))
     return Group(*parts)
 

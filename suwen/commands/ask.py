@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.status import Status
@@ -18,6 +19,24 @@ from suwen.types import AgentEvent, AgentResult, Question
 
 IMAGE_OPTION_HELP = "Image file or DICOM series folder (repeatable: prior and current study)."
 VLLM_URL_HELP = "Running vLLM server to use (repeatable; none: start one)."
+ADAPTIVE_HELP = "Answer plainly when the plain answer is confident enough, else retrieve."
+ABSTAIN_HELP = "Below this confidence (0-1), say Suwen is not confident (default: setting)."
+
+
+def answer_settings(settings: Settings, abstain_below: float | None) -> Settings:
+    """The settings with ``--abstain-below`` applied (validated like the setting itself)."""
+    if abstain_below is None:
+        return settings
+    try:
+        return Settings.model_validate({**settings.model_dump(), "abstain_below": abstain_below})
+    except ValueError as exc:
+        raise InputError(f"--abstain-below {abstain_below}: must be between 0 and 1") from exc
+
+
+def mode_of(plain: bool, adaptive: bool) -> Literal["agent", "plain", "adaptive"]:
+    if plain and adaptive:
+        raise InputError("--plain and --adaptive: choose one")
+    return "plain" if plain else "adaptive" if adaptive else "agent"
 
 
 def checked_images(paths: list[Path]) -> list[str]:
@@ -42,6 +61,8 @@ def ask(
     image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
+    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
+    abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
     vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
     text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
     image_index: str | None = typer.Option(
@@ -54,12 +75,20 @@ def ask(
         fail("question: empty question")
     try:
         images = checked_images(image)
+        mode = mode_of(plain, adaptive)
+        settings = answer_settings(settings, abstain_below)
     except InputError as exc:
         fail(str(exc))
     request = Question(text=question.strip(), images=images)
     result = asyncio.run(
         answer_question(
-            settings, request, plain, vllm_url, text_index=text_index, image_index=image_index
+            settings,
+            request,
+            plain,
+            vllm_url,
+            text_index=text_index,
+            image_index=image_index,
+            mode=mode,
         )
     )
     failure = answer_failure(request, result)
@@ -80,6 +109,7 @@ async def answer_question(
     *,
     text_index: str | None,
     image_index: str | None,
+    mode: Literal["agent", "plain", "adaptive"] | None = None,
 ) -> AgentResult:
     from suwen.runtime import open_agent
 
@@ -96,7 +126,7 @@ async def answer_question(
             status.update("thinking")
             return await agent.run(
                 question,
-                mode="plain" if plain else "agent",
+                mode=mode or ("plain" if plain else "agent"),
                 on_event=lambda event: _show_step(status, event),
             )
 

@@ -33,7 +33,14 @@ from suwen.batch import (
     open_answer_log,
     pending,
 )
-from suwen.commands.ask import VLLM_URL_HELP, warn
+from suwen.commands.ask import (
+    ABSTAIN_HELP,
+    ADAPTIVE_HELP,
+    VLLM_URL_HELP,
+    answer_settings,
+    mode_of,
+    warn,
+)
 from suwen.commands.common import console, fail, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError
@@ -53,6 +60,8 @@ def batch(
         None, "--concurrency", "-c", help="Questions answered at once (default: setting, 8)."
     ),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
+    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
+    abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
     vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
     text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
     image_index: str | None = typer.Option(
@@ -67,11 +76,13 @@ def batch(
     try:
         if workers < 1:
             raise InputError(f"--concurrency {workers}: must be at least 1")
+        mode = mode_of(plain, adaptive)
+        settings = answer_settings(settings, abstain_below)
         question_set = load_questions(folder, questions)
         _refuse_overwriting_input(out, question_set.file)
         with open_answer_log(out) as log:
             summary = asyncio.run(
-                _run(settings, question_set, log, workers, plain, vllm_url, text_index, image_index)
+                _run(settings, question_set, log, workers, mode, vllm_url, text_index, image_index)
             )
     except InputError as exc:
         fail(str(exc))
@@ -96,7 +107,7 @@ async def _run(
     questions: QuestionSet,
     log: AnswerLog,
     concurrency: int,
-    plain: bool,
+    mode: Literal["agent", "plain", "adaptive"],
     vllm_urls: list[str],
     text_index: str | None,
     image_index: str | None,
@@ -107,7 +118,6 @@ async def _run(
     if not any(item.question is not None for item in todo):
         # Nothing for a model to do (all answered, or only unusable items): start no server.
         return await answer_pending(questions, log, _no_model, concurrency=concurrency)
-    mode: Literal["agent", "plain"] = "plain" if plain else "agent"
     async with AsyncExitStack() as stack:
         with console.status("starting the model"):
             agent = await stack.enter_async_context(
@@ -193,6 +203,7 @@ def _print_summary(summary: BatchSummary, out: Path) -> None:
         ("questions", str(summary.questions)),
         ("answered before (skipped)", str(summary.skipped)),
         ("answered now", str(summary.answered)),
+        ("of which abstained (not confident enough)", str(summary.abstained)),
         ("errors (retried on the next run)", str(len(summary.errors))),
         ("seconds", f"{summary.seconds:.1f}"),
         ("answers per second", f"{rate:.2f}"),

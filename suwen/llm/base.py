@@ -40,10 +40,39 @@ class CallRecord(BaseModel):
     ok: bool = True
 
 
+class LogprobRequest(BaseModel):
+    """Token log-probabilities wanted with a reply (what confidence is computed from).
+
+    ``candidates`` are texts (" A", "yes", ...) whose FIRST token's log-probability is wanted
+    at every generated position, whether or not it is among the most likely tokens; ``top``
+    asks for that many most likely tokens as well."""
+
+    candidates: list[str] = Field(default_factory=list)
+    top: int = Field(0, ge=0, le=20)
+
+
+class CandidateLogprob(BaseModel):
+    text: str = Field(description="The candidate as requested")
+    token_id: int = Field(description="Its first token (candidates sharing it share the mass)")
+    logprob: float
+
+
+class TokenLogprobs(BaseModel):
+    """One generated position: the token chosen and the alternatives asked for."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = Field(default_factory=list)
+    candidates: list[CandidateLogprob] = Field(default_factory=list)
+
+
 class ChatReply(BaseModel):
     text: str
     finish_reason: str | None = None
     record: CallRecord
+    logprobs: list[TokenLogprobs] | None = Field(
+        None, description="Per generated token, when a LogprobRequest asked for them"
+    )
 
 
 class CallLog:
@@ -106,7 +135,13 @@ class VisionLanguageModel(Protocol):
         max_tokens: int | None = None,
         temperature: float | None = None,
         purpose: str = "",
-    ) -> ChatReply: ...
+        prefill: str | None = None,
+        logprobs: LogprobRequest | None = None,
+    ) -> ChatReply:
+        """``prefill``: the reply starts with this text and the model continues it (the
+        position after it is what a confidence probe scores); ``logprobs``: token
+        log-probabilities to return with the reply."""
+        ...
 
     def stream(
         self,

@@ -38,7 +38,15 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError, StructuredOutputError
-from suwen.llm.base import CallRecord, ChatReply, Message, record_call
+from suwen.llm.base import (
+    CallRecord,
+    CandidateLogprob,
+    ChatReply,
+    LogprobRequest,
+    Message,
+    TokenLogprobs,
+    record_call,
+)
 from suwen.llm.images import ImageEncoder
 
 T = TypeVar("T", bound=BaseModel)
@@ -55,6 +63,9 @@ REPAIR_INSTRUCTION = (
     "Reply again with only the complete, corrected JSON object."
 )
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+# vLLM's default --max-logprobs: the most token ids one request may ask log-probabilities for.
+MAX_LOGPROB_TOKENS = 20
+_TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 
 
 # -- messages and schemas -------------------------------------------------------------------
@@ -224,10 +235,54 @@ class _Content(_Reply):
     content: str | None = None
 
 
+class _TopLogprob(_Reply):
+    token: str
+    logprob: float
+
+
+class _TokenLogprob(_TopLogprob):
+    top_logprobs: list[_TopLogprob] = []
+
+
+class _Logprobs(_Reply):
+    content: list[_TokenLogprob] | None = None
+
+
 class _Choice(_Reply):
     message: _Content | None = None
     delta: _Content | None = None
     finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+
+class _Tokenized(_Reply):
+    tokens: list[int]
+
+
+def _token_id(token: str) -> int | None:
+    """The id in a ``token_id:N`` token (``return_tokens_as_token_ids``)."""
+    match = _TOKEN_ID.match(token)
+    return int(match.group(1)) if match else None
+
+
+def token_logprobs(
+    content: Sequence[_TokenLogprob], first_ids: dict[str, int]
+) -> list[TokenLogprobs]:
+    """Each generated position, with the log-probability of every candidate's first token
+    (matched by id: the request asked for tokens as ``token_id:N``)."""
+    positions = []
+    for item in content:
+        by_id = {_token_id(alt.token): alt.logprob for alt in item.top_logprobs}
+        candidates = [
+            CandidateLogprob(text=text, token_id=token, logprob=by_id[token])
+            for text, token in first_ids.items()
+            if token in by_id
+        ]
+        top = [(alt.token, alt.logprob) for alt in item.top_logprobs]
+        positions.append(
+            TokenLogprobs(token=item.token, logprob=item.logprob, top=top, candidates=candidates)
+        )
+    return positions
 
 
 class _Completion(_Reply):
@@ -277,6 +332,7 @@ class VLLMClient:
         self._rotation = itertools.count()
         self._state: _LoopState | None = None
         self._images = ImageEncoder(settings.vllm_image_min_pixels, settings.vllm_image_max_pixels)
+        self._first_tokens: dict[str, int] = {}  # candidate text -> its first token id (-1: none)
 
     @property
     def urls(self) -> list[str]:
@@ -291,9 +347,56 @@ class VLLMClient:
         max_tokens: int | None = None,
         temperature: float | None = None,
         purpose: str = "",
+        prefill: str | None = None,
+        logprobs: LogprobRequest | None = None,
     ) -> ChatReply:
         payload = await self._payload(messages, max_tokens, temperature)
-        return await self._complete("chat", purpose, payload)
+        if prefill is not None:
+            # vLLM renders the last assistant message open-ended and the model continues it.
+            payload["messages"].append({"role": "assistant", "content": prefill})
+            payload["add_generation_prompt"] = False
+            payload["continue_final_message"] = True
+        first_ids: dict[str, int] = {}
+        if logprobs is not None:
+            payload["logprobs"] = True
+            if logprobs.candidates:
+                first_ids = await self._first_token_ids(logprobs.candidates)
+                payload["logprob_token_ids"] = sorted(set(first_ids.values()))
+                payload["return_tokens_as_token_ids"] = True
+            else:
+                payload["top_logprobs"] = logprobs.top
+        return await self._complete(
+            "chat", purpose, payload, first_ids if logprobs is not None else None
+        )
+
+    async def _first_token_ids(self, texts: Sequence[str]) -> dict[str, int]:
+        """The id of each text's first token, from the server's own tokenizer (cached)."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._first_tokens]
+        for text in missing:
+            self._first_tokens[text] = await self._tokenize_first(text)
+        ids = {text: self._first_tokens[text] for text in texts if self._first_tokens[text] >= 0}
+        if len(set(ids.values())) > MAX_LOGPROB_TOKENS:
+            raise InputError(
+                f"{len(set(ids.values()))} candidate tokens: vLLM returns at most "
+                f"{MAX_LOGPROB_TOKENS} log-probabilities per position"
+            )
+        return ids
+
+    async def _tokenize_first(self, text: str) -> int:
+        async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+            body = {"model": model, "prompt": text, "add_special_tokens": False}
+            response = await http.post(f"{url}/tokenize", json=body)
+            if response.status_code >= 400:
+                raise ServerReplyError(response.status_code, error_message(response))
+            return response
+
+        # Tokenizing is not a model call: its record is not logged.
+        response, endpoint = await self._send(CallRecord(kind="chat"), post, keep_busy=False)
+        try:
+            tokens = _Tokenized.model_validate_json(response.content).tokens
+        except ValidationError as exc:
+            raise ModelError(f"vLLM at {endpoint.url}: unexpected /tokenize reply") from exc
+        return tokens[0] if tokens else -1
 
     async def stream(
         self,
@@ -393,7 +496,15 @@ class VLLMClient:
             "max_tokens": budget * 2 if truncated else budget,
         }
 
-    async def _complete(self, kind: CallKind, purpose: str, payload: dict[str, Any]) -> ChatReply:
+    async def _complete(
+        self,
+        kind: CallKind,
+        purpose: str,
+        payload: dict[str, Any],
+        first_ids: dict[str, int] | None = None,
+    ) -> ChatReply:
+        """One request. ``first_ids`` (candidate text -> first token id): log-probabilities
+        were asked for; the reply carries them."""
         record = CallRecord(kind=kind, purpose=purpose)
 
         async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
@@ -422,7 +533,13 @@ class VLLMClient:
                 record_call(record)
         choice = completion.choices[0]
         text = choice.message.content if choice.message else None
-        return ChatReply(text=text or "", finish_reason=choice.finish_reason, record=record)
+        positions = None
+        if first_ids is not None:
+            content = choice.logprobs.content if choice.logprobs else None
+            positions = token_logprobs(content or [], first_ids)
+        return ChatReply(
+            text=text or "", finish_reason=choice.finish_reason, record=record, logprobs=positions
+        )
 
     async def _stream_chunks(
         self, payload: dict[str, Any], record: CallRecord
