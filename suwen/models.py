@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from suwen import privacy
 from suwen.config import (
     BIOMEDCLIP,
     CONFIG_FILE_NAME,
@@ -141,26 +140,6 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-_ONLINE_LOCK = threading.Lock()
-
-
-@contextmanager
-def hub_access() -> Iterator[None]:
-    """Lift huggingface_hub's offline mode for the calls inside this block only.
-
-    Suwen runs with ``HF_HUB_OFFLINE=1`` so that nothing it loads reaches the network; the
-    explicit download commands are the one exception, and restore the setting when they end."""
-    from huggingface_hub import constants
-
-    with _ONLINE_LOCK:
-        before = constants.HF_HUB_OFFLINE
-        constants.HF_HUB_OFFLINE = False
-        try:
-            yield
-        finally:
-            constants.HF_HUB_OFFLINE = before
-
-
 def needed_files(listing: dict[str, int], config_only: bool = False) -> list[str]:
     """The files of a repository (top-level path -> size) a model folder needs."""
     top = {path: size for path, size in listing.items() if "/" not in path}
@@ -194,7 +173,7 @@ def fetch_repo(
     target = models_dir(settings) / repo.folder
     asked = revision or "main"
     try:
-        with hub_access():
+        with privacy.allow_network():
             api = HfApi(endpoint=endpoint)
             commit = api.repo_info(repo.repo_id, revision=asked).sha
             if commit is None:
