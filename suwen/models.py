@@ -32,7 +32,8 @@ from suwen.config import (
     MEDCPT_QUERY,
     Settings,
 )
-from suwen.errors import SuwenError
+from suwen.errors import IndexMismatchError, SuwenError
+from suwen.indexes.store import IndexManifest
 
 LINGSHU_32B = "lingshu-medical-mllm/Lingshu-32B"
 BIOMEDCLIP_REPO = BIOMEDCLIP.removeprefix("hf-hub:")
@@ -347,3 +348,104 @@ def _human(size: float) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
+
+
+# -- which encoder searches an index ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """How to search one index: ``settings`` name the encoders to load for its queries;
+    ``notice`` is one line for the user when they differ from the configured default."""
+
+    settings: Settings
+    notice: str | None = None
+
+
+def resolve_query_encoder(manifest: IndexManifest, settings: Settings) -> EncoderChoice:
+    """Search an index with the encoder it was built with, when that model is on this machine.
+
+    The configured encoder is used when it is the same model (a fetched folder and its hub id
+    are the same model). Otherwise the index's own encoder is used if it is a local folder, a
+    fetched model or already in the Hugging Face cache; an index never makes Suwen download
+    anything, so an encoder that is none of these is refused in one line."""
+    if manifest.kind == "text":
+        built = manifest.query_encoder or manifest.encoder
+        configured = settings.query_encoder
+    else:
+        built, configured = manifest.encoder, _image_encoder_id(settings.image_encoder)
+    if same_model(built, configured, settings):
+        local = local_copy(configured, settings, manifest.kind) or configured
+        notice = None
+    else:
+        found = local_copy(built, settings, manifest.kind)
+        if found is None:
+            raise IndexMismatchError(
+                f"index {manifest.name!r} was built with {manifest.kind} encoder {built}, which "
+                f"is not on this machine (configured: {configured}); fetch it with `suwen models "
+                "fetch` or rebuild the index with the configured encoder"
+            )
+        local = found
+        notice = (
+            f"index {manifest.name!r}: searching with its own {manifest.kind} encoder {built} "
+            f"(the configured one is {configured})"
+        )
+    if manifest.kind == "text":
+        update = {"text_encoder": manifest.encoder, "text_query_encoder": local}
+    else:
+        update = {"image_encoder": local}
+    return EncoderChoice(settings.model_copy(update=update), notice)
+
+
+def same_model(first: str, second: str, settings: Settings) -> bool:
+    return _canonical(first, settings) == _canonical(second, settings)
+
+
+def local_copy(name: str, settings: Settings, kind: str) -> str | None:
+    """A loadable name for model ``name`` that needs no network: a folder on disk, the fetched
+    folder of that hub id, or the hub id itself when the Hugging Face cache holds it."""
+    bare = _strip_scheme(name)
+    path = Path(bare).expanduser()
+    if path.is_absolute() or bare.startswith((".", "~")):
+        return str(path.resolve()) if path.is_dir() else None
+    for folder, record in _records_or_empty(settings).items():
+        path = models_dir(settings) / folder
+        if record.repo_id == bare and all((path / name).is_file() for name in record.files):
+            return str(path.resolve())
+    marker = "config.json" if kind == "text" else "open_clip_config.json"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(bare, marker)
+    return name if isinstance(cached, str) else None
+
+
+def _canonical(name: str, settings: Settings) -> str:
+    bare = _strip_scheme(name)
+    path = Path(bare).expanduser()
+    if not (path.is_absolute() or bare.startswith((".", "~"))):
+        return bare  # a hub id
+    resolved = path.resolve()
+    for folder, record in _records_or_empty(settings).items():
+        if (models_dir(settings) / folder).resolve() == resolved:
+            return record.repo_id
+    return str(resolved)
+
+
+def _records_or_empty(settings: Settings) -> dict[str, FetchedRepo]:
+    try:
+        return records(settings)
+    except ModelFetchError:
+        return {}
+
+
+def _strip_scheme(name: str) -> str:
+    for scheme in ("hf-hub:", "local-dir:"):
+        if name.startswith(scheme):
+            return name[len(scheme) :]
+    return name
+
+
+def _image_encoder_id(encoder: str) -> str:
+    from suwen.indexes.image_encoder import encoder_id
+
+    return encoder_id(encoder)

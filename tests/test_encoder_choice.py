@@ -1,0 +1,97 @@
+"""Which encoder searches an index: its own when that model is on this machine (with one line
+saying so), the configured one when they are the same model (a fetched folder is its hub id),
+and a one-line refusal when the index names a model that would have to be downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from suwen import models
+from suwen.config import MEDCPT_ARTICLE, MEDCPT_QUERY, Settings
+from suwen.errors import IndexMismatchError
+from suwen.indexes.store import IndexManifest
+
+
+def manifest(kind: str, encoder: str, query: str | None = None) -> IndexManifest:
+    return IndexManifest(name="demo", kind=kind, encoder=encoder, query_encoder=query, dim=8)
+
+
+def fetched(home: Path, folder: str, repo_id: str) -> Path:
+    """A complete fetched model folder with its record, as `suwen models fetch` leaves it."""
+    path = home / "models" / folder
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    record = models.FetchedRepo(
+        model="medcpt",
+        repo_id=repo_id,
+        folder=folder,
+        revision="main",
+        commit="c" * 40,
+        files=["config.json"],
+        bytes=2,
+        endpoint="http://127.0.0.1",
+        fetched="now",
+    )
+    models.save_record(Settings(home=home), record)
+    return path
+
+
+def test_a_local_encoder_the_index_names_is_used_with_one_line(tmp_path: Path, minilm_path: Path):
+    settings = Settings(home=tmp_path)  # configured: MedCPT from the hub
+    choice = models.resolve_query_encoder(
+        manifest("text", str(minilm_path), str(minilm_path)), settings
+    )
+    assert choice.settings.query_encoder == str(minilm_path.resolve())
+    assert choice.settings.text_encoder == str(minilm_path)
+    assert choice.notice is not None and "\n" not in choice.notice
+    assert str(minilm_path) in choice.notice and MEDCPT_QUERY in choice.notice
+
+
+def test_the_configured_encoder_is_used_silently_when_it_is_the_same_model(
+    tmp_path: Path, minilm_path: Path
+):
+    settings = Settings(home=tmp_path, text_encoder=str(minilm_path), text_query_encoder=None)
+    choice = models.resolve_query_encoder(manifest("text", str(minilm_path)), settings)
+    assert choice.notice is None and choice.settings.query_encoder == str(minilm_path)
+
+
+def test_a_fetched_folder_is_the_same_model_as_its_hub_id(tmp_path: Path):
+    query = fetched(tmp_path, "medcpt-query", MEDCPT_QUERY)
+    settings = Settings(home=tmp_path, text_query_encoder=str(query))
+    # An index imported from NCBI's embeddings names the hub ids.
+    choice = models.resolve_query_encoder(manifest("text", MEDCPT_ARTICLE, MEDCPT_QUERY), settings)
+    assert choice.notice is None
+    assert choice.settings.query_encoder == str(query.resolve())
+    # And with the hub ids configured, the fetched folder is what loads, without a network.
+    default = Settings(home=tmp_path)
+    choice = models.resolve_query_encoder(manifest("text", MEDCPT_ARTICLE, MEDCPT_QUERY), default)
+    assert choice.notice is None and choice.settings.query_encoder == str(query.resolve())
+    choice = models.resolve_query_encoder(
+        manifest("text", MEDCPT_ARTICLE, MEDCPT_QUERY),
+        Settings(home=tmp_path, text_encoder="sentence-transformers/other"),
+    )
+    assert choice.settings.query_encoder == str(query.resolve()) and choice.notice
+
+
+def test_an_encoder_that_is_not_local_is_refused_in_one_line(tmp_path: Path):
+    settings = Settings(home=tmp_path)
+    for index in (
+        manifest("text", "someone/not-on-this-machine"),
+        manifest("text", str(tmp_path / "gone")),
+        manifest("image", "hf-hub:someone/not-a-clip"),
+    ):
+        with pytest.raises(IndexMismatchError) as caught:
+            models.resolve_query_encoder(index, settings)
+        message = str(caught.value)
+        assert "not on this machine" in message and "\n" not in message
+
+
+def test_an_image_index_uses_its_own_local_clip(tmp_path: Path, tiny_clip_dir: Path):
+    settings = Settings(home=tmp_path)  # configured: BiomedCLIP from the hub
+    choice = models.resolve_query_encoder(manifest("image", str(tiny_clip_dir)), settings)
+    assert choice.settings.image_encoder == str(tiny_clip_dir.resolve())
+    assert choice.notice is not None and "image encoder" in choice.notice
+    same = Settings(home=tmp_path, image_encoder=str(tiny_clip_dir))
+    assert models.resolve_query_encoder(manifest("image", str(tiny_clip_dir)), same).notice is None
