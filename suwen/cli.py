@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "demo",
     "models_cmd",
     "data_cmd",
+    "doctor_cmd",
 )
 
 

@@ -404,7 +404,7 @@ def same_model(first: str, second: str, settings: Settings) -> bool:
 def local_copy(name: str, settings: Settings, kind: str) -> str | None:
     """A loadable name for model ``name`` that needs no network: a folder on disk, the fetched
     folder of that hub id, or the hub id itself when the Hugging Face cache holds it."""
-    bare = _strip_scheme(name)
+    bare = strip_scheme(name)
     path = Path(bare).expanduser()
     if path.is_absolute() or bare.startswith((".", "~")):
         return str(path.resolve()) if path.is_dir() else None
@@ -420,7 +420,7 @@ def local_copy(name: str, settings: Settings, kind: str) -> str | None:
 
 
 def _canonical(name: str, settings: Settings) -> str:
-    bare = _strip_scheme(name)
+    bare = strip_scheme(name)
     path = Path(bare).expanduser()
     if not (path.is_absolute() or bare.startswith((".", "~"))):
         return bare  # a hub id
@@ -438,7 +438,7 @@ def _records_or_empty(settings: Settings) -> dict[str, FetchedRepo]:
         return {}
 
 
-def _strip_scheme(name: str) -> str:
+def strip_scheme(name: str) -> str:
     for scheme in ("hf-hub:", "local-dir:"):
         if name.startswith(scheme):
             return name[len(scheme) :]
