@@ -54,7 +54,12 @@ class FakeModel:
         max_tokens: int | None = None,
         temperature: float | None = None,
         purpose: str = "",
+        prefill: str | None = None,
+        logprobs: Any = None,
     ) -> ChatReply:
+        if logprobs is not None:
+            # A confidence probe: this stand-in has no token probabilities to give.
+            return ChatReply(text="", finish_reason="length", record=CallRecord(kind="chat"))
         if self.die_after is not None and len(self.prompts) >= self.die_after:
             raise RuntimeError("killed")
         self.prompts.append(messages[-1].text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import typer
 
@@ -24,13 +24,15 @@ def _split(values: list[str]) -> list[str]:
 
 
 class AgentAnswerer:
-    """The runner's ``Answerer`` on top of ``SuwenAgent`` (agent mode, no session thread)."""
+    """The runner's ``Answerer`` on top of ``SuwenAgent`` (agent or adaptive mode, no session
+    thread)."""
 
-    def __init__(self, agent: SuwenAgent) -> None:
+    def __init__(self, agent: SuwenAgent, mode: Literal["agent", "adaptive"] = "agent") -> None:
         self.agent = agent
+        self.mode = mode
 
     async def __call__(self, question: Question) -> AgentResult:
-        return await self.agent.run(question, mode="agent")
+        return await self.agent.run(question, mode=self.mode)
 
 
 def eval_command(
@@ -41,7 +43,9 @@ def eval_command(
     data: Path | None = typer.Option(
         None, "--data", help="Folder with local benchmark files (default: the hub datasets)."
     ),
-    modes: str = typer.Option("plain,agent", "--modes", help="plain, agent, or both."),
+    modes: str = typer.Option(
+        "plain,agent", "--modes", help="Comma-separated: plain, agent, adaptive."
+    ),
     out: Path = typer.Option(..., "--out", help="Output folder (re-running resumes)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Questions per benchmark."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling and the bootstrap."),
@@ -53,6 +57,14 @@ def eval_command(
         False, "--allow-leak", help="Let retrieval see each question's own source."
     ),
     vllm_url: list[str] = typer.Option([], "--vllm-url", help="Running vLLM server(s) to use."),
+    calibrate: bool = typer.Option(
+        False,
+        "--calibrate",
+        help="Ask only the dev split and fit the calibration maps (stored in the data home).",
+    ),
+    abstain_below: float | None = typer.Option(
+        None, "--abstain-below", help="Record answers below this confidence as abstentions."
+    ),
 ) -> None:
     """Score plain Lingshu and the Suwen agent on the same questions, with MedEvalKit's
     prompts; writes per-question JSONL, metrics.json, report.md/html and a chart."""
@@ -60,10 +72,12 @@ def eval_command(
     from suwen.evaluate.runner import MODES, EvalConfig
 
     settings = settings_of(ctx)
+    if abstain_below is not None and not 0 <= abstain_below <= 1:
+        fail(f"--abstain-below {abstain_below}: must be between 0 and 1")
     chosen = _split([modes])
     unknown = [m for m in chosen if m not in MODES]
     if unknown or not chosen:
-        fail(f"--modes {modes!r}: expected plain, agent or plain,agent")
+        fail(f"--modes {modes!r}: expected plain, agent, adaptive or a comma-separated mix")
     try:
         names = [benchmark_named(name).name for name in _split(benchmark)]
     except SuwenError as exc:
@@ -81,15 +95,37 @@ def eval_command(
         max_tokens=settings.max_tokens,
         temperature=settings.temperature,
         model=settings.vlm,
+        calibrate=calibrate,
+        abstain_below=abstain_below if abstain_below is not None else settings.abstain_below,
     )
     try:
         summaries = asyncio.run(_evaluate(settings, config, vllm_url))
         from suwen.evaluate.report import write_report
 
         write_report(out)
+        if calibrate:
+            _store_calibration(settings, out)
     except SuwenError as exc:
         fail(str(exc))
     _print_summary(summaries, out)
+
+
+def _store_calibration(settings: Settings, out: Path) -> None:
+    from suwen.evaluate.calibration import load_calibration, save_calibration
+    from suwen.evaluate.confidence_eval import fit_from_run
+
+    fitted = fit_from_run(out, settings.vlm, load_calibration(settings.home))
+    path = save_calibration(settings.home, fitted)
+    for key, found in sorted(fitted.maps.items()):
+        held = ", ".join(f"{k} {v:.3f}" for k, v in found.heldout_ece.items())
+        console.print(
+            f"calibration {key}: {found.method} on {found.fitted_on} dev answers "
+            f"(held-out ECE: {held})",
+            highlight=False,
+        )
+    for family, threshold in sorted(fitted.thresholds.items()):
+        console.print(f"adaptive threshold {family}: {threshold:.3f}", highlight=False)
+    console.print(f"calibration file: {path}", highlight=False)
 
 
 async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> list[ModeSummary]:
@@ -97,6 +133,8 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
     from suwen.runtime import open_agent
 
     samples = await asyncio.to_thread(load_selected, config, settings.home / "eval_cache")
+    # Answers record abstentions by this run's threshold.
+    settings = settings.model_copy(update={"abstain_below": config.abstain_below})
     total = sum(len(items) for items in samples.values())
     console.print(f"{total} questions from {', '.join(samples)}; modes: {', '.join(config.modes)}")
     with err_console.status("starting the model") as status:
@@ -104,12 +142,17 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
             settings, urls, sessions=False, on_notice=lambda m: err_console.print(f"note: {m}")
         ) as agent:
             progress = _progress(status.update)
+            from suwen.evaluate.confidence_eval import plain_confidence_judge
+
+            judge = plain_confidence_judge(agent.model, agent.calibration, config.abstain_below)
             return await run_evaluation(
                 config,
                 samples,
                 model=agent.model,
                 answerer=AgentAnswerer(agent) if "agent" in config.modes else None,
                 on_progress=progress,
+                adaptive=AgentAnswerer(agent, "adaptive") if "adaptive" in config.modes else None,
+                plain_confidence=judge if settings.confidence else None,
             )
 
 

@@ -16,6 +16,14 @@ from typing import Any
 from suwen.errors import InputError
 from suwen.evaluate import scoring_medevalkit as mek
 from suwen.evaluate.benchmarks import benchmark_named
+from suwen.evaluate.confidence_eval import (
+    CONFIDENCE_HEADERS,
+    confidence_metrics,
+    confidence_rows,
+    flip_lines,
+    flips_by_mode,
+)
+from suwen.evaluate.plots import confidence_plots
 from suwen.evaluate.runner import MODES, RUN_FILE, SampleRecord, read_records, samples_path
 from suwen.evaluate.stats import compare
 
@@ -56,12 +64,14 @@ def _group_value(record: SampleRecord, grouping: str) -> str | None:
 
 
 def _accuracy(records: Sequence[SampleRecord]) -> dict[str, Any]:
-    scored = [r for r in records if r.correct is not None]
+    # An abstention is its own outcome, neither right nor wrong.
+    scored = [r for r in records if r.correct is not None and not r.abstained]
     right = sum(bool(r.correct) for r in scored)
     return {
         "accuracy": right / len(scored) if scored else None,
         "correct": right,
         "total": len(scored),
+        "abstained": sum(r.abstained for r in records),
         "unparsed": sum(r.unparsed for r in records),
         "judge_unreadable": sum(1 for r in records if r.judge and r.judge.suwen is None),
     }
@@ -92,6 +102,7 @@ def mode_metrics(benchmark: str, records: Sequence[SampleRecord], judge_on: bool
         "latency_mean": _means({"s": r.latency} for r in records).get("s"),
         "tokens_mean": _means({k: float(v) for k, v in r.tokens.items()} for r in records),
         "with_citations": sum(1 for r in records if r.citations),
+        **confidence_metrics(benchmark, records),
     }
 
 
@@ -132,6 +143,7 @@ def benchmark_metrics(
             mode: mode_metrics(benchmark, records, judge_on) for mode, records in by_mode.items()
         },
         "by_type": _by_type(by_mode),
+        "flips": flips_by_mode(by_mode, selection),
     }
     if "plain" in by_mode and "agent" in by_mode:
         plain = {r.id: r for r in by_mode["plain"] if r.correct is not None}
@@ -300,7 +312,9 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(metrics: dict[str, Any], chart: str | None) -> str:
+def render_markdown(
+    metrics: dict[str, Any], chart: str | None, plots: dict[str, list[str]] | None = None
+) -> str:
     parts = [
         "# Suwen evaluation: plain model vs agent",
         "",
@@ -323,10 +337,52 @@ def render_markdown(metrics: dict[str, Any], chart: str | None) -> str:
         _md_table(("Benchmark", "grouping", "value", "n", "plain", "agent"), type_rows(metrics)),
         "",
     ]
+    parts += _confidence_markdown(metrics, plots or {})
     extra = notes(metrics)
     if extra:
         parts += ["## Scoring notes", "", *[f"- {line}" for line in extra], ""]
     return "\n".join(parts)
+
+
+CONFIDENCE_INTRO = (
+    "Confidence is the model's probability of its answer (option letters, yes/no) or its "
+    "self-check (open answers); calibrated when a calibration map applied. ECE over 15 bins, "
+    "Brier, AURC (area under the risk-coverage curve) and accuracy of the most confident "
+    "80/90/95% are on held-out questions; flips are against plain mode on the same questions; "
+    "retrieved = share of adaptive answers that ran the agent."
+)
+
+
+def _confidence_markdown(metrics: dict[str, Any], plots: dict[str, list[str]]) -> list[str]:
+    parts = [
+        "## Confidence, calibration and cost",
+        "",
+        CONFIDENCE_INTRO,
+        "",
+        _md_table(CONFIDENCE_HEADERS, confidence_rows(metrics)),
+        "",
+    ]
+    for name, files in plots.items():
+        parts += [f"![{name}]({file})" for file in files] + [""]
+    flipped = flip_lines(metrics)
+    if flipped:
+        parts += ["### Flipped answers (examples)", "", *[f"- {line}" for line in flipped], ""]
+    return parts
+
+
+def _confidence_html(metrics: dict[str, Any], plots: dict[str, list[str]]) -> list[str]:
+    parts = [
+        "<h2>Confidence, calibration and cost</h2>",
+        f"<p>{html.escape(CONFIDENCE_INTRO)}</p>",
+        _html_table(CONFIDENCE_HEADERS, confidence_rows(metrics)),
+    ]
+    for name, files in plots.items():
+        parts += [f"<img src='{html.escape(f)}' alt='{html.escape(name)}'>" for f in files]
+    flipped = flip_lines(metrics)
+    if flipped:
+        parts += ["<h3>Flipped answers (examples)</h3><ul>"]
+        parts += [f"<li>{html.escape(line)}</li>" for line in flipped] + ["</ul>"]
+    return parts
 
 
 def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -337,7 +393,9 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(metrics: dict[str, Any], chart: str | None) -> str:
+def render_html(
+    metrics: dict[str, Any], chart: str | None, plots: dict[str, list[str]] | None = None
+) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
@@ -357,6 +415,7 @@ def render_html(metrics: dict[str, Any], chart: str | None) -> str:
         "<h2>By question type</h2>",
         _html_table(("Benchmark", "grouping", "value", "n", "plain", "agent"), type_rows(metrics)),
     ]
+    parts += _confidence_html(metrics, plots or {})
     extra = notes(metrics)
     if extra:
         parts += [
@@ -420,7 +479,8 @@ def write_report(out: Path) -> dict[str, Any]:
     """(Re)build metrics.json, report.md, report.html and chart.png in ``out``."""
     metrics = build_metrics(out)
     chart = "chart.png" if render_chart(metrics, out / "chart.png") else None
+    plots = confidence_plots(metrics, out)
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out / "report.md", render_markdown(metrics, chart))
-    _write_atomic(out / "report.html", render_html(metrics, chart))
+    _write_atomic(out / "report.md", render_markdown(metrics, chart, plots))
+    _write_atomic(out / "report.html", render_html(metrics, chart, plots))
     return metrics

@@ -26,11 +26,14 @@ from suwen.evaluate import prompts
 from suwen.evaluate import scoring as suwen_scoring
 from suwen.evaluate import scoring_medevalkit as mek
 from suwen.evaluate.benchmarks import Benchmark, Sample, benchmark_named, load_benchmark
+from suwen.evaluate.calibration import is_dev
+from suwen.evaluate.confidence_eval import AnswerJudgement, judgement_of
 from suwen.llm.base import Message, VisionLanguageModel, recording
 from suwen.types import AgentResult, Question
 
-Mode = Literal["plain", "agent"]
-MODES: tuple[Mode, ...] = ("plain", "agent")
+Mode = Literal["plain", "agent", "adaptive"]
+MODES: tuple[Mode, ...] = ("plain", "agent", "adaptive")
+DEFAULT_MODES: tuple[Mode, ...] = ("plain", "agent")
 JUDGE_MAX_TOKENS = 512
 
 
@@ -51,6 +54,7 @@ class Reply(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model_calls: int = 0
+    judged: AnswerJudgement = Field(default_factory=lambda: AnswerJudgement())
 
 
 class JudgeRecord(BaseModel):
@@ -89,6 +93,13 @@ class SampleRecord(BaseModel):
     model_calls: int = 0
     leakage_guard: bool = True
     finished_at: str = ""
+    # Confidence, abstention and the adaptive route (suwen.evaluate.confidence_eval).
+    confidence: float | None = None
+    confidence_raw: float | None = None
+    confidence_source: str = "none"
+    calibrated: bool = False
+    abstained: bool = Field(False, description="Below --abstain-below: neither right nor wrong")
+    route: dict[str, Any] | None = None
 
     @property
     def correct_medevalkit(self) -> bool | None:
@@ -96,6 +107,7 @@ class SampleRecord(BaseModel):
 
 
 Responder = Callable[[Sample], Awaitable[Reply]]
+PlainConfidence = Callable[[Sample, list[Message], str], Awaitable[AnswerJudgement]]
 Judge = Callable[[str, str, str], Awaitable[str]]
 Progress = Callable[[str, Mode, int, int], None]
 
@@ -116,9 +128,14 @@ def _load_rgb(paths: Sequence[str]) -> list[Image.Image]:
 
 
 def plain_responder(
-    model: VisionLanguageModel, *, max_tokens: int | None = None, temperature: float = 0.0
+    model: VisionLanguageModel,
+    *,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    judge_confidence: PlainConfidence | None = None,
 ) -> Responder:
-    """Plain mode: MedEvalKit's prompt and the question's image(s) straight to the model."""
+    """Plain mode: MedEvalKit's prompt and the question's image(s) straight to the model
+    (then, with ``judge_confidence``, the confidence probe of that reply)."""
 
     async def respond(sample: Sample) -> Reply:
         images = await asyncio.to_thread(_load_rgb, sample.images)
@@ -127,23 +144,29 @@ def plain_responder(
             reply = await model.chat(
                 [message], max_tokens=max_tokens, temperature=temperature, purpose="eval-plain"
             )
+            judged = AnswerJudgement()
+            if judge_confidence is not None:
+                judged = await judge_confidence(sample, [message], reply.text)
         return Reply(
             response=reply.text,
             full_answer=reply.text,
             prompt_tokens=log.prompt_tokens,
             completion_tokens=log.completion_tokens,
             model_calls=log.calls,
+            judged=judged,
         )
 
     return respond
 
 
 def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
-    """Agent mode: the question (leakage guard on unless ``guard`` is False); the agent's
-    ``short_answer`` is scored, its citations and evidence kept."""
+    """Agent (or adaptive) mode: the question (leakage guard on unless ``guard`` is False);
+    the agent's ``short_answer`` is scored, its citations, evidence and confidence kept (the
+    benchmark's own calibration map applies: the question names it as its family)."""
 
     async def respond(sample: Sample) -> Reply:
-        result = await answerer(sample.to_question(guard=guard))
+        question = sample.to_question(guard=guard).model_copy(update={"family": sample.benchmark})
+        result = await answerer(question)
         return Reply(
             response=result.short_answer if result.short_answer is not None else "",
             full_answer=result.answer,
@@ -152,6 +175,7 @@ def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
             prompt_tokens=result.tokens.prompt,
             completion_tokens=result.tokens.completion,
             model_calls=result.model_calls,
+            judged=judgement_of(result),
         )
 
     return respond
@@ -240,6 +264,7 @@ async def score_reply(
         model_calls=reply.model_calls,
         leakage_guard=guard,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        **reply.judged.model_dump(),
     )
 
 
@@ -377,7 +402,7 @@ class EvalConfig(BaseModel):
 
     benchmarks: list[str]
     data: Path | None = None
-    modes: list[Mode] = Field(default_factory=lambda: list(MODES))
+    modes: list[Mode] = Field(default_factory=lambda: list(DEFAULT_MODES))
     out: Path
     limit: int | None = Field(None, ge=1)
     seed: int = 0
@@ -387,11 +412,13 @@ class EvalConfig(BaseModel):
     max_tokens: int | None = None
     temperature: float = 0.0
     model: str = ""
+    calibrate: bool = Field(False, description="Ask only the dev split, to fit calibration")
+    abstain_below: float | None = Field(None, ge=0, le=1)
 
 
 RUN_FILE = "run.json"
-# Options that change a verdict: a run directory keeps one value of each.
-SCORING_OPTIONS = ("judge", "allow_leak", "model")
+# Options that change a verdict (or which questions are asked): one value per run directory.
+SCORING_OPTIONS = ("judge", "allow_leak", "model", "calibrate", "abstain_below")
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -422,12 +449,16 @@ def record_run(config: EvalConfig, selections: dict[str, list[str]]) -> None:
 
 
 def load_selected(config: EvalConfig, cache_dir: Path) -> dict[str, list[Sample]]:
-    return {
+    """Each benchmark's questions; with ``calibrate``, only those of the dev split."""
+    selected = {
         benchmark_named(name).name: load_benchmark(
             name, config.data, cache_dir, limit=config.limit, seed=config.seed
         )
         for name in config.benchmarks
     }
+    if config.calibrate:
+        return {name: [s for s in items if is_dev(name, s.id)] for name, items in selected.items()}
+    return selected
 
 
 async def run_evaluation(
@@ -437,12 +468,17 @@ async def run_evaluation(
     model: VisionLanguageModel | None,
     answerer: Answerer | None,
     on_progress: Progress | None = None,
+    adaptive: Answerer | None = None,
+    plain_confidence: PlainConfidence | None = None,
 ) -> list[ModeSummary]:
-    """Every selected benchmark in every requested mode; the judge (if on) is ``model``."""
+    """Every selected benchmark in every requested mode; the judge (if on) is ``model``.
+    ``adaptive`` answers adaptive mode; ``plain_confidence`` measures plain replies'."""
     if "plain" in config.modes and model is None:
         raise InputError("plain mode needs a model")
     if "agent" in config.modes and answerer is None:
         raise InputError("agent mode needs an agent")
+    if "adaptive" in config.modes and adaptive is None:
+        raise InputError("adaptive mode needs an agent")
     record_run(config, {name: [s.id for s in items] for name, items in samples.items()})
     judge = model_judge(model) if config.judge and model is not None else None
     if config.judge and judge is None:
@@ -454,11 +490,15 @@ async def run_evaluation(
             if mode == "plain":
                 assert model is not None
                 respond = plain_responder(
-                    model, max_tokens=config.max_tokens, temperature=config.temperature
+                    model,
+                    max_tokens=config.max_tokens,
+                    temperature=config.temperature,
+                    judge_confidence=plain_confidence,
                 )
             else:
-                assert answerer is not None
-                respond = agent_responder(answerer, guard=not config.allow_leak)
+                chosen = adaptive if mode == "adaptive" else answerer
+                assert chosen is not None
+                respond = agent_responder(chosen, guard=not config.allow_leak)
             summaries.append(
                 await run_mode(
                     benchmark,
