@@ -24,7 +24,7 @@ from suwen.errors import InputError
 from suwen.medimage import load_image
 from suwen.types import AgentEvent, AgentResult, Question
 
-Mode = Literal["agent", "plain"]
+Mode = Literal["agent", "plain", "adaptive"]
 ImageCheck = Callable[[Path], object]
 
 
@@ -56,12 +56,13 @@ class ChatSession:
     thread_id: str = field(default_factory=lambda: new_thread_id())
     images: list[Path] = field(default_factory=list)
     plain: bool = False
+    adaptive: bool = False  # plain first, the agent when the plain answer is unsure
     turns: list[ChatTurn] = field(default_factory=list)
     check_image: ImageCheck = load_image
 
     @property
     def mode(self) -> Mode:
-        return "plain" if self.plain else "agent"
+        return "plain" if self.plain else "adaptive" if self.adaptive else "agent"
 
     @property
     def last(self) -> AgentResult | None:
@@ -80,7 +81,13 @@ class ChatSession:
 
     def toggle_plain(self) -> bool:
         self.plain = not self.plain
+        self.adaptive = self.adaptive and not self.plain
         return self.plain
+
+    def toggle_adaptive(self) -> bool:
+        self.adaptive = not self.adaptive
+        self.plain = self.plain and not self.adaptive
+        return self.adaptive
 
     def new_thread(self) -> str:
         """Start over: a new thread, no images, no turns (the old thread stays saved)."""

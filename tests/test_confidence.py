@@ -275,3 +275,40 @@ def test_batch_records_abstentions_as_their_own_outcome(fake: Opened, tmp_path: 
         app, ["batch", str(folder), "--out", str(out), "--plain", "--adaptive"]
     )
     assert both.exit_code == 2 and "choose one" in both.stderr
+
+
+def test_adaptive_in_a_conversation_keeps_one_turn_per_question(tmp_path: Path) -> None:
+    import asyncio
+
+    from suwen.agent.graph import SuwenAgent
+    from suwen.agent.sessions import open_sessions
+    from suwen.chat_session import ChatSession
+    from tests.agent_helpers import settings
+
+    model = FakeModel().script("plan", PLAN)
+    model.script("confidence", Probs({"yes": 0.9, "no": 0.1}), times=1)  # first: confident
+    model.script("confidence", Probs({"yes": 0.3, "no": 0.7}), times=1)  # second: unsure
+
+    async def go() -> tuple[list[str], list[str | None]]:
+        config = settings(tmp_path)
+        async with open_sessions(config) as saver:
+            agent = SuwenAgent(config, model, FakeTextSearch(corpus()), None, saver)
+            session = ChatSession(agent, thread_id="t1")
+            assert session.toggle_adaptive() and session.mode == "adaptive"
+            first = await session.ask(
+                "What is the first-line treatment for a tension pneumothorax?"
+            )
+            second = await session.ask("And after needle decompression?")
+            history = await agent.history("t1")
+            paths = [r.route.path if r.route else None for r in (first, second)]
+            return [turn.question for turn in history], paths
+
+    questions, paths = asyncio.run(go())
+    assert paths == ["plain", "agent"]
+    assert questions == [
+        "What is the first-line treatment for a tension pneumothorax?",
+        "And after needle decompression?",
+    ]
+    # The escalated agent pass saw the first turn, not its own plain attempt.
+    agent_answer = model.calls_for("answer")[-1]
+    assert sum("And after needle decompression?" in m.text for m in agent_answer.messages) == 1

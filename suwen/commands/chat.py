@@ -37,7 +37,16 @@ from suwen.commands.answer_view import (
     numbered_evidence,
     transcript_markdown,
 )
-from suwen.commands.ask import IMAGE_OPTION_HELP, VLLM_URL_HELP, checked_images, warn
+from suwen.commands.ask import (
+    ABSTAIN_HELP,
+    ADAPTIVE_HELP,
+    IMAGE_OPTION_HELP,
+    VLLM_URL_HELP,
+    answer_settings,
+    checked_images,
+    mode_of,
+    warn,
+)
 from suwen.commands.common import console, fail, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError, SuwenError
@@ -47,6 +56,7 @@ COMMANDS: dict[str, str] = {
     "/image": "PATH   attach an image (repeat for prior and current study); alone: list them",
     "/evidence": "N    show evidence item N of the last answer in full",
     "/plain": "        toggle plain mode (the model alone, no retrieval: the baseline)",
+    "/adaptive": "     toggle adaptive mode (retrieve only when the plain answer is unsure)",
     "/save": "FILE    write this conversation as markdown, with its citations",
     "/new": "         start a new conversation",
     "/sessions": "    list saved conversations (continue one with --resume THREAD)",
@@ -61,6 +71,8 @@ def chat(
     image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
     resume: str | None = typer.Option(None, "--resume", help="Continue a saved conversation."),
     plain: bool = typer.Option(False, "--plain", help="Start in plain mode (no retrieval)."),
+    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
+    abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
     vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
     text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
     image_index: str | None = typer.Option(
@@ -71,6 +83,8 @@ def chat(
     settings = settings_of(ctx)
     try:
         images = checked_images(image)
+        mode_of(plain, adaptive)  # refuses both
+        settings = answer_settings(settings, abstain_below)
         if resume is not None and not asyncio.run(conversation_exists(settings, resume)):
             raise InputError(
                 f"--resume {resume}: no saved conversation with that id in "
@@ -78,7 +92,7 @@ def chat(
             )
     except InputError as exc:
         fail(str(exc))
-    options = ChatOptions(images, resume, plain, vllm_url, text_index, image_index)
+    options = ChatOptions(images, resume, plain, vllm_url, text_index, image_index, adaptive)
     asyncio.run(_chat(settings, options))
 
 
@@ -90,6 +104,7 @@ class ChatOptions:
     vllm_urls: list[str]
     text_index: str | None
     image_index: str | None
+    adaptive: bool = False
 
 
 async def _chat(settings: Settings, options: ChatOptions) -> None:
@@ -110,6 +125,7 @@ async def _chat(settings: Settings, options: ChatOptions) -> None:
             )
         session = ChatSession(agent, thread_id=options.resume or new_thread_id())
         session.plain = options.plain
+        session.adaptive = options.adaptive
         earlier = await session.history(options.resume) if options.resume else []
         # A resumed conversation keeps the images it was about, unless new ones are given.
         kept = earlier[-1].images if earlier and not options.images else []
@@ -161,6 +177,8 @@ class ChatScreen:
         tags = []
         if self.session.plain:
             tags.append("plain")
+        if self.session.adaptive:
+            tags.append("adaptive")
         if self.session.images:
             tags.append(f"{len(self.session.images)} image(s)")
         return f"suwen[{', '.join(tags)}]> " if tags else "suwen> "
@@ -232,6 +250,7 @@ class ChatScreen:
             "/image": self._image,
             "/evidence": self._evidence,
             "/plain": self._plain,
+            "/adaptive": self._adaptive,
             "/save": self._save,
             "/new": self._new,
             "/help": self._help,
@@ -270,6 +289,15 @@ class ChatScreen:
         plain = self.session.toggle_plain()
         state = "on: the model alone, no retrieval" if plain else "off: the full agent"
         console.print(f"plain mode {state}")
+
+    def _adaptive(self, arg: str) -> None:
+        adaptive = self.session.toggle_adaptive()
+        state = (
+            "on: plain answer first, retrieval only when it is unsure"
+            if adaptive
+            else "off: the full agent"
+        )
+        console.print(f"adaptive mode {state}")
 
     def _save(self, arg: str) -> None:
         if not arg:
