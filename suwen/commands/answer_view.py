@@ -240,6 +240,7 @@ def _turn_markdown(number: int, turn: ChatTurn) -> list[str]:
     lines += [f"**Suwen{mode}:**", "", result.answer or "_(no answer)_", ""]
     if result.short_answer:
         lines += [f"Short answer: {result.short_answer}", ""]
+    lines += [confidence_line(result).plain, ""]
     entries = numbered_evidence(result)
     if entries:
         lines += ["Sources:", ""]
