@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -13,23 +15,41 @@ from suwen.commands.common import console, err_console, fail, progress_bars, set
 from suwen.commands.index import index_app, search_app
 from suwen.errors import SuwenError
 
+if TYPE_CHECKING:
+    from suwen.indexes import image_sources
+
 
 @index_app.command("images")
 def index_images(
     ctx: typer.Context,
     source: Path = typer.Argument(
-        ..., help="A folder of images with sidecar .txt captions, or a JSONL/JSON/CSV manifest."
+        ...,
+        help="A folder of images with sidecar .txt captions (or one study per folder with its "
+        "report .txt), a JSONL/JSON/CSV manifest, or a Hugging Face dataset saved on disk "
+        "(.parquet/.arrow files).",
     ),
     name: str | None = typer.Option(None, "--name", help="Index name (default: image_index)."),
     max_frames: int = typer.Option(
         3, "--max-frames", min=1, help="Frames/slices indexed per multi-frame image or volume."
     ),
+    image_column: str = typer.Option("image", "--image-column", help="Dataset: image column."),
+    text_column: str = typer.Option("caption", "--text-column", help="Dataset: caption column."),
+    id_column: str | None = typer.Option(None, "--id-column", help="Dataset: case id column."),
+    modality_column: str | None = typer.Option(
+        None, "--modality-column", help="Dataset: modality column."
+    ),
 ) -> None:
     """Add images with their captions/reports to an image index (BiomedCLIP embeddings)."""
+    from suwen.indexes import image_sources
     from suwen.indexes.image_index import build_image_index
 
     settings = settings_of(ctx)
     index_name = name or settings.image_index
+    if image_sources.is_dataset(source):
+        columns = image_sources.DatasetColumns(
+            image_column, text_column, id_column, modality_column
+        )
+        source = _extract_dataset(settings.home, source, columns)
     with _progress() as progress:
         task = progress.add_task("reading", total=None)
 
@@ -68,6 +88,24 @@ def index_images(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _extract_dataset(home: Path, source: Path, columns: image_sources.DatasetColumns) -> Path:
+    """The dataset's images written under the data home, and the manifest naming them."""
+    from suwen.indexes import image_sources
+
+    target = image_sources.extraction_dir(home / "case_images", source)
+    with err_console.status(f"reading {source.name}") as status:
+
+        def on_skip(message: str) -> None:
+            status.console.print(f"[yellow]skipped:[/] {escape(message)}", highlight=False)
+
+        try:
+            manifest, rows = image_sources.extract_dataset(source, target, columns, on_skip)
+        except SuwenError as exc:
+            fail(str(exc), code=1)
+    err_console.print(f"{rows} rows of {escape(str(source))} written to {escape(str(target))}")
+    return manifest
 
 
 @search_app.command("image")

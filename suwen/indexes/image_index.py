@@ -3,7 +3,9 @@
 Input is a manifest (JSONL, JSON list or CSV with ``path``, ``caption`` or ``report``, optional
 ``modality``, ``body_part``, ``source``, ``id``; paths relative to the manifest's folder) or a
 folder of images with sidecar ``.txt`` captions (``scan1.png`` + ``scan1.txt``; a sub-folder of
-DICOM files is one series, captioned by ``<folder>.txt`` beside it).
+DICOM files is one series, captioned by ``<folder>.txt`` beside it; in a study-per-folder export
+a series or image without its own caption takes the report ``.txt`` inside its folder, see
+``image_sources``). Hugging Face datasets on disk are turned into a manifest by ``image_sources``.
 
 Each case is stored as up to ``max_frames`` rows (one per representative frame or slice), each
 with its own vector; the FAISS id of a vector is its row id. Adding to an existing index works on
@@ -233,8 +235,12 @@ def _dedupe(items: Iterator[ImageItem], warn: WarnFn) -> list[ImageItem]:
 
 def _folder_items(root: Path) -> Iterator[ImageItem]:
     root = _absolute(root)
+    # A study-per-folder export captions a series or image by the report inside its folder.
+    from suwen.indexes.image_sources import study_report
+
     if is_dicom_series_dir(root):
-        yield _item(root, root.name, _sidecar(root.parent / f"{root.name}.txt"), root)
+        caption = _sidecar(root.parent / f"{root.name}.txt") or study_report(root)
+        yield _item(root, root.name, caption, root)
         return
     for directory, subdirs, files in os.walk(root):
         here = Path(directory)
@@ -245,12 +251,17 @@ def _folder_items(root: Path) -> Iterator[ImageItem]:
             elif is_dicom_series_dir(here / name):
                 subdirs.remove(name)  # the whole folder is one case
                 series = here / name
-                caption = _sidecar(here / f"{name}.txt")
+                caption = _sidecar(here / f"{name}.txt") or study_report(series)
                 yield _item(series, series.relative_to(root).as_posix(), caption, root)
+        report: str | None = None
         for name in sorted(files):
             path = here / name
             if not name.startswith(".") and is_image_path(path):
-                yield _item(path, path.relative_to(root).as_posix(), _sidecar_of(path), root)
+                caption = _sidecar_of(path)
+                if not caption and here != root:  # a study folder inside an export
+                    report = study_report(here) if report is None else report
+                    caption = report
+                yield _item(path, path.relative_to(root).as_posix(), caption, root)
 
 
 def _item(path: Path, case_id: str, caption: str, root: Path) -> ImageItem:
