@@ -23,7 +23,7 @@ from suwen.evaluate.runner import (
     run_evaluation,
     samples_path,
 )
-from suwen.types import AgentResult, Question, Route
+from suwen.types import AgentResult, Citation, Evidence, Hit, Question, Route
 from tests.fake_model import FakeCall, FakeModel, Probs
 
 ABSTAIN = 0.35
@@ -99,9 +99,13 @@ class ScriptedAgent:
                 plain_answer=_wrong(sample),
                 changed=changed if right else None,
             )
+        hit = Hit(key="pmid:1#0", score=1.0, kind="text", index="pubmed", pmid="1")
         return AgentResult(
             question=question.text,
             mode="adaptive" if self.adaptive else "agent",
+            citations=[Citation(number=1, key=hit.key, pmid="1")],
+            evidence=[Evidence(key=hit.key, hit=hit, relevance=0.9 if right else 0.2)],
+            supported=True,
             answer="because [1]",
             short_answer=sample.gold if right else _wrong(sample),
             confidence=confidence,
@@ -175,6 +179,19 @@ def test_metrics_json_stable_keys_equal_the_recomputed_numbers(
     assert plain["acc_at_coverage"]["0.80"] == pytest.approx(20 / 32)
     assert plain["retrieved_share"] is None
     assert entry["modes"]["adaptive"]["retrieved_share"] == pytest.approx(0.5)
+
+
+def test_signals_are_scored_by_how_well_they_tell_right_from_wrong(finished: Path) -> None:
+    modes = entry_modes(finished)
+    assert modes["plain"]["signals"]["confidence"] == pytest.approx(1.0)
+    assert "agrees_with_plain" not in modes["plain"]["signals"]
+    agent = modes["agent"]["signals"]
+    assert agent["cited_relevance"] == pytest.approx(1.0)
+    assert agent["all_claims_cited"] == pytest.approx(0.5)  # always true: says nothing
+    assert 0.0 <= agent["agrees_with_plain"] <= 1.0
+    records = _records(finished, "agent")
+    assert all(r.cited_relevance in (0.9, 0.2) and r.all_claims_cited for r in records.values())
+    assert "agrees with plain" in (finished / "report.html").read_text()
 
 
 def test_abstentions_are_neither_right_nor_wrong(finished: Path) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from suwen.agent.answers import short_answer_of
 from suwen.agent.confidence import answer_confidence
@@ -52,9 +52,15 @@ class AnswerJudgement(BaseModel):
     calibrated: bool = False
     abstained: bool = False
     route: dict[str, Any] | None = None
+    # Other signals measured against correctness in the report (agent answers only).
+    cited_relevance: float | None = Field(None, description="Mean reread score of cited items")
+    all_claims_cited: bool | None = None
 
 
 def judgement_of(result: AgentResult) -> AnswerJudgement:
+    relevance = {item.key: item.relevance for item in result.evidence}
+    cited = [relevance[c.key] for c in result.citations if c.key in relevance]
+    searched = bool(result.evidence) or bool(result.citations)
     return AnswerJudgement(
         confidence=result.confidence,
         confidence_raw=result.confidence_raw,
@@ -62,6 +68,8 @@ def judgement_of(result: AgentResult) -> AnswerJudgement:
         calibrated=result.calibrated,
         abstained=result.abstained,
         route=result.route.model_dump(mode="json") if result.route else None,
+        cited_relevance=sum(cited) / len(cited) if cited else None,
+        all_claims_cited=result.supported if searched else None,
     )
 
 
@@ -140,6 +148,47 @@ def confidence_metrics(benchmark: str, records: Sequence[SampleRecord]) -> dict[
         "tokens_per_question": _mean([float(sum(r.tokens.values())) for r in records]),
         "reliability": [asdict(b) for b in reliability(confidence, correct)] if scored else [],
         "risk_coverage": {"coverage": coverage[::step], "risk": risk[::step]},
+    }
+
+
+def auroc(scores: Sequence[float], right: Sequence[bool]) -> float | None:
+    """How well a signal ranks right answers above wrong ones (0.5 = chance), or None when
+    there is nothing to rank (no scores, or only one outcome)."""
+    if len(set(right)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([int(r) for r in right], list(scores)))
+
+
+def signal_aurocs(
+    records: Sequence[SampleRecord], plain: Sequence[SampleRecord] | None
+) -> dict[str, float | None]:
+    """AUROC for correctness of each signal Suwen could weigh an answer by: its confidence,
+    the reread relevance of what it cites, whether every claim is cited, and (against plain
+    mode's answer to the same question) whether plain and this mode agree."""
+    scored = [r for r in records if r.correct is not None]
+    signals: dict[str, list[tuple[float, bool]]] = {
+        "confidence": [(r.confidence, bool(r.correct)) for r in scored if r.confidence is not None],
+        "cited_relevance": [
+            (r.cited_relevance, bool(r.correct)) for r in scored if r.cited_relevance is not None
+        ],
+        "all_claims_cited": [
+            (float(r.all_claims_cited), bool(r.correct))
+            for r in scored
+            if r.all_claims_cited is not None
+        ],
+    }
+    if plain is not None:
+        before = {r.id: r for r in plain if r.parsed is not None}
+        signals["agrees_with_plain"] = [
+            (float(before[r.id].parsed == r.parsed), bool(r.correct))
+            for r in scored
+            if r.id in before and r.parsed is not None
+        ]
+    return {
+        name: auroc([score for score, _ in pairs], [right for _, right in pairs])
+        for name, pairs in signals.items()
     }
 
 
@@ -244,6 +293,27 @@ def confidence_rows(metrics: dict[str, Any]) -> list[list[str]]:
                     str(m.get("abstained", 0)),
                 ]
             )
+    return rows
+
+
+SIGNAL_HEADERS = (
+    "Benchmark",
+    "mode",
+    "confidence",
+    "cited relevance",
+    "all claims cited",
+    "agrees with plain",
+)
+SIGNALS = ("confidence", "cited_relevance", "all_claims_cited", "agrees_with_plain")
+
+
+def signal_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """AUROC of each signal for a right answer, per benchmark and mode."""
+    rows = []
+    for name, entry in metrics["benchmarks"].items():
+        for mode, m in entry["modes"].items():
+            found = m.get("signals") or {}
+            rows.append([name, mode, *(_fmt(found.get(key)) for key in SIGNALS)])
     return rows
 
 

@@ -18,10 +18,13 @@ from suwen.evaluate import scoring_medevalkit as mek
 from suwen.evaluate.benchmarks import benchmark_named
 from suwen.evaluate.confidence_eval import (
     CONFIDENCE_HEADERS,
+    SIGNAL_HEADERS,
     confidence_metrics,
     confidence_rows,
     flip_lines,
     flips_by_mode,
+    signal_aurocs,
+    signal_rows,
 )
 from suwen.evaluate.plots import confidence_plots
 from suwen.evaluate.runner import MODES, RUN_FILE, SampleRecord, read_records, samples_path
@@ -145,6 +148,9 @@ def benchmark_metrics(
         "by_type": _by_type(by_mode),
         "flips": flips_by_mode(by_mode, selection),
     }
+    for mode, records in by_mode.items():
+        against = by_mode.get("plain") if mode != "plain" else None
+        entry["modes"][mode]["signals"] = signal_aurocs(records, against)
     if "plain" in by_mode and "agent" in by_mode:
         plain = {r.id: r for r in by_mode["plain"] if r.correct is not None}
         agent = {r.id: r for r in by_mode["agent"] if r.correct is not None}
@@ -353,6 +359,13 @@ CONFIDENCE_INTRO = (
 )
 
 
+SIGNALS_INTRO = (
+    "How well each signal tells right answers from wrong ones (AUROC; 0.5 = chance, 1 = "
+    "perfect): the confidence, the reread relevance of the cited evidence, whether every claim "
+    "is cited, and whether the answer agrees with plain mode's."
+)
+
+
 def _confidence_markdown(metrics: dict[str, Any], plots: dict[str, list[str]]) -> list[str]:
     parts = [
         "## Confidence, calibration and cost",
@@ -362,6 +375,7 @@ def _confidence_markdown(metrics: dict[str, Any], plots: dict[str, list[str]]) -
         _md_table(CONFIDENCE_HEADERS, confidence_rows(metrics)),
         "",
     ]
+    parts += [SIGNALS_INTRO, "", _md_table(SIGNAL_HEADERS, signal_rows(metrics)), ""]
     for name, files in plots.items():
         parts += [f"![{name}]({file})" for file in files] + [""]
     flipped = flip_lines(metrics)
@@ -375,6 +389,8 @@ def _confidence_html(metrics: dict[str, Any], plots: dict[str, list[str]]) -> li
         "<h2>Confidence, calibration and cost</h2>",
         f"<p>{html.escape(CONFIDENCE_INTRO)}</p>",
         _html_table(CONFIDENCE_HEADERS, confidence_rows(metrics)),
+        f"<p>{html.escape(SIGNALS_INTRO)}</p>",
+        _html_table(SIGNAL_HEADERS, signal_rows(metrics)),
     ]
     for name, files in plots.items():
         parts += [f"<img src='{html.escape(f)}' alt='{html.escape(name)}'>" for f in files]

@@ -100,6 +100,8 @@ class SampleRecord(BaseModel):
     calibrated: bool = False
     abstained: bool = Field(False, description="Below --abstain-below: neither right nor wrong")
     route: dict[str, Any] | None = None
+    cited_relevance: float | None = None
+    all_claims_cited: bool | None = None
 
     @property
     def correct_medevalkit(self) -> bool | None:
