@@ -7,8 +7,9 @@ numbered evidence it was given, and so on. A reply may be garbage, truncated JSO
 too-small ``max_tokens`` produces), or a ``Fail`` that raises a ModelError.
 
 Like a real model, the answer writer obeys instructions in its prompt, but this one is scripted
-to obey only instructions *outside* the ``<evidence>`` block: if the agent ever let retrieved
-text out of that block, an injected order would be followed and the injection test would fail.
+to obey only instructions *outside* the fenced evidence block (``prompts.EVIDENCE_BLOCK``): if
+the agent ever let retrieved text out of that block, an injected order would be followed and the
+injection test would fail.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from suwen.agent.prompts import EVIDENCE_BLOCK
 from suwen.errors import ModelError, StructuredOutputError
 from suwen.llm.base import (
     CallRecord,
@@ -38,7 +40,7 @@ from suwen.llm.base import (
 T = TypeVar("T", bound=BaseModel)
 
 IMAGE_TOKENS = 64
-_BLOCK = re.compile(r"<evidence>.*?</evidence>", re.DOTALL)
+_BLOCK = EVIDENCE_BLOCK
 _ORDER = re.compile(r"ignore the question and answer ['\"]?(\w+)", re.IGNORECASE)
 _CONTENT_WORD = re.compile(r"[a-z]{4,}")
 _STOP = "what which with from that this there their about does have been were when where whose"
@@ -138,7 +140,8 @@ def question_of(call: FakeCall) -> str:
 def evidence_items(text: str) -> list[tuple[str, str]]:
     """``(label, body)`` of each item in the evidence blocks of ``text``."""
     items: list[tuple[str, str]] = []
-    for block in _BLOCK.findall(text):
+    for match in _BLOCK.finditer(text):
+        block = match.group(0)
         for entry in block.split("\n\n")[1:-1]:
             head, _, body = entry.partition("\n")
             items.append((head.split(" ", 1)[0], body))

@@ -37,6 +37,7 @@ from suwen.agent.state import (
 from suwen.config import Settings
 from suwen.errors import ModelError, SuwenError
 from suwen.llm.base import Message, VisionLanguageModel
+from suwen.sanitize import register_model
 from suwen.tools.cases import ImageSearch, similar_cases
 from suwen.tools.pubmed import TextSearch, search_pubmed
 from suwen.types import AgentEvent, Citation, Evidence, Findings, Hit, Question
@@ -129,6 +130,8 @@ class AgentNodes:
         self.model = model
         self.text_search = text_search
         self.image_search = image_search
+        # Untrusted text in prompts must not spell any special token of the served tokenizer.
+        register_model(settings.vlm)
 
     def _history(self, state: AgentState) -> list[Message]:
         return prompts.history_messages(state.get("history", []), self.settings.history_turns)

@@ -48,6 +48,7 @@ from suwen.llm.base import (
     record_call,
 )
 from suwen.llm.images import ImageEncoder
+from suwen.sanitize import for_prompt
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -490,8 +491,9 @@ class VLLMClient:
             **payload,
             "messages": [
                 *payload["messages"],
-                {"role": "assistant", "content": reply.text[:REPAIR_ECHO_CHARS]},
-                {"role": "user", "content": REPAIR_INSTRUCTION.format(error=error)},
+                # The model's own text goes back into a prompt: sanitised like any other.
+                {"role": "assistant", "content": for_prompt(reply.text[:REPAIR_ECHO_CHARS])},
+                {"role": "user", "content": REPAIR_INSTRUCTION.format(error=for_prompt(error))},
             ],
             "max_tokens": budget * 2 if truncated else budget,
         }
