@@ -191,6 +191,12 @@ class Settings(BaseSettings):
         8, ge=1, description="Most relevant evidence items the answer sees"
     )
     history_turns: int = Field(4, ge=0, description="Earlier chat turns the model sees")
+    max_question_chars: int = Field(
+        20_000, ge=1, description="Longest question accepted (characters), from any input"
+    )
+    chat_history: bool = Field(
+        False, description="Keep the lines typed in `suwen chat` in the data home (owner-only)"
+    )
 
     # Confidence, adaptive retrieval and abstention.
     confidence: bool = Field(

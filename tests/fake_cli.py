@@ -9,6 +9,9 @@ Knobs (environment, read here only, never by Suwen itself):
     SUWEN_FAKE_TOKEN_DELAY  seconds between streamed answer words (default 0)
     SUWEN_FAKE_NO_INDEXES   "1": both indexes are missing (the agent runs without its tools)
     SUWEN_FAKE_CALL_LOG     file to which one JSON line per streamed answer is appended
+    SUWEN_FAKE_CORPUS       JSON file {"passages": [Hit...], "cases": [[Hit, sha256]...]} served
+                            instead of the built-in corpus (hostile titles, captions, ids)
+    SUWEN_FAKE_ANSWER       the text every answer is (what a model could write)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from suwen.config import Settings
 from suwen.errors import IndexMissingError
 from suwen.llm.base import Message
 from suwen.runtime import Backends, install_backends
+from suwen.types import Hit
 from tests.agent_helpers import cases, corpus
 from tests.fake_model import FakeModel
 from tests.fake_search import FakeImageSearch, FakeTextSearch
@@ -64,6 +68,16 @@ def _seconds(name: str) -> float:
     return float(os.environ.get(name, "0") or 0)
 
 
+def _corpus() -> tuple[list[Hit], list[tuple[Hit, str]]]:
+    path = os.environ.get("SUWEN_FAKE_CORPUS")
+    if not path:
+        return corpus(), cases()
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    passages = [Hit.model_validate(hit) for hit in data.get("passages", [])]
+    similar = [(Hit.model_validate(hit), str(sha)) for hit, sha in data.get("cases", [])]
+    return passages, similar
+
+
 def fake_backends() -> Backends:
     log = os.environ.get("SUWEN_FAKE_CALL_LOG")
     model = SlowFakeModel(
@@ -72,6 +86,9 @@ def fake_backends() -> Backends:
         Path(log) if log else None,
     )
     no_indexes = os.environ.get("SUWEN_FAKE_NO_INDEXES") == "1"
+    passages, similar = _corpus()
+    if os.environ.get("SUWEN_FAKE_ANSWER"):
+        model.script("answer", os.environ["SUWEN_FAKE_ANSWER"])
 
     @contextmanager
     def open_model(settings: Settings, urls: Sequence[str]) -> Iterator[FakeModel]:
@@ -81,13 +98,13 @@ def fake_backends() -> Backends:
     def open_text(settings: Settings, name: str) -> Iterator[FakeTextSearch]:
         if no_indexes:
             raise IndexMissingError(f"index {name!r} not found")
-        yield FakeTextSearch(corpus())
+        yield FakeTextSearch(passages)
 
     @asynccontextmanager
     async def open_images(settings: Settings, name: str) -> AsyncIterator[FakeImageSearch]:
         if no_indexes:
             raise IndexMissingError(f"index {name!r} not found")
-        yield FakeImageSearch(cases())
+        yield FakeImageSearch(similar)
 
     return Backends(open_model=open_model, open_text=open_text, open_images=open_images)
 

@@ -1,5 +1,9 @@
 """How an answer looks in the terminal: markdown, numbered evidence, similar cases, warnings.
 
+Everything here comes from the model, the documents or the user, so every string is printed
+literally (``literal``, ``safe_markdown`` from ``suwen.commands.common``): a ``[/]`` in a title
+or ``[retracted in: Lancet 2019]`` in a caption is shown as written, never read as markup.
+
 Shared by ``suwen ask`` and ``suwen chat``. Numbering follows the answer's citations ``[n]`` first,
 then every other kept evidence item, so the numbers a user reads in the answer are the numbers
 ``/evidence N`` takes.
@@ -11,14 +15,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.console import Group, RenderableType
-from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from suwen.agent.state import Turn
 from suwen.chat_session import ChatTurn
-from suwen.commands.common import NOT_MEDICAL_ADVICE
+from suwen.commands.common import (
+    NOT_MEDICAL_ADVICE,
+    labelled,
+    literal,
+    literal_line,
+    safe_markdown,
+)
 from suwen.commands.confidence_view import abstention_notice, confidence_line, route_lines
 from suwen.types import AgentResult, Citation, Evidence, Hit
 
@@ -99,9 +108,9 @@ def answer_view(result: AgentResult) -> RenderableType:
     (led by the abstention notice when Suwen is not confident enough)."""
     notice = abstention_notice(result)
     parts: list[RenderableType] = [notice] if notice is not None else []
-    parts.append(Markdown(result.answer or "_(no answer)_"))
+    parts.append(safe_markdown(result.answer or "_(no answer)_"))
     if result.short_answer and result.short_answer.strip() != result.answer.strip():
-        parts.append(Text.assemble(("Short answer: ", "bold"), result.short_answer))
+        parts.append(labelled("Short answer: ", result.short_answer, "bold"))
     parts.append(confidence_line(result))
     parts.extend(route_lines(result))
     parts.extend(warnings_view(result))
@@ -112,10 +121,12 @@ def warnings_view(result: AgentResult) -> list[RenderableType]:
     lines: list[RenderableType] = []
     for event in result.trace:
         if event.degraded:
-            lines.append(Text(f"! {event.node}: {event.message}", style="yellow"))
+            lines.append(literal_line(f"! {event.node}: {event.message}", style="yellow"))
     if result.removed_citations:
         removed = ", ".join(result.removed_citations)
-        lines.append(Text(f"! citations not in the evidence were removed: {removed}", "yellow"))
+        lines.append(
+            literal_line(f"! citations not in the evidence were removed: {removed}", "yellow")
+        )
     if result.mode == "agent" and result.unsupported_sentences:
         count = len(result.unsupported_sentences)
         lines.append(Text(f"! {count} sentence(s) without a citation", style="yellow"))
@@ -134,10 +145,10 @@ def evidence_table(entries: list[EvidenceEntry], *, title: str = "Evidence") -> 
         number = f"[{entry.number}]" if entry.cited else str(entry.number)
         table.add_row(
             number,
-            entry.source_label,
-            entry.title,
+            literal_line(entry.source_label),
+            literal_line(entry.title),
             str(entry.year or ""),
-            _preview(entry.quote),
+            literal_line(_preview(entry.quote)),
         )
     return table
 
@@ -155,7 +166,10 @@ def similar_cases_table(entries: list[EvidenceEntry]) -> Table | None:
         hit = entry.hit
         assert hit is not None
         table.add_row(
-            str(entry.number), hit.case_id or entry.key, hit.caption or "", hit.modality or ""
+            str(entry.number),
+            literal_line(hit.case_id or entry.key),
+            literal_line(hit.caption or ""),
+            literal_line(hit.modality or ""),
         )
     return table
 
@@ -166,10 +180,10 @@ def evidence_detail(entry: EvidenceEntry) -> Panel:
     rows = Table.grid(padding=(0, 2))
     rows.add_column(style="bold", no_wrap=True)
     rows.add_column(overflow="fold")
-    rows.add_row("key", entry.key)
-    rows.add_row("source", entry.source_label)
+    rows.add_row("key", literal_line(entry.key))
+    rows.add_row("source", literal_line(entry.source_label))
     if entry.title:
-        rows.add_row("caption" if entry.is_case else "title", entry.title)
+        rows.add_row("caption" if entry.is_case else "title", literal_line(entry.title))
     if hit is not None:
         for label, value in (
             ("year", hit.year),
@@ -181,16 +195,17 @@ def evidence_detail(entry: EvidenceEntry) -> Panel:
             ("file", hit.source),
         ):
             if value:
-                rows.add_row(label, str(value))
+                rows.add_row(label, literal_line(value))
     if entry.relevance is not None:
         rows.add_row("relevance", f"{entry.relevance:.2f}")
     if entry.quote:
-        rows.add_row("quote", entry.quote)
+        rows.add_row("quote", literal_line(entry.quote))
     body: list[RenderableType] = [rows]
     if hit is not None and hit.text:
         body.append(Text(""))
-        body.append(Text(hit.text))
-    return Panel(Group(*body), title=f"[{entry.number}] {entry.source_label}", expand=True)
+        body.append(literal(hit.text))
+    title = literal_line(f"[{entry.number}] {entry.source_label}")
+    return Panel(Group(*body), title=title, expand=True)
 
 
 def notice() -> Text:
@@ -211,6 +226,18 @@ def result_view(result: AgentResult) -> RenderableType:
         parts.append(Text("plain mode: answered by the model alone, without retrieval", "dim"))
     parts.append(notice())
     return Group(*parts)
+
+
+def plain_result(result: AgentResult) -> str:
+    """The answer and its numbered sources as plain text: what is printed when the rendered
+    view cannot be, so an answer is never lost to a rendering problem."""
+    lines = [result.answer or "(no answer)", ""]
+    if result.short_answer:
+        lines += [f"Short answer: {result.short_answer}", ""]
+    entries = numbered_evidence(result)
+    if entries:
+        lines += ["Sources:", *(_source_markdown(entry) for entry in entries), ""]
+    return "\n".join([*lines, NOT_MEDICAL_ADVICE])
 
 
 def _preview(text: str) -> str:

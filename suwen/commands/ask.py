@@ -11,8 +11,15 @@ import typer
 from rich.status import Status
 
 from suwen.batch import answer_failure
-from suwen.commands.answer_view import result_view
-from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.answer_view import plain_result, result_view
+from suwen.commands.common import (
+    err_console,
+    fail,
+    literal_line,
+    print_note,
+    print_or_plain,
+    settings_of,
+)
 from suwen.config import Settings
 from suwen.errors import InputError
 from suwen.types import AgentEvent, AgentResult, Question
@@ -52,7 +59,7 @@ def checked_images(paths: list[Path]) -> list[str]:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]note:[/] {message}", highlight=False)
+    print_note(message)
 
 
 def ask(
@@ -95,7 +102,7 @@ def ask(
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     elif result.answer.strip():
-        console.print(result_view(result))
+        print_or_plain(lambda: result_view(result), plain_result(result))
     if failure is not None:
         # No answer (or one cut off): a script must not take it for one.
         fail(failure, code=1)
@@ -133,7 +140,7 @@ async def answer_question(
 
 def _show_step(status: Status, event: AgentEvent) -> None:
     if event.kind == "node_start" and event.message:
-        status.update(event.message)
+        status.update(literal_line(event.message))
     elif event.kind == "info" and event.message:
         warn(event.message)
 

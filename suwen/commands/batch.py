@@ -41,7 +41,7 @@ from suwen.commands.ask import (
     mode_of,
     warn,
 )
-from suwen.commands.common import console, fail, settings_of
+from suwen.commands.common import console, fail, literal_line, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError
 from suwen.types import AgentResult, Question
@@ -194,8 +194,8 @@ class BatchBar:
 
 def _print_summary(summary: BatchSummary, out: Path) -> None:
     for note in summary.notes:
-        console.print(f"note: {note}", style="yellow", highlight=False)
-    table = Table(title=f"Batch summary ({out})", title_justify="left")
+        console.print(literal_line(f"note: {note}", "yellow"), highlight=False)
+    table = Table(title=literal_line(f"Batch summary ({out})"), title_justify="left")
     table.add_column("")
     table.add_column("count", justify="right")
     rate = summary.answered / summary.seconds if summary.seconds > 0 else 0.0
@@ -216,10 +216,11 @@ def _print_summary(summary: BatchSummary, out: Path) -> None:
         errors.add_column("id", no_wrap=True)
         errors.add_column("error", overflow="fold")
         for item_id, message in summary.errors[:ERRORS_SHOWN]:
-            errors.add_row(item_id, message)
+            errors.add_row(literal_line(item_id), literal_line(message))
         console.print(errors)
         if len(summary.errors) > ERRORS_SHOWN:
-            console.print(f"... and {len(summary.errors) - ERRORS_SHOWN} more in {out}")
+            more = f"... and {len(summary.errors) - ERRORS_SHOWN} more in {out}"
+            console.print(literal_line(more), highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ cancels that answer and keeps the chat; Ctrl-C at the prompt clears the line; Ct
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import AsyncExitStack
@@ -18,10 +19,9 @@ import typer
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
-from prompt_toolkit.history import FileHistory
-from rich.console import Console, ConsoleOptions, RenderResult
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
-from rich.markdown import Markdown
 from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
@@ -35,6 +35,7 @@ from suwen.commands.answer_view import (
     evidence_table,
     notice,
     numbered_evidence,
+    plain_result,
     transcript_markdown,
 )
 from suwen.commands.ask import (
@@ -47,10 +48,19 @@ from suwen.commands.ask import (
     mode_of,
     warn,
 )
-from suwen.commands.common import console, fail, settings_of
+from suwen.commands.common import (
+    console,
+    fail,
+    labelled,
+    literal_line,
+    print_or_plain,
+    safe_markdown,
+    settings_of,
+)
 from suwen.config import Settings
 from suwen.errors import InputError, SuwenError
-from suwen.types import AgentEvent
+from suwen.privacy import private_dir
+from suwen.types import AgentEvent, AgentResult
 
 COMMANDS: dict[str, str] = {
     "/image": "PATH   attach an image (repeat for prior and current study); alone: list them",
@@ -138,6 +148,18 @@ async def _chat(settings: Settings, options: ChatOptions) -> None:
         await screen.run()
 
 
+def input_history(settings: Settings) -> History:
+    """What the prompt remembers of the lines typed (arrow-up recall): this sitting only, unless
+    the setting ``chat_history`` keeps them in the data home, in a file only its owner reads
+    (typed questions may name a patient)."""
+    if not settings.chat_history:
+        return InMemoryHistory()
+    path = private_dir(settings.home) / HISTORY_FILE
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    path.chmod(0o600)  # an older file, made before this rule, is closed too
+    return FileHistory(str(path))
+
+
 class ChatScreen:
     """The read-answer loop and the slash commands."""
 
@@ -145,9 +167,8 @@ class ChatScreen:
         self.settings = settings
         self.session = session
         self.earlier = earlier  # turns of a resumed conversation, from the session store
-        settings.home.mkdir(parents=True, exist_ok=True)
         self.prompt: PromptSession[str] = PromptSession(
-            history=FileHistory(str(settings.home / HISTORY_FILE)),
+            history=input_history(settings),
             completer=ChatCompleter(),
             complete_while_typing=False,
         )
@@ -168,7 +189,7 @@ class ChatScreen:
                     if not await self.command(line):
                         break
                 except SuwenError as exc:
-                    console.print(f"[red]error:[/] {exc}", highlight=False)
+                    console.print(labelled("error: ", exc, "red"), highlight=False)
                 continue
             await self.answer(line)
         self._farewell()
@@ -184,22 +205,19 @@ class ChatScreen:
         return f"suwen[{', '.join(tags)}]> " if tags else "suwen> "
 
     def _greet(self) -> None:
-        console.print(f"conversation {self.session.thread_id}", style="dim")
+        console.print(literal_line(f"conversation {self.session.thread_id}", "dim"))
         if self.earlier:
             console.print(f"resumed: {len(self.earlier)} earlier turn(s); the last:", style="dim")
             last = self.earlier[-1]
-            console.print(Text.assemble(("you: ", "bold"), last.question))
-            console.print(Markdown(last.answer))
+            console.print(labelled("you: ", last.question, "bold"))
+            console.print(safe_markdown(last.answer))
         for path in self.session.images:
-            console.print(f"attached {path}", style="dim")
+            console.print(literal_line(f"attached {path}", "dim"))
 
     def _farewell(self) -> None:
         if self.session.turns or self.earlier:
-            console.print(
-                f"saved; continue with: suwen chat --resume {self.session.thread_id}",
-                style="dim",
-                highlight=False,
-            )
+            resume = f"saved; continue with: suwen chat --resume {self.session.thread_id}"
+            console.print(literal_line(resume, "dim"), highlight=False)
 
     # --- answering ---------------------------------------------------------------------------
 
@@ -223,20 +241,27 @@ class ChatScreen:
         except asyncio.CancelledError:
             if not interrupted:
                 raise
-            console.print("[yellow]answer cancelled[/] -- ask again, or /help", highlight=False)
+            console.print(
+                Text.assemble(("answer cancelled", "yellow"), " -- ask again, or /help"),
+                highlight=False,
+            )
             return
         except SuwenError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False)
+            console.print(labelled("error: ", exc, "red"), highlight=False)
             return
         finally:
             loop.remove_signal_handler(signal.SIGINT)
-        console.print(answer_view(result))
+        print_or_plain(lambda: self._answer_view(result), plain_result(result))
+
+    def _answer_view(self, result: AgentResult) -> RenderableType:
+        parts: list[RenderableType] = [answer_view(result)]
         entries = numbered_evidence(result)
         if entries:
-            console.print(evidence_table(entries))
+            parts.append(evidence_table(entries))
         if result.mode == "plain":
-            console.print("plain mode: the model alone, without retrieval", style="dim")
-        console.print(notice())
+            parts.append(Text("plain mode: the model alone, without retrieval", style="dim"))
+        parts.append(notice())
+        return Group(*parts)
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -260,7 +285,7 @@ class ChatScreen:
         elif name in handlers:
             handlers[name](arg)
         else:
-            console.print(f"unknown command {name}; /help lists them", style="yellow")
+            console.print(literal_line(f"unknown command {name}; /help lists them", "yellow"))
         return True
 
     def _image(self, arg: str) -> None:
@@ -268,11 +293,12 @@ class ChatScreen:
             if not self.session.images:
                 console.print("no image attached; /image PATH attaches one")
             for number, path in enumerate(self.session.images, start=1):
-                console.print(f"{number}. {path}", highlight=False)
+                console.print(literal_line(f"{number}. {path}"), highlight=False)
             return
         path = self.session.attach(arg)
         count = len(self.session.images)
-        console.print(f"attached {path} ({count} image(s) in this conversation)", highlight=False)
+        message = f"attached {path} ({count} image(s) in this conversation)"
+        console.print(literal_line(message), highlight=False)
 
     def _evidence(self, arg: str) -> None:
         last = self.session.last
@@ -304,12 +330,12 @@ class ChatScreen:
             raise InputError("/save needs a file name, e.g. /save chat.md")
         text = transcript_markdown(self.session.thread_id, self.earlier, self.session.turns)
         path = self.session.save_transcript(Path(arg), text, self.settings.sessions_db)
-        console.print(f"saved the conversation to {path}", highlight=False)
+        console.print(literal_line(f"saved the conversation to {path}"), highlight=False)
 
     def _new(self, arg: str) -> None:
         thread = self.session.new_thread()
         self.earlier = []
-        console.print(f"new conversation {thread}", style="dim")
+        console.print(literal_line(f"new conversation {thread}", "dim"))
 
     def _help(self, arg: str) -> None:
         table = Table.grid(padding=(0, 2))
@@ -331,7 +357,9 @@ class ChatScreen:
             first = turns[0].question if turns else ""
             mark = " (this one)" if thread.thread_id == self.session.thread_id else ""
             when = thread.last_active.strftime("%Y-%m-%d %H:%M") if thread.last_active else ""
-            table.add_row(thread.thread_id + mark, when, str(len(turns)), first)
+            table.add_row(
+                literal_line(thread.thread_id + mark), when, str(len(turns)), literal_line(first)
+            )
         console.print(table)
 
 
@@ -353,19 +381,20 @@ class AnswerStream:
             self.text += event.token
         elif event.kind == "node_start":
             self.started[event.node] = event.message
-            self.steps[event.node] = Text(f"… {event.message}", style="cyan")
+            self.steps[event.node] = literal_line(f"… {event.message}", "cyan")
         elif event.kind == "node_end":
             began = self.started.get(event.node, event.node)
-            self.steps[event.node] = Text(f"✓ {began} -- {event.message}", style="dim")
+            self.steps[event.node] = literal_line(f"✓ {began} -- {event.message}", "dim")
         elif event.kind == "info" and event.message:
-            self.notes.append(Text(f"! {event.message}", style="yellow"))
+            self.notes.append(literal_line(f"! {event.message}", "yellow"))
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         status = [*self.steps.values(), *self.notes]
         yield from status
         if not self.text:
             return
-        lines = console.render_lines(Markdown(self.text), options.update(height=None), pad=False)
+        answer = safe_markdown(self.text)
+        lines = console.render_lines(answer, options.update(height=None), pad=False)
         room = max(3, (options.max_height or 24) - len(status) - 1)
         for line in lines[-room:]:
             yield from line

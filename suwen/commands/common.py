@@ -1,12 +1,21 @@
-"""What every command shares: the console, the effective settings, and one-line errors."""
+"""What every command shares: the console, the effective settings, one-line errors, and the
+way untrusted text is printed.
+
+Text that comes from a model, a document, a file name or a user is printed with ``literal``
+(or ``literal_line``, ``safe_markdown``): as the characters it holds, never as rich markup
+(``[/]``, ``[link=...]``, ``[bold red]`` print as typed), with escape sequences and control
+characters removed (``suwen.sanitize.for_terminal``), and without clickable links.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import NoReturn, Self
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from rich.console import Console, RenderableType
+from rich.markdown import Markdown
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,8 +24,11 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.style import StyleType
+from rich.text import Text
 
 from suwen.config import LoadedSettings, Settings
+from suwen.sanitize import for_terminal, line_for_terminal
 
 console = Console()
 err_console = Console(stderr=True)
@@ -38,8 +50,47 @@ def settings_of(ctx: typer.Context) -> Settings:
     return loaded(ctx).settings
 
 
+def literal(text: object, style: StyleType = "") -> Text:
+    """Untrusted text, exactly as written: no markup, no escape or control characters."""
+    return Text(for_terminal(str(text)), style=style)
+
+
+def literal_line(text: object, style: StyleType = "") -> Text:
+    """``literal`` on one line (table cells, titles, messages)."""
+    return Text(line_for_terminal(str(text)), style=style)
+
+
+def labelled(label: str, text: object, style: StyleType = "") -> Text:
+    """``label`` (Suwen's own words) in ``style``, then untrusted ``text`` literally."""
+    return Text.assemble((label, style), line_for_terminal(str(text)))
+
+
+def safe_markdown(text: str) -> Markdown:
+    """A model's answer as markdown (emphasis, lists, tables), with links shown as text and
+    their address, never as clickable terminal hyperlinks."""
+    return Markdown(for_terminal(text), hyperlinks=False)
+
+
+def print_or_plain(view: Callable[[], RenderableType], plain: str) -> None:
+    """Print a rendered view; if rendering fails (a bug, a terminal that cannot encode a
+    character), print ``plain`` instead: what the user came for is never lost."""
+    try:
+        console.print(view())
+    except Exception as exc:  # any renderer failure: fall back rather than lose the text
+        print_note(f"could not render the output ({type(exc).__name__}); shown as plain text")
+        stream = sys.stdout
+        data = for_terminal(plain).rstrip("\n") + "\n"
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(data.encode(encoding, errors="replace").decode(encoding))
+        stream.flush()
+
+
+def print_note(message: str) -> None:
+    err_console.print(labelled("note: ", message, "yellow"), highlight=False, soft_wrap=True)
+
+
 def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(labelled("error: ", message, "bold red"), highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -54,7 +105,7 @@ MAX_ERRORS_SHOWN = 20
 def print_errors(messages: list[str]) -> None:
     """A job's per-input errors, one line each, the first ``MAX_ERRORS_SHOWN`` of them."""
     for message in messages[:MAX_ERRORS_SHOWN]:
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        print_error(message)
     if len(messages) > MAX_ERRORS_SHOWN:
         err_console.print(f"... and {len(messages) - MAX_ERRORS_SHOWN} more errors")
 

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import typer
 
-from suwen.commands.common import console, err_console, fail, settings_of
+from suwen.commands.common import (
+    console,
+    err_console,
+    fail,
+    literal_line,
+    print_note,
+    settings_of,
+)
 from suwen.config import Settings
 from suwen.errors import SuwenError
 
@@ -136,11 +143,13 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
     # Answers record abstentions by this run's threshold.
     settings = settings.model_copy(update={"abstain_below": config.abstain_below})
     total = sum(len(items) for items in samples.values())
-    console.print(f"{total} questions from {', '.join(samples)}; modes: {', '.join(config.modes)}")
+    console.print(
+        literal_line(
+            f"{total} questions from {', '.join(samples)}; modes: {', '.join(config.modes)}"
+        )
+    )
     with err_console.status("starting the model") as status:
-        async with open_agent(
-            settings, urls, sessions=False, on_notice=lambda m: err_console.print(f"note: {m}")
-        ) as agent:
+        async with open_agent(settings, urls, sessions=False, on_notice=print_note) as agent:
             progress = _progress(status.update)
             from suwen.evaluate.confidence_eval import plain_confidence_judge
 
@@ -174,8 +183,9 @@ def _print_summary(summaries: list[ModeSummary], out: Path) -> None:
             failed += len(summary.failed)
             first_id, first_error = summary.failed[0]
             line += f"; {len(summary.failed)} failed (first: {first_id}: {first_error})"
-        console.print(line, highlight=False)
-    console.print(f"report: {out / 'report.md'}  ({out / 'report.html'}, {out / 'metrics.json'})")
+        console.print(literal_line(line), highlight=False)
+    report = f"report: {out / 'report.md'}  ({out / 'report.html'}, {out / 'metrics.json'})"
+    console.print(literal_line(report), highlight=False)
     if failed:
         fail(f"{failed} question(s) failed; run the same command again to retry them", code=1)
 

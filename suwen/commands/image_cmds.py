@@ -10,10 +10,20 @@ import typer
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
-from suwen.commands.common import console, err_console, fail, progress_bars, settings_of
+from suwen.commands.common import (
+    console,
+    err_console,
+    fail,
+    labelled,
+    literal_line,
+    progress_bars,
+    settings_of,
+)
 from suwen.commands.index import index_app, search_app
 from suwen.errors import SuwenError
+from suwen.types import Hit
 
 if TYPE_CHECKING:
     from suwen.indexes import image_sources
@@ -59,7 +69,7 @@ def index_images(
 
         def on_skip(message: str) -> None:
             progress.console.print(
-                f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True
+                labelled("skipped: ", message, "yellow"), highlight=False, soft_wrap=True
             )
 
         try:
@@ -75,10 +85,14 @@ def index_images(
             progress.stop()
             fail(str(exc), code=1)
     console.print(
-        f"index [bold]{summary.name}[/]: {summary.added} added, {summary.updated} updated, "
-        f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped "
-        f"({summary.frames} frames embedded; now {summary.cases_total} cases, "
-        f"{summary.vectors_total} vectors)",
+        Text.assemble(
+            "index ",
+            literal_line(summary.name, "bold"),
+            f": {summary.added} added, {summary.updated} updated, "
+            f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped "
+            f"({summary.frames} frames embedded; now {summary.cases_total} cases, "
+            f"{summary.vectors_total} vectors)",
+        ),
         highlight=False,
         soft_wrap=True,
     )
@@ -134,7 +148,11 @@ def search_image(
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], indent=2))
         return
-    table = Table(title=f"cases like {path.name} in {searcher.name}")
+    _print_cases(path, searcher.name, hits)
+
+
+def _print_cases(path: Path, index: str, hits: list[Hit]) -> None:
+    table = Table(title=literal_line(f"cases like {path.name} in {index}"))
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("case")
@@ -145,9 +163,9 @@ def search_image(
         table.add_row(
             str(rank),
             f"{hit.score:.3f}",
-            hit.case_id or "",
-            caption if len(caption) <= 120 else caption[:117] + "...",
-            hit.path or "",
+            literal_line(hit.case_id or ""),
+            literal_line(caption if len(caption) <= 120 else caption[:117] + "..."),
+            literal_line(hit.path or ""),
         )
     console.print(table)
 

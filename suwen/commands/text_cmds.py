@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from suwen.commands.common import (
     LiveBars,
     console,
     detail_column,
     fail,
+    literal_line,
     print_errors,
     progress_bars,
     settings_of,
@@ -100,19 +101,19 @@ class _IngestBars(LiveBars):
 
 def _print_report(report: IngestReport) -> None:
     print_errors(report.errors)
-    table = Table(title=f"ingest into {report.index!r}")
+    table = Table(title=literal_line(f"ingest into {report.index!r}"))
     table.add_column("source", overflow="fold")
     table.add_column("format")
     for column in ("added", "updated", "unchanged", "deleted", "skipped"):
         table.add_column(column, justify="right")
     table.add_column("status")
     for row in report.sources:
-        status = "[red]failed[/]" if row.error and not row.documents else "ok"
+        status = Text("failed", "red") if row.error and not row.documents else Text("ok")
         if row.error and row.documents:
-            status = "[yellow]partly read[/]"
+            status = Text("partly read", "yellow")
         table.add_row(
-            escape(row.path),
-            row.format or "-",
+            literal_line(row.path),
+            literal_line(row.format or "-"),
             *(
                 str(getattr(row, f))
                 for f in ("added", "updated", "unchanged", "deleted", "skipped")
@@ -121,10 +122,13 @@ def _print_report(report: IngestReport) -> None:
         )
     console.print(table)
     console.print(
-        f"{report.total('added')} added, {report.total('updated')} updated, "
-        f"{report.total('unchanged')} unchanged, {report.total('deleted')} deleted, "
-        f"{report.total('skipped')} records and {report.files_failed} files skipped; "
-        f"index {report.index!r} now holds {report.documents} documents in {report.chunks} chunks"
+        literal_line(
+            f"{report.total('added')} added, {report.total('updated')} updated, "
+            f"{report.total('unchanged')} unchanged, {report.total('deleted')} deleted, "
+            f"{report.total('skipped')} records and {report.files_failed} files skipped; "
+            f"index {report.index!r} now holds {report.documents} documents in "
+            f"{report.chunks} chunks"
+        )
     )
 
 
@@ -157,9 +161,9 @@ def search_text(
 
 def _print_hits(query: str, hits: list[Hit]) -> None:
     if not hits:
-        console.print(f"no hits for {query!r}")
+        console.print(literal_line(f"no hits for {query!r}"))
         return
-    table = Table(title=f"text hits for {query!r}", show_lines=True)
+    table = Table(title=literal_line(f"text hits for {query!r}"), show_lines=True)
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("PMID")
@@ -171,9 +175,9 @@ def _print_hits(query: str, hits: list[Hit]) -> None:
         table.add_row(
             str(rank),
             f"{hit.score:.3f}",
-            escape(hit.pmid or ""),
+            literal_line(hit.pmid or ""),
             str(hit.year or ""),
-            f"[bold]{escape(hit.title or '')}[/]{page}\n{escape(snippet)}",
+            Text.assemble(literal_line(hit.title or "", "bold"), page, "\n", literal_line(snippet)),
         )
     console.print(table)
 
@@ -191,14 +195,15 @@ def list_indexes(
         typer.echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
         return
     if not manifests:
-        console.print(f"no indexes in {settings.indexes_dir}")
+        console.print(literal_line(f"no indexes in {settings.indexes_dir}"))
         return
-    table = Table(title=f"indexes in {settings.indexes_dir}")
+    table = Table(title=literal_line(f"indexes in {settings.indexes_dir}"))
     for column in ("name", "kind", "items", "vectors", "dim", "encoder", "created"):
         table.add_column(column, overflow="fold")
     for m in manifests:
         items = m.extra.get("documents", m.extra.get("cases", ""))
-        table.add_row(m.name, m.kind, str(items), str(m.count), str(m.dim), m.encoder, m.created)
+        cells = (m.name, m.kind, items, m.count, m.dim, m.encoder, m.created)
+        table.add_row(*(literal_line(cell) for cell in cells))
     console.print(table)
 
 
@@ -217,13 +222,14 @@ def index_info(
             json.dumps({"version": str(version), **manifest.model_dump(mode="json")}, indent=2)
         )
         return
-    table = Table(title=f"index {name!r} ({manifest.kind})", show_header=False)
+    table = Table(title=literal_line(f"index {name!r} ({manifest.kind})"), show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")
     table.add_row("version", str(version))
     for field, value in manifest.model_dump(mode="json", exclude={"sources", "extra"}).items():
-        table.add_row(field, "" if value is None else str(value))
+        table.add_row(literal_line(field), literal_line("" if value is None else value))
     for field, value in manifest.extra.items():
-        table.add_row(field, str(value))
-    table.add_row("sources", "\n".join(manifest.sources) or "-")
+        table.add_row(literal_line(field), literal_line(value))
+    sources = Text("\n").join(literal_line(source) for source in manifest.sources)
+    table.add_row("sources", sources or "-")
     console.print(table)
