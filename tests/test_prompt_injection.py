@@ -85,7 +85,13 @@ FENCED_FIELDS = (
     "modality",
     "bodypart",
 )
-UNFENCED_FIELDS = {"historyquestion": "user", "historyanswer": "assistant", "batchquestion": "user"}
+# Earlier answers are replayed as assistant turns; the confidence self-check shows the user the
+# answer it checks.
+UNFENCED_FIELDS = {
+    "historyquestion": {"user"},
+    "historyanswer": {"assistant", "user"},
+    "batchquestion": {"user"},
+}
 QUOTE_FIELD = "quote"  # fenced too: it is the passage's sentence the judge picked
 
 
@@ -240,7 +246,14 @@ def agent_calls(tmp_path: Path, index: int, payload: str) -> list[FakeCall]:
 
 def render(call: FakeCall, tokenizer: Any, settings: Settings) -> Rendered:
     messages = to_openai_messages(call.messages, settings)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if call.prefill:  # as the client sends it: a final assistant message the reply continues
+        messages.append({"role": "assistant", "content": call.prefill})
+    text = tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=not call.prefill,
+        continue_final_message=bool(call.prefill),
+    )
     assert isinstance(text, str)
     spans = [
         (match.group(1), match.start(2), match.end(2))
@@ -260,13 +273,14 @@ def check_tokens(rendered: Rendered, tokenizer: Any) -> None:
         if i in by_id:
             counts[by_id[i]] += 1
     expected = dict.fromkeys(counts, 0)
-    expected["<|im_start|>"] = len(call.messages) + 1  # + the generation prompt
+    expected["<|im_start|>"] = len(call.messages) + 1  # + the reply's (or the prefill's)
     expected["<|im_end|>"] = len(call.messages)
     for token in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
         expected[token] = call.images
     assert counts == expected, f"{call.purpose}: {rendered.text!r}"
     roles = [role for role, _, _ in rendered.spans]
     assert roles == [message.role for message in call.messages]
+    assert rendered.text.endswith(call.prefill or "<|im_start|>assistant\n")
 
 
 def check_fields(rendered: Rendered, index: int) -> set[str]:
@@ -285,11 +299,13 @@ def check_fields(rendered: Rendered, index: int) -> set[str]:
             assert fence is not None, f"{field} outside the fence in {rendered.call.purpose}"
             assert text.find(closing, found.end()) < fence[1], f"{field} leaves its fence"
             seen.add(field)
-    for field, role in UNFENCED_FIELDS.items():
+    for field, roles in UNFENCED_FIELDS.items():
         opening, closing = markers(field, index)
         for found in re.finditer(opening, text):
             span = next(s for s in rendered.spans if s[1] <= found.start() < s[2])
-            assert span[0] == role and text.find(closing, found.end()) < span[2], field
+            assert span[0] in roles and text.find(closing, found.end()) < span[2], field
+            if span[0] == "user" and field == "historyanswer":
+                assert rendered.call.purpose == "confidence"
             seen.add(field)
     return seen
 
@@ -305,7 +321,8 @@ def test_no_payload_forges_the_conversation(
 ) -> None:
     settings = Settings(home=tmp_path / "home")
     calls = agent_calls(tmp_path, index, payload)
-    assert {call.purpose for call in calls} >= {"look", "plan", "reread", "decide", "answer"}
+    purposes = {"look", "plan", "reread", "decide", "answer", "confidence"}
+    assert {call.purpose for call in calls} >= purposes
     seen: set[str] = set()
     for call in calls:
         rendered = render(call, tokenizer, settings)

@@ -26,6 +26,7 @@ from PIL import Image
 from suwen.agent import prompts
 from suwen.errors import ModelError
 from suwen.llm.base import LogprobRequest, Message, TokenLogprobs, VisionLanguageModel
+from suwen.sanitize import for_prompt
 from suwen.types import AnswerFormat, Confidence, ConfidenceSource
 
 YES_NO = ("yes", "no")
@@ -106,7 +107,8 @@ async def _probe(
         max_tokens=1,
         temperature=0.0,
         purpose=PROBE_PURPOSE,
-        prefill=prefill or None,  # an empty prefill is the plain start of a reply
+        # The model's own reply goes back into the prompt: sanitised like any untrusted text.
+        prefill=for_prompt(prefill) if prefill else None,  # empty: the plain start of a reply
         logprobs=LogprobRequest(candidates=candidates),
     )
     if not reply.logprobs:

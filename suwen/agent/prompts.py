@@ -367,8 +367,8 @@ def self_check_messages(
 ) -> list[Message]:
     """The P(True) probe: is this answer correct? (the reply's first token is read)."""
     text = (
-        f"Question: {question}\n\nProposed answer: "
-        f"{_clip(_without_citations(answer), MAX_CHECKED_ANSWER_CHARS)}\n\n"
+        f"Question: {for_prompt(question)}\n\nProposed answer: "
+        f"{_clip(_without_citations(for_prompt(answer)), MAX_CHECKED_ANSWER_CHARS)}\n\n"
         "Is the proposed answer correct? Answer yes or no."
     )
     return [Message(role="system", text=SELF_CHECK_SYSTEM), *history, _user(text, images)]
