@@ -180,6 +180,23 @@ class Settings(BaseSettings):
     concurrency: int = Field(8, ge=1, description="Concurrent model requests")
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(1024, ge=1, description="Completion tokens per answer")
+    # Sent with every request when set; unset, the server's defaults apply (`suwen eval` sets
+    # all three to MedEvalKit's values for its run).
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (unset: server's)")
+    top_k: int | None = Field(None, ge=-1, description="Top-k sampling, -1 off (unset: server's)")
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="Repetition penalty, 1 off (unset: server's)"
+    )
+
+    # Evaluation (`suwen eval`): images as MedEvalKit sends them by default, i.e. as
+    # qwen_vl_utils' process_vision_info resizes them (4..16384 visual tokens of 28x28 pixels),
+    # and up to 6 images per question (its MAX_IMAGE_NUM). The eval run raises the managed
+    # server's image limit to this for its own server.
+    eval_image_min_pixels: int = Field(3136, ge=784, description="Smallest image area (eval)")
+    eval_image_max_pixels: int = Field(
+        12_845_056, ge=3136, le=12_845_056, description="Largest image area sent (eval)"
+    )
+    eval_max_images: int = Field(6, ge=1, description="Images allowed per question (eval)")
 
     # Agent.
     rounds: int = Field(2, ge=1, description="Retrieval rounds the agent may take")

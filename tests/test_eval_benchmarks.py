@@ -175,9 +175,19 @@ def test_slake_layout(tmp_path: Path, cache: Path) -> None:
     ]
     (tmp_path / "test.json").write_text(json.dumps(rows, ensure_ascii=False))
     samples = load_benchmark("SLAKE", tmp_path, cache)
-    assert [s.kind for s in samples] == ["closed", "yes_no", "open"]
-    assert samples[0].prompt == "Which organ?\nAnswer the question using a single word or phrase."
+    # As MedEvalKit runs SLAKE: the closed prompt for every CLOSED question (a yes/no answer
+    # too), both languages, MedEvalKit's Chinese prompts for the Chinese ones.
+    assert [s.kind for s in samples] == ["closed", "closed", "open", "open"]
+    assert [s.lang for s in samples] == ["en", "en", "en", "zh"]
+    closed = "\nAnswer the question using a single word or phrase."
+    assert samples[0].prompt == "Which organ?" + closed
+    assert samples[1].prompt == "Is it normal?" + closed
+    assert samples[3].prompt == "哪个器官?\n请简要回答该问题。"
     assert samples[0].modality == "CT" and samples[0].exclude_image_sha256
+    english = load_benchmark("SLAKE", tmp_path, cache, lang="en")
+    assert [s.id for s in english] == [s.id for s in samples[:3]]
+    chinese = load_benchmark("SLAKE", tmp_path, cache, lang="zh")
+    assert [s.id for s in chinese] == ["slake-4"]
 
 
 def test_pmc_vqa_layout(tmp_path: Path, cache: Path) -> None:

@@ -183,9 +183,10 @@ def _check_report(out: Path, records: dict[tuple[str, str], list[dict[str, objec
         row = next(line for line in table if line.startswith(f"| {benchmark} |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[1] == f"{LIMIT}/{LIMIT} of {LIMIT}"
+        right = {mode: round(accuracy[mode] * LIMIT) for mode in MODES}
         assert cells[2:5] == [
-            f"{100 * accuracy['plain']:.1f}",
-            f"{100 * accuracy['agent']:.1f}",
+            f"{100 * accuracy['plain']:.1f} ({right['plain']}/{LIMIT})",
+            f"{100 * accuracy['agent']:.1f} ({right['agent']}/{LIMIT})",
             f"{100 * paired.delta:+.1f}",
         ]
         assert cells[7:9] == [str(paired.fixed), str(paired.broken)]

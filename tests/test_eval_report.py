@@ -95,8 +95,10 @@ def test_report_numbers_equal_those_recomputed_from_the_samples(finished_run: Pa
         assert (paired["fixed"], paired["broken"]) == (again["fixed"], again["broken"])
         assert paired["mcnemar_p"] == pytest.approx(mcnemar_exact(again["fixed"], again["broken"]))
         assert paired["ci95"][0] <= paired["delta"] <= paired["ci95"][1]
+        right = {mode: round(again[mode] * 20) for mode in ("plain", "agent")}
         row = (
-            f"| {name} | 20/20 of 20 | {pct(again['plain'])} | {pct(again['agent'])} | "
+            f"| {name} | 20/20 of 20 | {pct(again['plain'])} ({right['plain']}/20) | "
+            f"{pct(again['agent'])} ({right['agent']}/20) | "
             f"{signed_pct(again['agent'] - again['plain'])} |"
         )
         assert row in report

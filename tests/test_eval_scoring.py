@@ -27,7 +27,11 @@ def test_open_precision_recall_f1_are_permuted_in_medevalkit_and_not_in_suwen() 
     assert theirs["f1"] == pytest.approx(1.0)  # the recall, reported as F1
     # Suwen drops articles before counting tokens, so compare with an extra content word.
     ours = suwen.open_metrics("left lung base", "left lung")
-    assert (ours["precision"], ours["recall"], ours["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert (
+        ours["suwen_token_precision"],
+        ours["suwen_token_recall"],
+        ours["suwen_token_f1"],
+    ) == pytest.approx((2 / 3, 1.0, 0.8))
 
 
 # -- bug: empty responses crash F1 and ROUGE ---------------------------------------------------
@@ -41,7 +45,7 @@ def test_empty_open_response_crashes_medevalkit_but_scores_zero_in_suwen(respons
     assert aggregate.accuracy is None and aggregate.crash
     ours = suwen.score("open", response, "pneumonia", {})
     assert ours.correct is False and ours.unparsed
-    assert ours.metrics["f1"] == 0.0 and ours.metrics["rougel"] == 0.0
+    assert ours.metrics["suwen_token_f1"] == 0.0 and ours.metrics["rougeL"] == 0.0
 
 
 # -- bug: open accuracy divided by the total twice ---------------------------------------------
@@ -204,7 +208,6 @@ def test_bleu_and_rouge_reimplementations() -> None:
     scores = mek.rouge("the left lung", "left lung")
     assert scores["rouge1"] == pytest.approx(0.8, abs=1e-6)
     assert scores["rougel"] == pytest.approx(0.8, abs=1e-6)
-    assert suwen.rouge_scores(["a", "b"], ["a", "b"])["rougel"] == pytest.approx(1.0)
 
 
 def test_closed_and_open_matching() -> None:
@@ -244,3 +247,134 @@ def test_agreement_with_the_human_verdicts() -> None:
     assert ours >= 0.95, result["disagreements"]["suwen"]
     assert medevalkit < ours
     assert math.isclose(sum(k["suwen"] for k in result["by_kind"].values()) / result["n"], ours)
+
+
+# -- Suwen's rules on realistic Lingshu-style responses ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "right"),
+    [
+        # The leading answer decides; the gold phrase named as the alternative is no credit.
+        ("Right lung; the left lung is clear.", "left", False),
+        ("The spleen, which lies next to the liver.", "liver", False),
+        ("Right kidney, but the left kidney also shows a small cyst.", "left kidney", False),
+        ("Axial CT, not the coronal plane.", "coronal", False),
+        # ... while the leading answer stating it is credit, preamble or not.
+        ("The left lung.", "left", True),
+        ("Based on the image, the left lung is affected.", "left", True),
+        ("In this CT image, the liver shows a hypodense lesion.", "liver", True),
+        ("Liver, with a lesion near the spleen.", "liver", True),
+        # Singular and plural, British spelling.
+        ("Lungs", "lung", True),
+        ("Both kidneys.", "kidneys", True),
+        ("The kidney", "kidneys", True),
+        ("Ribs", "rib", True),
+        ("Masses in both lobes", "mass", True),
+        ("Vertebrae", "vertebra", True),
+        ("Oedema", "edema", True),
+        # Negated mention is still no credit; a different organ is still wrong.
+        ("No pneumothorax is seen.", "pneumothorax", False),
+        ("Heart", "lung", False),
+    ],
+)
+def test_leading_answer_and_morphology(response: str, gold: str, right: bool) -> None:
+    assert suwen.score("closed", response, gold, {}).correct is right
+    assert suwen.score("open", response, gold, {}).correct is right
+
+
+@pytest.mark.parametrize(
+    ("response", "parsed"),
+    [
+        ("None seen.", "no"),
+        ("Not present.", "no"),
+        ("No evidence of pneumothorax.", "no"),
+        ("Absent.", "no"),
+        ("There is no pleural effusion.", "no"),
+        ("Negative for fracture.", "no"),
+        ("It is not enlarged.", "no"),
+        ("Yes, there is cardiomegaly.", "yes"),
+        # Hedges and descriptions are not answers.
+        ("Not sure.", None),
+        ("It is not possible to tell from this image.", None),
+        ("The heart size is normal.", None),
+        # SLAKE's Chinese closed answers.
+        ("是", "yes"),
+        ("否", "no"),
+        ("没有", "no"),
+    ],
+)
+def test_negative_wording_is_no(response: str, parsed: str | None) -> None:
+    assert suwen.parse_yes_no(response) == parsed
+
+
+def test_chinese_yes_no_gold_is_scored_as_yes_no() -> None:
+    assert suwen.score("closed", "否", "否", {}).correct
+    assert suwen.score("closed", "没有。", "否", {}).correct
+    assert not suwen.score("closed", "是", "否", {}).correct
+    assert suwen.score("closed", "左肺", "左肺", {}).correct
+    assert not suwen.score("open", "没有肿瘤", "肿瘤", {}).correct
+
+
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("Levofloxacin. The correct choice is C.", "C"),
+        ("Levofloxacin is tempting, but the correct option is C.", "C"),
+        ("Levofloxacin would cover it; still, I choose C.", "C"),
+        ("Lisinopril (C) is correct.", "C"),
+        ("Levofloxacin covers atypical organisms.", "B"),
+        # A lower-case article is not a stated letter.
+        ("The answer is a fluoroquinolone: levofloxacin.", "B"),
+    ],
+)
+def test_an_explicit_letter_beats_leading_option_text(response: str, letter: str) -> None:
+    assert suwen.parse_choice(response, MEDQA_OPTIONS) == letter
+
+
+# -- the standard metrics come from their libraries --------------------------------------------
+
+
+def test_standard_sentence_metrics_are_the_libraries_own() -> None:
+    from nltk.translate.bleu_score import sentence_bleu
+    from rouge_score import rouge_scorer
+
+    from suwen.evaluate import text_metrics
+
+    pred = "The heart is normal in size. The lungs are clear."
+    ref = "Findings: The heart size is normal. The lungs are clear. Impression: Normal chest."
+    hyp, refs = text_metrics.report_tokens(pred), [text_metrics.report_tokens(ref)]
+    assert "." in hyp and "heart" in hyp and "The" not in hyp
+    ours = text_metrics.sentence_metrics(pred, ref)
+    assert ours["bleu1"] == pytest.approx(sentence_bleu(refs, hyp, weights=(1.0,)))
+    assert ours["bleu4"] == pytest.approx(sentence_bleu(refs, hyp, weights=(0.25,) * 4))
+    expected = rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
+    assert ours["rougeL"] == pytest.approx(expected)
+    assert text_metrics.sentence_metrics("", ref)["bleu1"] == 0.0
+
+
+def test_cider_rewards_the_matching_report() -> None:
+    from suwen.evaluate import text_metrics
+
+    refs = ["The lungs are clear. No effusion.", "Right lower lobe pneumonia.", "Cardiomegaly."]
+    good = text_metrics.cider(refs, refs)
+    shuffled = text_metrics.cider(refs[1:] + refs[:1], refs)
+    assert isinstance(good, float) and isinstance(shuffled, float)
+    assert good > 1.0 > shuffled
+
+
+@pytest.mark.slow
+def test_meteor_runs_offline_on_the_shipped_jar() -> None:
+    from suwen.evaluate import text_metrics
+
+    refs = ["the heart is normal in size . the lungs are clear .", "there is a small effusion ."]
+    same = text_metrics.meteor(refs, refs)  # one JVM start (~10 s): the paraphrase table
+    assert isinstance(same, float) and same > 0.9
+
+
+def test_meteor_without_java_is_not_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from suwen.evaluate import text_metrics
+
+    monkeypatch.setattr(text_metrics.shutil, "which", lambda name: None)
+    result = text_metrics.meteor(["a"], ["a"])
+    assert isinstance(result, text_metrics.NotComputed) and "java" in result.reason

@@ -22,7 +22,8 @@ from suwen.errors import SuwenError
 
 if TYPE_CHECKING:
     from suwen.agent.graph import SuwenAgent
-    from suwen.evaluate.runner import EvalConfig, Mode, ModeSummary
+    from suwen.evaluate.prompts import Lang
+    from suwen.evaluate.runner import EvalConfig, ModeSummary
     from suwen.types import AgentResult, Question
 
 
@@ -51,7 +52,14 @@ def eval_command(
         None, "--data", help="Folder with local benchmark files (default: the hub datasets)."
     ),
     modes: str = typer.Option(
-        "plain,agent", "--modes", help="Comma-separated: plain, agent, adaptive."
+        "plain,agent",
+        "--modes",
+        help="plain, agent, adaptive, and the image baselines blank (a black image of the "
+        "same size) and shuffled (another question's image), comma-separated; blank/shuffled "
+        "apply to plain and agent as given.",
+    ),
+    lang: str | None = typer.Option(
+        None, "--lang", help="Only questions in this language: en or zh (SLAKE has both)."
     ),
     out: Path = typer.Option(..., "--out", help="Output folder (re-running resumes)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Questions per benchmark."),
@@ -76,23 +84,22 @@ def eval_command(
     """Score plain Lingshu and the Suwen agent on the same questions, with MedEvalKit's
     prompts; writes per-question JSONL, metrics.json, report.md/html and a chart."""
     from suwen.evaluate.benchmarks import benchmark_named
-    from suwen.evaluate.runner import MODES, EvalConfig
+    from suwen.evaluate.runner import MEDEVALKIT_SAMPLING, EvalConfig, ImagePolicy, parse_modes
 
     settings = settings_of(ctx)
     if abstain_below is not None and not 0 <= abstain_below <= 1:
         fail(f"--abstain-below {abstain_below}: must be between 0 and 1")
-    chosen = _split([modes])
-    unknown = [m for m in chosen if m not in MODES]
-    if unknown or not chosen:
-        fail(f"--modes {modes!r}: expected plain, agent, adaptive or a comma-separated mix")
+    if lang not in (None, "en", "zh"):
+        fail(f"--lang {lang!r}: expected en or zh")
     try:
+        chosen = parse_modes(modes)
         names = [benchmark_named(name).name for name in _split(benchmark)]
     except SuwenError as exc:
         fail(str(exc))
     config = EvalConfig(
         benchmarks=names,
         data=data,
-        modes=cast("list[Mode]", [m for m in MODES if m in chosen]),
+        modes=chosen,
         out=out,
         limit=limit,
         seed=seed,
@@ -100,13 +107,19 @@ def eval_command(
         judge=judge,
         allow_leak=allow_leak,
         max_tokens=settings.max_tokens,
-        temperature=settings.temperature,
+        sampling=MEDEVALKIT_SAMPLING,
+        images=ImagePolicy(
+            min_pixels=settings.eval_image_min_pixels,
+            max_pixels=settings.eval_image_max_pixels,
+            max_images=settings.eval_max_images,
+        ),
+        lang=cast("Lang | None", lang),
         model=settings.vlm,
         calibrate=calibrate,
         abstain_below=abstain_below if abstain_below is not None else settings.abstain_below,
     )
     try:
-        summaries = asyncio.run(_evaluate(settings, config, vllm_url))
+        summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
         from suwen.evaluate.report import write_report
 
         write_report(out)
@@ -135,8 +148,25 @@ def _store_calibration(settings: Settings, out: Path) -> None:
     console.print(f"calibration file: {path}", highlight=False)
 
 
+def eval_settings(settings: Settings, config: EvalConfig) -> Settings:
+    """The settings of the run's model client (and managed server): the run's sampling sent
+    with every request, its image budget, and an image limit that admits its questions."""
+    return settings.model_copy(
+        update={
+            "temperature": config.sampling.temperature,
+            "top_p": config.sampling.top_p,
+            "top_k": config.sampling.top_k,
+            "repetition_penalty": config.sampling.repetition_penalty,
+            "vllm_image_min_pixels": config.images.min_pixels,
+            "vllm_image_max_pixels": config.images.max_pixels,
+            "vllm_max_images": max(settings.vllm_max_images, config.images.max_images),
+        }
+    )
+
+
 async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> list[ModeSummary]:
-    from suwen.evaluate.runner import load_selected, run_evaluation
+    from suwen.evaluate.provenance import provenance
+    from suwen.evaluate.runner import answerer_of, load_selected, run_evaluation
     from suwen.runtime import open_agent
 
     samples = await asyncio.to_thread(load_selected, config, settings.home / "eval_cache")
@@ -154,14 +184,16 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
             from suwen.evaluate.confidence_eval import plain_confidence_judge
 
             judge = plain_confidence_judge(agent.model, agent.calibration, config.abstain_below)
+            wants_agent = any(answerer_of(mode) == "agent" for mode in config.modes)
             return await run_evaluation(
                 config,
                 samples,
                 model=agent.model,
-                answerer=AgentAnswerer(agent) if "agent" in config.modes else None,
+                answerer=AgentAnswerer(agent) if wants_agent else None,
                 on_progress=progress,
                 adaptive=AgentAnswerer(agent, "adaptive") if "adaptive" in config.modes else None,
                 plain_confidence=judge if settings.confidence else None,
+                provenance=await provenance(settings.vlm, getattr(agent.model, "urls", [])),
             )
 
 
@@ -175,6 +207,10 @@ def _progress(update: Callable[[str], Any]) -> Callable[[str, Any, int, int], No
 def _print_summary(summaries: list[ModeSummary], out: Path) -> None:
     failed = 0
     for summary in summaries:
+        if summary.skipped:
+            skipped = f"{summary.benchmark} {summary.mode}: skipped ({summary.skipped})"
+            console.print(literal_line(skipped), highlight=False)
+            continue
         line = (
             f"{summary.benchmark} {summary.mode}: {summary.already_done + summary.done_now}/"
             f"{summary.total} done ({summary.done_now} now)"
@@ -183,6 +219,8 @@ def _print_summary(summaries: list[ModeSummary], out: Path) -> None:
             failed += len(summary.failed)
             first_id, first_error = summary.failed[0]
             line += f"; {len(summary.failed)} failed (first: {first_id}: {first_error})"
+        if summary.not_asked:
+            line += f"; {summary.not_asked} could not be asked (see the report)"
         console.print(literal_line(line), highlight=False)
     report = f"report: {out / 'report.md'}  ({out / 'report.html'}, {out / 'metrics.json'})"
     console.print(literal_line(report), highlight=False)

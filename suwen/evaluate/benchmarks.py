@@ -52,6 +52,10 @@ class Sample(BaseModel):
     exclude_pmids: list[str] = Field(default_factory=list)
     exclude_image_sha256: list[str] = Field(default_factory=list)
     prompt_style: PromptStyle = "medevalkit"
+    lang: prompts.Lang = Field("en", description="Question language (SLAKE has en and zh)")
+    image_labels: bool = Field(
+        False, description="MedEvalKit sends '<image_i>: ' before each image (its 'images' layout)"
+    )
 
     @property
     def prompt(self) -> str:
@@ -67,9 +71,9 @@ class Sample(BaseModel):
         if self.kind == "yes_no":
             return prompts.yes_no_prompt(self.question)
         if self.kind == "closed":
-            return prompts.closed_prompt(self.question)
+            return prompts.closed_prompt(self.question, self.lang)
         if self.kind == "open":
-            return prompts.open_prompt(self.question)
+            return prompts.open_prompt(self.question, self.lang)
         return prompts.report_prompt()
 
     def to_question(self, *, guard: bool = True) -> Question:
@@ -277,7 +281,9 @@ def load_path_vqa(ctx: LoadContext) -> list[Sample]:
 
 
 # --------------------------------------------------------------------------------------------
-# SLAKE (local layout: test.json + imgs/, as BoKelvin/SLAKE unpacks)
+# SLAKE (local layout: test.json + imgs/, as BoKelvin/SLAKE unpacks), both languages as
+# MedEvalKit runs it: its closed-question prompt for every CLOSED question (yes/no answers too),
+# its open prompt for OPEN ones, the Chinese prompts for Chinese questions.
 
 
 def load_slake(ctx: LoadContext) -> list[Sample]:
@@ -286,14 +292,12 @@ def load_slake(ctx: LoadContext) -> list[Sample]:
     samples = []
     for index, row in enumerate(_read_json(test)):
         where = f"{test} item {index}"
-        if row.get("q_lang", "en") != "en":
-            continue  # Lingshu's table reports English SLAKE; Suwen answers in English
+        lang = str(row.get("q_lang", "en"))
+        if lang not in ("en", "zh"):
+            raise InputError(f"{where}: q_lang {lang!r} is neither 'en' nor 'zh'")
         image = test.parent / "imgs" / str(_field(row, "img_name", where))
         answer = str(_field(row, "answer", where))
         answer_type = str(_field(row, "answer_type", where))
-        kind: Kind = "open" if answer_type == "OPEN" else "closed"
-        if kind == "closed" and answer.strip().lower() in ("yes", "no"):
-            kind = "yes_no"
         samples.append(
             Sample(
                 id=f"slake-{row.get('qid', index)}",
@@ -301,11 +305,12 @@ def load_slake(ctx: LoadContext) -> list[Sample]:
                 question=str(_field(row, "question", where)),
                 images=[str(image)],
                 gold=answer,
-                kind=kind,
+                kind="open" if answer_type == "OPEN" else "closed",
                 question_type=answer_type,
                 modality=row.get("modality"),
                 body_part=row.get("location"),
                 exclude_image_sha256=[sha256_file(image)] if image.is_file() else [],
+                lang="zh" if lang == "zh" else "en",
             )
         )
     return samples
@@ -496,6 +501,7 @@ def _medxpertqa(split: Literal["MM", "Text"], ctx: LoadContext) -> list[Sample]:
                 benchmark=benchmark,
                 question=str(row["question"]),
                 images=images,
+                image_labels=bool(images),  # MedEvalKit's MedXpertQA uses its 'images' layout
                 options=options,
                 choices=letter_choices(options, ". "),
                 gold=str(row["label"]),
@@ -724,9 +730,9 @@ def load_iu_xray(ctx: LoadContext) -> list[Sample]:
     test = _require(ctx.data, "IU-Xray", "test.json", "IU_XRAY/test.json", "iu_xray/test.json")
     samples = []
     for row in _read_json(test):
-        findings = str(row.get("findings", "")).strip()
-        impression = str(row.get("impression", "")).strip()
-        if not findings and not impression:
+        findings = str(row.get("findings", ""))
+        impression = str(row.get("impression", ""))
+        if not findings.strip() and not impression.strip():
             continue  # MedEvalKit skips studies with neither
         images = [test.parent / "images" / name for name in row.get("image", [])]
         samples.append(
@@ -735,7 +741,10 @@ def load_iu_xray(ctx: LoadContext) -> list[Sample]:
                 benchmark="IU-Xray",
                 question="",
                 images=[str(p) for p in images],
-                gold=f"Findings: {findings or 'None'} Impression: {impression or 'None'}.",
+                image_labels=True,  # MedEvalKit's IU_XRAY sends its 'images' layout
+                # As MedEvalKit's cal_metrics and report script build the reference: the
+                # fields as stored (its "None" for an empty field only reaches the prompt).
+                gold=f"Findings: {findings} Impression: {impression}.",
                 kind="report",
                 modality="x-ray",
                 body_part="chest",
@@ -830,12 +839,21 @@ def select(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
 
 
 def load_benchmark(
-    name: str, data: Path | None, cache_dir: Path, *, limit: int | None = None, seed: int = 0
+    name: str,
+    data: Path | None,
+    cache_dir: Path,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    lang: prompts.Lang | None = None,
 ) -> list[Sample]:
+    """A benchmark's questions (only those in ``lang`` when given), ``limit`` of them."""
     benchmark = benchmark_named(name)
     if data is not None and not data.exists():
         raise InputError(f"--data {data}: not found")
     samples = benchmark.load(LoadContext(data=data, cache_dir=cache_dir))
+    if lang is not None:
+        samples = [s for s in samples if s.lang == lang]
     if not samples:
         raise InputError(f"{benchmark.name}: no questions found in {data or benchmark.hub_id}")
     ids = [s.id for s in samples]

@@ -8,11 +8,19 @@ part of the benchmark contract: changing a space changes what the model sees.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
+
+Lang = Literal["en", "zh"]
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 YES_NO_INSTRUCTION = "Please output 'yes' or 'no'(no extra output)."
 CLOSED_INSTRUCTION = "Answer the question using a single word or phrase."
 OPEN_INSTRUCTION = "Please answer the question concisely."
+# MedEvalKit's Chinese instructions (``lang == "zh"``), used for SLAKE's Chinese questions.
+CLOSED_INSTRUCTION_ZH = "请用一个单词或者短语回答该问题。"
+OPEN_INSTRUCTION_ZH = "请简要回答该问题。"
+# MedEvalKit's multi-image layout: "<image_i>: " before each image (1-based).
+IMAGE_LABEL = "<image_{index}>: "
 REPORT_PROMPT = (
     "You are a helpful assistant. Please generate a report for the given images, including both "
     "findings and impressions. Return the report in the following format: Findings: {} "
@@ -31,14 +39,19 @@ def yes_no_prompt(question: str) -> str:
     return question + "\n" + YES_NO_INSTRUCTION
 
 
-def closed_prompt(question: str) -> str:
-    """``get_close_ended_prompt``."""
-    return question + "\n" + CLOSED_INSTRUCTION
+def closed_prompt(question: str, lang: Lang = "en") -> str:
+    """``get_close_ended_prompt`` (its ``zh`` variant for Chinese questions)."""
+    return question + "\n" + (CLOSED_INSTRUCTION_ZH if lang == "zh" else CLOSED_INSTRUCTION)
 
 
-def open_prompt(question: str) -> str:
-    """``get_open_ended_prompt``."""
-    return question + "\n" + OPEN_INSTRUCTION
+def open_prompt(question: str, lang: Lang = "en") -> str:
+    """``get_open_ended_prompt`` (its ``zh`` variant for Chinese questions)."""
+    return question + "\n" + (OPEN_INSTRUCTION_ZH if lang == "zh" else OPEN_INSTRUCTION)
+
+
+def image_labels(count: int) -> list[str]:
+    """The text MedEvalKit puts before each image of a multi-image prompt."""
+    return [IMAGE_LABEL.format(index=index) for index in range(1, count + 1)]
 
 
 def pubmedqa_prompt(context: str, question: str, choices: Sequence[str]) -> str:

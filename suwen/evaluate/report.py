@@ -15,6 +15,7 @@ from typing import Any
 
 from suwen.errors import InputError
 from suwen.evaluate import scoring_medevalkit as mek
+from suwen.evaluate import text_metrics
 from suwen.evaluate.benchmarks import benchmark_named
 from suwen.evaluate.confidence_eval import (
     CONFIDENCE_HEADERS,
@@ -27,7 +28,15 @@ from suwen.evaluate.confidence_eval import (
     signal_rows,
 )
 from suwen.evaluate.plots import confidence_plots
-from suwen.evaluate.runner import MODES, RUN_FILE, SampleRecord, read_records, samples_path
+from suwen.evaluate.runner import (
+    MODES,
+    RUN_FILE,
+    SampleRecord,
+    condition_of,
+    mode_named,
+    read_records,
+    samples_path,
+)
 from suwen.evaluate.stats import compare
 
 # Lingshu-7B's published plain-model accuracies (%), as the MedEvalKit README shows them
@@ -52,6 +61,17 @@ PUBLISHED_SOURCE = (
     "github.com/alibaba-damo-academy/MedEvalKit at 9b12e3b) for the Lingshu paper "
     "(arXiv:2506.07044). Full test sets, MedEvalKit's scoring, GPT-4.1 judge where it applies."
 )
+# Lingshu-7B's published report-generation rows, by benchmark (scores ×100 as fractions).
+# Empty: MedEvalKit's README (9b12e3b) has no report-generation table, and the Lingshu paper's
+# report-generation table could not be read on the machine this was written on; a number from
+# memory would not be a citation. Fill it from the paper (arXiv:2506.07044) with its table
+# number in PUBLISHED_REPORT_NOTE.
+PUBLISHED_LINGSHU_7B_REPORTS: dict[str, dict[str, float]] = {}
+PUBLISHED_REPORT_NOTE = (
+    "Lingshu-7B's published IU-Xray row is not shown: it is in the Lingshu paper "
+    "(arXiv:2506.07044, report-generation table: ROUGE-L, CIDEr, RaTE, SembScore, RadCliQ), "
+    "not in MedEvalKit's README, and could not be read offline here."
+)
 GROUPINGS = ("kind", "question_type", "modality", "body_part")
 
 
@@ -67,16 +87,20 @@ def _group_value(record: SampleRecord, grouping: str) -> str | None:
 
 
 def _accuracy(records: Sequence[SampleRecord]) -> dict[str, Any]:
-    # An abstention is its own outcome, neither right nor wrong.
-    scored = [r for r in records if r.correct is not None and not r.abstained]
+    """Accuracy over the questions asked; those that could not be asked are counted apart
+    (``not_asked``) and shown next to it, never silently dropped. An abstention is its own
+    outcome, neither right nor wrong."""
+    asked = [r for r in records if r.asked]
+    scored = [r for r in asked if r.correct is not None and not r.abstained]
     right = sum(bool(r.correct) for r in scored)
     return {
         "accuracy": right / len(scored) if scored else None,
         "correct": right,
         "total": len(scored),
-        "abstained": sum(r.abstained for r in records),
-        "unparsed": sum(r.unparsed for r in records),
-        "judge_unreadable": sum(1 for r in records if r.judge and r.judge.suwen is None),
+        "abstained": sum(r.abstained for r in asked),
+        "not_asked": len(records) - len(asked),
+        "unparsed": sum(r.unparsed for r in asked),
+        "judge_unreadable": sum(1 for r in asked if r.judge and r.judge.suwen is None),
     }
 
 
@@ -92,21 +116,89 @@ def _means(rows: Iterable[dict[str, float]]) -> dict[str, float]:
 
 def mode_metrics(benchmark: str, records: Sequence[SampleRecord], judge_on: bool) -> dict[str, Any]:
     family = benchmark_named(benchmark).medevalkit_family
+    asked = [r for r in records if r.asked]
     mek_records = [
         mek.MekRecord(
             kind=r.kind, verdict=r.medevalkit, judge=r.judge.medevalkit if r.judge else None
         )
-        for r in records
+        for r in asked
     ]
-    return {
+    result = {
         "suwen": _accuracy(records),
         "medevalkit": mek.aggregate(family, mek_records, judge_on).model_dump(),
-        "open_metrics": _means(r.metrics for r in records if r.kind in ("open", "report")),
+        "open_metrics": _means(r.metrics for r in asked if r.kind == "open"),
         "latency_mean": _means({"s": r.latency} for r in records).get("s"),
         "tokens_mean": _means({k: float(v) for k, v in r.tokens.items()} for r in records),
         "with_citations": sum(1 for r in records if r.citations),
         **confidence_metrics(benchmark, records),
+        "not_asked_reasons": _reasons(records),
     }
+    if family == "report":
+        result["report_metrics"] = report_metrics(asked)
+    return result
+
+
+REPORT_METRICS = (
+    ("bleu1", "BLEU-1"),
+    ("bleu2", "BLEU-2"),
+    ("bleu3", "BLEU-3"),
+    ("bleu4", "BLEU-4"),
+    ("rougeL", "ROUGE-L"),
+    ("rougeL_rouge_package", "ROUGE-L (MedEvalKit's `rouge`)"),
+    ("meteor", "METEOR"),
+    ("cider", "CIDEr"),
+    ("RaTE", "RaTE"),
+    ("GREEN", "GREEN"),
+)
+
+
+def _rouge_package_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F as MedEvalKit's report script gets it from the `rouge` package (re-implemented
+    in scoring_medevalkit); 0 for what that package refuses (an empty report)."""
+    try:
+        return mek.rouge(prediction, reference)["rougel"]
+    except mek.MedEvalKitCrashError:
+        return 0.0
+
+
+def report_metrics(records: Sequence[SampleRecord]) -> dict[str, Any]:
+    """The report-generation metrics MedEvalKit's report script computes, from the libraries
+    that define them: sentence BLEU-1..4 and ROUGE-L averaged over the reports (an empty report
+    scores 0 and stays in the denominator, as in that script), corpus METEOR and CIDEr, and the
+    model-based RaTE and GREEN when their models are here. A metric that is not computed says
+    why instead of giving a number."""
+    predictions = [r.response for r in records]
+    references = [r.gold for r in records]
+    means = _means(r.metrics for r in records)
+    values: dict[str, Any] = {key: means.get(key) for key in ("bleu1", "bleu2", "bleu3", "bleu4")}
+    values["rougeL"] = means.get("rougeL")
+    values["rougeL_rouge_package"] = (
+        sum(_rouge_package_l(p, g) for p, g in zip(predictions, references, strict=True))
+        / len(records)
+        if records
+        else None
+    )
+    computed = {
+        "meteor": text_metrics.meteor(predictions, references),
+        "cider": text_metrics.cider(predictions, references),
+        **text_metrics.model_based(predictions, references),
+    }
+    for key, value in computed.items():
+        values[key] = (
+            {"not_computed": value.reason} if isinstance(value, text_metrics.NotComputed) else value
+        )
+    return {"n": len(records), "values": values}
+
+
+def _reasons(records: Sequence[SampleRecord]) -> dict[str, int]:
+    """How many questions could not be asked, by reason (the question id taken out, so one
+    cause counts once)."""
+    counts: dict[str, int] = defaultdict(int)
+    for record in records:
+        if not record.asked:
+            reason = (record.not_asked_reason or "unknown").replace(record.id, "<id>")
+            counts[reason] += 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def _by_type(by_mode: dict[str, list[SampleRecord]]) -> dict[str, Any]:
@@ -137,8 +229,10 @@ def benchmark_metrics(
     wanted = set(selection)
     by_mode: dict[str, list[SampleRecord]] = {}
     for mode in modes:
-        records = read_records(samples_path(out, benchmark, mode))  # type: ignore[arg-type]
-        by_mode[mode] = [r for r in records if r.id in wanted]
+        path = samples_path(out, benchmark, mode)  # type: ignore[arg-type]
+        if condition_of(mode) != "real" and not path.exists():
+            continue  # an image baseline skipped for a benchmark without images
+        by_mode[mode] = [r for r in read_records(path) if r.id in wanted]
     entry: dict[str, Any] = {
         "expected": len(selection),
         "finished": {mode: len(records) for mode, records in by_mode.items()},
@@ -162,9 +256,52 @@ def benchmark_metrics(
                 seed=seed,
             )
             entry["paired"] = comparison.model_dump()
+    baselines = image_baselines(by_mode, selection, seed)
+    if baselines:
+        entry["image_baselines"] = baselines
     key = benchmark_named(benchmark).published_key
     entry["published_lingshu_7b"] = PUBLISHED_LINGSHU_7B.get(key) if key else None
     return entry
+
+
+def _correct_by_id(records: Sequence[SampleRecord]) -> dict[str, bool]:
+    return {r.id: bool(r.correct) for r in records if r.asked and r.correct is not None}
+
+
+def image_baselines(
+    by_mode: dict[str, list[SampleRecord]], selection: Sequence[str], seed: int
+) -> dict[str, Any]:
+    """For each answerer run with its real images and a baseline: the baseline's accuracy and
+    how many points the real image adds (real - baseline, paired on the questions both
+    asked, with its bootstrap interval and McNemar p)."""
+    result: dict[str, Any] = {}
+    for answerer in ("plain", "agent"):
+        if answerer not in by_mode:
+            continue
+        real = _correct_by_id(by_mode[answerer])
+        for condition in ("blank", "shuffled"):
+            mode = mode_named(answerer, condition)
+            if mode not in by_mode:
+                continue
+            other = _correct_by_id(by_mode[mode])
+            paired = [i for i in selection if i in real and i in other]
+            if not paired:
+                continue
+            comparison = compare([other[i] for i in paired], [real[i] for i in paired], seed=seed)
+            result.setdefault(answerer, {})[condition] = {
+                "n": len(paired),
+                "real_accuracy": comparison.agent_accuracy,
+                "baseline_accuracy": comparison.plain_accuracy,
+                "image_adds": comparison.delta,
+                "ci95": comparison.ci95,
+                "mcnemar_p": comparison.mcnemar_p,
+                "share_without_image": (
+                    comparison.plain_accuracy / comparison.agent_accuracy
+                    if comparison.agent_accuracy
+                    else None
+                ),
+            }
+    return result
 
 
 def build_metrics(out: Path) -> dict[str, Any]:
@@ -183,6 +320,11 @@ def build_metrics(out: Path) -> dict[str, Any]:
             "limit": config.get("limit"),
             "seed": config.get("seed"),
             "data": config.get("data"),
+            "lang": config.get("lang"),
+            "sampling": config.get("sampling"),
+            "images": config.get("images"),
+            "max_tokens": config.get("max_tokens"),
+            "provenance": run.get("provenance", {}),
         },
         "published_source": PUBLISHED_SOURCE,
         "benchmarks": {
@@ -214,6 +356,21 @@ def _mode_acc(entry: dict[str, Any], mode: str, scorer: str) -> float | None:
     return None if value is None else float(value)
 
 
+def acc_cell(entry: dict[str, Any], mode: str, scorer: str) -> str:
+    """Accuracy with its denominator, and the questions that could not be asked beside it:
+    "62.5 (10/16; 2 not asked)"."""
+    metrics = entry["modes"].get(mode)
+    if metrics is None:
+        return "–"
+    value = metrics[scorer]
+    if value.get("accuracy") is None:
+        return "–"
+    right = value["correct"] if scorer == "suwen" else value["right"]
+    cell = f"{pct(value['accuracy'])} ({right}/{value['total']}"
+    not_asked = metrics["suwen"]["not_asked"]
+    return cell + (f"; {not_asked} not asked)" if not_asked else ")")
+
+
 HEADERS = (
     "Benchmark",
     "done (plain/agent) of n",
@@ -235,13 +392,15 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     for name, entry in metrics["benchmarks"].items():
         paired = entry.get("paired")
         published = entry["published_lingshu_7b"]
-        finished = "/".join(str(n) for n in entry["finished"].values())
+        finished = "/".join(
+            str(n) for mode, n in entry["finished"].items() if mode in ("plain", "agent")
+        )
         rows.append(
             [
                 name,
                 f"{finished} of {entry['expected']}",
-                pct(_mode_acc(entry, "plain", "suwen")),
-                pct(_mode_acc(entry, "agent", "suwen")),
+                acc_cell(entry, "plain", "suwen"),
+                acc_cell(entry, "agent", "suwen"),
                 signed_pct(paired["delta"]) if paired else "–",
                 f"[{signed_pct(paired['ci95'][0])}, {signed_pct(paired['ci95'][1])}]"
                 if paired
@@ -249,8 +408,8 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
                 f"{paired['mcnemar_p']:.3g}" if paired else "–",
                 str(paired["fixed"]) if paired else "–",
                 str(paired["broken"]) if paired else "–",
-                pct(_mode_acc(entry, "plain", "medevalkit")),
-                pct(_mode_acc(entry, "agent", "medevalkit")),
+                acc_cell(entry, "plain", "medevalkit"),
+                acc_cell(entry, "agent", "medevalkit"),
                 "–" if published is None else f"{published:.1f}*",
             ]
         )
@@ -277,10 +436,106 @@ def type_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def notes(metrics: dict[str, Any]) -> list[str]:
-    lines = []
+BASELINE_HEADERS = (
+    "Benchmark",
+    "answerer",
+    "n",
+    "real image",
+    "blank image",
+    "real − blank [95% CI]",
+    "shuffled image",
+    "real − shuffled [95% CI]",
+)
+
+
+def _gain(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    low, high = row["ci95"]
+    return f"{signed_pct(row['image_adds'])} [{signed_pct(low)}, {signed_pct(high)}]"
+
+
+def baseline_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Per benchmark and answerer: accuracy with the real image, a blank one and another
+    question's image, and how many points the real image adds (paired)."""
+    rows = []
+    for name, entry in metrics["benchmarks"].items():
+        for answerer, by_condition in entry.get("image_baselines", {}).items():
+            blank, shuffled = by_condition.get("blank"), by_condition.get("shuffled")
+            first = blank or shuffled or {}
+            rows.append(
+                [
+                    name,
+                    answerer,
+                    "/".join(str(c["n"]) for c in (blank, shuffled) if c),
+                    pct(first.get("real_accuracy")),
+                    pct(blank["baseline_accuracy"]) if blank else "–",
+                    _gain(blank),
+                    pct(shuffled["baseline_accuracy"]) if shuffled else "–",
+                    _gain(shuffled),
+                ]
+            )
+    return rows
+
+
+REPORT_HEADERS = ("Benchmark", "mode", "n", *(label for _, label in REPORT_METRICS))
+
+
+def _metric_cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return "not computed"
+    return f"{100 * float(value):.1f}"
+
+
+def report_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Report-generation scores (×100) per mode, with Lingshu's published row when known."""
+    rows = []
     for name, entry in metrics["benchmarks"].items():
         for mode, m in entry["modes"].items():
+            report = m.get("report_metrics")
+            if report is None:
+                continue
+            cells = [_metric_cell(report["values"].get(key)) for key, _ in REPORT_METRICS]
+            rows.append([name, mode, str(report["n"]), *cells])
+        published = PUBLISHED_LINGSHU_7B_REPORTS.get(name)
+        if published is not None:
+            cells = [_metric_cell(published.get(key)) for key, _ in REPORT_METRICS]
+            rows.append([name, "Lingshu-7B (published)*", "–", *cells])
+    return rows
+
+
+def not_computed_notes(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, entry in metrics["benchmarks"].items():
+        seen: set[str] = set()
+        for m in entry["modes"].values():
+            for key, value in m.get("report_metrics", {}).get("values", {}).items():
+                if isinstance(value, dict) and key not in seen:
+                    seen.add(key)
+                    lines.append(f"{name}: {key} not computed: {value['not_computed']}")
+        if "report" in {_kind_group(k) for k in _kinds(entry)}:
+            lines.append(f"{name}: {PUBLISHED_REPORT_NOTE}")
+    return lines
+
+
+def _kinds(entry: dict[str, Any]) -> set[str]:
+    return set(entry["by_type"].get("kind", {}))
+
+
+def notes(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    lang = metrics["run"].get("lang")
+    if lang:
+        lines.append(
+            f"Only {lang} questions (--lang {lang}); MedEvalKit and the published SLAKE number "
+            "use both languages, so SLAKE here is not the published table's number."
+        )
+    for name, entry in metrics["benchmarks"].items():
+        for mode, m in entry["modes"].items():
+            for reason, count in m.get("not_asked_reasons", {}).items():
+                lines.append(f"{name} {mode}: {count} not asked: {reason}")
             if m["suwen"]["unparsed"]:
                 lines.append(
                     f"{name} {mode}: {m['suwen']['unparsed']} unparsed answers "
@@ -308,8 +563,36 @@ def _run_line(run: dict[str, Any]) -> str:
     return (
         f"Model: `{run['model'] or 'unknown'}`; modes: {', '.join(run['modes'])}; judge: "
         f"{'on' if run['judge'] else 'off'}; limit: {run['limit'] or 'all'}; "
-        f"seed: {run['seed']}. Leakage guard {guard}."
+        f"seed: {run['seed']}; languages: {run.get('lang') or 'all'}. Leakage guard {guard}."
     )
+
+
+def _setup_line(run: dict[str, Any]) -> str:
+    """Sampling, images, model revision and server version: what the answers came from."""
+    parts = []
+    sampling = run.get("sampling")
+    if sampling:
+        parts.append(
+            "Sampling sent with every request: "
+            + ", ".join(f"{k}={v}" for k, v in sampling.items())
+            + f", max_tokens={run.get('max_tokens')}"
+        )
+    images = run.get("images")
+    if images:
+        parts.append(
+            f"images: {images['min_pixels']}..{images['max_pixels']} pixels, up to "
+            f"{images['max_images']} per question"
+            + (", '<image_i>: ' labels where MedEvalKit uses them" if images["labels"] else "")
+        )
+    provenance = run.get("provenance") or {}
+    model = provenance.get("model")
+    if model:
+        revision = model.get("revision") or (model.get("config_sha256") or "unknown")[:12]
+        parts.append(f"model revision: {revision}")
+    versions = {v for v in (provenance.get("vllm_version") or {}).values() if v}
+    if versions:
+        parts.append(f"vLLM {', '.join(sorted(versions))}")
+    return "; ".join(parts) + "." if parts else ""
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -326,6 +609,8 @@ def render_markdown(
         "",
         _run_line(metrics["run"]),
         "",
+        _setup_line(metrics["run"]),
+        "",
         "Accuracy (%) by Suwen's scorer (headline) and by MedEvalKit's rules as they behave. "
         "Δ = agent − plain on the same questions; fixed = wrong in plain, right with the agent; "
         "broken = the reverse.",
@@ -337,6 +622,8 @@ def render_markdown(
     ]
     if chart:
         parts += [f"![plain vs agent]({chart})", ""]
+    for title, intro, headers, rows in extra_tables(metrics):
+        parts += [f"## {title}", "", intro, "", _md_table(headers, rows), ""]
     parts += [
         "## By question type",
         "",
@@ -344,7 +631,7 @@ def render_markdown(
         "",
     ]
     parts += _confidence_markdown(metrics, plots or {})
-    extra = notes(metrics)
+    extra = notes(metrics) + not_computed_notes(metrics)
     if extra:
         parts += ["## Scoring notes", "", *[f"- {line}" for line in extra], ""]
     return "\n".join(parts)
@@ -401,6 +688,40 @@ def _confidence_html(metrics: dict[str, Any], plots: dict[str, list[str]]) -> li
     return parts
 
 
+Table = tuple[str, str, Sequence[str], list[list[str]]]
+
+
+def extra_tables(metrics: dict[str, Any]) -> list[Table]:
+    """The image-baseline and report-generation tables, when the run has them."""
+    tables: list[Table] = []
+    baselines = baseline_rows(metrics)
+    if baselines:
+        tables.append(
+            (
+                "How much comes from the image",
+                "Accuracy (%, Suwen's scorer) with the question's own image, a black image of "
+                "the same size, and another question's image from the same benchmark; "
+                "real − baseline is paired on the questions both asked.",
+                BASELINE_HEADERS,
+                baselines,
+            )
+        )
+    reports = report_rows(metrics)
+    if reports:
+        tables.append(
+            (
+                "Report generation",
+                "Scores ×100 from the libraries that define them (BLEU: nltk; ROUGE-L: "
+                "rouge-score, and the `rouge` package MedEvalKit's script uses; METEOR 1.5 and "
+                "CIDEr: pycocoevalcap), averaged over the reports as MedEvalKit's report script "
+                "does.",
+                REPORT_HEADERS,
+                reports,
+            )
+        )
+    return tables
+
+
 def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
@@ -422,17 +743,23 @@ def render_html(
         f"<title>Suwen evaluation</title><style>{style}</style></head><body>",
         "<h1>Suwen evaluation: plain model vs agent</h1>",
         f"<p>{html.escape(_run_line(metrics['run']))}</p>",
+        f"<p>{html.escape(_setup_line(metrics['run']))}</p>",
         _html_table(HEADERS, table_rows(metrics)),
         f"<p>* {html.escape(metrics['published_source'])} Not from this run.</p>",
     ]
     if chart:
         parts.append(f"<img src='{html.escape(chart)}' alt='plain vs agent'>")
+    for title, intro, headers, rows in extra_tables(metrics):
+        parts += [
+            f"<h2>{html.escape(title)}</h2><p>{html.escape(intro)}</p>",
+            _html_table(headers, rows),
+        ]
     parts += [
         "<h2>By question type</h2>",
         _html_table(("Benchmark", "grouping", "value", "n", "plain", "agent"), type_rows(metrics)),
     ]
     parts += _confidence_html(metrics, plots or {})
-    extra = notes(metrics)
+    extra = notes(metrics) + not_computed_notes(metrics)
     if extra:
         parts += [
             "<h2>Scoring notes</h2><ul>",

@@ -2,9 +2,18 @@
 
 Per benchmark and mode, one JSONL file of ``SampleRecord`` lines, appended and fsynced as each
 question finishes; a re-run reads it back and asks only the questions not yet there. Plain mode
-sends MedEvalKit's prompt (with the image) straight to the model; agent mode hands the question,
-its answer form and the leakage guard to an ``Answerer`` (``SuwenAgent.run`` in agent mode) and
-scores its ``short_answer``.
+sends MedEvalKit's prompt (with the image, as MedEvalKit lays images out) straight to the model;
+agent mode hands the question, its answer form and the leakage guard to an ``Answerer``
+(``SuwenAgent.run`` in agent mode) and scores its ``short_answer``.
+
+Sanity baselines: ``plain-blank`` / ``agent-blank`` ask the same question with a black image of
+the same size, ``plain-shuffled`` / ``agent-shuffled`` with another question's image from the
+same benchmark (a fixed, seeded pairing), so the report shows how much of each accuracy comes
+from looking at the image.
+
+A question that cannot be asked (more images than allowed, an image that cannot be read, a
+prompt the server refuses as too long) is kept as a record with ``asked=False`` and its reason,
+and counted next to the accuracy instead of silently leaving the denominator.
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -21,7 +32,7 @@ from typing import Any, Literal, Protocol
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from suwen.errors import InputError, SuwenError
+from suwen.errors import InputError, ModelError, SuwenError
 from suwen.evaluate import prompts
 from suwen.evaluate import scoring as suwen_scoring
 from suwen.evaluate import scoring_medevalkit as mek
@@ -29,12 +40,71 @@ from suwen.evaluate.benchmarks import Benchmark, Sample, benchmark_named, load_b
 from suwen.evaluate.calibration import is_dev
 from suwen.evaluate.confidence_eval import AnswerJudgement, judgement_of
 from suwen.llm.base import Message, VisionLanguageModel, recording
+from suwen.llm.client import ServerReplyError
+from suwen.medimage import load_image, sha256_of
 from suwen.types import AgentResult, Question
 
-Mode = Literal["plain", "agent", "adaptive"]
-MODES: tuple[Mode, ...] = ("plain", "agent", "adaptive")
+Mode = Literal[
+    "plain",
+    "agent",
+    "adaptive",
+    "plain-blank",
+    "agent-blank",
+    "plain-shuffled",
+    "agent-shuffled",
+]
+MODES: tuple[Mode, ...] = (
+    "plain",
+    "agent",
+    "adaptive",
+    "plain-blank",
+    "agent-blank",
+    "plain-shuffled",
+    "agent-shuffled",
+)
 DEFAULT_MODES: tuple[Mode, ...] = ("plain", "agent")
+Answerers = Literal["plain", "agent", "adaptive"]
+Condition = Literal["real", "blank", "shuffled"]
+CONDITIONS: tuple[Condition, ...] = ("real", "blank", "shuffled")
 JUDGE_MAX_TOKENS = 512
+
+
+def answerer_of(mode: str) -> Answerers:
+    """Who answers in a mode: the plain model, the agent, or the agent in adaptive mode."""
+    answerer = mode.partition("-")[0]
+    return "agent" if answerer == "agent" else "adaptive" if answerer == "adaptive" else "plain"
+
+
+def condition_of(mode: str) -> Condition:
+    """Which image a mode shows: the question's own, a blank one, or another question's."""
+    _, _, condition = mode.partition("-")
+    return "blank" if condition == "blank" else "shuffled" if condition == "shuffled" else "real"
+
+
+def mode_named(answerer: str, condition: str) -> Mode:
+    name = answerer if condition == "real" else f"{answerer}-{condition}"
+    if name not in MODES:
+        raise InputError(f"no mode {name!r}")
+    return name  # type: ignore[return-value]
+
+
+def parse_modes(text: str) -> list[Mode]:
+    """``--modes``: any of plain, agent, adaptive, blank, shuffled (or a combined name such as
+    plain-blank). blank and shuffled apply to plain and agent as given (both when neither is):
+    plain,blank -> plain and plain-blank."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [p for p in parts if p not in (*MODES, "blank", "shuffled")]
+    if unknown or not parts:
+        raise InputError(
+            f"--modes {text!r}: expected plain, agent, adaptive, blank, shuffled "
+            "(comma-separated) or a combined mode such as plain-blank"
+        )
+    answerers = [a for a in ("plain", "agent") if a in parts] or ["plain", "agent"]
+    chosen = {p for p in parts if p in MODES}
+    for condition in ("blank", "shuffled"):
+        if condition in parts:
+            chosen.update(mode_named(a, condition) for a in answerers)
+    return [mode for mode in MODES if mode in chosen]
 
 
 class Answerer(Protocol):
@@ -55,6 +125,7 @@ class Reply(BaseModel):
     completion_tokens: int = 0
     model_calls: int = 0
     judged: AnswerJudgement = Field(default_factory=lambda: AnswerJudgement())
+    images_shown: list[str] = Field(default_factory=list, description="Image files shown")
 
 
 class JudgeRecord(BaseModel):
@@ -102,6 +173,9 @@ class SampleRecord(BaseModel):
     route: dict[str, Any] | None = None
     cited_relevance: float | None = None
     all_claims_cited: bool | None = None
+    asked: bool = Field(True, description="False: the question could not be asked (see reason)")
+    not_asked_reason: str | None = None
+    images_shown: list[str] = Field(default_factory=list, description="Image files shown")
 
     @property
     def correct_medevalkit(self) -> bool | None:
@@ -118,15 +192,9 @@ Progress = Callable[[str, Mode, int, int], None]
 # The two modes and the judge
 
 
-def _load_rgb(paths: Sequence[str]) -> list[Image.Image]:
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read benchmark image: {exc}") from exc
-    return images
+def load_images(paths: Sequence[str]) -> list[Image.Image]:
+    """The question's images through Suwen's one image loader (``suwen.medimage``)."""
+    return [load_image(Path(path)) for path in paths]
 
 
 def plain_responder(
@@ -136,12 +204,14 @@ def plain_responder(
     temperature: float = 0.0,
     judge_confidence: PlainConfidence | None = None,
 ) -> Responder:
-    """Plain mode: MedEvalKit's prompt and the question's image(s) straight to the model
+    """Plain mode: MedEvalKit's prompt and the question's image(s) straight to the model, each
+    image after a '<image_i>: ' label where MedEvalKit's loader uses its multi-image layout
     (then, with ``judge_confidence``, the confidence probe of that reply)."""
 
     async def respond(sample: Sample) -> Reply:
-        images = await asyncio.to_thread(_load_rgb, sample.images)
-        message = Message(role="user", text=sample.prompt, images=images)
+        images = await asyncio.to_thread(load_images, sample.images)
+        labels = prompts.image_labels(len(images)) if sample.image_labels else []
+        message = Message(role="user", text=sample.prompt, images=images, image_labels=labels)
         with recording() as log:
             reply = await model.chat(
                 [message], max_tokens=max_tokens, temperature=temperature, purpose="eval-plain"
@@ -156,6 +226,7 @@ def plain_responder(
             completion_tokens=log.completion_tokens,
             model_calls=log.calls,
             judged=judged,
+            images_shown=list(sample.images),
         )
 
     return respond
@@ -178,9 +249,81 @@ def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
             completion_tokens=result.tokens.completion,
             model_calls=result.model_calls,
             judged=judgement_of(result),
+            images_shown=list(sample.images),
         )
 
     return respond
+
+
+# --------------------------------------------------------------------------------------------
+# Sanity baselines: a blank image, or another question's image
+
+
+def blank_image_file(path: str, folder: Path) -> str:
+    """A black RGB PNG of the same size as the image at ``path`` (made once per image)."""
+    source = Path(path)
+    target = folder / f"{sha256_of(source)}.png"
+    if not target.exists():
+        size = load_image(source).size
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        Image.new("RGB", size, (0, 0, 0)).save(tmp, format="PNG")
+        tmp.replace(target)
+    return str(target)
+
+
+def shuffled_donors(samples: Sequence[Sample], seed: int) -> dict[str, Sample | None]:
+    """For each question with images, another question of the same selection whose images are
+    different files with different content: a seeded shuffle, each taking the next one along
+    that differs (None when no other image exists). The same selection and seed always give
+    the same pairing, so a resumed run shows the same images."""
+    with_images = [s for s in samples if s.images]
+    order = list(range(len(with_images)))
+    random.Random(f"{seed}:shuffled").shuffle(order)
+    donors: dict[str, Sample | None] = {}
+    for position, index in enumerate(order):
+        sample = with_images[index]
+        own = set(sample.exclude_image_sha256) or set(sample.images)
+        donors[sample.id] = None
+        for step in range(1, len(order)):
+            other = with_images[order[(position + step) % len(order)]]
+            theirs = set(other.exclude_image_sha256) or set(other.images)
+            if not own & theirs and not set(sample.images) & set(other.images):
+                donors[sample.id] = other
+                break
+    return donors
+
+
+def with_condition(
+    respond: Responder,
+    condition: Condition,
+    *,
+    donors: dict[str, Sample | None],
+    blank_folder: Path,
+) -> Responder:
+    """A responder that shows the question with its images replaced as ``condition`` says."""
+    if condition == "real":
+        return respond
+
+    async def shown(sample: Sample) -> Reply:
+        if not sample.images:
+            raise InputError(f"{sample.id}: no image to replace (text-only question)")
+        if condition == "blank":
+            images = await asyncio.to_thread(
+                lambda: [blank_image_file(p, blank_folder) for p in sample.images]
+            )
+            excluded = list(sample.exclude_image_sha256)
+        else:
+            donor = donors.get(sample.id)
+            if donor is None:
+                raise InputError(f"{sample.id}: no other question's image to show")
+            images = list(donor.images)
+            excluded = [*sample.exclude_image_sha256, *donor.exclude_image_sha256]
+        return await respond(
+            sample.model_copy(update={"images": images, "exclude_image_sha256": excluded})
+        )
+
+    return shown
 
 
 def model_judge(model: VisionLanguageModel) -> Judge:
@@ -244,7 +387,7 @@ async def score_reply(
         mode=mode,
         kind=sample.kind,
         question=sample.question,
-        prompt=sample.prompt if mode == "plain" else None,
+        prompt=sample.prompt if answerer_of(mode) == "plain" else None,
         gold=sample.gold,
         options=sample.options,
         question_type=sample.question_type,
@@ -267,6 +410,47 @@ async def score_reply(
         leakage_guard=guard,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         **reply.judged.model_dump(),
+        images_shown=reply.images_shown,
+    )
+
+
+def cannot_ask_reason(error: SuwenError) -> str | None:
+    """Why a question cannot be asked at all (asking again would fail the same way), or None
+    for a failure worth retrying (a server down, a timeout). Unusable input (an unreadable
+    image, too many images, a text-only question in an image baseline) and a request the
+    server rejects as invalid (HTTP 400: a prompt longer than its context, say) cannot."""
+    if isinstance(error, InputError):
+        return str(error)
+    cause = error.__cause__
+    if isinstance(error, ModelError) and isinstance(cause, ServerReplyError):
+        return str(error) if cause.status == 400 else None
+    return None
+
+
+def not_asked_record(
+    sample: Sample, mode: Mode, reason: str, *, guard: bool, latency: float
+) -> SampleRecord:
+    """The record of a question that could not be asked: no verdict from either scorer."""
+    return SampleRecord(
+        id=sample.id,
+        benchmark=sample.benchmark,
+        mode=mode,
+        kind=sample.kind,
+        question=sample.question,
+        prompt=sample.prompt if answerer_of(mode) == "plain" else None,
+        gold=sample.gold,
+        options=sample.options,
+        question_type=sample.question_type,
+        modality=sample.modality,
+        body_part=sample.body_part,
+        response="",
+        correct=None,
+        medevalkit=mek.MekSample(),
+        latency=latency,
+        leakage_guard=guard,
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        asked=False,
+        not_asked_reason=reason,
     )
 
 
@@ -327,6 +511,8 @@ class ModeSummary(BaseModel):
     total: int
     already_done: int
     done_now: int
+    not_asked: int = Field(0, description="Recorded as not askable (in this run)")
+    skipped: str | None = Field(None, description="Why the whole mode was skipped")
     failed: list[tuple[str, str]] = Field(default_factory=list, description="(id, error)")
 
 
@@ -341,11 +527,13 @@ async def run_mode(
     judge: Judge | None = None,
     guard: bool = True,
     seed: int = 0,
+    max_images: int | None = None,
     on_progress: Progress | None = None,
 ) -> ModeSummary:
     """Answer and score every sample not yet in the mode's samples file, ``concurrency`` at a
-    time. A question whose model call fails (a SuwenError) is reported and left for the next
-    run; anything else stops the run, keeping what finished."""
+    time. A question that cannot be asked (``cannot_ask_reason``; more than ``max_images``
+    images) is recorded as such; one whose model call fails otherwise (a SuwenError) is
+    reported and left for the next run; anything else stops the run, keeping what finished."""
     path = samples_path(out, benchmark.name, mode)
     finished = {record.id for record in read_records(path)}
     pending = [s for s in samples if s.id not in finished]
@@ -359,24 +547,37 @@ async def run_mode(
     appender = _Appender(path)
     gate = asyncio.Semaphore(max(1, concurrency))
 
+    async def answer(sample: Sample, started: float) -> SampleRecord:
+        if max_images is not None and len(sample.images) > max_images:
+            raise InputError(
+                f"{sample.id}: {len(sample.images)} images; the run allows {max_images} "
+                "(setting eval_max_images)"
+            )
+        reply = await respond(sample)
+        return await score_reply(
+            benchmark,
+            sample,
+            mode,
+            reply,
+            judge=judge,
+            guard=guard,
+            seed=seed,
+            latency=time.perf_counter() - started,
+        )
+
     async def one(sample: Sample) -> None:
         async with gate:
             started = time.perf_counter()
             try:
-                reply = await respond(sample)
-                record = await score_reply(
-                    benchmark,
-                    sample,
-                    mode,
-                    reply,
-                    judge=judge,
-                    guard=guard,
-                    seed=seed,
-                    latency=time.perf_counter() - started,
-                )
+                record = await answer(sample, started)
             except SuwenError as exc:
-                summary.failed.append((sample.id, str(exc)))
-                return
+                reason = cannot_ask_reason(exc)
+                if reason is None:
+                    summary.failed.append((sample.id, str(exc)))
+                    return
+                latency = time.perf_counter() - started
+                record = not_asked_record(sample, mode, reason, guard=guard, latency=latency)
+                summary.not_asked += 1
             await appender.append(record)
             summary.done_now += 1
             if on_progress is not None:
@@ -399,6 +600,31 @@ async def run_mode(
 # A whole run
 
 
+class Sampling(BaseModel):
+    """Sampling sent with every request of a run (explicitly, so no server default decides)."""
+
+    temperature: float = 0.0
+    top_p: float = 0.0001
+    top_k: int = Field(-1, description="-1: off (vLLM's default; MedEvalKit does not set it)")
+    repetition_penalty: float = 1.0
+
+
+# MedEvalKit's README eval.sh for its vLLM path: TEMPERATURE=0, TOP_P=0.0001,
+# REPETITION_PENALTY=1 (models/Qwen2_5_VL/Qwen2_5_VL_vllm.py passes them to SamplingParams and
+# leaves top_k at vLLM's default, off).
+MEDEVALKIT_SAMPLING = Sampling()
+
+
+class ImagePolicy(BaseModel):
+    """How a run's images are sent: the pixel budget, the most images per question, and
+    whether multi-image prompts get MedEvalKit's '<image_i>: ' labels."""
+
+    min_pixels: int = 3136
+    max_pixels: int = 12_845_056
+    max_images: int = 6
+    labels: bool = True
+
+
 class EvalConfig(BaseModel):
     """Everything that decides what a run asks and how it scores."""
 
@@ -412,15 +638,27 @@ class EvalConfig(BaseModel):
     judge: bool = False
     allow_leak: bool = False
     max_tokens: int | None = None
-    temperature: float = 0.0
+    sampling: Sampling = Field(default_factory=Sampling)
+    images: ImagePolicy = Field(default_factory=ImagePolicy)
+    lang: prompts.Lang | None = Field(None, description="Only questions in this language")
     model: str = ""
     calibrate: bool = Field(False, description="Ask only the dev split, to fit calibration")
     abstain_below: float | None = Field(None, ge=0, le=1)
 
 
 RUN_FILE = "run.json"
-# Options that change a verdict (or which questions are asked): one value per run directory.
-SCORING_OPTIONS = ("judge", "allow_leak", "model", "calibrate", "abstain_below")
+# Options that change what is asked or how it is scored (or which questions are asked): one
+# value per run directory.
+SCORING_OPTIONS = (
+    "judge",
+    "allow_leak",
+    "model",
+    "calibrate",
+    "abstain_below",
+    "lang",
+    "sampling",
+    "images",
+)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -429,9 +667,19 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def record_run(config: EvalConfig, selections: dict[str, list[str]]) -> None:
-    """Write run.json (the options and each benchmark's selected ids); refuse to mix scoring
-    options with an earlier run in the same directory."""
+def _option_value(config: EvalConfig, option: str) -> Any:
+    value = getattr(config, option)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def record_run(
+    config: EvalConfig,
+    selections: dict[str, list[str]],
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """Write run.json (the options, each benchmark's selected ids and what the answers came
+    from: model revision, server version); refuse to mix scoring options with an earlier run
+    in the same directory."""
     path = config.out / RUN_FILE
     if path.exists():
         try:
@@ -439,7 +687,7 @@ def record_run(config: EvalConfig, selections: dict[str, list[str]]) -> None:
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: unreadable run file: {exc}") from exc
         for option in SCORING_OPTIONS:
-            before, now = earlier.get("config", {}).get(option), getattr(config, option)
+            before, now = earlier.get("config", {}).get(option), _option_value(config, option)
             if before is not None and before != now:
                 raise InputError(
                     f"{config.out}: earlier run used {option}={before!r}, this one {now!r}; "
@@ -447,20 +695,54 @@ def record_run(config: EvalConfig, selections: dict[str, list[str]]) -> None:
                 )
         selections = {**earlier.get("selections", {}), **selections}
     config.out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, {"config": config.model_dump(mode="json"), "selections": selections})
+    record = {
+        "config": config.model_dump(mode="json"),
+        "selections": selections,
+        "provenance": provenance or {},
+    }
+    _write_json_atomic(path, record)
 
 
 def load_selected(config: EvalConfig, cache_dir: Path) -> dict[str, list[Sample]]:
     """Each benchmark's questions; with ``calibrate``, only those of the dev split."""
     selected = {
         benchmark_named(name).name: load_benchmark(
-            name, config.data, cache_dir, limit=config.limit, seed=config.seed
+            name, config.data, cache_dir, limit=config.limit, seed=config.seed, lang=config.lang
         )
         for name in config.benchmarks
     }
     if config.calibrate:
         return {name: [s for s in items if is_dev(name, s.id)] for name, items in selected.items()}
     return selected
+
+
+@dataclass(frozen=True)
+class RunAnswerers:
+    """The run's answerers, one per kind of mode."""
+
+    model: VisionLanguageModel | None
+    agent: Answerer | None
+    adaptive: Answerer | None
+    plain_confidence: PlainConfidence | None
+
+
+def _responder(mode: Mode, config: EvalConfig, answerers: RunAnswerers) -> Responder:
+    """Who answers ``mode``: the plain model (with the confidence probe when given), the agent,
+    or the agent in adaptive mode."""
+    who = answerer_of(mode)
+    if who == "plain":
+        if answerers.model is None:
+            raise InputError(f"{mode} mode needs a model")
+        return plain_responder(
+            answerers.model,
+            max_tokens=config.max_tokens,
+            temperature=config.sampling.temperature,
+            judge_confidence=answerers.plain_confidence,
+        )
+    chosen = answerers.adaptive if who == "adaptive" else answerers.agent
+    if chosen is None:
+        raise InputError(f"{mode} mode needs an agent")
+    return agent_responder(chosen, guard=not config.allow_leak)
 
 
 async def run_evaluation(
@@ -470,37 +752,44 @@ async def run_evaluation(
     model: VisionLanguageModel | None,
     answerer: Answerer | None,
     on_progress: Progress | None = None,
+    provenance: dict[str, Any] | None = None,
     adaptive: Answerer | None = None,
     plain_confidence: PlainConfidence | None = None,
 ) -> list[ModeSummary]:
     """Every selected benchmark in every requested mode; the judge (if on) is ``model``.
-    ``adaptive`` answers adaptive mode; ``plain_confidence`` measures plain replies'."""
-    if "plain" in config.modes and model is None:
-        raise InputError("plain mode needs a model")
-    if "agent" in config.modes and answerer is None:
-        raise InputError("agent mode needs an agent")
-    if "adaptive" in config.modes and adaptive is None:
-        raise InputError("adaptive mode needs an agent")
-    record_run(config, {name: [s.id for s in items] for name, items in samples.items()})
+    ``adaptive`` answers adaptive mode; ``plain_confidence`` measures plain replies'. Image
+    baselines (blank, shuffled) are skipped for a benchmark without images."""
+    answerers = RunAnswerers(model, answerer, adaptive, plain_confidence)
+    for mode in config.modes:
+        _responder(mode, config, answerers)  # fail before anything is written
+    record_run(config, {name: [s.id for s in items] for name, items in samples.items()}, provenance)
     judge = model_judge(model) if config.judge and model is not None else None
     if config.judge and judge is None:
         raise InputError("--judge needs the model (plain mode's client) to act as the judge")
     summaries = []
     for name, items in samples.items():
         benchmark = benchmark_named(name)
+        donors = shuffled_donors(items, config.seed)
         for mode in config.modes:
-            if mode == "plain":
-                assert model is not None
-                respond = plain_responder(
-                    model,
-                    max_tokens=config.max_tokens,
-                    temperature=config.temperature,
-                    judge_confidence=plain_confidence,
+            condition = condition_of(mode)
+            if condition != "real" and not any(s.images for s in items):
+                summaries.append(
+                    ModeSummary(
+                        benchmark=name,
+                        mode=mode,
+                        total=0,
+                        already_done=0,
+                        done_now=0,
+                        skipped="no images",
+                    )
                 )
-            else:
-                chosen = adaptive if mode == "adaptive" else answerer
-                assert chosen is not None
-                respond = agent_responder(chosen, guard=not config.allow_leak)
+                continue
+            respond = with_condition(
+                _responder(mode, config, answerers),
+                condition,
+                donors=donors,
+                blank_folder=config.out / name / "blank_images",
+            )
             summaries.append(
                 await run_mode(
                     benchmark,
@@ -512,6 +801,7 @@ async def run_evaluation(
                     judge=judge,
                     guard=not config.allow_leak,
                     seed=config.seed,
+                    max_images=config.images.max_images,
                     on_progress=on_progress,
                 )
             )

@@ -1,14 +1,21 @@
 """Suwen's scorer: MedEvalKit's metrics without its bugs (the headline numbers).
 
 Same answer markers, same metric families (option letter, yes/no, exact match for closed
-questions, token P/R/F1 and BLEU/ROUGE for open ones, the same judge prompt), but:
+questions, token overlap for open ones, the same judge prompt), but:
 
-- yes/no is read from whole words, so "normal", "nodule" or "not" are not "no";
-- a multiple-choice answer that names no option is *unparsed*: wrong, and counted;
+- yes/no is read from whole words, so "normal", "nodule" or "not" are not "no"; clear negative
+  wording ("None seen.", "Not present.", "No evidence of ...") is "no";
+- a multiple-choice answer that names no option is *unparsed*: wrong, and counted; a letter the
+  response states explicitly ("the correct choice is C") beats option text it starts with;
+- a closed or open answer is credited only when its *leading* answer states the gold phrase
+  ("Right lung; the left lung is clear." is not "left"), singular and plural alike;
 - precision, recall and F1 come back in that order, and empty responses score 0 instead of
   crashing;
 - accuracy is divided once; the judge only ever rescoring open questions, so closed ones are
   neither counted twice nor dropped.
+
+The token-overlap side metrics of open answers are Suwen's own (``suwen_*`` names, on
+normalized words); the standard BLEU / ROUGE-L / METEOR / CIDEr live in ``text_metrics``.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
 
-from suwen.evaluate.scoring_medevalkit import sentence_bleu
+from suwen.evaluate import text_metrics
 
 THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -29,7 +36,10 @@ MARKER = re.compile(
     r"(?:final\s+|correct\s+|best\s+)?answer\s*(?:\*\*)?\s*(?:is|would\s+be|:|：)\s*(?:\*\*)?",
     re.IGNORECASE,
 )
-NEGATIONS = frozenset({"no", "not", "without", "absent", "neither", "nor", "never", "none"})
+NEGATIONS = frozenset(
+    {"no", "not", "without", "absent", "neither", "nor", "never", "none"} | set("不无没未非否")
+)
+CJK = "\u4e00-\u9fff"
 ARTICLES = frozenset({"a", "an", "the"})
 
 
@@ -77,13 +87,99 @@ def extract_answer(response: str | None) -> str:
 
 
 def normalize(text: str) -> str:
-    """Lowercase words only: punctuation out, articles and extra spaces gone."""
-    words = re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())
+    """Lowercase words only: punctuation out, articles and extra spaces gone. Chinese
+    characters are kept, one token each (SLAKE's Chinese answers)."""
+    words = re.findall(rf"[a-z0-9]+(?:\.[0-9]+)?|[{CJK}]", text.lower())
     return " ".join(w for w in words if w not in ARTICLES)
 
 
 def _tokens(text: str) -> list[str]:
     return normalize(text).split()
+
+
+# British spellings and irregular plurals a reader treats as the same word.
+SPELLING = {
+    "haemorrhage": "hemorrhage",
+    "haematoma": "hematoma",
+    "haemothorax": "hemothorax",
+    "oedema": "edema",
+    "oesophagus": "esophagus",
+    "anaemia": "anemia",
+    "ischaemia": "ischemia",
+    "tumour": "tumor",
+    "foetus": "fetus",
+    "faeces": "feces",
+    "paediatric": "pediatric",
+}
+IRREGULAR_PLURALS = {
+    "vertebrae": "vertebra",
+    "bronchi": "bronchus",
+    "nuclei": "nucleus",
+    "fungi": "fungus",
+    "metastases": "metastasis",
+    "diagnoses": "diagnosis",
+    "apices": "apex",
+    "cortices": "cortex",
+    "appendices": "appendix",
+    "calyces": "calyx",
+    "pelves": "pelvis",
+    "teeth": "tooth",
+    "feet": "foot",
+}
+_KEEP_FINAL_S = ("ss", "us", "is", "as")
+
+
+def base_form(word: str) -> str:
+    """The word with plural and British-spelling variation removed ("lungs" -> "lung",
+    "kidneys" -> "kidney", "masses" -> "mass", "vertebrae" -> "vertebra", "oedema" ->
+    "edema"); other words unchanged."""
+    word = SPELLING.get(word, word)
+    if word in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[word]
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("sses", "shes", "ches", "xes", "zes")):
+        return word[:-2]
+    if word.endswith("ae"):
+        return word[:-1]
+    if word.endswith("s") and not word.endswith(_KEEP_FINAL_S):
+        return word[:-1]
+    return word
+
+
+def _base_tokens(text: str) -> list[str]:
+    return [base_form(word) for word in _tokens(text)]
+
+
+# Where the leading answer ends: punctuation (not inside a number) or a word that starts a
+# second thought ("The spleen, which lies next to the liver"; "Right lung but ...").
+CLAUSE_BREAK = re.compile(
+    r"(?<!\d)[.,]|[.,](?!\d)|[;!?\n:：，。；！？、]"
+    r"|\b(?:which|but|whereas|although|though|while|however|unlike)\b",
+    re.IGNORECASE,
+)
+# A clause that only sets the scene ("Based on the image, ...") is not the answer.
+IMAGE_WORDS = r"(?:image|images|picture|scan|radiograph|x-?ray|ct|mri|film|study|figure|slice)"
+PREAMBLE = re.compile(
+    rf"^\s*(?:based on|according to|looking at|as (?:seen|shown)|(?:in|on|from) "
+    rf"(?:this|the|these|given) {IMAGE_WORDS}|(?:yes|no|ok|okay|sure|well)\s*$)",
+    re.IGNORECASE,
+)
+
+
+def clauses(text: str) -> list[str]:
+    return [part for part in CLAUSE_BREAK.split(text) if normalize(part)]
+
+
+def leading_answer(text: str, length: int = 1) -> str:
+    """The first ``length`` clauses of a response that say something (scene-setting clauses
+    such as "Based on the image" and a bare "Yes" skipped)."""
+    parts = clauses(text)
+    while len(parts) > length and PREAMBLE.match(parts[0]):
+        parts = parts[1:]
+    return " ".join(parts[:length])
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,8 +190,28 @@ def _letters_pattern(letters: Iterable[str]) -> str:
     return "[" + "".join(sorted(set(letters))) + "]"
 
 
+def _stated_letter(text: str, letters: str) -> str | None:
+    """The last letter a response states explicitly ("the correct choice is C", "option C",
+    "I choose C"). A lower-case letter counts only when nothing follows it ("the answer is
+    a bacterial infection" states no letter)."""
+    pattern = re.compile(
+        rf"(?:\b(?:option|choice|answer|letter)(?:\s+(?:is|would\s+be|should\s+be))?"
+        rf"|\b(?:choose|select|pick|go\s+with))\s*[:：]?\s*(?:option\s+)?"
+        rf"[(\[]?({letters})[)\]]?(?![A-Za-z])",
+        re.IGNORECASE,
+    )
+    found = None
+    for match in pattern.finditer(text):
+        letter = match.group(1)
+        after = text[match.end() :].lstrip(" )]")
+        if letter.isupper() or not re.match(r"[A-Za-z]", after):
+            found = letter.upper()
+    return found
+
+
 def parse_choice(response: str | None, options: dict[str, str]) -> str | None:
-    """The option letter a response chose, or None when it names none (or several)."""
+    """The option letter a response chose, or None when it names none (or several). A letter
+    stated explicitly beats option text the response starts with."""
     if not options:
         return None
     whole = THINK.sub(" ", response or "").replace("*", "")
@@ -109,14 +225,10 @@ def parse_choice(response: str | None, options: dict[str, str]) -> str | None:
     leading = re.match(rf"[(\[]?({letters})(?:[)\]]|[.:),]|[ \t]*\n)", text)
     if leading:
         return leading.group(1)
-    stated = re.findall(
-        rf"(?:option|choice|answer(?:\s+is)?)\s*[:：]?\s*[(\[]?({letters})[)\]]?(?![a-z])",
-        whole,
-        re.IGNORECASE,
-    )
+    stated = _stated_letter(whole, letters)
     if stated:
-        return str(stated[-1]).upper()
-    correct = re.match(rf"[(\[]?({letters})[)\]]?\s+is\s+(?:the\s+)?(?:correct|right)", text)
+        return stated
+    correct = re.search(rf"[(\[]?\b({letters})\b[)\]]?\s+is\s+(?:the\s+)?(?:correct|right)", text)
     if correct:
         return correct.group(1)
     by_text = _choice_by_text(text, options)
@@ -159,23 +271,59 @@ def score_choice(response: str | None, gold: str, options: dict[str, str]) -> Sc
 # --------------------------------------------------------------------------------------------
 # Yes / no
 
+# A leading clause that clearly says "no" without the word: "None seen.", "Not present.",
+# "Absent.", "There is no ...", "Negative."; hedges ("Not sure") are not answers.
+NEGATIVE_LEAD = re.compile(
+    r"^(?:none|not|absent|negative|nothing|neither|never|without|nor"
+    r"|there\s+(?:is|are|was|were)\s+(?:no|not|none)"
+    r"|(?:it|this|that|they)\s+(?:is|are|does|do)\s+not)\b",
+    re.IGNORECASE,
+)
+HEDGE = re.compile(
+    r"\b(?:sure|certain|clear|know|known|determin\w*|possible|able|enough|tell)\b",
+    re.IGNORECASE,
+)
+CJK_YES = ("是", "对", "有", "存在")
+CJK_NO = ("否", "不", "没", "无", "未")
+
 
 def parse_yes_no(response: str | None) -> str | None:
-    """'yes' or 'no' as whole words: the first word if it is one, else the only one present."""
-    words = re.findall(r"[a-z]+", extract_answer(response).lower())
+    """'yes' or 'no': the first word if it is one, else the only one of the two present, else
+    "no" for clearly negative wording; Chinese 是/有 and 否/不/没有 likewise."""
+    text = extract_answer(response)
+    stripped = text.strip()
+    if stripped.startswith(CJK_NO):
+        return "no"
+    if stripped.startswith(CJK_YES):
+        return "yes"
+    words = re.findall(r"[a-z]+", text.lower())
     if not words:
         return None
     if words[0] in ("yes", "no"):
         return str(words[0])
     present = {w for w in words if w in ("yes", "no")}
-    return present.pop() if len(present) == 1 else None
+    if len(present) == 1:
+        return str(present.pop())
+    lead = leading_answer(text)
+    if NEGATIVE_LEAD.match(lead.strip()) and not HEDGE.search(lead):
+        return "no"
+    return None
+
+
+def _yes_no_gold(gold: str) -> str | None:
+    value = gold.strip().lower()
+    if value in ("yes", "是"):
+        return "yes"
+    if value in ("no", "否"):
+        return "no"
+    return None
 
 
 def score_yes_no(response: str | None, gold: str) -> Score:
     parsed = parse_yes_no(response)
     if parsed is None:
         return Score(correct=False, parsed=None, unparsed=True)
-    return Score(correct=parsed == gold.strip().lower(), parsed=parsed)
+    return Score(correct=parsed == _yes_no_gold(gold), parsed=parsed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,8 +338,10 @@ def _as_number(text: str) -> float | None:
 
 
 def answer_matches(said: str, gold: str) -> bool:
-    """Normalized equality, equal numbers, or the gold phrase stated without a negation in the
-    three words before it ("no pneumonia" does not match "pneumonia")."""
+    """Whether the response's *leading* answer states the gold phrase: normalized equality,
+    equal numbers, or the phrase (plural or singular) in the leading clause with no negation
+    in the three words before it. "no pneumonia" is not "pneumonia"; "The spleen, which lies
+    next to the liver." is not "liver"."""
     said_n, gold_n = normalize(said), normalize(gold)
     if not gold_n:
         return False
@@ -200,7 +350,8 @@ def answer_matches(said: str, gold: str) -> bool:
     said_num, gold_num = _as_number(said.strip().rstrip(".")), _as_number(gold.strip())
     if said_num is not None and gold_num is not None:
         return math.isclose(said_num, gold_num, rel_tol=1e-9, abs_tol=1e-9)
-    words, target = said_n.split(), gold_n.split()
+    lead = leading_answer(said, max(1, len(clauses(gold))))
+    words, target = _base_tokens(lead), _base_tokens(gold)
     for start in range(len(words) - len(target) + 1):
         if words[start : start + len(target)] == target:
             before = set(words[max(0, start - 3) : start])
@@ -209,52 +360,31 @@ def answer_matches(said: str, gold: str) -> bool:
     return False
 
 
-def open_metrics(said: str, gold: str) -> dict[str, float]:
-    """Token precision/recall/F1 (in that order), exact match, BLEU-1..4 and ROUGE-1/2/L;
-    empty responses score 0."""
+def suwen_token_metrics(said: str, gold: str) -> dict[str, float]:
+    """Suwen's own open-answer overlap: exact match and token precision/recall/F1 on
+    normalized words (articles dropped, each word counted as often as it occurs); all 0
+    for an empty answer. Not BLEU or ROUGE: those are in ``text_metrics``."""
     pred, ref = _tokens(said), _tokens(gold)
-    metrics = {"em": float(bool(pred) and pred == ref)}
     common = sum((Counter(pred) & Counter(ref)).values())
     precision = common / len(pred) if pred else 0.0
     recall = common / len(ref) if ref else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    metrics.update(precision=precision, recall=recall, f1=f1)
-    for n in (1, 2, 3, 4):
-        metrics[f"bleu{n}"] = sentence_bleu(ref, pred, n) if pred and ref else 0.0
-    metrics.update(rouge_scores(pred, ref))
-    return metrics
+    return {
+        "suwen_em": float(bool(pred) and pred == ref),
+        "suwen_token_precision": precision,
+        "suwen_token_recall": recall,
+        "suwen_token_f1": f1,
+    }
 
 
-def _ngram_f(pred: Sequence[str], ref: Sequence[str], n: int) -> float:
-    grams_p = Counter(tuple(pred[i : i + n]) for i in range(len(pred) - n + 1))
-    grams_r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
-    overlap = sum((grams_p & grams_r).values())
-    if not overlap:
-        return 0.0
-    precision, recall = overlap / sum(grams_p.values()), overlap / sum(grams_r.values())
-    return 2 * precision * recall / (precision + recall)
-
-
-def _lcs_length(x: Sequence[str], y: Sequence[str]) -> int:
-    previous = [0] * (len(y) + 1)
-    for token in x:
-        current = [0]
-        for j, other in enumerate(y, 1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[-1]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_scores(pred: Sequence[str], ref: Sequence[str]) -> dict[str, float]:
-    if not pred or not ref:
-        return {"rouge1": 0.0, "rouge2": 0.0, "rougel": 0.0}
-    lcs = _lcs_length(pred, ref)
-    rouge_l = 2 * lcs / (len(pred) + len(ref))  # F of LCS precision and recall
-    return {"rouge1": _ngram_f(pred, ref, 1), "rouge2": _ngram_f(pred, ref, 2), "rougel": rouge_l}
+def open_metrics(said: str, gold: str) -> dict[str, float]:
+    """Suwen's token overlap plus the standard sentence BLEU-1..4 (nltk) and ROUGE-L
+    (rouge-score) of an open answer against its reference."""
+    return {**suwen_token_metrics(said, gold), **text_metrics.sentence_metrics(said, gold)}
 
 
 def score_closed(response: str | None, gold: str) -> Score:
-    if gold.strip().lower() in ("yes", "no"):
+    if _yes_no_gold(gold) is not None:
         return score_yes_no(response, gold)
     said = extract_answer(response)
     if not normalize(said):

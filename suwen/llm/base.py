@@ -26,6 +26,11 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     text: str
     images: list[Image.Image] = Field(default_factory=list)
+    image_labels: list[str] = Field(
+        default_factory=list,
+        description="Text sent just before each image, in order (MedEvalKit's '<image_i>: '); "
+        "empty: the images go first, unlabelled",
+    )
 
 
 class CallRecord(BaseModel):

@@ -91,10 +91,14 @@ def to_openai_messages(
         if not message.images:
             converted.append({"role": message.role, "content": message.text})
             continue
-        parts: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": encoder.data_url(image)}}
-            for image in message.images
-        ]
+        parts: list[dict[str, Any]] = []
+        labels = message.image_labels
+        if labels and len(labels) != len(message.images):
+            raise InputError(f"{len(labels)} image labels for {len(message.images)} images")
+        for index, image in enumerate(message.images):
+            if labels:
+                parts.append({"type": "text", "text": labels[index]})
+            parts.append({"type": "image_url", "image_url": {"url": encoder.data_url(image)}})
         parts.append({"type": "text", "text": message.text})
         converted.append({"role": message.role, "content": parts})
     return converted
@@ -479,7 +483,20 @@ class VLLMClient:
             "messages": converted,
             "max_tokens": max_tokens or self.settings.max_tokens,
             "temperature": self.settings.temperature if temperature is None else temperature,
+            **self.sampling(),
         }
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields set in the settings (top_p, top_k, repetition_penalty), sent
+        with every request so the server's own defaults (a model's generation_config.json)
+        do not decide them; vLLM's OpenAI server reads top_k and repetition_penalty as extra
+        body fields."""
+        fields = {
+            "top_p": self.settings.top_p,
+            "top_k": self.settings.top_k,
+            "repetition_penalty": self.settings.repetition_penalty,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
 
     def _repair_payload(
         self, payload: dict[str, Any], reply: ChatReply, error: str, budget: int
