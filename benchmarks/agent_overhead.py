@@ -57,7 +57,7 @@ from suwen.agent.sessions import open_sessions
 from suwen.config import Settings, load_settings
 from suwen.errors import IndexMissingError
 from suwen.evaluate.benchmarks import LoadContext, Sample, load_pubmedqa, load_vqa_rad
-from suwen.llm.base import ChatReply, Message, VisionLanguageModel
+from suwen.llm.base import ChatReply, LogprobRequest, Message, VisionLanguageModel
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
 from suwen.types import AgentResult, Hit, TextMethod
@@ -116,10 +116,17 @@ class TimedModel:
         max_tokens: int | None = None,
         temperature: float | None = None,
         purpose: str = "",
+        prefill: str | None = None,
+        logprobs: LogprobRequest | None = None,
     ) -> ChatReply:
         with self.clock.timing("model"):
             return await self.inner.chat(
-                messages, max_tokens=max_tokens, temperature=temperature, purpose=purpose
+                messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                purpose=purpose,
+                prefill=prefill,
+                logprobs=logprobs,
             )
 
     async def stream(
