@@ -124,7 +124,7 @@ class Reply(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model_calls: int = 0
-    judged: AnswerJudgement = Field(default_factory=lambda: AnswerJudgement())
+    judged: AnswerJudgement = Field(default_factory=AnswerJudgement)
     images_shown: list[str] = Field(default_factory=list, description="Image files shown")
 
 
