@@ -51,7 +51,9 @@ def test_batch_and_ask_through_real_vllm(
         if "error" not in line:
             result = AgentResult.model_validate(line)  # the line is the result plus id, images
             assert result.mode == "plain" and result.answer.strip()
-            assert result.model_calls == 1 and result.tokens.completion > 0
+            # The answer and its confidence probe (the self-check of a free answer).
+            assert result.model_calls == 2 and result.tokens.completion > 0
+            assert result.confidence is not None and 0 <= result.confidence <= 1
     # A second run asks only what has no answer yet, and still leaves one line per id.
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output
@@ -66,4 +68,4 @@ def test_batch_and_ask_through_real_vllm(
     ask = CliRunner().invoke(app, ask_args)
     assert ask.exit_code == 0, ask.output
     result = AgentResult.model_validate_json(ask.stdout)
-    assert result.mode == "plain" and result.model_calls == 1
+    assert result.mode == "plain" and result.model_calls == 2
