@@ -312,3 +312,15 @@ def test_adaptive_in_a_conversation_keeps_one_turn_per_question(tmp_path: Path) 
     # The escalated agent pass saw the first turn, not its own plain attempt.
     agent_answer = model.calls_for("answer")[-1]
     assert sum("And after needle decompression?" in m.text for m in agent_answer.messages) == 1
+
+
+def test_ask_adaptive_prints_the_route_and_confidence(fake: Opened) -> None:
+    fake.model.script("confidence", Probs({"yes": 0.95, "no": 0.05}))
+    shown = CliRunner().invoke(app, ["ask", "Is a chest tube needed?", "--adaptive"])
+    assert shown.exit_code == 0, shown.output
+    assert "confidence: 0.95 (uncalibrated; the model's self-check of its answer)" in shown.stdout
+    assert "adaptive: answered without retrieval: plain answer confidence 0.95" in shown.stdout
+    as_json = CliRunner().invoke(app, ["ask", "Is a chest tube needed?", "--adaptive", "--json"])
+    result = AgentResult.model_validate_json(as_json.stdout)
+    assert result.mode == "adaptive" and result.route is not None and result.route.path == "plain"
+    assert result.confidence == pytest.approx(0.95) and not result.calibrated
