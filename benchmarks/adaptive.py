@@ -38,8 +38,10 @@ from typing import Any, Literal
 
 from benchmarks.agent_overhead import fake_searchers, questions
 from benchmarks.common import portable, shared_data_default, write_json
+from suwen.agent.confidence import PROBE_PURPOSE
 from suwen.agent.graph import SuwenAgent
 from suwen.config import Settings
+from suwen.llm.base import CallLog, recording
 from suwen.types import AgentResult
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +67,8 @@ def tiny_settings(model: str, home: Path, url: str | None) -> Settings:
     )
 
 
-def row_of(sample_id: str, result: AgentResult, wall: float) -> dict[str, Any]:
+def row_of(sample_id: str, result: AgentResult, wall: float, log: CallLog) -> dict[str, Any]:
+    probes = [r for r in log.records if r.purpose == PROBE_PURPOSE]
     return {
         "id": sample_id,
         "model_calls": result.model_calls,
@@ -76,6 +79,10 @@ def row_of(sample_id: str, result: AgentResult, wall: float) -> dict[str, Any]:
         "confidence_source": result.confidence_source,
         "short_answer": result.short_answer,
         "path": result.route.path if result.route else None,
+        "probe_calls": len(probes),
+        "probe_prompt_tokens": sum(r.prompt_tokens for r in probes),
+        "probe_completion_tokens": sum(r.completion_tokens for r in probes),
+        "probe_seconds": round(sum(r.seconds for r in probes), 4),
         "changed": result.route.changed if result.route else None,
     }
 
@@ -84,8 +91,9 @@ async def run_mode(agent: SuwenAgent, samples: list[Any], mode: Mode) -> list[di
     rows = []
     for sample in samples:
         started = time.perf_counter()
-        result = await agent.run(sample.to_question(), mode=mode)
-        rows.append(row_of(sample.id, result, time.perf_counter() - started))
+        with recording() as log:
+            result = await agent.run(sample.to_question(), mode=mode)
+        rows.append(row_of(sample.id, result, time.perf_counter() - started, log))
         print(f"  {mode} {sample.id}: {rows[-1]['wall']:.2f}s", flush=True)
     return rows
 
@@ -101,6 +109,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "prompt_tokens_per_question": mean("prompt_tokens"),
         "completion_tokens_per_question": mean("completion_tokens"),
         "wall_per_question": mean("wall"),
+        "probe_calls_per_question": mean("probe_calls"),
+        "probe_prompt_tokens_per_question": mean("probe_prompt_tokens"),
+        "probe_completion_tokens_per_question": mean("probe_completion_tokens"),
+        "probe_seconds_per_question": mean("probe_seconds"),
         "retrieved_share": routed.count("agent") / len(routed) if routed else None,
     }
 
@@ -145,7 +157,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(summary: dict[str, dict[str, Any]]) -> None:
     header = f"{'mode':<9} {'n':>3} {'calls/q':>8} {'prompt tok/q':>13} {'out tok/q':>10}"
-    header += f" {'wall s/q':>9} {'retrieved':>10}"
+    header += f" {'wall s/q':>9} {'retrieved':>10} {'probe calls/tok/s per q':>24}"
     print(header)
     for mode, s in summary.items():
         retrieved = "-" if s["retrieved_share"] is None else f"{s['retrieved_share']:.2f}"
@@ -153,6 +165,9 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
             f"{mode:<9} {s['questions']:>3} {s['calls_per_question']:>8.2f} "
             f"{s['prompt_tokens_per_question']:>13.0f} {s['completion_tokens_per_question']:>10.1f}"
             f" {s['wall_per_question']:>9.2f} {retrieved:>10}"
+            f" {s['probe_calls_per_question']:>7.2f} /"
+            f" {s['probe_prompt_tokens_per_question']:>5.0f} /"
+            f" {s['probe_seconds_per_question']:>5.2f}"
         )
 
 
