@@ -5,6 +5,7 @@ tifffile, nibabel, pydicom's inflater) is bounded. Peak memory is measured in a 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -30,8 +31,11 @@ from pydicom.encaps import encapsulate
 from suwen import medimage
 from suwen.codestreams import frame_header
 from suwen.errors import InputError
+from suwen.evaluate.benchmarks import Sample
+from suwen.evaluate.runner import plain_responder
 from suwen.llm.images import prepare_image
 from suwen.medimage import MAX_PIXELS, load_frames, load_image
+from tests.fake_model import FakeModel
 
 nib: Any = nibabel
 HUGE = 12_000  # 12000 x 12000 = 144 Mpx: above the limit, below Pillow's hard error (2x)
@@ -237,6 +241,8 @@ def test_refusals_happen_before_any_decoder_allocates(
 import json, resource, sys
 from pathlib import Path
 from suwen.errors import InputError
+from suwen.evaluate.benchmarks import Sample
+from suwen.evaluate.runner import plain_responder
 from suwen.medimage import load_frames
 for path in {[str(p) for p in warm]!r}:
     load_frames(Path(path))
@@ -363,6 +369,30 @@ def test_request_encoding_refuses_an_oversized_lazy_image_before_decoding(tmp_pa
     with Image.open(path) as lazy, refused:  # Pillow only warns below twice its limit
         prepare_image(lazy, 3136, 1_000_000)
     assert HUGE * HUGE > MAX_PIXELS
+
+
+def test_eval_loads_benchmark_images_through_the_same_loader(
+    hostile: dict[str, Path], shared_data: Path
+) -> None:
+    def sample(image: Path) -> Sample:
+        return Sample(
+            id="q1",
+            benchmark="VQA-RAD",
+            question="Is it normal?",
+            images=[str(image)],
+            gold="yes",
+            kind="closed",
+        )
+
+    model = FakeModel()
+    respond = plain_responder(model)
+    jpeg = sorted((shared_data / "vqa_rad" / "images").glob("*.jpg"))[0]
+    asyncio.run(respond(sample(jpeg)))
+    assert model.calls[-1].images == 1
+    bomb = hostile["dicom-8x8-holding-12000x12000-jpeg"]
+    with pytest.raises(InputError, match="exceeds the limit"):
+        asyncio.run(respond(sample(bomb)))
+    assert len(model.calls) == 1, "a refused image never reaches the model"
 
 
 # --- the codestream header reader -------------------------------------------------------------

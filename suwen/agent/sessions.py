@@ -95,7 +95,7 @@ class Removed:
     transcripts: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
     input_history: Path | None = None  # chat's typed lines, removed by a purge
-    compacted: bool = True  # False: another process held the file; freed pages still zeroed
+    compacted: bool = True  # False: another connection blocked VACUUM or the WAL truncation
 
 
 class ConversationStore:
