@@ -155,6 +155,49 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+# -- models that are not on this machine -----------------------------------------------------
+
+
+def hub_id_of(model: str) -> str | None:
+    """The hub repository ``model`` names, or None when it is a path on this machine."""
+    if model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists():
+        return None
+    repo = model.removeprefix("hf-hub:")
+    return repo if repo.count("/") == 1 else None
+
+
+def cached_locally(repo_id: str) -> bool:
+    """True when the Hugging Face cache holds a snapshot of ``repo_id`` (its config)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "open_clip_config.json"):
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return True
+    return False
+
+
+def fetch_hint(model: str, setting: str) -> str:
+    """What to do about ``model`` (a hub id) missing here: the download command for it, or
+    pointing ``setting`` at a local copy."""
+    from suwen.models import MODELS
+
+    repo = model.removeprefix("hf-hub:")
+    names = [spec.name for spec in MODELS.values() if any(r.repo_id == repo for r in spec.repos)]
+    command = f"run `suwen models fetch {names[0]}`" if names else "download it"
+    return f"{command} or set {setting} to a local model directory"
+
+
+def missing_model_message(what: str, model: str, setting: str) -> str | None:
+    """One line when ``model`` is a hub id with no local copy (Suwen never downloads outside
+    `suwen models fetch`), else None."""
+    repo = hub_id_of(model)
+    if repo is None or cached_locally(repo):
+        return None
+    hint = fetch_hint(model, setting)
+    return f"{what} {model!r} is not on this machine (hub access is off): {hint}"
+
+
 # -- where model requests may go -------------------------------------------------------------
 
 

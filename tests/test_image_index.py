@@ -105,7 +105,8 @@ def test_default_hub_encoder_without_network_or_cache_is_a_clear_error(
         load_image_encoder(settings)
     message = str(excinfo.value)
     assert "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224" in message
-    assert "SUWEN_IMAGE_ENCODER" in message and "\n" not in message
+    assert "suwen models fetch biomedclip" in message and "image_encoder" in message
+    assert "\n" not in message
 
 
 def test_encoder_id_is_stable_across_spellings(tiny_clip_dir: Path):

@@ -217,3 +217,30 @@ def test_settings_have_the_new_knobs(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     assert settings.allow_remote_vllm is False
     assert settings.vllm_data_parallel_size == 1
+
+
+def test_a_remote_server_is_refused_or_announced_on_every_run(tmp_path: Path) -> None:
+    from suwen.runtime import open_agent
+    from tests.test_ask import Opened
+
+    notices: list[str] = []
+
+    async def run(settings: Settings) -> None:
+        backends = Opened().backends()
+        async with open_agent(
+            settings, ["http://gpu-a:8000"], backends=backends, on_notice=notices.append
+        ):
+            pass
+
+    with pytest.raises(RemoteServerError):
+        asyncio.run(run(Settings(home=tmp_path / "home")))
+    asyncio.run(run(Settings(home=tmp_path / "home", allow_remote_vllm=True)))
+    assert notices == ["sending questions and images to a remote vLLM server: http://gpu-a:8000"]
+
+
+def test_the_cli_refuses_a_remote_server_before_sending_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "SUWEN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    run = suwen("ask", "--vllm-url", "http://10.255.255.1:8000", "Is this asthma?", env=env)
+    assert run.returncode == 2
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert "http://10.255.255.1:8000" in line and "allow_remote_vllm" in line

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from suwen.errors import ModelError
+from suwen.privacy import missing_model_message
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +180,9 @@ def _load(encoder: str, device: str, batch_size: int) -> ImageEncoder:
     import open_clip
 
     name = open_clip_name(encoder)
+    missing = missing_model_message("image encoder", encoder, "image_encoder")
+    if missing:  # hub access is off: say how to get it, not what the hub client says
+        raise ModelError(missing)
     try:
         model, preprocess = create_open_clip_model(name, device=device)
         tokenizer = open_clip.get_tokenizer(name)

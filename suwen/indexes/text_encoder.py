@@ -25,6 +25,7 @@ import numpy as np
 from suwen.config import Settings
 from suwen.errors import ModelError
 from suwen.indexes.vectors import FloatArray, normalise
+from suwen.privacy import missing_model_message
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -243,6 +244,9 @@ def load_text_encoder(
     with _cache_lock:
         if key in _cache:
             return _cache[key]
+        missing = missing_model_message("text encoder", model, "text_encoder")
+        if missing:  # hub access is off: say how to get it, not what the hub client says
+            raise ModelError(missing)
         try:
             st_model, used_pooling = _build_model(model, pooling, device)
         except ModelError:

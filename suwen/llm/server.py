@@ -238,6 +238,9 @@ class ManagedServer:
         ):
             # A path, not a hub id: say so now rather than after vLLM's start-up.
             raise InputError(f"model directory {self.model} not found")
+        missing = privacy.missing_model_message("model", self.model, "vlm")
+        if missing:  # vLLM would fail after its start-up with a screenful of traceback
+            raise ServerError(missing)
         self.ended_stale = end_stale_servers(self.settings)
         if not port_is_free(self.host, self.requested_port):
             if self.strict_port:
@@ -278,10 +281,13 @@ class ManagedServer:
                 self.port = free_port(self.host)
 
     def _open_log(self) -> None:
-        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        # Owner-only whatever the umask (a library caller keeps its own): the log holds the
+        # server's command line and whatever vLLM prints about requests.
+        privacy.private_dir(self.settings.logs_dir)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.log_path = self.settings.logs_dir / f"vllm-{stamp}-{self.port}.log"
-        self._log = self.log_path.open("ab")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        self._log = os.fdopen(os.open(self.log_path, flags, 0o600), "ab")
 
     def _launch(self) -> None:
         assert self._log is not None
