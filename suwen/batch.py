@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import fcntl
-import io
 import json
 import os
 import threading
@@ -26,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from suwen.errors import InputError, SuwenError
 from suwen.medimage import IMAGE_SUFFIXES, is_dicom_series_dir, is_image_path, load_image
@@ -34,6 +33,11 @@ from suwen.types import AgentResult, AnswerFormat, Question
 
 QUESTION_FILES = ("questions.jsonl", "questions.csv")
 DEFAULT_CONCURRENCY = 8
+DEFAULT_MAX_QUESTION_CHARS = 20_000  # the setting max_question_chars
+# Room on a questions line (or in a sidecar) beyond the question itself: id, image paths,
+# options. UTF-8 takes up to 4 bytes a character.
+RECORD_SLACK_BYTES = 64 * 1024
+READ_CHUNK_BYTES = 1 << 20
 
 Answerer = Callable[[Question], Awaitable[AgentResult]]
 ImageCheck = Callable[[Path], object]
@@ -73,26 +77,35 @@ class _Raw:
     error: str | None = None
 
 
-def load_questions(folder: Path, questions_file: Path | None = None) -> QuestionSet:
+def load_questions(
+    folder: Path,
+    questions_file: Path | None = None,
+    max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
+) -> QuestionSet:
     """Every question for ``folder``: from ``questions_file``, FOLDER/questions.{jsonl,csv}, or
-    sidecar .txt files. Raises InputError only when no question source can be read at all."""
+    sidecar .txt files. Raises InputError only when no question source can be read at all.
+
+    Question files are read a line (a CSV record) at a time and sidecars one by one, so memory
+    follows the questions kept, not the file; a question longer than ``max_question_chars``
+    (or a line too long to hold one) becomes an error item without being read whole."""
+    limits = _Limits(max_question_chars)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
     root = folder.resolve()
     notes: list[str] = []
     source = questions_file if questions_file is not None else _question_file_in(folder)
     if source is not None:
-        raws = _read_question_file(source)
+        raws = list(_read_question_file(source, limits))
         label = str(source)
     else:
-        raws = list(_sidecar_records(root, notes))
+        raws = list(_sidecar_records(root, notes, limits))
         label = f"sidecar .txt files in {folder}"
         if not raws:
             raise InputError(
                 f"{folder}: no questions found (expected questions.jsonl, questions.csv, "
                 "or a .txt beside each image)"
             )
-    items = _merge_duplicates([_build_item(raw, root) for raw in raws])
+    items = _merge_duplicates([_build_item(raw, root, limits) for raw in raws])
     return QuestionSet(items=items, source=label, notes=notes, file=source)
 
 
@@ -105,24 +118,79 @@ def _question_file_in(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _read_question_file(path: Path) -> list[_Raw]:
+@dataclass(frozen=True)
+class _Limits:
+    """How long a question may be, and so how many bytes a record may take."""
+
+    max_chars: int
+
+    @property
+    def max_record_bytes(self) -> int:
+        return 4 * self.max_chars + RECORD_SLACK_BYTES
+
+    def too_long(self, where: str, chars: int) -> str:
+        return (
+            f"{where}: the question has {chars} characters; the limit is {self.max_chars} "
+            "(setting max_question_chars)"
+        )
+
+    def record_too_big(self, where: str, what: str) -> str:
+        return (
+            f"{where}: {what} longer than {self.max_record_bytes} bytes, more than a question "
+            f"of {self.max_chars} characters can take (setting max_question_chars); not read"
+        )
+
+
+def question_length_error(text: str, max_chars: int, where: str) -> str | None:
+    """The one-line error for a question longer than ``max_chars`` (setting
+    max_question_chars), or None. Every way in (ask, chat, batch) applies it."""
+    return _Limits(max_chars).too_long(where, len(text)) if len(text) > max_chars else None
+
+
+def _read_question_file(path: Path, limits: _Limits) -> Iterator[_Raw]:
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
+        raise InputError(f"{path}: questions file must end in .jsonl or .csv")
     try:
-        data = path.read_bytes()
+        handle = path.open("rb")
     except OSError as exc:
         raise InputError(f"{path}: cannot read questions file: {exc.strerror or exc}") from exc
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    if path.suffix.lower() == ".csv":
-        return list(_csv_records(path, data))
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return list(_jsonl_records(path, data))
-    raise InputError(f"{path}: questions file must end in .jsonl or .csv")
+    with handle:
+        if handle.read(3) != b"\xef\xbb\xbf":
+            handle.seek(0)
+        try:
+            if suffix == ".csv":
+                yield from _csv_records(path, handle, limits)
+            else:
+                yield from _jsonl_records(path, handle, limits)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read questions file: {exc.strerror or exc}") from exc
 
 
-def _jsonl_records(path: Path, data: bytes) -> Iterator[_Raw]:
-    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+def _bounded_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The file's lines, each read on its own; a line longer than ``limit`` bytes is skipped
+    in chunks (never held whole) and given as None."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(READ_CHUNK_BYTES)
+        yield None
+
+
+def _jsonl_records(path: Path, handle: BinaryIO, limits: _Limits) -> Iterator[_Raw]:
+    for lineno, raw_line in enumerate(_bounded_lines(handle, limits.max_record_bytes), start=1):
+        where = f"{path.name}:{lineno}"
+        if raw_line is None:
+            yield _Raw(where, where, error=limits.record_too_big(where, "line"))
+            continue
+        raw_line = raw_line.rstrip(b"\r\n")
         if not raw_line.strip():
             continue
-        where = f"{path.name}:{lineno}"
         utf8_ok = _is_utf8(raw_line)
         # Decoding with surrogateescape keeps a line with a stray byte parseable, so its id
         # (when the id itself is clean) can name the error line.
@@ -138,9 +206,8 @@ def _jsonl_records(path: Path, data: bytes) -> Iterator[_Raw]:
         yield _record_from_fields(obj, where, utf8_ok)
 
 
-def _csv_records(path: Path, data: bytes) -> Iterator[_Raw]:
-    text = data.decode("utf-8", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _csv_records(path: Path, handle: BinaryIO, limits: _Limits) -> Iterator[_Raw]:
+    reader = csv.DictReader(_csv_lines(handle, limits))
     header = reader.fieldnames or []
     missing = {"id", "question"} - set(header)
     if missing:
@@ -156,6 +223,14 @@ def _csv_records(path: Path, data: bytes) -> Iterator[_Raw]:
     except csv.Error as exc:
         where = f"{path.name}:{reader.line_num}"
         yield _Raw(where, where, error=f"{where}: malformed CSV ({exc}); rows after it not read")
+
+
+def _csv_lines(handle: BinaryIO, limits: _Limits) -> Iterator[str]:
+    """Text lines for the CSV reader (a quoted field may span several), each bounded."""
+    for line in _bounded_lines(handle, limits.max_record_bytes):
+        if line is None:
+            raise csv.Error(f"a line longer than {limits.max_record_bytes} bytes")
+        yield line.decode("utf-8", errors="surrogateescape")
 
 
 def _wrong_width(where: str) -> str:
@@ -178,7 +253,7 @@ def _clean_id(value: object) -> str | None:
     return text if text and not _has_surrogates(text) else None
 
 
-def _sidecar_records(root: Path, notes: list[str]) -> Iterator[_Raw]:
+def _sidecar_records(root: Path, notes: list[str], limits: _Limits) -> Iterator[_Raw]:
     """One record per image (or DICOM series folder) with ``<stem>.txt`` beside it; the id is
     the sidecar's path relative to FOLDER without ``.txt``. Images sharing a stem share it."""
     by_sidecar: dict[Path, list[Path]] = {}
@@ -195,6 +270,9 @@ def _sidecar_records(root: Path, notes: list[str]) -> Iterator[_Raw]:
         where = sidecar.relative_to(root).as_posix()
         item_id = where.removesuffix(".txt")
         try:
+            if sidecar.stat().st_size > limits.max_record_bytes:
+                yield _Raw(item_id, where, error=limits.record_too_big(where, "file"))
+                continue
             raw = sidecar.read_bytes()
         except OSError as exc:
             yield _Raw(item_id, where, error=f"{where}: cannot read: {exc.strerror or exc}")
@@ -228,11 +306,14 @@ def _stem(image: Path) -> str:
     return image.name[: len(image.name) - len(suffix)]
 
 
-def _build_item(raw: _Raw, root: Path) -> BatchItem:
+def _build_item(raw: _Raw, root: Path, limits: _Limits) -> BatchItem:
     if raw.error is not None:
         return BatchItem(id=raw.id, where=raw.where, error=raw.error)
     try:
         text = _question_text(raw.fields.get("question"), raw.where)
+        too_long = question_length_error(text, limits.max_chars, raw.where)
+        if too_long is not None:
+            raise InputError(too_long)
         rel_images = _image_list(raw.fields, raw.where)
         paths = [str(resolve_inside(root, rel, raw.where)) for rel in rel_images]
         answer_format = _answer_format(raw.fields.get("options"), raw.where)

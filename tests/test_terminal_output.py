@@ -337,6 +337,7 @@ def test_chat_prints_hostile_text_literally(
         SUWEN_FAKE_ANSWER=ANSWER,
         PROMPT_TOOLKIT_NO_CPR="1",
         TERM="xterm-256color",
+        SUWEN_MAX_QUESTION_CHARS="200",
     )
     env.pop("NO_COLOR", None)
     term = RawTerminal(["chat"], env)
@@ -355,6 +356,9 @@ def test_chat_prints_hostile_text_literally(
     term.type("/evidence 1")
     term.wait_for("[bold red]CT")  # the case's modality, in the detail panel
     assert "[/]head" in term.text()
+    # A question over max_question_chars is refused in one line, and the chat goes on.
+    term.type("why " * 60)
+    term.wait_for("error: chat: the question has 239 characters; the limit is 200")
     term.type("/quit")
     assert term.exit_status() == 0
     assert not [seq for seq in DATA_SEQUENCES if seq in term.raw], repr(term.raw[-2000:])

@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 from rich.status import Status
 
-from suwen.batch import answer_failure
+from suwen.batch import answer_failure, question_length_error
 from suwen.commands.answer_view import plain_result, result_view
 from suwen.commands.common import (
     err_console,
@@ -80,6 +80,9 @@ def ask(
     settings = settings_of(ctx)
     if not question.strip():
         fail("question: empty question")
+    too_long = question_length_error(question.strip(), settings.max_question_chars, "suwen ask")
+    if too_long is not None:
+        fail(too_long)
     try:
         images = checked_images(image)
         mode = mode_of(plain, adaptive)

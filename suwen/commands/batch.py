@@ -78,7 +78,7 @@ def batch(
             raise InputError(f"--concurrency {workers}: must be at least 1")
         mode = mode_of(plain, adaptive)
         settings = answer_settings(settings, abstain_below)
-        question_set = load_questions(folder, questions)
+        question_set = load_questions(folder, questions, settings.max_question_chars)
         _refuse_overwriting_input(out, question_set.file)
         with open_answer_log(out) as log:
             summary = asyncio.run(

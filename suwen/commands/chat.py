@@ -28,6 +28,7 @@ from rich.text import Text
 
 from suwen.agent.sessions import conversation_exists, saved_conversations
 from suwen.agent.state import Turn
+from suwen.batch import question_length_error
 from suwen.chat_session import ChatSession, new_thread_id
 from suwen.commands.answer_view import (
     answer_view,
@@ -222,6 +223,10 @@ class ChatScreen:
     # --- answering ---------------------------------------------------------------------------
 
     async def answer(self, text: str) -> None:
+        too_long = question_length_error(text, self.settings.max_question_chars, "chat")
+        if too_long is not None:
+            console.print(labelled("error: ", too_long, "red"), highlight=False)
+            return
         view = AnswerStream()
         task = asyncio.create_task(self.session.ask(text, on_event=view.on_event))
         loop = asyncio.get_running_loop()
