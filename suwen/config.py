@@ -128,6 +128,14 @@ class Settings(BaseSettings):
     rerank: bool = Field(False, description="Rerank hybrid hits with the cross-encoder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for encoders")
     encode_batch_size: int = Field(32, ge=1, description="Batch size when encoding")
+    query_runtime: Literal["auto", "torch"] = Field(
+        "auto",
+        description="How one query is encoded on the CPU: auto = the encoder's ONNX Runtime "
+        "export (made once, checked against the model), torch = PyTorch always",
+    )
+    query_threads: int = Field(
+        0, ge=0, description="Threads ONNX Runtime uses per query (0: one per core)"
+    )
 
     # Indexes.
     text_index: str = Field("pubmed", description="Default text index name")

@@ -15,6 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Queries on PyTorch unless a test asks for the ONNX export (tests/test_onnx_encoder.py): each
+# fresh data home would otherwise pay for exporting MiniLM again.
+os.environ.setdefault("SUWEN_QUERY_RUNTIME", "torch")
 
 REPO = Path(__file__).resolve().parent.parent
 

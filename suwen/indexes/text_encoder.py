@@ -9,11 +9,17 @@ articles and one for queries; a symmetric model is loaded once and used for both
 
 Encoders are cached per process (loading takes seconds) and guard their model with a lock: Hugging
 Face fast tokenizers raise "Already borrowed" when two threads use one at the same time.
+
+Queries go through the encoder's ONNX Runtime export when there is one that matches the model
+(``suwen.indexes.onnx_encoder``): a search process then never imports PyTorch. The first process
+that needs the query encoder makes the export (index builds do, so searches find it ready); when
+it cannot be made, queries use PyTorch with the frozen trace below.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +30,8 @@ import numpy as np
 
 from suwen.config import Settings
 from suwen.errors import ModelError
+from suwen.indexes import onnx_encoder
+from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder
 from suwen.indexes.vectors import FloatArray, normalise
 from suwen.privacy import missing_model_message
 
@@ -38,6 +46,10 @@ _FALLBACK_MAX_TOKENS = 512
 
 _cache: dict[tuple[str, str, str], TextEncoder] = {}
 _cache_lock = threading.Lock()
+_onnx_cache: dict[tuple[Path, int], OnnxQueryEncoder] = {}
+_onnx_lock = threading.Lock()
+# Beside an export directory: the export was tried and did not match, so do not try again.
+REJECTED_SUFFIX = ".rejected"
 
 
 class TextEncoder:
@@ -57,6 +69,7 @@ class TextEncoder:
         self.max_tokens: int = _max_tokens(model)
         model.max_seq_length = self.max_tokens
         self._fast_query: _FrozenQueryPath | Literal[False] | None = None  # built on first use
+        self.device: str = model.device.type
 
     def count_tokens(self, text: str) -> int:
         """Tokens the encoder would see for ``text``, special tokens included."""
@@ -102,6 +115,18 @@ class TextEncoder:
             if self._fast_query:
                 return normalise(self._fast_query(text))
         return self.encode([text])
+
+    def export_onnx(self, key: str, encoders_dir: Path) -> ExportRecord | None:
+        """Export this encoder for ONNX Runtime into ``encoders_dir`` (checked against this
+        model on probe texts); None when it cannot be exported or does not match."""
+        with self._lock:
+            return onnx_encoder.export(
+                self._model,
+                self.name,
+                key,
+                encoders_dir,
+                lambda probe: self._model_vectors([probe], 1),
+            )
 
     def _encode_batch(self, texts: list[str], batch_size: int) -> FloatArray:
         with self._lock:
@@ -268,8 +293,57 @@ def article_encoder(settings: Settings) -> TextEncoder:
     )
 
 
-def query_encoder(settings: Settings) -> TextEncoder:
-    """The query-side encoder: the article encoder itself for symmetric models."""
+QueryEncoder = TextEncoder | OnnxQueryEncoder
+
+
+def query_encoder(settings: Settings) -> QueryEncoder:
+    """The query-side encoder (the article encoder itself for symmetric models): its ONNX
+    Runtime export when ``query_runtime`` allows it and one matches the model, else PyTorch."""
+    if settings.query_runtime == "auto" and settings.device != "cuda":
+        fast = onnx_query_encoder(settings)
+        if fast is not None:
+            return fast
     return load_text_encoder(
         settings.query_encoder, pooling=settings.text_pooling, device=settings.device
     )
+
+
+def onnx_query_encoder(settings: Settings) -> OnnxQueryEncoder | None:
+    """The query encoder's ONNX export, made now if it does not exist yet (this loads the model
+    with PyTorch once); None when the runtime is missing, the model is not on this machine, it
+    runs on a GPU, or its export was rejected."""
+    if onnx_encoder.unavailable_reason() is not None:
+        return None
+    name, pooling = settings.query_encoder, settings.text_pooling
+    key = onnx_encoder.fingerprint(name, pooling)
+    if key is None:  # not downloaded yet: load it (which may download), then look again
+        load_text_encoder(name, pooling=pooling, device=settings.device)
+        key = onnx_encoder.fingerprint(name, pooling)
+        if key is None:
+            return None
+    encoders_dir = settings.home / "encoders"
+    directory = onnx_encoder.export_dir(encoders_dir, key)
+    with _onnx_lock:
+        cached = _onnx_cache.get((directory, settings.query_threads))
+        if cached is not None:
+            return cached
+        if onnx_encoder.read_record(directory) is None:
+            if directory.with_name(key + REJECTED_SUFFIX).exists():
+                return None
+            eager = load_text_encoder(name, pooling=pooling, device=settings.device)
+            if eager.device != "cpu":
+                return None
+            if eager.export_onnx(key, encoders_dir) is None:
+                _write_private(directory.with_name(key + REJECTED_SUFFIX), "{}\n")
+                return None
+        encoder = OnnxQueryEncoder.open(directory, settings.query_threads)
+        if encoder is not None:
+            _onnx_cache[(directory, settings.query_threads)] = encoder
+        return encoder
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)

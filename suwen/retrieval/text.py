@@ -26,7 +26,7 @@ from suwen.indexes import article_keys, store, vectors
 from suwen.indexes import bm25 as bm25_store
 from suwen.indexes.chunking import embedding_text
 from suwen.indexes.compressed import VectorStore, open_store
-from suwen.indexes.text_encoder import TextEncoder, query_encoder, resolve_device
+from suwen.indexes.text_encoder import QueryEncoder, query_encoder, resolve_device
 from suwen.indexes.text_index import TEXT_DB, check_compatible, connect
 from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
 from suwen.types import Hit, TextMethod
@@ -88,7 +88,7 @@ class TextSearcher:
         manifest: store.IndexManifest,
         db: sqlite3.Connection,
         index: VectorStore,
-        encoder: TextEncoder,
+        encoder: QueryEncoder,
         keys: article_keys.KeyArray,
         bm25_searcher: bm25_store.Bm25Searcher,
         fusion: FusionConfig | None = None,

@@ -1,0 +1,418 @@
+"""The query encoder as an ONNX Runtime model: one query without PyTorch in the process.
+
+Search encodes one short text per query. Through PyTorch that costs the framework's per-call
+overhead on every small matrix product and keeps about 1 GB of PyTorch resident in every search
+process. So the first time a query encoder is needed (an index build or the first search) its
+transformer is exported once to ONNX, checked against the eager model on probe texts, and cached
+in the data home (``encoders/<fingerprint>/``: the graph, the tokenizer as ``tokenizer.json``
+and ``export.json``, the record of the check; files 0600, never a pickle). A later process finds
+the export by the model files' fingerprint and encodes with ONNX Runtime and the ``tokenizers``
+package alone: nothing here imports torch except :func:`export`.
+
+The export keeps the weights of every matrix product as 8-bit integers in blocks of 32 with
+int8 arithmetic (ONNX Runtime's ``MatMulNBits``, accuracy level 4), which quantises the
+activations per block of 32 too, so an outlier value spoils only its own block; it is used only
+when every probe's vector stays within :data:`INT8_MIN_COSINE` of the eager model's, else the
+float32 graph is used when it matches, else no export (queries then stay on PyTorch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from suwen.indexes.vectors import FloatArray, normalise
+
+if TYPE_CHECKING:
+    import onnxruntime
+    from sentence_transformers import SentenceTransformer
+    from tokenizers import Tokenizer
+
+EXPORT_FORMAT = 1
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "export.json"
+MANIFEST_MAX_BYTES = 64 * 1024
+# An int8 graph is kept only this close to the eager model on every probe; float32 graphs differ
+# from eager PyTorch by rounding alone.
+INT8_MIN_COSINE = 0.999
+FLOAT_MIN_COSINE = 0.99999
+INT8_BLOCK = 32
+Precision = Literal["int8", "float32"]
+Pooling = Literal["cls", "mean"]
+
+# Questions of the kinds the agent and users ask, short to long; the export is checked on them.
+PROBES = (
+    "BRCA1",
+    "asthma treatment",
+    "What is the first-line treatment of mild asthma?",
+    "Is metformin associated with lower cancer incidence in type 2 diabetes?",
+    "Does early mobilisation after hip fracture surgery reduce 30-day mortality in the elderly?",
+    "Which imaging findings distinguish pulmonary embolism from pneumonia on CT angiography?",
+    "Are serum procalcitonin levels useful to guide antibiotic therapy in lower respiratory "
+    "tract infections in primary care, and do they reduce antibiotic prescribing without harm?",
+    "Do mitochondria play a role in remodelling lace plant leaves during programmed cell death?",
+    "Magnetic resonance imaging of the knee: meniscal tear, anterior cruciate ligament rupture, "
+    "bone marrow oedema and joint effusion after a twisting sports injury in a young adult "
+    "athlete; sensitivity and specificity against arthroscopy as the reference standard.",
+    "x " * 60,
+)
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What ``export.json`` says about one export: what it is and how well it matched."""
+
+    model: str
+    fingerprint: str
+    pooling: Pooling
+    dim: int
+    max_tokens: int
+    inputs: tuple[str, ...]
+    precision: Precision
+    min_cosine: float
+    onnxruntime: str
+    model_bytes: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"format": EXPORT_FORMAT, **self.__dict__, "inputs": list(self.inputs)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExportRecord:
+        if data.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"export format {data.get('format')!r}")
+        fields = {key: data[key] for key in cls.__dataclass_fields__}
+        fields["inputs"] = tuple(str(name) for name in fields["inputs"])
+        if fields["pooling"] not in ("cls", "mean") or fields["precision"] not in (
+            "int8",
+            "float32",
+        ):
+            raise ValueError("unknown pooling or precision")
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding an export without loading the model
+
+
+def model_directory(model: str) -> Path | None:
+    """The local directory holding ``model``'s files (a directory, or the hub cache's snapshot),
+    or None when it is not on this machine."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.is_absolute() or model.startswith(("hf-hub:", ".")) or model.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def fingerprint(model: str, pooling: str) -> str | None:
+    """A digest of the model's files (names, sizes, modification times) and of how it is pooled,
+    or None when the model is not on this machine. Changed weights mean a new export."""
+    directory = model_directory(model)
+    if directory is None:
+        return None
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}\n{model}\n{pooling}\n".encode())
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(
+            f"{file.relative_to(directory)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode()
+        )
+    return digest.hexdigest()[:24]
+
+
+def export_dir(encoders_dir: Path, key: str) -> Path:
+    return encoders_dir / key
+
+
+def read_record(directory: Path) -> ExportRecord | None:
+    """The export in ``directory`` when it is complete and readable, else None."""
+    manifest = directory / MANIFEST_FILE
+    try:
+        if manifest.stat().st_size > MANIFEST_MAX_BYTES:
+            return None
+        record = ExportRecord.from_json(json.loads(manifest.read_text(encoding="utf-8")))
+        if (directory / MODEL_FILE).stat().st_size != record.model_bytes:
+            return None
+        (directory / TOKENIZER_FILE).stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding with ONNX Runtime
+
+
+class OnnxQueryEncoder:
+    """Text in, L2-normalised float32 vectors out, through ONNX Runtime; thread-safe."""
+
+    def __init__(self, directory: Path, record: ExportRecord, threads: int = 0) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.directory = directory
+        self.record = record
+        self.name = record.model
+        self.pooling: str = record.pooling
+        self.dim = record.dim
+        self.max_tokens = record.max_tokens
+        self.precision = record.precision
+        self._tokenizer: Tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(record.max_tokens)
+        self._tokenizer_lock = threading.Lock()
+        self._session = _session(directory / MODEL_FILE, threads, ort)
+
+    @classmethod
+    def open(cls, directory: Path, threads: int = 0) -> OnnxQueryEncoder | None:
+        record = read_record(directory)
+        return cls(directory, record, threads) if record is not None else None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode_ids(text))
+
+    def encode_query(self, text: str) -> FloatArray:
+        """One text's vector, shape ``(1, dim)``. The text is run at its own length: padding to
+        fixed buckets costs the padded tokens' arithmetic and measured slower here."""
+        ids = np.asarray([self._encode_ids(text)], dtype=np.int64)
+        return normalise(self._pool(self._run(ids, np.ones_like(ids)), np.ones_like(ids)))
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32, **_: Any) -> FloatArray:
+        """Vectors for ``texts`` in order; batches padded to their longest text."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = [self._encode_ids(text) for text in texts[start : start + batch_size]]
+            width = max(len(row) for row in rows)
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for number, row in enumerate(rows):
+                ids[number, : len(row)], mask[number, : len(row)] = row, 1
+            out[start : start + len(rows)] = self._pool(self._run(ids, mask), mask)
+        return normalise(out)
+
+    def _encode_ids(self, text: str) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self._tokenizer.encode(text).ids)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        wanted = {name: feeds[name] for name in self.record.inputs}
+        return np.asarray(self._session.run(None, wanted)[0], dtype=np.float32)
+
+    def _pool(self, hidden: np.ndarray, mask: np.ndarray) -> FloatArray:
+        if self.pooling == "cls":
+            return np.ascontiguousarray(hidden[:, 0, :], dtype=np.float32)
+        weights = mask[:, :, None].astype(np.float32)
+        summed = (hidden * weights).sum(axis=1)
+        return np.asarray(summed / np.maximum(weights.sum(axis=1), 1e-9), dtype=np.float32)
+
+
+def _session(path: Path, threads: int, ort: Any) -> onnxruntime.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads  # 0: one per core
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporting (needs PyTorch; runs once per model)
+
+
+def export(
+    model: SentenceTransformer,
+    name: str,
+    key: str,
+    encoders_dir: Path,
+    eager: Callable[[str], FloatArray],
+) -> ExportRecord | None:
+    """Export ``model`` into ``encoders_dir/key`` and return its record, or None when it cannot
+    be exported or no export matches the eager model on the probes (``eager``: one text's
+    normalised vector from the model itself)."""
+    pooling = _supported_pooling(model)
+    if pooling is None or model.device.type != "cpu":
+        return None
+    encoders_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    encoders_dir.chmod(0o700)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=encoders_dir))
+    try:
+        record = _export_into(staging, model, name, key, pooling, eager)
+        if record is None:
+            return None
+        target = export_dir(encoders_dir, key)
+        for file in staging.iterdir():
+            file.chmod(0o600)
+        with contextlib.suppress(OSError):  # another process may have published it meanwhile
+            staging.rename(target)
+        return read_record(target)
+    except Exception:  # an exporter or quantiser failure means: queries stay on PyTorch
+        return None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_into(
+    staging: Path,
+    model: SentenceTransformer,
+    name: str,
+    key: str,
+    pooling: Pooling,
+    eager: Callable[[str], FloatArray],
+) -> ExportRecord | None:
+    import onnxruntime as ort
+
+    inputs = _export_graph(model, staging / "float32.onnx")
+    tokenizer: Any = model.tokenizer
+    tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
+    expected = np.vstack([eager(probe) for probe in PROBES])
+    max_tokens = int(model.max_seq_length or 512)
+    dim = int(expected.shape[1])
+    candidates: list[tuple[Precision, Path, float]] = []
+    with contextlib.suppress(Exception):  # no quantiser: the float32 graph may still do
+        _quantise(staging / "float32.onnx", staging / "int8.onnx")
+        candidates.append(("int8", staging / "int8.onnx", INT8_MIN_COSINE))
+    candidates.append(("float32", staging / "float32.onnx", FLOAT_MIN_COSINE))
+    for precision, graph, threshold in candidates:
+        graph.replace(staging / MODEL_FILE)
+        record = ExportRecord(
+            model=name,
+            fingerprint=key,
+            pooling=pooling,
+            dim=dim,
+            max_tokens=max_tokens,
+            inputs=inputs,
+            precision=precision,
+            min_cosine=0.0,
+            onnxruntime=ort.__version__,
+            model_bytes=(staging / MODEL_FILE).stat().st_size,
+        )
+        encoder = OnnxQueryEncoder(staging, record, threads=0)
+        got = np.vstack([encoder.encode_query(probe) for probe in PROBES])
+        cosine = float(np.min(np.sum(got * expected, axis=1)))
+        if cosine >= threshold:
+            record = ExportRecord(**{**record.__dict__, "min_cosine": round(cosine, 6)})
+            (staging / MANIFEST_FILE).write_text(
+                json.dumps(record.as_json(), indent=2), encoding="utf-8"
+            )
+            for leftover in ("int8.onnx", "float32.onnx"):
+                (staging / leftover).unlink(missing_ok=True)
+            return record
+    return None
+
+
+def _supported_pooling(model: SentenceTransformer) -> Pooling | None:
+    """CLS or mean pooling of one transformer, optionally normalised: what the ONNX path
+    reproduces. Any other stack (dense layers, other poolings) stays on PyTorch."""
+    modules = list(model)
+    if len(modules) < 2 or not hasattr(modules[0], "auto_model"):
+        return None
+    mode = getattr(modules[1], "pooling_mode", None)
+    if mode not in ("cls", "mean") or not getattr(modules[1], "include_prompt", True):
+        return None
+    if any(type(module).__name__ != "Normalize" for module in modules[2:]):
+        return None
+    return "cls" if mode == "cls" else "mean"
+
+
+def _export_graph(model: SentenceTransformer, path: Path) -> tuple[str, ...]:
+    """The transformer as an ONNX graph from token ids to its last hidden state, with batch and
+    sequence length dynamic; returns the graph's input names."""
+    import torch
+
+    features = model.preprocess([PROBES[2]])
+    names = tuple(
+        name
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+        if isinstance(features.get(name), torch.Tensor)
+    )
+    transformer: Any = model[0].auto_model
+
+    class LastHidden(torch.nn.Module):
+        """Positional inputs in ``names`` order; the exporter takes no keyword arguments."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            output = self.transformer(**dict(zip(names, tensors, strict=True)), return_dict=True)
+            return output.last_hidden_state  # type: ignore[no-any-return]
+
+    axes = {name: {0: "batch", 1: "tokens"} for name in (*names, "last_hidden_state")}
+    with torch.no_grad(), _quiet():
+        torch.onnx.export(
+            LastHidden().eval(),
+            tuple(features[name] for name in names),
+            str(path),
+            input_names=list(names),
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+    return names
+
+
+def _quantise(source: Path, target: Path) -> None:
+    """Weights of every matrix product to 8-bit blocks of :data:`INT8_BLOCK`, int8 arithmetic."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, bits=8
+    )
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs every node it skips
+    try:
+        quantiser = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
+        quantiser.process()
+        quantiser.model.save_model_to_file(str(target), use_external_data_format=False)
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter warns about every traced branch; the probes check the result."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def unavailable_reason() -> str | None:
+    """Why the ONNX path cannot run here, or None when its packages import."""
+    try:
+        import onnxruntime  # noqa: F401
+        import tokenizers  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed"
+    return None
