@@ -111,11 +111,45 @@ def test_compressed_recall_at_10_against_exact_search(
     rows = (ids - 3) // 10
     recall = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth, strict=True)])
     assert recall >= 0.95
-    # The recall measured at build time on held-out stored vectors says the same.
+    # The recall measured at build time on question-like queries says the same.
     assert report.recall_at_10 >= 0.95
     assert report.nprobe == vector_store.params.nprobe
     assert report.calibration[f"{report.shortlist}/{report.nprobe}"] >= compressed.TARGET_RECALL
     assert report.shortlist == vector_store.params.shortlist
+
+
+def test_question_like_queries_sit_at_a_question_s_distance_from_their_document(
+    corpus: tuple[np.ndarray, np.ndarray],
+) -> None:
+    documents = corpus[0][:300]
+    asked = compressed.question_like(documents, np.random.default_rng(3))
+    cosines = np.sum(asked * documents, axis=1)
+    assert np.allclose(cosines, compressed.QUESTION_COSINE, atol=1e-4)
+    assert np.allclose(np.linalg.norm(asked, axis=1), 1.0, atol=1e-5)
+    # Not a copy of anything stored: the nearest other document is further than the own one.
+    others = asked @ corpus[0][300:].T
+    assert float(np.mean(others.max(axis=1) < cosines)) > 0.5
+
+
+def test_recall_is_calibrated_on_question_like_queries_and_reported_beside_documents(
+    corpus: tuple[np.ndarray, np.ndarray], built: tuple[Path, compressed.RecallReport]
+) -> None:
+    """The figure reported is question-like queries' recall, measured on queries the
+    calibration never saw; the held-out documents' figure is reported beside it."""
+    vectors, _ = corpus
+    directory, report = built
+    vector_store = CompressedStore.open(directory)
+    asked = compressed.question_like(vectors[::97][:200], np.random.default_rng(11))
+    truth = exact_top10(vectors, asked)
+    rows = (vector_store.search(asked, 10)[1] - 3) // 10
+    recall = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth, strict=True)])
+    assert recall >= 0.95 and report.recall_at_10 >= 0.95
+    assert abs(recall - report.recall_at_10) < 0.03
+    assert 0.9 <= report.document_recall_at_10 <= 1.0
+    assert vector_store.params.document_recall_at_10 == report.document_recall_at_10
+    extra = report.manifest_extra()
+    assert extra["document_recall_at_10"] == round(report.document_recall_at_10, 4)
+    assert "question-like" in extra["recall_query_kind"]
 
 
 def test_compressed_store_holds_a_fraction_of_the_exact_ram(

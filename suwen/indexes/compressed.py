@@ -230,9 +230,11 @@ class CompressedParams:
     shortlist: int = DEFAULT_SHORTLIST
     vector_dtype: str = "float16"
     count: int = 0
-    # The last calibration: its recall@10 on held-out queries and the vector count it saw.
+    # The last calibration: its recall@10 on question-like queries, on held-out documents, and
+    # the vector count it saw.
     recall_at_10: float | None = None
     calibrated_count: int = 0
+    document_recall_at_10: float | None = None
 
     @classmethod
     def for_corpus(cls, dim: int, expected_count: int) -> CompressedParams:
@@ -541,6 +543,7 @@ def finish_store(
         calibrate_and_measure(vector_store, progress=progress)
     vector_store.save()
     params = vector_store.params
+    documents = params.document_recall_at_10
     return vector_store, {
         "index_type": "compressed",
         "bytes_per_vector": round(vector_store.bytes_per_vector(), 2),
@@ -551,6 +554,8 @@ def finish_store(
             "nprobe": params.nprobe,
             "shortlist": params.shortlist,
             "disk_bytes_per_vector": vector_store.disk_bytes_per_vector(),
+            "recall_query_kind": "question-like" if documents is not None else "held-out documents",
+            "document_recall_at_10": None if documents is None else round(documents, 4),
         },
     }
 
@@ -573,13 +578,46 @@ def training_rows(total: int, size: int, seed: int = 0) -> npt.NDArray[np.int64]
     return picked[~held_out(picked)][:want].astype(np.int64)
 
 
+# A real question sits about this far from its own abstract (cosine of PubMedQA questions to
+# their abstracts' embeddings): held-out documents moved this far are the calibration queries.
+QUESTION_COSINE = 0.73
+
+
 @dataclass(frozen=True)
 class RecallReport:
+    """Recall@10 against exact search on question-like queries (what the index is calibrated
+    on and reports) and, beside it, on held-out stored documents used as queries."""
+
     recall_at_10: float
     queries: int
     nprobe: int
     shortlist: int
     calibration: dict[str, float]
+    document_recall_at_10: float = 0.0
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {
+            "nprobe": self.nprobe,
+            "shortlist": self.shortlist,
+            "recall_queries": self.queries,
+            "recall_query_kind": f"question-like (cosine {QUESTION_COSINE} to a held-out "
+            "document, random direction)",
+            "document_recall_at_10": round(self.document_recall_at_10, 4),
+            "nprobe_calibration": self.calibration,
+        }
+
+
+def question_like(
+    documents: FloatArray, rng: np.random.Generator, cosine: float = QUESTION_COSINE
+) -> FloatArray:
+    """Each document vector turned in a random direction until its cosine to the document is
+    ``cosine``: a query that is not a copy of anything stored, as a question is not a copy of
+    its abstract, whose own document is still its nearest neighbour."""
+    unit = normalise(np.asarray(documents, dtype=np.float32))
+    noise = rng.standard_normal(unit.shape).astype(np.float32)
+    noise -= np.sum(noise * unit, axis=1, keepdims=True) * unit
+    turned = cosine * unit + math.sqrt(1.0 - cosine**2) * normalise(noise)
+    return normalise(turned.astype(np.float32))
 
 
 def calibrate_and_measure(
@@ -591,17 +629,19 @@ def calibrate_and_measure(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> RecallReport:
-    """Pick the cheapest search setting whose recall@10 on calibration queries reaches
-    ``target`` -- the smallest shortlist, and with it the smallest nprobe -- then measure
-    recall@10 against exact search on a second, disjoint set of held-out queries.
+    """Pick the cheapest search setting whose recall@10 on question-like calibration queries
+    reaches ``target`` -- the smallest shortlist, and with it the smallest nprobe -- then
+    measure recall@10 against exact search on a second, disjoint set of queries: question-like
+    ones (the figure reported) and the held-out documents themselves.
 
     More lists (nprobe) find neighbours the coarse quantiser put elsewhere; a longer shortlist
     finds those the PQ codes ranked too low. When nprobe stops helping at one shortlist length,
     the next length is tried. If nothing reaches ``target`` the best setting seen is kept.
 
-    Queries are stored vectors from held-out rows (never trained on: ``held_out`` rows, or the
-    caller's ``candidate_rows``); each query's own row is excluded from both the exact and the
-    compressed top-10 (leave-one-out).
+    Queries start from stored vectors of held-out rows (never trained on: ``held_out`` rows, or
+    the caller's ``candidate_rows``). Question-like queries (:func:`question_like`) are searched
+    over everything; a document used as a query has its own row excluded from both the exact
+    and the compressed top-10 (leave-one-out).
     """
     live_mask = store.live_rows()
     live = np.flatnonzero(live_mask)
@@ -613,14 +653,20 @@ def calibrate_and_measure(
     rng = np.random.default_rng(seed)
     picked = rng.permutation(candidates)[: 2 * queries]
     calibration, evaluation = np.sort(picked[0::2]), np.sort(picked[1::2])
+    full = store.full_vectors()
+    asked = question_like(np.asarray(full[np.concatenate([calibration, evaluation])]), rng)
+    none = np.full(len(picked), -1, dtype=np.int64)
+    vectors_ = np.concatenate([asked, np.asarray(full[evaluation], dtype=np.float32)])
+    own = np.concatenate([none, evaluation])
     if progress:
-        progress(f"exact ground truth for {len(picked)} held-out queries")
-    truth = exact_top_rows(store, np.concatenate([calibration, evaluation]), 10, live_mask)
-    truth_cal, truth_eval = truth[: len(calibration)], truth[len(calibration) :]
+        progress(f"exact ground truth for {len(vectors_)} queries")
+    truth = exact_top_rows(store, vectors_, own, 10, live_mask)
+    split = len(calibration)
+    cal = (asked[:split], none[:split], truth[:split])
     curve: dict[str, float] = {}
     best = (-1.0, DEFAULT_SHORTLIST, store.params.nlist)
     for shortlist in SHORTLIST_LADDER:
-        recall, nprobe = _walk_nprobe(store, shortlist, calibration, truth_cal, target, curve)
+        recall, nprobe = _walk_nprobe(store, shortlist, cal, target, curve)
         if progress:
             progress(f"shortlist {shortlist}: recall@10 {recall:.3f} at nprobe {nprobe}")
         if recall > best[0]:
@@ -629,25 +675,34 @@ def calibrate_and_measure(
             break
     _, shortlist, nprobe = best
     store.set_search(nprobe=nprobe, shortlist=shortlist)
-    measured = _recall(store, evaluation, truth_eval)
-    store.params = replace(store.params, recall_at_10=measured, calibrated_count=store.count)
-    return RecallReport(measured, len(evaluation), nprobe, shortlist, curve)
+    measured = _recall(store, asked[split:], none[split:], truth[split : len(picked)])
+    documents = _recall(store, vectors_[len(picked) :], evaluation, truth[len(picked) :])
+    store.params = replace(
+        store.params,
+        recall_at_10=measured,
+        document_recall_at_10=documents,
+        calibrated_count=store.count,
+    )
+    return RecallReport(measured, len(evaluation), nprobe, shortlist, curve, documents)
+
+
+Queries = tuple[FloatArray, npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 
 def _walk_nprobe(
     store: CompressedStore,
     shortlist: int,
-    queries: npt.NDArray[np.int64],
-    truth: npt.NDArray[np.int64],
+    queries: Queries,
     target: float,
     curve: dict[str, float],
 ) -> tuple[float, int]:
     """(recall, nprobe): the first nprobe reaching ``target`` at this shortlist length, or the
-    best one before two steps in a row gained less than SATURATED_GAIN."""
+    best one before two steps in a row gained less than SATURATED_GAIN. ``queries``: vectors,
+    their own rows (-1: none) and their exact top 10."""
     best_recall, best_nprobe, flat_steps = -1.0, store.params.nlist, 0
     for nprobe in _nprobe_ladder(store.params.nlist):
         store.set_search(nprobe=nprobe, shortlist=shortlist)
-        recall = _recall(store, queries, truth)
+        recall = _recall(store, *queries)
         curve[f"{shortlist}/{nprobe}"] = round(recall, 4)
         flat_steps = flat_steps + 1 if recall - best_recall < SATURATED_GAIN else 0
         if recall > best_recall:
@@ -664,23 +719,24 @@ def _nprobe_ladder(nlist: int) -> list[int]:
 
 def exact_top_rows(
     store: CompressedStore,
-    query_rows: npt.NDArray[np.int64],
+    queries: FloatArray,
+    own_rows: npt.NDArray[np.int64],
     k: int,
     live_mask: npt.NDArray[np.bool_],
     block: int = 131_072,
 ) -> npt.NDArray[np.int64]:
-    """Exact top-``k`` rows for stored query rows by brute force over the full vectors,
-    the query's own row and removed rows excluded (one streaming pass, bounded memory)."""
+    """Exact top-``k`` rows for ``queries`` by brute force over the full vectors, removed rows
+    and each query's own row (``own_rows``; -1: none) excluded (one streaming pass, bounded
+    memory)."""
     full = store.full_vectors()
-    queries = np.asarray(full[query_rows], dtype=np.float32)
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_rows = np.full((len(queries), k), -1, dtype=np.int64)
     for start in range(0, len(full), block):
         stop = min(start + block, len(full))
         scores = queries @ np.asarray(full[start:stop], dtype=np.float32).T
         scores[:, ~live_mask[start:stop]] = -np.inf
-        own = (query_rows >= start) & (query_rows < stop)
-        scores[np.flatnonzero(own), query_rows[own] - start] = -np.inf
+        own = (own_rows >= start) & (own_rows < stop)
+        scores[np.flatnonzero(own), own_rows[own] - start] = -np.inf
         merged_scores = np.concatenate([best_scores, scores], axis=1)
         merged_rows = np.concatenate(
             [best_rows, np.broadcast_to(np.arange(start, stop), scores.shape)], axis=1
@@ -692,15 +748,17 @@ def exact_top_rows(
 
 
 def _recall(
-    store: CompressedStore, query_rows: npt.NDArray[np.int64], truth: npt.NDArray[np.int64]
+    store: CompressedStore,
+    queries: FloatArray,
+    own_rows: npt.NDArray[np.int64],
+    truth: npt.NDArray[np.int64],
 ) -> float:
-    queries = np.asarray(store.full_vectors()[query_rows], dtype=np.float32)
     _, found = store.search_rows(queries, 11)
     hits = 0
-    for qi, own in enumerate(query_rows):
+    for qi, own in enumerate(own_rows):
         top = [r for r in found[qi] if r != own and r >= 0][:10]
         hits += len(set(top) & set(truth[qi].tolist()))
-    return hits / (10 * max(len(query_rows), 1))
+    return hits / (10 * max(len(own_rows), 1))
 
 
 def compress_exact(

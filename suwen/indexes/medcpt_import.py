@@ -539,10 +539,7 @@ class _Import:
             vector_store.save()
             manifest.recall_at_10 = round(recall.recall_at_10, 4)
             manifest.extra.update(
-                nprobe=recall.nprobe,
-                shortlist=recall.shortlist,
-                recall_queries=recall.queries,
-                nprobe_calibration=recall.calibration,
+                **recall.manifest_extra(),
                 nlist=vector_store.params.nlist,
                 pq=vector_store.params.factory,
                 disk_bytes_per_vector=vector_store.disk_bytes_per_vector(),
