@@ -381,3 +381,17 @@ def test_chat_input_history_is_kept_only_when_asked_and_owner_only(tmp_path: Pat
     assert "MRN 123" in path.read_text(encoding="utf-8")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_config_show_and_progress_details_print_literally(
+    suwen_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setenv("SUWEN_TEXT_INDEX", f"pubmed {MARKUP}")
+    shown = CliRunner().invoke(app, ["config", "show"])
+    assert shown.exit_code == 0, shown.output
+    assert f"pubmed {MARKUP}" in shown.stdout
+    progress = common.progress_bars(common.detail_column())
+    task = progress.add_task("files", total=None, detail=f"/data/{RETRACTED} [/]")
+    rendered = common.detail_column().render(progress.tasks[task])
+    assert rendered.plain == f"/data/{RETRACTED} [/]"

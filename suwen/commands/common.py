@@ -125,8 +125,9 @@ def progress_bars(*extra: ProgressColumn, transient: bool = False) -> Progress:
 
 
 def detail_column() -> TextColumn:
-    """A dim column showing each task's ``detail`` field (the file or stage at hand)."""
-    return TextColumn("{task.fields[detail]}", style="dim")
+    """A dim column showing each task's ``detail`` field (the file or stage at hand): file
+    names are shown as written, never read as markup."""
+    return TextColumn("{task.fields[detail]}", style="dim", markup=False)
 
 
 class LiveBars:

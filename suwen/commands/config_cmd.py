@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from suwen.commands.common import console, loaded
+from suwen.commands.common import console, literal_line, loaded
 
 config_app = typer.Typer(help="Inspect Suwen's settings.", no_args_is_help=True)
 
@@ -29,16 +29,13 @@ def show(
             json.dumps({"config_file": str(state.config_file or ""), "settings": rows})
         )
         return
-    table = Table(title=f"Suwen settings (file: {state.config_file or 'none'})")
+    table = Table(title=literal_line(f"Suwen settings (file: {state.config_file or 'none'})"))
     table.add_column("setting")
     table.add_column("value", overflow="fold")
     table.add_column("from")
     for key, value in values.items():
-        table.add_row(
-            key,
-            json.dumps(value) if not isinstance(value, str) else value,
-            state.origins.get(key, "derived"),
-        )
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        table.add_row(key, literal_line(shown), state.origins.get(key, "derived"))
     console.print(table)
 
 

@@ -13,6 +13,7 @@ from suwen.commands.common import (
     console,
     detail_column,
     fail,
+    literal_line,
     print_errors,
     progress_bars,
     settings_of,
@@ -62,7 +63,8 @@ def index_pubmed_medcpt(
         fail(str(exc))
     _print_import(report)
     if report.up_to_date:
-        console.print(f"index {index_name!r} already holds every chunk in {directory}")
+        done = f"index {index_name!r} already holds every chunk in {directory}"
+        console.print(literal_line(done), highlight=False)
     elif not report.published:
         fail(f"nothing could be imported into index {index_name!r} from {directory}", code=1)
 
@@ -89,7 +91,7 @@ def _print_import(report: ImportReport) -> None:
     print_errors(report.errors)
     if not report.published:
         return
-    table = Table(title=f"MedCPT import into {report.index!r}", show_header=False)
+    table = Table(title=literal_line(f"MedCPT import into {report.index!r}"), show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, Any]] = [
@@ -106,5 +108,5 @@ def _print_import(report: ImportReport) -> None:
         ("recall@10 vs exact (held-out)", report.recall_at_10 or "exact"),
     ]
     for field, value in rows:
-        table.add_row(field, str(value))
+        table.add_row(field, literal_line(value))
     console.print(table)

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from suwen.agent.sessions import Removed, conversation_store, purge_all, saved_conversations
-from suwen.commands.common import console, fail, settings_of
+from suwen.commands.common import console, fail, literal_line, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError
 
@@ -36,11 +36,11 @@ def list_sessions(ctx: typer.Context) -> None:
     for item in conversations:
         when = item.last_active.astimezone().strftime("%Y-%m-%d %H:%M") if item.last_active else ""
         table.add_row(
-            Text(item.thread_id),
+            literal_line(item.thread_id),
             when,
             str(item.turns),
-            Text(item.first_question),  # the user's words: literal text, never markup
-            Text("\n".join(str(path) for path in item.transcripts)),
+            literal_line(item.first_question),  # the user's words: literal text, never markup
+            Text("\n").join(literal_line(path) for path in item.transcripts),
         )
     console.print(table)
 
