@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 SUWEN = Path(sys.executable).with_name("suwen")
 QUESTION = "Is there a pneumothorax on this chest radiograph?"
+PROMPT = r"suwen(\[[^\]\n]*\])?>"  # prompt_toolkit draws the prompt's space as a cursor move
 SERVE_PORT = 18000  # the namespace has its own ports: nothing else listens there
 
 
@@ -216,6 +217,7 @@ def test_indexing_and_search_stay_on_the_machine(
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(2400)  # one vLLM start-up and three agent runs, on a loaded machine
 def test_ask_batch_and_chat_through_real_vllm_stay_on_the_machine(
     ns: Namespace,
     capture: Capture,
@@ -319,11 +321,11 @@ def _chat(ns: Namespace, env: dict[str, str], url: str) -> None:
         "chat", [str(SUWEN), "chat", "--vllm-url", url], chat_env, timeout=600, dimensions=(50, 160)
     )
     try:
-        chat.expect(r"suwen[^\n]*> ")
+        chat.expect(PROMPT)
         chat.sendline("What is the first-line treatment of tension pneumothorax?")
         # After an answer (or a one-line error) chat repeats the notice, then the prompt.
         chat.expect("not medical advice|error:", timeout=600)
-        chat.expect(r"suwen[^\n]*> ", timeout=600)
+        chat.expect(PROMPT, timeout=600)
         chat.sendline("/quit")
         chat.expect(pexpect.EOF, timeout=120)
     finally:

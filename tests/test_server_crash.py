@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from suwen.llm.server import free_port
 from tests.conftest import REPO
 from tests.test_llm_server import FAKE_SERVER, assert_all_gone
 
@@ -122,3 +123,44 @@ def test_sigkill_of_a_batch_leaves_no_server_and_the_rerun_resumes(
     ids = sorted(json.loads(line)["id"] for line in out.read_text().splitlines())
     assert ids == [f"q{i}" for i in range(6)]
     assert list((home / "run").iterdir()) == []
+
+
+@pytest.mark.vllm
+def test_sigkill_of_a_batch_ends_the_real_vllm_server(
+    tmp_path: Path, questions: Path, tiny_model_dir: Path
+) -> None:
+    """The real server: API server, engine core and any worker go with the SIGKILLed batch."""
+    home, out = tmp_path / "home", tmp_path / "answers.jsonl"
+    env = {
+        **os.environ,
+        "SUWEN_HOME": str(home),
+        "SUWEN_VLM": str(tiny_model_dir),
+        "SUWEN_VLLM_CPU_KVCACHE_GIB": "1",
+        "SUWEN_VLLM_EXTRA_ARGS": "--enforce-eager",
+        "SUWEN_MAX_TOKENS": "2000",  # long answers: requests are in flight when it dies
+        "SUWEN_VLLM_PORT": str(free_port("127.0.0.1")),
+    }
+    suwen = str(Path(sys.executable).with_name("suwen"))
+    batch = subprocess.Popen(
+        [suwen, "batch", str(questions), "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _serving(home), "the vLLM server", timeout=900)
+        time.sleep(5)  # the agent's first requests are being generated
+        members = psutil.Process(batch.pid).children(recursive=True)
+        assert len(members) >= 3, members  # the guard, the API server, the engine core
+        batch.send_signal(signal.SIGKILL)
+        batch.wait(timeout=30)
+        _gone, alive = psutil.wait_procs(members, timeout=30)
+        assert not alive, f"left running: {alive}"
+    finally:
+        batch.kill()
+        batch.wait()
+
+
+def _serving(home: Path) -> bool:
+    logs = list((home / "logs").glob("vllm-*.log")) if (home / "logs").is_dir() else []
+    return any("Application startup complete" in log.read_text(errors="replace") for log in logs)
