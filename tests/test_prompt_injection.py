@@ -386,3 +386,30 @@ def test_injected_image_placeholder_reaches_vllm_as_text(
         return reply.finish_reason or ""
 
     assert asyncio.run(send()) in ("length", "stop")
+
+
+def test_the_served_models_own_tokens_are_read_from_its_folder(tmp_path: Path) -> None:
+    """A model whose tokenizer adds tokens of its own (another chat format): the agent reads
+    them from the model folder the settings name, and the sanitiser neutralises them."""
+    model = tmp_path / "other-vlm"
+    model.mkdir()
+    (model / "tokenizer.json").write_text(
+        json.dumps({"added_tokens": [{"id": 1, "content": "[SUWEN_TEST_INST]", "special": True}]}),
+        encoding="utf-8",
+    )
+    (model / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "added_tokens_decoder": {"2": {"content": "<suwen_test_turn>", "special": True}},
+                "eos_token": {"content": "<suwen_test_eos>"},
+                "additional_special_tokens": ["<suwen_test_extra>"],
+            }
+        ),
+        encoding="utf-8",
+    )
+    text = "a [SUWEN_TEST_INST] b <suwen_test_turn> c <suwen_test_eos> <suwen_test_extra>"
+    assert for_prompt(text) == text  # unknown before the model is served
+    make_agent(tmp_path, FakeModel(), vlm=str(model))
+    assert for_prompt(text) == (
+        "a [ SUWEN_TEST_INST] b ‹suwen_test_turn› c ‹suwen_test_eos› ‹suwen_test_extra›"
+    )

@@ -37,6 +37,7 @@ from suwen.agent.state import (
 from suwen.config import Settings
 from suwen.errors import ModelError, SuwenError
 from suwen.llm.base import Message, VisionLanguageModel
+from suwen.models import local_copy
 from suwen.sanitize import register_model
 from suwen.tools.cases import ImageSearch, similar_cases
 from suwen.tools.pubmed import TextSearch, search_pubmed
@@ -130,8 +131,9 @@ class AgentNodes:
         self.model = model
         self.text_search = text_search
         self.image_search = image_search
-        # Untrusted text in prompts must not spell any special token of the served tokenizer.
-        register_model(settings.vlm)
+        # Untrusted text in prompts must not spell any special token of the served tokenizer
+        # (read from the model's folder: as given, fetched into the data home, or HF-cached).
+        register_model(local_copy(settings.vlm, settings, "text") or settings.vlm)
 
     def _history(self, state: AgentState) -> list[Message]:
         return prompts.history_messages(state.get("history", []), self.settings.history_turns)
