@@ -362,13 +362,18 @@ class EncoderChoice:
     notice: str | None = None
 
 
-def resolve_query_encoder(manifest: IndexManifest, settings: Settings) -> EncoderChoice:
+def resolve_query_encoder(
+    manifest: IndexManifest, settings: Settings, kind: str | None = None
+) -> EncoderChoice:
     """Search an index with the encoder it was built with, when that model is on this machine.
 
     The configured encoder is used when it is the same model (a fetched folder and its hub id
     are the same model). Otherwise the index's own encoder is used if it is a local folder, a
     fetched model or already in the Hugging Face cache; an index never makes Suwen download
-    anything, so an encoder that is none of these is refused in one line."""
+    anything, so an encoder that is none of these is refused in one line. With ``kind``, an
+    index of another kind is refused too."""
+    if kind is not None and manifest.kind != kind:
+        raise IndexMismatchError(f"index {manifest.name!r} is a {manifest.kind} index, not {kind}")
     if manifest.kind == "text":
         built = manifest.query_encoder or manifest.encoder
         configured = settings.query_encoder
@@ -380,8 +385,9 @@ def resolve_query_encoder(manifest: IndexManifest, settings: Settings) -> Encode
     else:
         found = local_copy(built, settings, manifest.kind)
         if found is None:
+            named = built if built == manifest.encoder else f"{manifest.encoder} (queries: {built})"
             raise IndexMismatchError(
-                f"index {manifest.name!r} was built with {manifest.kind} encoder {built}, which "
+                f"index {manifest.name!r} was built with {manifest.kind} encoder {named}, which "
                 f"is not on this machine (configured: {configured}); fetch it with `suwen models "
                 "fetch` or rebuild the index with the configured encoder"
             )
@@ -395,6 +401,19 @@ def resolve_query_encoder(manifest: IndexManifest, settings: Settings) -> Encode
     else:
         update = {"image_encoder": local}
     return EncoderChoice(settings.model_copy(update=update), notice)
+
+
+def encoder_notice(settings: Settings, name: str) -> str | None:
+    """The one line to show before searching index ``name`` when it is searched with its own
+    encoder rather than the configured one (None otherwise, or when it cannot be opened: the
+    searcher then says why)."""
+    from suwen.indexes import store
+
+    try:
+        _, manifest = store.open_version(settings.indexes_dir, name)
+        return resolve_query_encoder(manifest, settings).notice
+    except SuwenError:
+        return None
 
 
 def same_model(first: str, second: str, settings: Settings) -> bool:

@@ -24,6 +24,7 @@ from suwen import privacy
 from suwen.config import Settings
 from suwen.errors import IndexMissingError
 from suwen.llm.base import VisionLanguageModel
+from suwen.models import encoder_notice
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
 
@@ -110,6 +111,8 @@ async def open_agent(
     async with AsyncExitStack() as stack:
         text_name = text_index or settings.text_index
         image_name = image_index or settings.image_index
+        for name in (text_name, image_name):  # an index searched with its own encoder says so
+            _say(notice, encoder_notice(settings, name))
         text = await _optional(stack, lambda: parts.open_text(settings, text_name), notice, "text")
         images = await _optional(
             stack, lambda: parts.open_images(settings, image_name), notice, "image"
@@ -119,6 +122,11 @@ async def open_agent(
             await stack.enter_async_context(open_sessions(settings)) if sessions else None
         )
         yield SuwenAgent(settings, model, text, images, checkpointer=checkpointer)
+
+
+def _say(notice: Notice, message: str | None) -> None:
+    if message:
+        notice(message)
 
 
 async def _optional(

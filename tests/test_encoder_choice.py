@@ -4,6 +4,7 @@ and a one-line refusal when the index names a model that would have to be downlo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,14 @@ import pytest
 from suwen import models
 from suwen.config import MEDCPT_ARTICLE, MEDCPT_QUERY, Settings
 from suwen.errors import IndexMismatchError
+from suwen.indexes import store
 from suwen.indexes.store import IndexManifest
 
 
-def manifest(kind: str, encoder: str, query: str | None = None) -> IndexManifest:
-    return IndexManifest(name="demo", kind=kind, encoder=encoder, query_encoder=query, dim=8)
+def manifest(
+    kind: str, encoder: str, query: str | None = None, name: str = "demo"
+) -> IndexManifest:
+    return IndexManifest(name=name, kind=kind, encoder=encoder, query_encoder=query, dim=8)
 
 
 def fetched(home: Path, folder: str, repo_id: str) -> Path:
@@ -95,3 +99,76 @@ def test_an_image_index_uses_its_own_local_clip(tmp_path: Path, tiny_clip_dir: P
     assert choice.notice is not None and "image encoder" in choice.notice
     same = Settings(home=tmp_path, image_encoder=str(tiny_clip_dir))
     assert models.resolve_query_encoder(manifest("image", str(tiny_clip_dir)), same).notice is None
+
+
+# -- end to end: indexes built with another encoder than the configured default -------------
+
+
+def search(home: Path, *args: str):
+    from typer.testing import CliRunner
+
+    from suwen.cli import app
+
+    return CliRunner().invoke(app, ["--home", str(home), "search", *args])
+
+
+@pytest.mark.slow
+def test_search_text_uses_the_index_encoder_and_says_so(text_index_home: Path):
+    # Configured: the MedCPT defaults (not on this machine); the index was built with MiniLM.
+    done = search(text_index_home, "text", "pulmonary embolism", "--index", "pubmed", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)
+    notes = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(notes) == 1 and "searching with its own text encoder" in notes[0]
+
+
+@pytest.mark.slow
+def test_search_image_uses_the_index_encoder(
+    image_settings: Settings, image_index: str, image_corpus
+):
+    query = image_corpus.folder / f"{image_corpus.case_ids[0]}.jpg"
+    done = search(image_settings.home, "image", str(query), "--index", image_index, "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)[0]["id"] == f"case:{image_corpus.case_ids[0]}"
+    assert "its own image encoder" in done.stderr
+
+
+def test_an_index_naming_a_model_that_is_not_here_is_refused_by_search(tmp_path: Path):
+    version = tmp_path / "indexes" / "remote" / "v000001"
+    version.mkdir(parents=True)
+    store.write_manifest(version, manifest("text", "someone/elsewhere"))
+    (tmp_path / "indexes" / "remote" / store.CURRENT).write_text("v000001")
+    done = search(tmp_path, "text", "anything", "--index", "remote")
+    assert done.exit_code != 0
+    assert "someone/elsewhere" in done.output and "not on this machine" in done.output
+
+
+def test_ask_and_chat_say_which_encoder_an_index_uses(tmp_path: Path, minilm_path: Path):
+    """open_agent (behind ask, chat, batch) says it once per index, before searching."""
+    import asyncio
+
+    from suwen.runtime import open_agent
+    from tests.test_ask_runtime import Recorder
+
+    version = tmp_path / "indexes" / "demo-pubmed" / "v000001"
+    version.mkdir(parents=True)
+    store.write_manifest(version, manifest("text", str(minilm_path), name="demo-pubmed"))
+    (tmp_path / "indexes" / "demo-pubmed" / store.CURRENT).write_text("v000001")
+    notices: list[str] = []
+    settings = Settings(home=tmp_path, vllm_url=["http://127.0.0.1:8111/v1"])
+
+    async def run() -> None:
+        async with open_agent(
+            settings,
+            text_index="demo-pubmed",
+            sessions=False,
+            backends=Recorder().backends(),
+            on_notice=notices.append,
+        ):
+            pass
+
+    asyncio.run(run())
+    assert [n for n in notices if "demo-pubmed" in n] == [
+        f"index 'demo-pubmed': searching with its own text encoder {minilm_path} "
+        f"(the configured one is {MEDCPT_QUERY})"
+    ]

@@ -183,14 +183,24 @@ def test_concurrent_searches_agree_with_sequential_ones(
     assert got == expected * 2
 
 
-def test_searcher_refuses_an_index_built_with_another_encoder(
+def test_searcher_uses_the_encoder_the_index_was_built_with(
     image_settings: Settings, image_index: str, tmp_path: Path, tiny_clip_dir: Path
 ):
     other = tmp_path / "other-clip"
     shutil.copytree(tiny_clip_dir, other)
     mismatched = image_settings.model_copy(update={"image_encoder": str(other)})
-    with pytest.raises(IndexMismatchError, match="built with image encoder"):
-        ImageSearcher.open(mismatched, image_index)
+    searcher = ImageSearcher.open(mismatched, image_index)
+    assert searcher.encoder.id == ImageSearcher.open(image_settings, image_index).encoder.id
+    # An index whose encoder is not on this machine is refused (never downloaded).
+    elsewhere = tmp_path / "other-home"
+    shutil.copytree(image_settings.home, elsewhere)
+    moved = image_settings.model_copy(update={"home": elsewhere})
+    manifest_path = next((elsewhere / "indexes" / image_index).glob("v*/manifest.json"))
+    manifest_path.write_text(
+        manifest_path.read_text().replace(str(tiny_clip_dir), str(tmp_path / "gone"))
+    )
+    with pytest.raises(IndexMismatchError, match="not on this machine"):
+        ImageSearcher.open(moved, image_index)
 
 
 # --- building ---------------------------------------------------------------------------------

@@ -141,3 +141,12 @@ class LiveBars:
 
     def __exit__(self, *_exc: object) -> None:
         self.progress.stop()
+
+
+def note_index_encoder(settings: Settings, name: str) -> None:
+    """Say in one line when index ``name`` is searched with its own encoder, not the default."""
+    from suwen.models import encoder_notice
+
+    message = encoder_notice(settings, name)
+    if message:
+        err_console.print(labelled("note: ", message, "dim"), highlight=False, soft_wrap=True)

@@ -18,6 +18,7 @@ from suwen.commands.common import (
     fail,
     labelled,
     literal_line,
+    note_index_encoder,
     progress_bars,
     settings_of,
 )
@@ -112,7 +113,7 @@ def _extract_dataset(home: Path, source: Path, columns: image_sources.DatasetCol
     with err_console.status(f"reading {source.name}") as status:
 
         def on_skip(message: str) -> None:
-            status.console.print(f"[yellow]skipped:[/] {escape(message)}", highlight=False)
+            status.console.print(labelled("skipped: ", message, "yellow"), highlight=False)
 
         try:
             manifest, rows = image_sources.extract_dataset(source, target, columns, on_skip)
@@ -141,6 +142,7 @@ def search_image(
     try:
         image = load_image(path)
         exclude = (sha256_of(path),) if exclude_self else ()
+        note_index_encoder(settings, index or settings.image_index)
         searcher = ImageSearcher.open(settings, index)
         hits = searcher.search_image(image, k, exclude_sha256=exclude)
     except SuwenError as exc:

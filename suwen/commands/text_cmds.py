@@ -18,6 +18,7 @@ from suwen.commands.common import (
     detail_column,
     fail,
     literal_line,
+    note_index_encoder,
     print_errors,
     progress_bars,
     settings_of,
@@ -151,6 +152,7 @@ def search_text(
     method = method or settings.text_method
     if method not in ("hybrid", "dense", "bm25"):
         fail(f"--method {method!r}: choose hybrid, dense or bm25")
+    note_index_encoder(settings, index or settings.text_index)
     with user_errors(), TextSearcher.open(settings, index) as searcher:
         hits = searcher.search(query, k, method=cast("Method", method), exclude_pmids=exclude)
     if as_json:

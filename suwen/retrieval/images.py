@@ -21,6 +21,7 @@ from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
 from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
 from suwen.indexes.image_index import DB_FILE, FAISS_FILE
+from suwen.models import resolve_query_encoder
 from suwen.types import Hit
 
 
@@ -59,12 +60,8 @@ class ImageSearcher:
         version, manifest = store.open_version(settings.indexes_dir, name)
         if manifest.kind != "image":
             raise IndexMismatchError(f"index {name!r} is a {manifest.kind} index, not images")
+        settings = resolve_query_encoder(manifest, settings, "image").settings  # its own if local
         configured = encoder_id(settings.image_encoder)
-        if manifest.encoder != configured:
-            raise IndexMismatchError(
-                f"index {name!r} was built with image encoder {manifest.encoder}, but the "
-                f"configured one is {configured}; set SUWEN_IMAGE_ENCODER to match or rebuild"
-            )
         encoder = load_image_encoder(settings)
         if encoder.dim != manifest.dim:
             raise IndexMismatchError(

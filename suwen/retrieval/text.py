@@ -27,7 +27,8 @@ from suwen.indexes import bm25 as bm25_store
 from suwen.indexes.chunking import embedding_text
 from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import QueryEncoder, query_encoder, resolve_device
-from suwen.indexes.text_index import TEXT_DB, check_compatible, connect
+from suwen.indexes.text_index import TEXT_DB, connect
+from suwen.models import resolve_query_encoder
 from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
 from suwen.types import Hit, TextMethod
 
@@ -112,7 +113,7 @@ class TextSearcher:
     def open(cls, settings: Settings, name: str | None = None) -> TextSearcher:
         """The live version of text index ``name`` (default: ``settings.text_index``)."""
         version, manifest = store.open_version(settings.indexes_dir, name or settings.text_index)
-        check_compatible(manifest, settings)
+        settings = resolve_query_encoder(manifest, settings, "text").settings  # its own if local
         encoder = query_encoder(settings)
         if encoder.dim != manifest.dim:
             raise IndexMismatchError(
