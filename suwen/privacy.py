@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import stat
 import sys
 from collections.abc import Iterator, Sequence
@@ -153,6 +154,35 @@ def private_dir(path: Path) -> Path:
     if stat.S_IMODE(path.stat().st_mode) != PRIVATE_DIR_MODE:
         path.chmod(PRIVATE_DIR_MODE)
     return path
+
+
+# -- who may use a local vLLM server ---------------------------------------------------------
+
+API_KEY_FILE = Path("run") / "api-key"
+
+
+def local_api_key(home: Path, create: bool = False) -> str | None:
+    """The API key of the vLLM servers Suwen starts from the data home ``home``: the user's
+    ``VLLM_API_KEY`` when set, else a random key kept owner-only in the home (made on first
+    use when ``create``), so ``suwen serve`` and the commands pointed at it with
+    ``--vllm-url`` agree without the key ever appearing on a command line."""
+    from_env = os.environ.get("VLLM_API_KEY")
+    if from_env:
+        return from_env
+    path = home / API_KEY_FILE
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    private_dir(path.parent)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another run made it first
+        return path.read_text(encoding="ascii").strip() or None
+    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_urlsafe(32))
+    return path.read_text(encoding="ascii").strip()
 
 
 # -- models that are not on this machine -----------------------------------------------------

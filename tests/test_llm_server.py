@@ -21,9 +21,10 @@ import psutil
 import pytest
 
 from suwen.config import Settings
-from suwen.errors import InputError, ServerError
+from suwen.errors import InputError, ModelError, ServerError
 from suwen.llm import server as server_module
 from suwen.llm.base import Message
+from suwen.llm.client import VLLMClient
 from suwen.llm.server import (
     ManagedServer,
     failure_reason,
@@ -522,10 +523,10 @@ def test_a_stale_server_left_by_a_dead_run_is_ended_by_the_next(
             assert fresh.log_path is not None
             assert "ended a stale vLLM server" in fresh.log_path.read_text()
             assert_all_gone([engine])
-            assert [path.name for path in (settings.home / "run").iterdir()] == [
+            assert [path.name for path in (settings.home / "run").glob("vllm-*")] == [
                 f"vllm-{fresh.pid}.json"
             ]
-        assert list((settings.home / "run").iterdir()) == []
+        assert list((settings.home / "run").glob("vllm-*")) == []
     finally:
         holder.kill()
         holder.wait()
@@ -539,3 +540,23 @@ def test_a_live_runs_server_is_not_taken_for_a_stale_one(
         with ManagedServer(settings, port=free_port("127.0.0.1")) as second:
             assert second.ended_stale == []
             assert all(member.is_running() for member in members)
+
+
+def test_clients_of_the_same_data_home_have_the_key_others_do_not(
+    settings: Settings, fake_vllm: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`suwen serve` and the commands pointed at it with --vllm-url share the data home's key
+    (0600, in the 0700 home); a client of another data home is turned away."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+
+    async def ask(url: str, client_settings: Settings) -> str:
+        async with VLLMClient([url], client_settings) as client:
+            return (await client.chat([Message(role="user", text="hello")])).text
+
+    with ManagedServer(settings, port=free_port("127.0.0.1")) as server:
+        key_file = settings.home / "run" / "api-key"
+        assert key_file.read_text() == server.api_key
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert asyncio.run(ask(server.url, settings)) == "fake answer"
+        with pytest.raises(ModelError, match=r"401|Unauthorized"):
+            asyncio.run(ask(server.url, Settings(home=tmp_path / "other-home")))

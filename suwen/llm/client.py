@@ -48,6 +48,7 @@ from suwen.llm.base import (
     record_call,
 )
 from suwen.llm.images import ImageEncoder
+from suwen.privacy import is_loopback_url, local_api_key
 from suwen.sanitize import for_prompt
 
 T = TypeVar("T", bound=BaseModel)
@@ -325,7 +326,8 @@ class VLLMClient:
         """``model``: the served model name (default: ``settings.vlm`` if a server serves
         it, else the one model it serves). ``transport``: an httpx transport (tests).
         ``status_hint``: says why a managed server cannot be reached (it died, say).
-        ``api_key``: the servers' key (a managed server's own; default: VLLM_API_KEY)."""
+        ``api_key``: the servers' key (default: VLLM_API_KEY, else for servers on this
+        machine the key of those started from the data home)."""
         if not urls:
             raise InputError("no vLLM URL given")
         self.settings = settings
@@ -333,7 +335,9 @@ class VLLMClient:
         self._model = model
         self._transport = transport
         self._status_hint = status_hint
-        self._api_key = api_key or os.environ.get("VLLM_API_KEY", "EMPTY")
+        if api_key is None and all(is_loopback_url(url) for url in urls):
+            api_key = local_api_key(settings.home)  # servers started from this data home
+        self._api_key = api_key or os.environ.get("VLLM_API_KEY") or "EMPTY"
         self._rotation = itertools.count()
         self._state: _LoopState | None = None
         self._images = ImageEncoder(settings.vllm_image_min_pixels, settings.vllm_image_max_pixels)

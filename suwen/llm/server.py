@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -193,8 +192,8 @@ class ManagedServer:
         self.restarts = 0
         self.log_path: Path | None = None
         self.failure: str | None = None
-        # Only Suwen's client knows it: another local user cannot use (or read from) the server.
-        self.api_key = secrets.token_urlsafe(32)
+        # Only Suwen's clients know it: another local user cannot use (or read from) the server.
+        self.api_key: str | None = None
         self.ended_stale: list[str] = []
         self._process: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None  # write end of the guard's pipe; see guard.py
@@ -242,6 +241,7 @@ class ManagedServer:
         if missing:  # vLLM would fail after its start-up with a screenful of traceback
             raise ServerError(missing)
         self.ended_stale = end_stale_servers(self.settings)
+        self.api_key = privacy.local_api_key(self.settings.home, create=True)
         if not port_is_free(self.host, self.requested_port):
             if self.strict_port:
                 raise ServerError(
