@@ -261,12 +261,15 @@ def test_ask_batch_and_chat_through_real_vllm_stay_on_the_machine(
         assert ask.returncode in (0, 1), ask.stderr  # a random model may give no answer
         result = json.loads(ask.stdout)
         assert result["model_calls"] >= 3 and result["mode"] == "agent"
+        assert result["tokens"]["completion"] > 0, "no model call succeeded"
         assert result["evidence"] or result["trace"], "the agent did not search"
 
         batch = _batch(ns, env, url, tmp_path, image)
         assert batch.returncode in (0, 1), batch.stderr
         lines = (tmp_path / "answers.jsonl").read_text().splitlines()
-        assert sorted(json.loads(line)["id"] for line in lines) == ["q1", "q2"]
+        records = [json.loads(line) for line in lines]
+        assert sorted(record["id"] for record in records) == ["q1", "q2"]
+        assert not any("401" in record.get("error", "") for record in records)
 
         _chat(ns, env, url)
     finally:
