@@ -164,7 +164,8 @@ class Settings(BaseSettings):
     vllm_data_parallel_size: int = Field(
         1, ge=1, description="Engine replicas of a managed vLLM server (--data-parallel-size)"
     )
-    vllm_max_images: int = Field(4, ge=1, description="Images allowed per prompt")
+    # 8: a volume's default views (6 slices and 2 reformats) in one prompt.
+    vllm_max_images: int = Field(8, ge=1, description="Images allowed per prompt")
     # Qwen2.5-VL's processor admits 3136..12845056 pixels; 1280 visual tokens (28*28*1280) is
     # the budget Qwen recommends for serving and keeps 4 images inside the default context.
     vllm_image_min_pixels: int = Field(3136, ge=784, description="Smallest image area sent")
@@ -211,6 +212,9 @@ class Settings(BaseSettings):
     max_queries: int = Field(3, ge=1, description="PubMed queries planned per round")
     text_k: int = Field(5, ge=1, description="Text hits per query")
     image_k: int = Field(4, ge=0, description="Similar cases per image")
+    volume_slices: int = Field(
+        6, ge=1, description="Slices shown of a 3-D volume in its acquisition plane (--slices)"
+    )
     relevance_threshold: float = Field(0.5, ge=0, le=1, description="Reread score to keep")
     answer_evidence: int = Field(
         8, ge=1, description="Most relevant evidence items the answer sees"

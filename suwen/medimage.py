@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _NIFTI_MAGIC = (b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00")
 
 FloatArray = npt.NDArray[np.float64]
+_T = TypeVar("_T")
 ByteArray = npt.NDArray[np.uint8]
 
 
@@ -144,8 +145,16 @@ def _reader_for(path: Path) -> Reader:
 
 def _guard(path: Path, read: Callable[[], list[Frame]]) -> list[Frame]:
     """Run a reader, turning every decoder failure into a one-line InputError naming the file."""
+    frames = guarded(path, read)
+    if not frames:
+        raise InputError(f"{path}: contains no image")
+    return frames
+
+
+def guarded(path: Path, read: Callable[[], _T]) -> _T:
+    """``read()``, with every decoder failure turned into a one-line InputError naming ``path``."""
     try:
-        frames = read()
+        return read()
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
@@ -156,9 +165,6 @@ def _guard(path: Path, read: Callable[[], list[Frame]]) -> list[Frame]:
         raise InputError(f"{path}: too large to decode") from exc
     except Exception as exc:  # each decoder has its own exception types; all mean "unusable"
         raise InputError(f"{path}: corrupt or truncated image: {_one_line(exc)}") from exc
-    if not frames:
-        raise InputError(f"{path}: contains no image")
-    return frames
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -686,21 +692,8 @@ def _apply_voi(array: Any, dataset: Any) -> ByteArray:
 
 
 def _dicom_series_frames(folder: Path, max_frames: int) -> list[Frame]:
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    files = [p for p in files if p.suffix.lower() != ".txt"]
-    if not files:
-        raise InputError(f"{folder}: empty folder, no DICOM series in it")
-    not_dicom = [p.name for p in files if not _is_dicom_file(p)]
-    if not_dicom:
-        raise InputError(
-            f"{folder}: a folder is read as one DICOM series, but {not_dicom[0]} is not DICOM"
-        )
-    headers = [(path, _read_dicom(path, header_only=True)) for path in files]
-    # Slices only: a series folder may also hold reports or presentation states.
-    headers = [(path, header) for path, header in headers if "Rows" in header]
-    if not headers:
-        raise InputError(f"{folder}: no DICOM file in this series folder holds an image")
-    ordered = sorted(headers, key=lambda item: _slice_sort_key(item[0], item[1]))
+    files = _series_files(folder)
+    ordered = dicom_series_headers(folder, files)
     count = len(ordered)
     frames = []
     for i in pick_indices(count, max_frames):
@@ -729,3 +722,82 @@ def _position_along_normal(header: Any) -> float:
     row = np.array([float(v) for v in orientation[:3]])
     column = np.array([float(v) for v in orientation[3:]])
     return float(np.dot(np.cross(row, column), [float(v) for v in position]))
+
+
+def _series_files(folder: Path) -> list[Path]:
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    files = [p for p in files if p.suffix.lower() != ".txt"]
+    if not files:
+        raise InputError(f"{folder}: empty folder, no DICOM series in it")
+    not_dicom = [p.name for p in files if not _is_dicom_file(p)]
+    if not_dicom:
+        raise InputError(
+            f"{folder}: a folder is read as one DICOM series, but {not_dicom[0]} is not DICOM"
+        )
+    return files
+
+
+def dicom_series_headers(folder: Path, files: list[Path] | None = None) -> list[tuple[Path, Any]]:
+    """The image slices of a series folder as ``(file, header)``, in slice order (pixel data
+    not read)."""
+    files = _series_files(folder) if files is None else files
+    headers = [(path, _read_dicom(path, header_only=True)) for path in files]
+    # Slices only: a series folder may also hold reports or presentation states.
+    headers = [(path, header) for path, header in headers if "Rows" in header]
+    if not headers:
+        raise InputError(f"{folder}: no DICOM file in this series folder holds an image")
+    return sorted(headers, key=lambda item: _slice_sort_key(item[0], item[1]))
+
+
+def dicom_position_mm(header: Any) -> float | None:
+    """A slice's position along its normal in millimetres (None: the header does not say)."""
+    if not header.get("ImagePositionPatient"):
+        return None
+    return _position_along_normal(header)
+
+
+def dicom_slice_values(path: Path) -> tuple[npt.NDArray[np.float32], Any]:
+    """One single-frame grayscale DICOM slice in its modality's units (Hounsfield units for
+    CT), after the same size, length and codestream checks as every other read, and its
+    header. Raises InputError naming the file."""
+
+    def read() -> tuple[npt.NDArray[np.float32], Any]:
+        from pydicom.pixels.processing import apply_modality_lut
+
+        dataset = _read_dicom(path)
+        count = _checked_frame_count(path, dataset)
+        if count != 1 or int(dataset.get("SamplesPerPixel") or 1) != 1:
+            raise InputError(f"{path}: a volume slice must be one grayscale frame")
+        array = _decode_dicom_frame(path, dataset, 0, 1)
+        values = np.asarray(apply_modality_lut(array, dataset), dtype=np.float32)
+        return values, dataset
+
+    return guarded(path, read)
+
+
+def nifti_volume(path: Path) -> tuple[Any, npt.NDArray[np.float32]]:
+    """A 3-D NIfTI volume as ``(image, voxels as float32)`` in its stored orientation, after its
+    header's sizes (and the float copy's) passed the budget. Raises InputError naming the file;
+    a 2-D image or a single slice is refused (it is not a volume)."""
+
+    def read() -> tuple[Any, npt.NDArray[np.float32]]:
+        import nibabel as nib
+
+        image: Any = nib.load(str(path))
+        shape = tuple(int(n) for n in image.shape)
+        if len(shape) < 3 or any(n <= 0 for n in shape) or min(shape[:3]) < 2:
+            raise InputError(f"{path}: not a 3-D volume (shape {shape})")
+        _check_nifti_data(path, image.header, shape)
+        spatial = shape[:3]
+        planes = (spatial[0] * spatial[1], spatial[0] * spatial[2], spatial[1] * spatial[2])
+        if max(planes) > MAX_PIXELS or max(spatial) > MAX_FRAMES:
+            raise InputError(
+                f"{path}: refused, a {'x'.join(map(str, shape))} volume exceeds the limit of "
+                f"{MAX_PIXELS} pixels per slice or {MAX_FRAMES} slices (decompression bomb?)"
+            )
+        # nibabel may hand scaled data over as 64-bit floats before the 32-bit copy.
+        _refuse_volume(path, "the volume as 64-bit floats", math.prod(spatial) * 8)
+        index: tuple[slice | int, ...] = (slice(None),) * 3 + (0,) * (len(shape) - 3)
+        return image, np.asarray(image.dataobj[index], dtype=np.float32)
+
+    return guarded(path, read)

@@ -108,11 +108,18 @@ def build_graph(nodes: AgentNodes) -> StateGraph[AgentState, RunContext, AgentSt
     return graph
 
 
-def load_question_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
-    """Decode every image once per run (raises InputError naming a file that cannot be read)."""
-    from suwen.medimage import load_image  # the one loader for PNG/JPEG/TIFF/DICOM/NIfTI
+def load_question_images(
+    paths: list[str], slices: int = 6, question: str = ""
+) -> list[tuple[str, Image.Image]]:
+    """Decode every image once per run (raises InputError naming a file that cannot be read);
+    a volume becomes its labelled views (suwen.volumes)."""
+    from suwen.volumes import question_views  # through the one loader, suwen.medimage
 
-    return [(Path(path).name, load_image(Path(path))) for path in paths]
+    return [
+        (view.label or Path(path).name, view.image)
+        for path in paths
+        for view in question_views(Path(path), slices, question)
+    ]
 
 
 class SuwenAgent:
@@ -194,7 +201,9 @@ class SuwenAgent:
         paths = list(question.images) or list(previous.get("images", []))
         # Decoding (a DICOM series, a NIfTI volume) is slow work: keep the loop free for
         # the other questions a batch runs at the same time.
-        images = await asyncio.to_thread(load_question_images, paths)
+        images = await asyncio.to_thread(
+            load_question_images, paths, self.settings.volume_slices, question.text
+        )
         context = RunContext(images=images)
         # No LangSmith trace, whatever the environment or a caller configured: questions,
         # images' findings and answers stay on this machine.

@@ -227,7 +227,21 @@ def _question_text(question: Question, *, with_options: bool = True) -> str:
 
 
 def _user(text: str, images: Sequence[Image.Image] = ()) -> Message:
-    return Message(role="user", text=text, images=list(images))
+    return Message(role="user", text=text, images=list(images), image_labels=image_labels(images))
+
+
+def image_labels(images: Sequence[Image.Image]) -> list[str]:
+    """What is said before each image when any carries a label (a volume's view, a study's
+    role and date; suwen.volumes.labelled): file names are untrusted, so sanitised."""
+    from suwen.volumes import label_of
+
+    labels = [label_of(image) for image in images]
+    if not any(labels):
+        return []
+    return [
+        f"Image {i}: {line_for_prompt(label)}" if label else f"Image {i}:"
+        for i, label in enumerate(labels, start=1)
+    ]
 
 
 def look_messages(

@@ -28,10 +28,18 @@ IMAGE_OPTION_HELP = "Image file or DICOM series folder (repeatable: prior and cu
 VLLM_URL_HELP = "Running vLLM server to use (repeatable; none: start one)."
 ADAPTIVE_HELP = "Answer plainly when the plain answer is confident enough, else retrieve."
 ABSTAIN_HELP = "Below this confidence (0-1), say Suwen is not confident (default: setting)."
+SLICES_HELP = "Slices shown of a NIfTI volume or DICOM series (default: setting volume_slices)."
 
 
-def answer_settings(settings: Settings, abstain_below: float | None) -> Settings:
-    """The settings with ``--abstain-below`` applied (validated like the setting itself)."""
+def answer_settings(
+    settings: Settings, abstain_below: float | None, slices: int | None = None
+) -> Settings:
+    """The settings with ``--abstain-below`` and ``--slices`` applied (validated like the
+    settings themselves)."""
+    if slices is not None and slices < 1:
+        raise InputError(f"--slices {slices}: must be at least 1")
+    if slices is not None:
+        settings = settings.model_copy(update={"volume_slices": slices})
     if abstain_below is None:
         return settings
     try:
@@ -46,14 +54,14 @@ def mode_of(plain: bool, adaptive: bool) -> Literal["agent", "plain", "adaptive"
     return "plain" if plain else "adaptive" if adaptive else "agent"
 
 
-def checked_images(paths: list[Path]) -> list[str]:
-    """Decode every image given on the command line now, before a model server is started, so
-    a bad file costs the user a second, not a server start-up."""
-    from suwen.medimage import load_image
+def checked_images(paths: list[Path], slices: int = 1) -> list[str]:
+    """Decode every image given on the command line now (a volume's views too), before a model
+    server is started, so a bad file costs the user a second, not a server start-up."""
+    from suwen.volumes import question_views
 
     checked = []
     for path in paths:
-        load_image(path)
+        question_views(path, slices)
         checked.append(str(path.expanduser().resolve()))
     return checked
 
@@ -70,6 +78,7 @@ def ask(
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
     adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
     abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
+    slices: int | None = typer.Option(None, "--slices", help=SLICES_HELP),
     vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
     text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
     image_index: str | None = typer.Option(
@@ -84,9 +93,9 @@ def ask(
     if too_long is not None:
         fail(too_long)
     try:
-        images = checked_images(image)
+        settings = answer_settings(settings, abstain_below, slices)
+        images = checked_images(image, settings.volume_slices)
         mode = mode_of(plain, adaptive)
-        settings = answer_settings(settings, abstain_below)
     except InputError as exc:
         fail(str(exc))
     request = Question(text=question.strip(), images=images)

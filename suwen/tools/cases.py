@@ -29,10 +29,19 @@ def _search_each(
     k: int,
     exclude_sha256: frozenset[str],
 ) -> list[Hit]:
-    hits: list[Hit] = []
+    """Each source's best ``k`` cases: a volume's views are searched one by one and a case
+    scores its best match over them (suwen.volumes labels a view with its source file)."""
+    from suwen.volumes import source_of
+
+    groups: dict[str, dict[str, Hit]] = {}
     for label, image in images:
-        found = searcher.search_image(image, k, exclude_sha256=exclude_sha256)
-        hits.extend(hit.model_copy(update={"found_by": [f"similar to {label}"]}) for hit in found)
+        best = groups.setdefault(source_of(image, label), {})
+        for hit in searcher.search_image(image, k, exclude_sha256=exclude_sha256):
+            if hit.key not in best or hit.score > best[hit.key].score:
+                best[hit.key] = hit.model_copy(update={"found_by": [f"similar to {label}"]})
+    hits: list[Hit] = []
+    for best in groups.values():
+        hits.extend(sorted(best.values(), key=lambda hit: hit.score, reverse=True)[:k])
     return hits
 
 
