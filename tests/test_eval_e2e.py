@@ -23,6 +23,7 @@ from suwen.config import Settings
 from suwen.evaluate.stats import compare
 from tests.fixtures_images import INDEX_NAME as IMAGE_INDEX
 from tests.fixtures_text import TEXT_INDEX
+from tests.test_eval_requests import lay_out_iu_xray
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -190,3 +191,46 @@ def _check_report(out: Path, records: dict[tuple[str, str], list[dict[str, objec
             f"{100 * paired.delta:+.1f}",
         ]
         assert cells[7:9] == [str(paired.fixed), str(paired.broken)]
+
+
+def test_iu_xray_reports_with_labelled_images_and_a_blank_baseline_through_real_vllm(
+    eval_env: dict[str, str], vllm_url: str, shared_data: Path, tmp_path: Path
+) -> None:
+    """MedEvalKit's IU-Xray layout (the fixture: shared chest images, written reports), two
+    and three images per study sent with '<image_i>: ' labels to the real server, plain and
+    blank-image modes, and the report-generation table with every metric accounted for."""
+    iu_xray = lay_out_iu_xray(shared_data, tmp_path / "IU_XRAY")
+    out = tmp_path / "reports"
+    args = [
+        sys.executable,
+        "-c",
+        "from suwen.cli import main; main()",
+        "eval",
+        "--benchmark",
+        "IU-Xray",
+        "--data",
+        str(iu_xray),
+        "--modes",
+        "plain,blank",
+        "--out",
+        str(out),
+        "--vllm-url",
+        vllm_url,
+    ]
+    done = subprocess.run(args, cwd=REPO, env=eval_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "IU-Xray plain: 3/3 done (3 now)" in done.stdout
+    assert "IU-Xray plain-blank: 3/3 done (3 now)" in done.stdout
+    for mode in ("plain", "plain-blank"):
+        rows = [json.loads(line) for line in _lines(out / "IU-Xray" / f"{mode}.jsonl")]
+        assert all(row["asked"] and row["tokens"]["prompt"] > 0 for row in rows)
+        assert sorted(len(row["images_shown"]) for row in rows) == [2, 2, 3]
+    metrics = json.loads((out / "metrics.json").read_text("utf-8"))
+    values = metrics["benchmarks"]["IU-Xray"]["modes"]["plain"]["report_metrics"]["values"]
+    for key in ("bleu1", "bleu4", "rougeL", "rougeL_rouge_package", "cider"):
+        assert isinstance(values[key], float), key
+    assert isinstance(values["meteor"], float) or "not_computed" in values["meteor"]
+    assert all("not_computed" in values[name] for name in ("RaTE", "GREEN"))
+    run = json.loads((out / "run.json").read_text("utf-8"))
+    assert run["provenance"]["vllm_version"][vllm_url]  # the server said its version
+    assert "## Report generation" in (out / "report.md").read_text("utf-8")

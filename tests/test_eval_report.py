@@ -196,5 +196,13 @@ def test_cli_runs_resumes_and_reports(
         )
         bad = CliRunner().invoke(app, ["eval", "--benchmark", "nope", "--out", str(out)])
         assert bad.exit_code != 0 and "unknown benchmark" in bad.output
+        for flag, value in (("--lang", "fr"), ("--modes", "plain,noise")):
+            wrong = CliRunner().invoke(
+                app, ["eval", "--benchmark", "pubmedqa", "--out", str(out), flag, value]
+            )
+            assert wrong.exit_code != 0 and flag in wrong.output
+        run = json.loads((out / "run.json").read_text())
+        assert run["config"]["sampling"]["top_p"] == 0.0001
+        assert run["config"]["images"]["max_pixels"] == 12_845_056
     finally:
         runtime.install_backends(previous)

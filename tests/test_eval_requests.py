@@ -59,10 +59,8 @@ def _image_size(part: dict[str, Any]) -> tuple[int, int]:
         return image.size
 
 
-@pytest.fixture()
-def iu_xray(shared_data: Path, tmp_path: Path) -> Path:
+def lay_out_iu_xray(shared_data: Path, folder: Path) -> Path:
     """The fixture's studies in MedEvalKit's IU_XRAY layout (test.json + images/)."""
-    folder = tmp_path / "IU_XRAY"
     (folder / "images").mkdir(parents=True)
     studies = json.loads(FIXTURE.read_text())["studies"]
     for study in studies:
@@ -72,6 +70,11 @@ def iu_xray(shared_data: Path, tmp_path: Path) -> Path:
     rows = [{k: v for k, v in s.items() if k != "sources"} for s in studies]
     (folder / "test.json").write_text(json.dumps(rows))
     return folder
+
+
+@pytest.fixture()
+def iu_xray(shared_data: Path, tmp_path: Path) -> Path:
+    return lay_out_iu_xray(shared_data, tmp_path / "IU_XRAY")
 
 
 # -- sampling, image budget and labels ---------------------------------------------------------

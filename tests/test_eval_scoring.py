@@ -378,3 +378,22 @@ def test_meteor_without_java_is_not_computed(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(text_metrics.shutil, "which", lambda name: None)
     result = text_metrics.meteor(["a"], ["a"])
     assert isinstance(result, text_metrics.NotComputed) and "java" in result.reason
+
+
+def test_meteor_whose_jvm_dies_is_not_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from pycocoevalcap.meteor import meteor as jar
+
+    from suwen.evaluate import text_metrics
+
+    class DeadJar:
+        def __init__(self) -> None:
+            self.meteor_p = subprocess.Popen(["true"])
+
+        def compute_score(self, gts: object, res: object) -> tuple[float, list[float]]:
+            raise ValueError("could not convert string to float: ''")
+
+    monkeypatch.setattr(jar, "Meteor", DeadJar)
+    result = text_metrics.meteor(["a report ."], ["a report ."])
+    assert isinstance(result, text_metrics.NotComputed) and "failed" in result.reason

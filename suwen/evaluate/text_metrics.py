@@ -88,11 +88,15 @@ def meteor(predictions: Sequence[str], references: Sequence[str]) -> float | Not
     res = {
         str(i): [_one_line(" ".join(report_tokens(p))) or "."] for i, p in enumerate(predictions)
     }
-    scorer = Meteor()
+    try:
+        scorer = Meteor()
+    except OSError as exc:
+        return NotComputed(reason=f"cannot start METEOR's Java process: {exc}")
     try:
         score, _ = scorer.compute_score(gts, res)
+    except (ValueError, OSError) as exc:  # the JVM died (out of memory, say): no number
+        return NotComputed(reason=f"METEOR's Java process failed: {exc}")
     finally:
-        scorer.meteor_p.stdin.close()
         scorer.meteor_p.kill()
         scorer.meteor_p.wait()
     return float(score)
