@@ -27,15 +27,18 @@ from rich.markdown import Markdown
 from typer.testing import CliRunner
 
 from suwen import runtime
+from suwen.agent.state import Turn
+from suwen.chat_session import ChatTurn
 from suwen.cli import app
 from suwen.commands import common
+from suwen.commands.answer_view import transcript_markdown
 from suwen.commands.chat import HISTORY_FILE, input_history
 from suwen.commands.image_cmds import _print_cases
 from suwen.commands.text_cmds import _print_hits
 from suwen.config import Settings
 from suwen.indexes import store
 from suwen.sanitize import for_terminal
-from suwen.types import Hit
+from suwen.types import AgentResult, Hit
 from tests.conftest import REPO
 from tests.fake_search import FakeImageSearch, FakeTextSearch, case_hit, text_hit
 from tests.test_ask import Opened
@@ -395,3 +398,12 @@ def test_config_show_and_progress_details_print_literally(
     task = progress.add_task("files", total=None, detail=f"/data/{RETRACTED} [/]")
     rendered = common.detail_column().render(progress.tasks[task])
     assert rendered.plain == f"/data/{RETRACTED} [/]"
+
+
+def test_a_saved_transcript_carries_no_escape_sequence() -> None:
+    result = AgentResult(question=QUESTION, answer=ANSWER)
+    turn = ChatTurn(f"{QUESTION} \x1b]0;PWNED\x07", [], result)
+    earlier = [Turn(question="\x1b[2Jbefore", answer=f"old {ESCAPES}")]
+    text = transcript_markdown("t1", earlier, [turn])
+    assert "\x1b" not in text and "PWNED" not in text
+    assert "[link=https://evil.example]click[/link]" in text and "**You:** before" in text

@@ -29,6 +29,7 @@ from suwen.commands.common import (
     safe_markdown,
 )
 from suwen.commands.confidence_view import abstention_notice, confidence_line, route_lines
+from suwen.sanitize import for_terminal
 from suwen.types import AgentResult, Citation, Evidence, Hit
 
 QUOTE_PREVIEW = 160
@@ -247,7 +248,8 @@ def _preview(text: str) -> str:
 
 def transcript_markdown(thread_id: str, earlier: Sequence[Turn], turns: Sequence[ChatTurn]) -> str:
     """A conversation as a markdown document: every question and answer, each answer followed
-    by its numbered sources, so the [n] in the text can be checked."""
+    by its numbered sources, so the [n] in the text can be checked. Without escape sequences
+    or control characters: the file is shown in terminals too (``cat``, ``less -R``)."""
     lines = [f"# Suwen conversation {thread_id}", "", f"> {NOT_MEDICAL_ADVICE}", ""]
     if earlier:
         lines += ["## Earlier in this conversation", ""]
@@ -255,7 +257,7 @@ def transcript_markdown(thread_id: str, earlier: Sequence[Turn], turns: Sequence
             lines += [f"**You:** {old.question}", "", old.answer, ""]
     for number, turn in enumerate(turns, start=1):
         lines += _turn_markdown(number, turn)
-    return "\n".join(lines).rstrip() + "\n"
+    return for_terminal("\n".join(lines)).rstrip() + "\n"
 
 
 def _turn_markdown(number: int, turn: ChatTurn) -> list[str]:
