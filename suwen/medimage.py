@@ -801,3 +801,8 @@ def nifti_volume(path: Path) -> tuple[Any, npt.NDArray[np.float32]]:
         return image, np.asarray(image.dataobj[index], dtype=np.float32)
 
     return guarded(path, read)
+
+
+def read_dicom_header(path: Path) -> Any:
+    """A DICOM file's header without its pixel data (InputError naming the file)."""
+    return guarded(path, lambda: _read_dicom(path, header_only=True))

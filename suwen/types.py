@@ -80,6 +80,16 @@ class Hit(BaseModel):
         return row
 
 
+ChangeKind = Literal["new", "resolved", "larger", "smaller", "stable"]
+
+
+class Change(BaseModel):
+    """One difference between the prior and the current study, as the look step read it."""
+
+    kind: ChangeKind
+    finding: str
+
+
 class Findings(BaseModel):
     """What the **look** step reads off the image(s) and question."""
 
@@ -88,6 +98,10 @@ class Findings(BaseModel):
     findings: list[str] = Field(default_factory=list)
     candidates: list[str] = Field(default_factory=list, description="Candidate diagnoses")
     to_check: list[str] = Field(default_factory=list, description="What to look up")
+    # A follow-up (a prior study among the images): the prior's findings and what changed;
+    # ``findings`` then describes the current study.
+    prior_findings: list[str] = Field(default_factory=list, description="Prior study findings")
+    changes: list[Change] = Field(default_factory=list, description="Prior -> current changes")
 
 
 class Evidence(BaseModel):
@@ -198,6 +212,12 @@ class Question(BaseModel):
 
     text: str
     images: list[str] = Field(default_factory=list, description="Image file paths")
+    prior_images: list[str] = Field(
+        default_factory=list, description="Image files of earlier studies (compared against)"
+    )
+    image_dates: dict[str, str] = Field(
+        default_factory=dict, description="Study date (YYYY-MM-DD) per image path, when given"
+    )
     answer_format: AnswerFormat = Field(default_factory=AnswerFormat)
     exclude_pmids: list[str] = Field(default_factory=list)
     exclude_image_sha256: list[str] = Field(default_factory=list)

@@ -16,7 +16,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.runnables import RunnableConfig
@@ -109,17 +108,18 @@ def build_graph(nodes: AgentNodes) -> StateGraph[AgentState, RunContext, AgentSt
 
 
 def load_question_images(
-    paths: list[str], slices: int = 6, question: str = ""
+    paths: list[str],
+    slices: int = 6,
+    question: str = "",
+    priors: list[str] | None = None,
+    dates: dict[str, str] | None = None,
 ) -> list[tuple[str, Image.Image]]:
     """Decode every image once per run (raises InputError naming a file that cannot be read);
-    a volume becomes its labelled views (suwen.volumes)."""
-    from suwen.volumes import question_views  # through the one loader, suwen.medimage
+    a volume becomes its labelled views (suwen.volumes), and with a prior study each image is
+    labelled with its study's role and date (suwen.studies), priors first."""
+    from suwen.studies import assign_roles, study_views  # through the one loader, medimage
 
-    return [
-        (view.label or Path(path).name, view.image)
-        for path in paths
-        for view in question_views(Path(path), slices, question)
-    ]
+    return study_views(assign_roles(paths, priors or [], dates), slices, question)
 
 
 class SuwenAgent:
@@ -202,7 +202,12 @@ class SuwenAgent:
         # Decoding (a DICOM series, a NIfTI volume) is slow work: keep the loop free for
         # the other questions a batch runs at the same time.
         images = await asyncio.to_thread(
-            load_question_images, paths, self.settings.volume_slices, question.text
+            load_question_images,
+            paths,
+            self.settings.volume_slices,
+            question.text,
+            list(question.prior_images),
+            dict(question.image_dates),
         )
         context = RunContext(images=images)
         # No LangSmith trace, whatever the environment or a caller configured: questions,

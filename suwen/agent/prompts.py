@@ -68,6 +68,18 @@ LOOK_NO_IMAGE = (
     "body_region empty when it says nothing about them)."
 )
 
+# A follow-up: images labelled by suwen.studies as "prior study (date)" / "current study (date)".
+LOOK_COMPARISON = (
+    "The images labelled 'prior study' are an earlier examination of the same patient; those "
+    "labelled 'current study' are the one being read now. Put the current study's findings in "
+    "findings and the prior study's in prior_findings, and list every difference in changes, "
+    'each as {"kind": "new" | "resolved" | "larger" | "smaller" | "stable", "finding": "..."}.'
+)
+ANSWER_COMPARISON = (
+    "The images include a prior study of the same patient: compare the current study with it "
+    "and say what is new, resolved, larger, smaller or stable, with the dates."
+)
+
 PLAN_SYSTEM = (
     f"{ROLE}\nYou plan PubMed searches. Write a few short keyword queries (2 to 6 words each, "
     "no full sentences, no boolean operators), each about a different aspect of what must be "
@@ -194,10 +206,16 @@ def findings_note(findings: Findings | None) -> str:
             ("Findings", "; ".join(findings.findings)),
             ("Candidate diagnoses", "; ".join(findings.candidates)),
             ("To check", "; ".join(findings.to_check)),
+            ("Prior study findings", "; ".join(findings.prior_findings)),
+            ("Changes since the prior study", changes_text(findings)),
         )
         if value
     ]
     return "Your earlier reading of the case:\n" + "\n".join(lines) if lines else ""
+
+
+def changes_text(findings: Findings) -> str:
+    return "; ".join(f"{change.kind}: {change.finding}" for change in findings.changes)
 
 
 def _without_citations(text: str) -> str:
@@ -230,6 +248,12 @@ def _user(text: str, images: Sequence[Image.Image] = ()) -> Message:
     return Message(role="user", text=text, images=list(images), image_labels=image_labels(images))
 
 
+def _has_prior(images: Sequence[Image.Image]) -> bool:
+    from suwen.studies import role_of
+
+    return any(role_of(image) == "prior" for image in images)
+
+
 def image_labels(images: Sequence[Image.Image]) -> list[str]:
     """What is said before each image when any carries a label (a volume's view, a study's
     role and date; suwen.volumes.labelled): file names are untrusted, so sanitised."""
@@ -250,6 +274,8 @@ def look_messages(
     text = _question_text(question)
     if not images:
         text = f"{LOOK_NO_IMAGE}\n\n{text}"
+    if _has_prior(images):
+        text = f"{LOOK_COMPARISON}\n\n{text}"
     return [Message(role="system", text=LOOK_SYSTEM), *history, _user(text, images)]
 
 
@@ -349,6 +375,8 @@ def answer_messages(
             else ANSWER_NO_EVIDENCE
         )
         parts = [findings_note(findings), block, _question_text(question)]
+    if _has_prior(images):
+        parts.append(ANSWER_COMPARISON)
     parts.append(short_form_instruction(question.answer_format))
     return [
         Message(role="system", text=system),

@@ -28,6 +28,7 @@ from suwen.commands.common import (
     literal_line,
     safe_markdown,
 )
+from suwen.commands.comparison_view import comparison_lines, comparison_table
 from suwen.commands.confidence_view import abstention_notice, confidence_line, route_lines
 from suwen.sanitize import for_terminal
 from suwen.types import AgentResult, Citation, Evidence, Hit
@@ -217,6 +218,9 @@ def result_view(result: AgentResult) -> RenderableType:
     """Everything ``suwen ask`` shows for one result."""
     entries = numbered_evidence(result)
     parts: list[RenderableType] = [answer_view(result)]
+    comparison = comparison_table(result.findings)
+    if comparison is not None:
+        parts.append(comparison)
     cited = [entry for entry in entries if entry.cited]
     if cited:
         parts.append(evidence_table(cited, title="Citations"))
@@ -235,6 +239,7 @@ def plain_result(result: AgentResult) -> str:
     lines = [result.answer or "(no answer)", ""]
     if result.short_answer:
         lines += [f"Short answer: {result.short_answer}", ""]
+    lines += comparison_lines(result.findings)
     entries = numbered_evidence(result)
     if entries:
         lines += ["Sources:", *(_source_markdown(entry) for entry in entries), ""]

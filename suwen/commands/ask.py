@@ -28,6 +28,7 @@ IMAGE_OPTION_HELP = "Image file or DICOM series folder (repeatable: prior and cu
 VLLM_URL_HELP = "Running vLLM server to use (repeatable; none: start one)."
 ADAPTIVE_HELP = "Answer plainly when the plain answer is confident enough, else retrieve."
 ABSTAIN_HELP = "Below this confidence (0-1), say Suwen is not confident (default: setting)."
+PRIOR_HELP = "Image of an earlier study to compare with (repeatable); --image is the current one."
 SLICES_HELP = "Slices shown of a NIfTI volume or DICOM series (default: setting volume_slices)."
 
 
@@ -66,6 +67,13 @@ def checked_images(paths: list[Path], slices: int = 1) -> list[str]:
     return checked
 
 
+def checked_priors(paths: list[Path], images: list[str], slices: int = 1) -> list[str]:
+    """``--prior`` images, checked like ``--image``; a prior needs a current study."""
+    if paths and not images:
+        raise InputError("--prior: give the current study with --image as well")
+    return checked_images(paths, slices)
+
+
 def warn(message: str) -> None:
     print_note(message)
 
@@ -74,6 +82,7 @@ def ask(
     ctx: typer.Context,
     question: str = typer.Argument(..., help="The question, in quotes."),
     image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
+    prior: list[Path] = typer.Option([], "--prior", help=PRIOR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
     adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
@@ -95,10 +104,11 @@ def ask(
     try:
         settings = answer_settings(settings, abstain_below, slices)
         images = checked_images(image, settings.volume_slices)
+        priors = checked_priors(prior, images, settings.volume_slices)
         mode = mode_of(plain, adaptive)
     except InputError as exc:
         fail(str(exc))
-    request = Question(text=question.strip(), images=images)
+    request = Question(text=question.strip(), images=images, prior_images=priors)
     result = asyncio.run(
         answer_question(
             settings,

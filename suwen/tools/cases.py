@@ -31,10 +31,13 @@ def _search_each(
 ) -> list[Hit]:
     """Each source's best ``k`` cases: a volume's views are searched one by one and a case
     scores its best match over them (suwen.volumes labels a view with its source file)."""
+    from suwen.studies import role_of
     from suwen.volumes import source_of
 
     groups: dict[str, dict[str, Hit]] = {}
     for label, image in images:
+        if role_of(image) == "prior":
+            continue  # similar cases are sought for the study being read now
         best = groups.setdefault(source_of(image, label), {})
         for hit in searcher.search_image(image, k, exclude_sha256=exclude_sha256):
             if hit.key not in best or hit.score > best[hit.key].score:

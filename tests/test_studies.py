@@ -1,0 +1,144 @@
+"""Prior and current studies: roles and dates reach the model, look's changes reach the answer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from suwen import runtime
+from suwen.agent.prompts import ANSWER_COMPARISON, LOOK_COMPARISON
+from suwen.cli import app
+from suwen.commands.answer_view import plain_result
+from suwen.studies import assign_roles, study_views
+from suwen.types import AgentResult
+from tests.agent_helpers import ask, cases, make_agent, question
+from tests.fake_model import FakeModel
+from tests.fake_search import FakeImageSearch
+from tests.test_ask import Opened
+
+
+def dicom_on(shared_data: Path, path: Path, date: str) -> Path:
+    dataset = pydicom.dcmread(shared_data / "imaging" / "dicom" / "CT_small.dcm")
+    dataset.StudyDate = date
+    dataset.save_as(path)
+    return path
+
+
+@pytest.fixture()
+def two_dates(tmp_path: Path, shared_data: Path) -> tuple[str, str]:
+    old = dicom_on(shared_data, tmp_path / "old.dcm", "20010102")
+    new = dicom_on(shared_data, tmp_path / "new.dcm", "20030405")
+    return str(old), str(new)
+
+
+@pytest.fixture()
+def opened(suwen_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Opened]:
+    monkeypatch.setenv("COLUMNS", "200")
+    fakes = Opened()
+    previous = runtime.install_backends(fakes.backends())
+    yield fakes
+    runtime.install_backends(previous)
+
+
+@pytest.fixture()
+def jpeg(shared_data: Path) -> str:
+    return str(sorted((shared_data / "vqa_rad" / "images").glob("*.jpg"))[0])
+
+
+def test_study_dates_order_the_studies_when_no_role_is_given(two_dates: tuple[str, str]) -> None:
+    old, new = two_dates
+    studies = assign_roles([new, old], [])
+    assert [(s.path, s.role, s.date) for s in studies] == [
+        (old, "prior", "2001-01-02"),
+        (new, "current", "2003-04-05"),
+    ]
+    labels = [label for label, _ in study_views(studies, 6)]
+    assert labels == ["prior study (2001-01-02): old.dcm", "current study (2003-04-05): new.dcm"]
+
+
+def test_an_explicit_prior_wins_and_one_date_orders_nothing(
+    two_dates: tuple[str, str], jpeg: str
+) -> None:
+    old, new = two_dates
+    assert [s.role for s in assign_roles([old], [new])] == ["prior", "current"]
+    same = assign_roles([old, old], [])  # one date: no comparison, no labels
+    assert [s.role for s in same] == ["current", "current"]
+    assert [label for label, _ in study_views(same, 6)] == ["old.dcm", "old.dcm"]
+    dated = assign_roles([jpeg], [jpeg], {jpeg: "2020-01-01"})
+    assert dated[0].label == "prior study (2020-01-01)"
+    assert assign_roles([jpeg], [new])[1].label == "current study (date unknown)"
+
+
+CHANGES = {
+    "modality": "CT",
+    "body_region": "chest",
+    "findings": ["3 cm nodule right upper lobe"],
+    "candidates": ["neoplasm"],
+    "to_check": [],
+    "prior_findings": ["2 cm nodule right upper lobe"],
+    "changes": [
+        {"kind": "larger", "finding": "right upper lobe nodule, 2 cm to 3 cm"},
+        {"kind": "new", "finding": "small left pleural effusion"},
+    ],
+}
+
+
+def test_roles_reach_the_model_and_the_changes_reach_the_answer(
+    tmp_path: Path, two_dates: tuple[str, str]
+) -> None:
+    old, new = two_dates
+    model = FakeModel().script("look", json.dumps(CHANGES))
+    search = FakeImageSearch(cases())
+    agent = make_agent(tmp_path, model, images=search)
+    result = ask(agent, question("Has the nodule grown?", images=[new], prior_images=[old]))
+    look = model.calls_for("look")[0].messages[-1]
+    assert look.image_labels == [
+        "Image 1: prior study (2001-01-02): old.dcm",
+        "Image 2: current study (2003-04-05): new.dcm",
+    ]
+    assert LOOK_COMPARISON in look.text
+    assert [c.kind for c in result.findings.changes] == ["larger", "new"]  # type: ignore[union-attr]
+    answer = model.calls_for("answer")[0]
+    assert "Changes since the prior study: larger: right upper lobe nodule" in answer.text
+    assert "Prior study findings: 2 cm nodule right upper lobe" in answer.text
+    assert ANSWER_COMPARISON in answer.text
+    assert answer.messages[-1].image_labels == look.image_labels
+    assert len(search.calls) == 1  # similar cases: the current study only
+    text = plain_result(result)
+    assert "Comparison with the prior study:\n- larger: right upper lobe nodule" in text
+
+
+def test_a_question_without_a_prior_keeps_its_prompts(tmp_path: Path, jpeg: str) -> None:
+    model = FakeModel()
+    ask(make_agent(tmp_path, model), question("What is shown?", images=[jpeg]))
+    look = model.calls_for("look")[0]
+    assert look.messages[-1].image_labels == [] and LOOK_COMPARISON not in look.text
+
+
+def test_ask_prior_reaches_the_question_and_the_view(
+    opened: Opened,
+    two_dates: tuple[str, str],
+) -> None:
+    old, new = two_dates
+    opened.model.script("look", json.dumps(CHANGES))
+    result = CliRunner().invoke(app, ["ask", "--image", new, "--prior", old, "Any change?"])
+    assert result.exit_code == 0, result.output
+    assert "Comparison with the prior study" in result.stdout and "larger" in result.stdout
+    as_json = CliRunner().invoke(
+        app, ["ask", "--image", new, "--prior", old, "Any change?", "--json"]
+    )
+    parsed = AgentResult.model_validate_json(as_json.stdout)
+    assert parsed.findings is not None and parsed.findings.changes[1].kind == "new"
+
+
+def test_ask_prior_without_a_current_study_is_refused(
+    opened: Opened,
+    two_dates: tuple[str, str],
+) -> None:
+    result = CliRunner().invoke(app, ["ask", "--prior", two_dates[0], "Any change?"])
+    assert result.exit_code == 2 and "--prior: give the current study with --image" in result.output
