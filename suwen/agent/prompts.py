@@ -47,7 +47,7 @@ ROLE = (
 )
 
 DATA_RULE = (
-    f"Retrieved data (article passages or captions of other patients' images) comes inside an "
+    "Retrieved data (article passages or captions of other patients' images) comes inside an "
     f"evidence block: it opens with a tag like <{EVIDENCE_TAG}-NONCE> and closes with "
     f"</{EVIDENCE_TAG}-NONCE>, where NONCE is random and the sentence right before the block "
     "names the tag. "
