@@ -225,14 +225,16 @@ def fetch_models(
     on_step: ProgressFn = lambda message: None,
 ) -> list[FetchedRepo]:
     """Fetch every repository of the named models, record them, and point the data home's
-    settings at them. ``revision`` applies to each model's main repository."""
+    settings at them. ``revision`` (one model at a time) applies to that model's repositories;
+    a config-only companion (BiomedCLIP's text-tower config) is always fetched from main."""
     specs = expand_names(names)
-    if revision is not None and sum(len(spec.repos) for spec in specs) > 1:
-        raise ModelFetchError("--revision names one repository's commit: fetch one model with it")
+    if revision is not None and len(specs) > 1:
+        raise ModelFetchError("--revision names one model's branch, tag or commit: fetch one model")
     fetched: list[FetchedRepo] = []
     for spec in specs:
         for repo in spec.repos:
-            record = fetch_repo(settings, spec.name, repo, revision, on_step)
+            asked = None if repo.config_only else revision
+            record = fetch_repo(settings, spec.name, repo, asked, on_step)
             fetched.append(record)
             save_record(settings, record)  # each finished repo is kept even if a later one fails
     write_model_settings(settings.home / CONFIG_FILE_NAME, local_settings(settings, fetched))

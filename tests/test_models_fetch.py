@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 
 from suwen import models
 from suwen.cli import app
-from suwen.config import LINGSHU_7B, MEDCPT_ARTICLE, MEDCPT_CROSS, MEDCPT_QUERY, load_settings
+from suwen.config import (
+    LINGSHU_7B,
+    MEDCPT_ARTICLE,
+    MEDCPT_CROSS,
+    MEDCPT_QUERY,
+    Settings,
+    load_settings,
+)
 from tests.fake_hub import HubState, serve_hub
 
 COMMIT = "a" * 40
@@ -102,6 +109,8 @@ def test_names_expand_and_unknown_names_are_refused_in_one_line():
     ]
     with pytest.raises(models.ModelFetchError, match="unknown model 'gpt-5'"):
         models.expand_names(["gpt-5"])
+    with pytest.raises(models.ModelFetchError, match="fetch one model"):
+        models.fetch_models(Settings(), ["biomedclip", "medcpt"], revision="v1")
 
 
 @pytest.mark.slow

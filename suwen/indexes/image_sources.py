@@ -90,14 +90,17 @@ def extract_dataset(
     manifest = target / MANIFEST_NAME
     staging = target / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     written = 0
-    with staging.open("w", encoding="utf-8") as out:
-        for file in dataset_files(source):
-            for number, row in _rows(file, columns):
-                line = _manifest_row(file, number, row, columns, target, warn)
-                if line is not None:
-                    out.write(json.dumps(line) + "\n")
-                    written += 1
-    staging.replace(manifest)
+    try:
+        with staging.open("w", encoding="utf-8") as out:
+            for file in dataset_files(source):
+                for number, row in _rows(file, columns):
+                    line = _manifest_row(file, number, row, columns, target, warn)
+                    if line is not None:
+                        out.write(json.dumps(line) + "\n")
+                        written += 1
+        staging.replace(manifest)
+    finally:
+        staging.unlink(missing_ok=True)  # only left when the run failed
     if not written:
         raise InputError(f"{source}: no row holds a usable image in column {columns.image!r}")
     return manifest, written
@@ -189,6 +192,8 @@ def _image_file(cell: Any, base: Path, target: Path, where: str, warn: WarnFn) -
         data = bytes(cell)
     elif isinstance(cell, str) and cell:
         data = _read_inside(base, cell, where, warn)
+        if data is None:
+            return None  # said why
     if data is None:
         warn(f"{where}: no image in this row, skipped")
         return None
@@ -214,8 +219,10 @@ def _read_inside(base: Path, relative: str, where: str, warn: WarnFn) -> bytes |
     if not path.is_relative_to(base.resolve()) or not path.is_file():
         warn(f"{where}: image path {relative!r} is not a file inside {base}, skipped")
         return None
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        return b"\0" * (MAX_IMAGE_BYTES + 1)  # reported as over the limit
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        warn(f"{where}: image of {size} bytes is over the limit, skipped")
+        return None
     return path.read_bytes()
 
 
