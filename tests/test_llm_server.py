@@ -560,3 +560,16 @@ def test_clients_of_the_same_data_home_have_the_key_others_do_not(
         assert asyncio.run(ask(server.url, settings)) == "fake answer"
         with pytest.raises(ModelError, match=r"401|Unauthorized"):
             asyncio.run(ask(server.url, Settings(home=tmp_path / "other-home")))
+
+
+def test_a_refused_flag_slipped_past_validation_still_never_reaches_vllm(tmp_path: Path) -> None:
+    unchecked = Settings(home=tmp_path).model_copy(update={"vllm_extra_args": ["--host=0.0.0.0"]})
+    with pytest.raises(ServerError, match="--host may not be set"):
+        server_command(unchecked, "m", "127.0.0.1", 1)
+
+
+def test_the_guard_refuses_a_malformed_command_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "suwen.llm.guard", "x", "sleep", "1"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "usage:" in done.stderr
