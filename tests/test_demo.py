@@ -101,3 +101,15 @@ def run_demo(home: Path, cwd: Path, vllm_url: str) -> subprocess.CompletedProces
         timeout=900,
         check=False,
     )
+
+
+def test_data_still_accepts_the_full_shared_layout(shared_data: Path, tmp_path: Path):
+    pubmedqa, vqa_rad = demo.sample_paths(shared_data)
+    assert pubmedqa.name == "ori_pqal.json"
+    question = demo.demo_question(vqa_rad)
+    assert question.text == demo.demo_question(SAMPLE / "vqa_rad").text
+    cases = demo.write_case_folder(vqa_rad, tmp_path / "cases", limit=5)
+    test_images = {row["image_name"] for row in json.loads((vqa_rad / "testset.json").read_text())}
+    written = sorted(path.name for path in cases.glob("*.jpg"))
+    assert len(written) == 5 and not set(written) & test_images
+    assert all((cases / name).with_suffix(".txt").read_text() for name in written)
