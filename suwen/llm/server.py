@@ -197,6 +197,7 @@ class ManagedServer:
         self.ended_stale: list[str] = []
         self._process: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None  # write end of the guard's pipe; see guard.py
+        self._launched_at = 0  # log offset where the current launch's output begins
         self._record: Path | None = None
         self._log: IO[bytes] | None = None
         self._stopping = threading.Event()
@@ -294,6 +295,7 @@ class ManagedServer:
         command = server_command(self.settings, self.model, self.host, self.port)
         self._log.write(f"suwen: starting {' '.join(command)}\n".encode())
         self._log.flush()
+        self._launched_at = self._log.tell()
         with self._lock:
             if self._stopping.is_set():
                 raise ServerError(f"vLLM server for {self.model}: stopped before it started")
@@ -324,8 +326,7 @@ class ManagedServer:
                 raise ServerError(f"vLLM server for {self.model}: stopped while starting")
             code = process.poll()
             if code is not None:
-                assert self.log_path is not None
-                if _ADDRESS_IN_USE.search(log_tail(self.log_path)):
+                if _ADDRESS_IN_USE.search(self._log_since_launch()):
                     self._kill_group()
                     raise _PortTakenError("address already in use")
                 self._fail_start(f"exited with code {code} while starting")
@@ -338,6 +339,16 @@ class ManagedServer:
             if time.monotonic() > deadline:
                 self._fail_start(f"not healthy after {timeout:.0f} s")
             time.sleep(HEALTH_POLL_SECONDS)
+
+    def _log_since_launch(self) -> str:
+        """What this launch wrote to the log (an earlier launch's lines are not its own)."""
+        assert self.log_path is not None
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self._launched_at)
+                return handle.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
 
     def _fail_start(self, what: str) -> None:
         self._kill_group()
