@@ -314,13 +314,62 @@ def _build_item(raw: _Raw, root: Path, limits: _Limits) -> BatchItem:
         too_long = question_length_error(text, limits.max_chars, raw.where)
         if too_long is not None:
             raise InputError(too_long)
-        rel_images = _image_list(raw.fields, raw.where)
-        paths = [str(resolve_inside(root, rel, raw.where)) for rel in rel_images]
+        studies = study_fields(raw.fields, raw.where)
+        rel_images = [*studies.priors, *studies.current]
+        paths = {rel: str(resolve_inside(root, rel, raw.where)) for rel in rel_images}
         answer_format = _answer_format(raw.fields.get("options"), raw.where)
     except InputError as exc:
         return BatchItem(id=raw.id, where=raw.where, error=str(exc))
-    question = Question(text=text, images=paths, answer_format=answer_format)
+    question = Question(
+        text=text,
+        images=[paths[rel] for rel in studies.current],
+        prior_images=[paths[rel] for rel in studies.priors],
+        image_dates={paths[rel]: date for rel, date in studies.dates.items()},
+        answer_format=answer_format,
+    )
     return BatchItem(id=raw.id, where=raw.where, question=question, images=tuple(rel_images))
+
+
+@dataclass
+class StudyFields:
+    """A line's images by role: ``current`` (``image``/``images``), ``priors`` (``prior``, or
+    an ``images`` entry ``{"path": ..., "role": "prior", "date": ...}``), dates given."""
+
+    current: list[str] = field(default_factory=list)
+    priors: list[str] = field(default_factory=list)
+    dates: dict[str, str] = field(default_factory=dict)
+
+
+def study_fields(fields: dict[str, Any], where: str) -> StudyFields:
+    studies = StudyFields()
+    plain = dict(fields)
+    for key in ("image", "images"):
+        value = fields.get(key)
+        if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            for entry in value:
+                _add_study_entry(studies, entry, f"{where}: '{key}'")
+            plain[key] = None
+    studies.current = _image_list(plain, where) + studies.current
+    prior = fields.get("prior")
+    if prior is not None:
+        studies.priors.extend(_image_list({"prior": prior}, where, keys=("prior",)))
+    return studies
+
+
+def _add_study_entry(studies: StudyFields, entry: object, where: str) -> None:
+    from suwen.studies import normalise_date
+
+    if isinstance(entry, str):
+        studies.current.append(entry)
+        return
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise InputError(f'{where}: each entry must be a path or {{"path": ...}}')
+    path, role, date = entry["path"], entry.get("role", "current"), entry.get("date")
+    if role not in ("prior", "current"):
+        raise InputError(f"{where}: role {role!r} must be 'prior' or 'current'")
+    (studies.priors if role == "prior" else studies.current).append(path)
+    if date is not None:
+        studies.dates[path] = normalise_date(str(date), where)
 
 
 def _question_text(value: object, where: str) -> str:
@@ -333,9 +382,11 @@ def _question_text(value: object, where: str) -> str:
     return value.strip()
 
 
-def _image_list(fields: dict[str, Any], where: str) -> list[str]:
+def _image_list(
+    fields: dict[str, Any], where: str, keys: tuple[str, ...] = ("image", "images")
+) -> list[str]:
     images: list[str] = []
-    for key in ("image", "images"):
+    for key in keys:
         value = fields.get(key)
         if value is None:
             continue
@@ -691,7 +742,7 @@ async def _answer_item(item: BatchItem, answer: Answerer, check: ImageCheck) -> 
     if item.question is None:
         return {"id": item.id, "error": item.error or "unusable question"}
     try:
-        for path in item.question.images:
+        for path in [*item.question.prior_images, *item.question.images]:
             await asyncio.to_thread(check, Path(path))
         result = await answer(item.question)
     except SuwenError as exc:

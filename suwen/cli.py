@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "search",
     "serve",
     "ask",
+    "report",
     "chat",
     "sessions_cmd",
     "batch",

@@ -233,3 +233,34 @@ class AgentEvent(BaseModel):
     node: str = ""
     message: str = ""
     token: str = ""
+
+
+class ReportFinding(BaseModel):
+    """One line of a draft report's findings: the region and what is seen there."""
+
+    region: str = ""
+    text: str
+
+
+class DraftReport(BaseModel):
+    """A structured radiology report drafted by ``suwen report``, for a radiologist to review."""
+
+    images: list[str] = Field(default_factory=list)
+    prior_images: list[str] = Field(default_factory=list)
+    mode: Literal["agent", "plain"] = "agent"
+    technique: str = ""
+    comparison: str = ""
+    findings: list[ReportFinding] = Field(default_factory=list)
+    impression: str = ""
+    text: str = Field("", description="The whole report as written, invalid citations removed")
+    citations: list[Citation] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)
+    unsupported_sentences: list[str] = Field(
+        default_factory=list, description="Findings/impression sentences citing no reference"
+    )
+    removed_citations: list[str] = Field(default_factory=list)
+    reading: Findings | None = Field(None, description="What the look step read off the images")
+    model_calls: int = 0
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    trace: list[TraceEvent] = Field(default_factory=list)
+    degraded: bool = Field(False, description="The report broke off or a step failed")

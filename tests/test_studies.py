@@ -142,3 +142,37 @@ def test_ask_prior_without_a_current_study_is_refused(
 ) -> None:
     result = CliRunner().invoke(app, ["ask", "--prior", two_dates[0], "Any change?"])
     assert result.exit_code == 2 and "--prior: give the current study with --image" in result.output
+
+
+def test_batch_lines_name_priors_by_field_or_by_role(tmp_path: Path, jpeg: str) -> None:
+    from suwen.batch import load_questions
+
+    for name in ("old.jpg", "new.jpg", "older.jpg"):
+        (tmp_path / name).write_bytes(Path(jpeg).read_bytes())
+    rows = [
+        {"id": "a", "image": "new.jpg", "prior": "old.jpg", "question": "Changed?"},
+        {
+            "id": "b",
+            "images": [
+                {"path": "older.jpg", "role": "prior", "date": "20190101"},
+                {"path": "new.jpg", "date": "2021-02-03"},
+            ],
+            "question": "Changed?",
+        },
+        {"id": "c", "images": [{"path": "new.jpg", "role": "earlier"}], "question": "?"},
+        {"id": "d", "images": [{"path": "new.jpg", "date": "last week"}], "question": "?"},
+    ]
+    (tmp_path / "questions.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    items = {item.id: item for item in load_questions(tmp_path).items}
+    root = tmp_path.resolve()
+    a = items["a"].question
+    assert a is not None and a.images == [str(root / "new.jpg")]
+    assert a.prior_images == [str(root / "old.jpg")] and items["a"].images == ("old.jpg", "new.jpg")
+    b = items["b"].question
+    assert b is not None and b.prior_images == [str(root / "older.jpg")]
+    assert b.image_dates == {
+        str(root / "older.jpg"): "2019-01-01",
+        str(root / "new.jpg"): "2021-02-03",
+    }
+    assert "role 'earlier' must be 'prior' or 'current'" in (items["c"].error or "")
+    assert "date 'last week' is not YYYY-MM-DD" in (items["d"].error or "")

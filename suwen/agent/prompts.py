@@ -414,3 +414,64 @@ def self_check_messages(
         "Is the proposed answer correct? Answer yes or no."
     )
     return [Message(role="system", text=SELF_CHECK_SYSTEM), *history, _user(text, images)]
+
+
+# -- draft radiology reports (suwen.agent.report) ---------------------------------------------
+
+REPORT_TASK = "Draft a structured radiology report of the current study."
+REPORT_SECTIONS = ("TECHNIQUE", "COMPARISON", "FINDINGS", "IMPRESSION")
+_REPORT_LAYOUT = (
+    "Write exactly these four sections, each heading in capitals on its own line followed by a "
+    "colon:\nTECHNIQUE: the modality, plane or sequence and contrast, as far as the images show "
+    "them.\nCOMPARISON: {comparison}\nFINDINGS: one line per body region, each of the form "
+    "'- Region: what is seen there', normal regions included briefly.\nIMPRESSION: the most "
+    "important conclusions, most important first."
+)
+REPORT_COMPARE_PRIOR = (
+    "the prior study by its date, and for each finding whether it is new, resolved, larger, "
+    "smaller or stable since then."
+)
+REPORT_STUDIES = (
+    "The images labelled 'prior study' are an earlier examination of the same patient; those "
+    "labelled 'current study' are the one this report is about."
+)
+REPORT_NO_PRIOR = "'None.' (no prior study was given)."
+REPORT_SYSTEM = (
+    f"{ROLE}\nYou draft a structured radiology report of the image(s) for a radiologist to "
+    f"review.\n{DATA_RULE}\nThe evidence block holds numbered references: reports or "
+    "captions of similar cases, which are OTHER patients' images, and article passages. Use "
+    "them for wording, for what to look for and for typical findings, never as findings of "
+    "this patient: describe only what you see in this patient's images. Right after each "
+    "statement that borrows wording or a finding from a reference, cite it with its number in "
+    "square brackets, like [2]. Cite only numbers in the evidence block."
+)
+REPORT_PLAIN_SYSTEM = (
+    f"{ROLE}\nYou draft a structured radiology report of the image(s) for a radiologist to "
+    "review, from what you see in the images and what you know."
+)
+
+
+def report_messages(
+    images: Sequence[Image.Image],
+    findings: Findings | None,
+    numbered: Sequence[Hit],
+    *,
+    plain: bool,
+) -> list[Message]:
+    """The report prompt: references (other patients' reports) first, then the layout."""
+    layout = _REPORT_LAYOUT.format(
+        comparison=REPORT_COMPARE_PRIOR if _has_prior(images) else REPORT_NO_PRIOR
+    )
+    if plain:
+        system, parts = REPORT_PLAIN_SYSTEM, [REPORT_TASK, layout]
+    else:
+        system = REPORT_SYSTEM
+        block = (
+            evidence_block([(f"[{i}]", hit) for i, hit in enumerate(numbered, start=1)])
+            if numbered
+            else "No reference reports were found; write from what you see, without citations."
+        )
+        parts = [findings_note(findings), block, REPORT_TASK, layout]
+    if _has_prior(images):
+        parts.append(REPORT_STUDIES)
+    return [Message(role="system", text=system), _user("\n\n".join(p for p in parts if p), images)]

@@ -1,0 +1,214 @@
+"""Draft radiology reports: ``suwen report``'s path through the agent's steps.
+
+    look -> plan -> retrieve -> reread -> write report -> check citations
+    (plain mode: write report -> check citations, no references)
+
+One retrieval round (a report is not a question to research): the similar cases the reread
+kept, most relevant first and ahead of article passages, become the numbered references whose
+reports or captions the model may borrow from, citing each borrowed statement. As in answers,
+citations that point at no reference are removed and findings or impression sentences that
+cite none are flagged; the report is split into its sections for ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from suwen.agent import prompts
+from suwen.agent.answers import check_citations, uncited_claims
+from suwen.agent.graph import EventHandler, SuwenAgent, load_question_images
+from suwen.agent.nodes import Step, kept_evidence
+from suwen.agent.state import AgentState, RunContext, fresh_question_state
+from suwen.errors import ModelError
+from suwen.llm.base import recording
+from suwen.privacy import no_tracing
+from suwen.types import (
+    AgentEvent,
+    Citation,
+    DraftReport,
+    Evidence,
+    Question,
+    ReportFinding,
+    TokenUsage,
+    TraceEvent,
+)
+
+StepFn = Callable[[AgentState, RunContext, Callable[[AgentEvent], None]], Awaitable[Step]]
+_HEADING = re.compile(
+    r"^[\s#*_]*(" + "|".join(prompts.REPORT_SECTIONS) + r")\b[\s*_]*:?[\s*_]*(.*)$",
+    re.IGNORECASE,
+)
+_REGION = re.compile(r"^\s*(?:[-*•]|\d+[.)])?\s*([A-Za-z][\w /,&()-]{0,40}?)\s*:\s+(.+)$")
+
+
+def references(evidence: list[Evidence], limit: int) -> list[Evidence]:
+    """The kept similar cases (most relevant first), then kept passages, ``limit`` in all."""
+    ranked = sorted(evidence, key=lambda item: item.relevance, reverse=True)
+    cases = [item for item in ranked if item.hit.kind == "image"]
+    passages = [item for item in ranked if item.hit.kind != "image"]
+    return [*cases, *passages][:limit]
+
+
+def parse_report(text: str) -> dict[str, str]:
+    """Section name (lower case) -> its text; a report without headings is all findings."""
+    sections: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        heading = _HEADING.match(line)
+        if heading is not None:
+            current = heading.group(1).lower()
+            sections.setdefault(current, [])
+            line = heading.group(2)
+        if current is None:
+            current = "findings"
+            sections.setdefault(current, [])
+        if line.strip():
+            sections[current].append(line.rstrip())
+    return {name: "\n".join(lines).strip() for name, lines in sections.items()}
+
+
+def region_findings(text: str) -> list[ReportFinding]:
+    """'- Lungs: clear.' lines as (region, text); other lines keep an empty region."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        match = _REGION.match(line)
+        if match is not None:
+            rows.append(ReportFinding(region=match.group(1).strip(), text=match.group(2).strip()))
+        else:
+            rows.append(ReportFinding(text=re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line)))
+    return rows
+
+
+async def draft_report(
+    agent: SuwenAgent, question: Question, *, plain: bool, on_event: EventHandler | None = None
+) -> DraftReport:
+    """Draft the report of ``question``'s images (priors in ``question.prior_images``)."""
+    notify = on_event or (lambda event: None)
+    settings = agent.settings
+    images = await asyncio.to_thread(
+        load_question_images,
+        list(question.images),
+        settings.volume_slices,
+        question.text,
+        list(question.prior_images),
+        dict(question.image_dates),
+    )
+    context = RunContext(images=images)
+    state = fresh_question_state(question, list(question.images), "plain" if plain else "agent")
+    with recording() as log, no_tracing():
+        if not plain:
+            nodes = agent.nodes
+            for name, step in (
+                ("look", nodes.look),
+                ("plan", nodes.plan),
+                ("retrieve", nodes.retrieve),
+                ("reread", nodes.reread),
+            ):
+                state = await _run(name, step, state, context, notify)
+        report = await _write(agent, state, context, plain, notify)
+    report.model_calls = log.calls
+    report.tokens = TokenUsage(prompt=log.prompt_tokens, completion=log.completion_tokens)
+    return report
+
+
+async def _run(
+    name: str,
+    step: StepFn,
+    state: AgentState,
+    context: RunContext,
+    notify: EventHandler,
+) -> AgentState:
+    notify(AgentEvent(kind="node_start", node=name, message=name))
+    started = time.perf_counter()
+    done = await step(state, context, notify)
+    event = TraceEvent(
+        node=name,
+        message=done.message,
+        seconds=time.perf_counter() - started,
+        degraded=done.degraded,
+    )
+    notify(AgentEvent(kind="node_end", node=name, message=done.message))
+    merged = AgentState(**{**state, **done.update})
+    merged["trace"] = [*state.get("trace", []), event]
+    return merged
+
+
+async def _write(
+    agent: SuwenAgent,
+    state: AgentState,
+    context: RunContext,
+    plain: bool,
+    notify: EventHandler,
+) -> DraftReport:
+    numbered = [] if plain else references(kept_evidence(state), agent.settings.answer_evidence)
+    messages = prompts.report_messages(
+        [image for _, image in context.images],
+        state.get("findings"),
+        [item.hit for item in numbered],
+        plain=plain,
+    )
+    notify(AgentEvent(kind="node_start", node="report", message="writing the report"))
+    started = time.perf_counter()
+    pieces: list[str] = []
+    failure = None
+    try:
+        async for piece in agent.model.stream(
+            messages,
+            max_tokens=agent.settings.max_tokens,
+            temperature=agent.settings.temperature,
+            purpose="report",
+        ):
+            pieces.append(piece)
+            notify(AgentEvent(kind="token", node="report", token=piece))
+    except ModelError as exc:
+        failure = str(exc)
+    checked = check_citations("".join(pieces), len(numbered))
+    sections = parse_report(checked.text)
+    claims = "\n".join([sections.get("findings", ""), sections.get("impression", "")])
+    message = f"{len(checked.cited)} references cited, {len(checked.removed)} removed"
+    if failure:
+        message += f"; report broke off: {failure}"
+    trace = [
+        *state.get("trace", []),
+        TraceEvent(
+            node="report",
+            message=message,
+            seconds=time.perf_counter() - started,
+            degraded=failure is not None,
+        ),
+    ]
+    return DraftReport(
+        images=list(state["question"].images),
+        prior_images=list(state["question"].prior_images),
+        mode="plain" if plain else "agent",
+        technique=sections.get("technique", ""),
+        comparison=sections.get("comparison", ""),
+        findings=region_findings(sections.get("findings", "")),
+        impression=sections.get("impression", ""),
+        text=checked.text,
+        citations=[_cited(n, numbered[n - 1]) for n in checked.cited],
+        evidence=state.get("evidence", []),
+        unsupported_sentences=uncited_claims(claims),
+        removed_citations=checked.removed,
+        reading=state.get("findings"),
+        trace=trace,
+        degraded=any(event.degraded for event in trace),
+    )
+
+
+def _cited(number: int, item: Evidence) -> Citation:
+    hit = item.hit
+    return Citation(
+        number=number,
+        key=item.key,
+        pmid=hit.pmid,
+        case_id=hit.case_id,
+        title=hit.title,
+        quote=item.quote,
+        page=hit.page,
+    )
