@@ -41,17 +41,18 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import index_bench
+from benchmarks import index_bench, medcpt_shape
 from benchmarks.common import minilm_or_exit, shared_data_default, write_json
 from benchmarks.index_bench import BenchData, IndexMeasurement
 from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
-from suwen.indexes import compressed
+from suwen.indexes import compressed, store
 
 HERE = Path(__file__).resolve().parent
 console = Console()
 PUBMED_ARTICLES = 24_000_000
-E2E_QUESTIONS = 200
+E2E_QUESTIONS = 100
+E2E_PASSES = 2
 BM25_QUESTIONS = 100
 NCBI_CHUNK_ROWS = 250_000
 ABSTRACT_SENTENCES = 8
@@ -233,81 +234,112 @@ def write_ncbi_chunks(folder: Path, vectors: np.ndarray, texts: list[str]) -> in
 
 def end_to_end(
     settings: Settings,
-    encoder: str,
+    label: str,
     data: BenchData,
     texts: list[str],
     questions: list[str],
     workdir: Path,
+    *,
+    bm25: bool,
 ) -> dict[str, Any]:
+    """Import ``data`` as an index named ``e2e-<label>`` built for ``settings.text_encoder`` and
+    time real questions through ``TextSearcher`` with the query runtime ``settings`` selects."""
     from suwen.indexes.medcpt_import import import_medcpt
-    from suwen.indexes.text_encoder import query_encoder
-    from suwen.retrieval.text import TextSearcher
 
-    say(f"end to end: writing {len(data.vectors)} vectors in NCBI's chunk layout")
+    name = f"e2e-{label}"
+    say(f"end to end ({label}): writing {len(data.vectors)} vectors in NCBI's chunk layout")
     source = workdir / "ncbi"
     chunks = write_ncbi_chunks(source, data.vectors, texts)
-    say("end to end: importing (suwen index pubmed-medcpt)")
+    say(f"end to end ({label}): importing (suwen index pubmed-medcpt)")
     started = time.perf_counter()
-    report = import_medcpt(settings, source, "e2e", encoder=encoder)
+    report = import_medcpt(settings, source, name, encoder=settings.text_encoder)
     import_s = time.perf_counter() - started
     shutil.rmtree(source)
+    _, manifest = store.open_version(settings.indexes_dir, name)
     result: dict[str, Any] = {
+        "query_encoder": label,
+        "query_runtime": settings.query_runtime,
         "vectors": report.vectors,
+        "dim": manifest.dim,
         "ncbi_chunks": chunks,
         "import_s": round(import_s, 1),
         "import_vectors_per_s": round(report.vectors / import_s, 1),
         "index_type": report.index_type,
         "bytes_per_vector": report.bytes_per_vector,
         "build_time_recall_at_10": report.recall_at_10,
+        "build_time_recall_query_kind": manifest.extra.get("recall_query_kind"),
+        "build_time_document_recall_at_10": manifest.extra.get("document_recall_at_10"),
     }
-    with TextSearcher.open(settings, "e2e") as searcher:
-        encoder_model = query_encoder(settings)
-        runs = [(method, threads) for threads in (1, 2) for method in ("dense", "hybrid")]
-        for number, (method, threads) in enumerate(runs):
-            # Disjoint questions per run: the searcher caches query vectors, and a cached query
-            # would skip the encoding this measures.
-            batch = questions[number * E2E_QUESTIONS : (number + 1) * E2E_QUESTIONS]
-            warm = questions[len(questions) - 10 * (number + 1) :][:10]
-            say(f"end to end: {len(batch)} PubMedQA questions, {method}, {threads} thread(s)")
-            with torch_threads(threads), compressed.faiss_threads(threads):
-                for question in warm:
-                    searcher.search(question, 10, method=method)  # type: ignore[arg-type]
-                times = []
-                for question in batch:
-                    began = time.perf_counter()
-                    hits = searcher.search(question, 10, method=method)  # type: ignore[arg-type]
-                    times.append((time.perf_counter() - began) * 1000)
-                    assert len(hits) == 10 and all(hit.text for hit in hits)
-                encode = []
-                for question in batch[:50]:
-                    began = time.perf_counter()
-                    encoder_model.encode_query(question)
-                    encode.append((time.perf_counter() - began) * 1000)
-            result[f"{method}_{threads}_thread"] = {
-                "p50_ms": round(float(np.percentile(times, 50)), 2),
-                "p95_ms": round(float(np.percentile(times, 95)), 2),
-                "query_encode_p50_ms": round(float(np.percentile(encode, 50)), 2),
-            }
-        for method in ("dense", "hybrid"):
-            result[method] = min(
-                (result[f"{method}_{t}_thread"] | {"threads": t} for t in (1, 2)),
-                key=lambda row: row["p50_ms"],
-            )
-    result["searcher_rss_mb"] = searcher_rss_mb(settings, questions[0])
-    result["bm25_engines"] = bm25_engines(settings, questions[-BM25_QUESTIONS:])
+    for method, threads, row in timed_searches(settings, name, questions):
+        result[f"{method}_{threads}_thread"] = row
+    for method in ("dense", "hybrid"):
+        result[method] = min(
+            (result[f"{method}_{t}_thread"] | {"threads": t} for t in (1, 2)),
+            key=lambda row: row["p50_ms"],
+        )
+    result["search_process"] = search_process_rss(settings, name, questions[0])
+    if bm25:
+        result["bm25_engines"] = bm25_engines(settings, name, questions[-BM25_QUESTIONS:])
     return result
 
 
-def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
+def timed_searches(
+    settings: Settings, name: str, questions: list[str]
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """p50/p95 of whole searches (encode + search + fetch), dense and hybrid, 1 and 2 threads
+    (ONNX Runtime's or PyTorch's, and FAISS's); the best of ``E2E_PASSES`` passes (others' jobs
+    share the cores)."""
+    from suwen.indexes.text_encoder import query_encoder
+    from suwen.retrieval.text import TextSearcher
+
+    fresh = iter(range(0, len(questions) - 10, E2E_QUESTIONS))
+    for threads in (1, 2):
+        threaded = settings.model_copy(update={"query_threads": threads})
+        query_encoder(threaded)  # an export happens here, once, not inside a timed search
+        with TextSearcher.open(threaded, name) as searcher:
+            encoder = query_encoder(threaded)
+            for method in ("dense", "hybrid"):
+                passes = []
+                with torch_threads(threads), compressed.faiss_threads(threads):
+                    for _ in range(E2E_PASSES):
+                        # Fresh questions every pass: the searcher caches query vectors.
+                        start = next(fresh)
+                        batch = questions[start : start + E2E_QUESTIONS]
+                        say(f"{name}: {len(batch)} questions, {method}, {threads} thread(s)")
+                        for question in questions[-10:]:
+                            searcher.search(question, 10, method=method)  # type: ignore[arg-type]
+                        times = []
+                        for question in batch:
+                            began = time.perf_counter()
+                            hits = searcher.search(question, 10, method=method)  # type: ignore[arg-type]
+                            times.append((time.perf_counter() - began) * 1000)
+                            assert len(hits) == 10 and all(hit.text for hit in hits)
+                        encode = []
+                        for question in batch[:50]:
+                            began = time.perf_counter()
+                            encoder.encode_query(question)
+                            encode.append((time.perf_counter() - began) * 1000)
+                        passes.append(
+                            {
+                                "p50_ms": round(float(np.percentile(times, 50)), 2),
+                                "p95_ms": round(float(np.percentile(times, 95)), 2),
+                                "query_encode_p50_ms": round(float(np.percentile(encode, 50)), 2),
+                                "load": load(),
+                            }
+                        )
+                yield method, threads, min(passes, key=lambda row: row["p50_ms"])
+
+
+def bm25_engines(settings: Settings, name: str, questions: list[str]) -> dict[str, Any]:
     """BM25 alone on the 1M chunks, side by side: Suwen's tantivy index against the SQLite FTS5
     table earlier versions used (built here from the same rows), same questions, top 200 each
     (what hybrid search takes), and how far their top 10 agree."""
     from benchmarks.fts5_baseline import copy_rows, create_fts5_table, fts5_bm25
-    from suwen.indexes import bm25, store
+    from suwen.indexes import bm25
     from suwen.indexes.text_index import TEXT_DB
     from suwen.retrieval.text import STOPWORDS
 
-    version, _ = store.open_version(settings.indexes_dir, "e2e")
+    version, _ = store.open_version(settings.indexes_dir, name)
     say(f"BM25 engines: building an FTS5 table of the same rows for {len(questions)} questions")
     db = copy_rows(version / TEXT_DB, settings.home / "fts5-baseline")
     started = time.perf_counter()
@@ -339,35 +371,50 @@ def bm25_engines(settings: Settings, questions: list[str]) -> dict[str, Any]:
     return result
 
 
-_SEARCHER_PROBE = """
-import json, os, sys
-from pathlib import Path
-from suwen.config import Settings
-from suwen.retrieval.text import TextSearcher
+_PEAK_RSS_OF_CHILD = """
+import json, resource, subprocess, sys
+run = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"returncode": run.returncode, "stderr": run.stderr[-2000:],
+                  "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
 
-def rss_bytes():
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-settings = Settings.model_validate_json(sys.argv[1])
-before = rss_bytes()
-with TextSearcher.open(settings, "e2e") as searcher:
-    opened = rss_bytes()
-    searcher.search(sys.argv[2], 10, method="dense")
-    print(json.dumps({"python_and_imports": before, "opened": opened, "after_query": rss_bytes()}))
+_TORCH_IMPORTED = """
+import sys
+from suwen.cli import main
+try:
+    main()
+finally:
+    print("torch imported:", "torch" in sys.modules, file=sys.stderr)
 """
 
 
-def searcher_rss_mb(settings: Settings, question: str) -> dict[str, float]:
-    """Resident memory of a fresh process that opens the 1M index and answers one query:
-    MiniLM, the compressed index, SQLite's cache and the touched pages of the mmapped vectors."""
+def search_process_rss(settings: Settings, name: str, question: str) -> dict[str, Any]:
+    """Peak resident memory of a fresh ``suwen search text`` process answering one question
+    over the index (the query encoder, the index, SQLite's and tantivy's pages, the touched
+    pages of the mmapped vectors), and whether it imported torch."""
+    env = {
+        **os.environ,
+        "SUWEN_HOME": str(settings.home),
+        "SUWEN_TEXT_ENCODER": settings.text_encoder,
+        "SUWEN_QUERY_RUNTIME": settings.query_runtime,
+        "SUWEN_DEVICE": settings.device,
+    }
+    command = [sys.executable, "-c", _TORCH_IMPORTED, "search", "text", question]
+    command += ["--index", name, "-k", "10", "--method", "dense", "--json"]
     probe = subprocess.run(
-        [sys.executable, "-c", _SEARCHER_PROBE, settings.model_dump_json(), question],
+        [sys.executable, "-c", _PEAK_RSS_OF_CHILD, *command],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
-    sizes = json.loads(probe.stdout.strip().splitlines()[-1])
-    return {key: round(value / 2**20, 1) for key, value in sizes.items()}
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    if measured["returncode"] != 0:
+        raise SystemExit(f"suwen search text failed: {measured['stderr']}")
+    return {
+        "peak_rss_mb": round(measured["peak_kb"] / 1024, 1),
+        "torch_imported": "torch imported: True" in measured["stderr"],
+    }
 
 
 @contextlib.contextmanager
@@ -400,7 +447,7 @@ def print_tables(payload: dict[str, Any]) -> None:
         "build s",
     ):
         table.add_column(column, justify="left" if column == "type" else "right")
-    for size in payload["sizes"]:
+    for size in payload.get("sizes", []):
         for row in size["results"]:
             table.add_row(
                 str(size["vectors"]),
@@ -418,18 +465,23 @@ def print_tables(payload: dict[str, Any]) -> None:
             f"{r['p50_flat_over_compressed']}x", "", "",
         )  # fmt: skip
     console.print(table)
-    if "end_to_end" in payload:
-        e2e = payload["end_to_end"]
+    for label, e2e in payload.get("end_to_end", {}).items():
+        process = e2e["search_process"]
         console.print(
-            f"text query end to end at {e2e['vectors']} vectors ({e2e['index_type']}, "
-            f"{e2e['bytes_per_vector']} B/vector): dense p50 {e2e['dense']['p50_ms']} ms "
-            f"(p95 {e2e['dense']['p95_ms']}), hybrid p50 {e2e['hybrid']['p50_ms']} ms "
-            f"(p95 {e2e['hybrid']['p95_ms']}); query encoding alone p50 "
-            f"{e2e['dense']['query_encode_p50_ms']} ms; best of 1 and 2 threads; "
-            f"import {e2e['import_vectors_per_s']} vectors/s; a fresh searcher process "
-            f"holds {e2e['searcher_rss_mb']['after_query']} MB resident after a query "
-            f"({e2e['searcher_rss_mb']['python_and_imports']} MB of it Python and imports)"
+            f"end to end, query encoder {label} ({e2e['query_runtime']} runtime), "
+            f"{e2e['vectors']} x {e2e['dim']} ({e2e['index_type']}, {e2e['bytes_per_vector']} "
+            f"B/vector, build-time recall@10 {e2e['build_time_recall_at_10']} on "
+            f"{e2e['build_time_recall_query_kind']} queries, "
+            f"{e2e['build_time_document_recall_at_10']} on held-out documents): dense p50 "
+            f"{e2e['dense']['p50_ms']} ms (p95 {e2e['dense']['p95_ms']}, encoding "
+            f"{e2e['dense']['query_encode_p50_ms']}), hybrid p50 {e2e['hybrid']['p50_ms']} ms "
+            f"(p95 {e2e['hybrid']['p95_ms']}); best of 1 and 2 threads; a fresh `suwen search "
+            f"text` peaks at {process['peak_rss_mb']} MB (torch imported: "
+            f"{process['torch_imported']})"
         )
+        if "torch_runtime" in e2e:
+            torch_rows = e2e["torch_runtime"]
+            console.print(f"  same index, PyTorch query runtime: {json.dumps(torch_rows)}")
         engines = e2e.get("bm25_engines")
         if engines:
             console.print(
@@ -442,11 +494,49 @@ def print_tables(payload: dict[str, Any]) -> None:
     console.print(
         f"encoder: {enc['texts_per_s']} abstracts/s, {enc['mflops_per_token']} MFLOP/token, "
         f"{enc['achieved_gflops']} GFLOP/s achieved vs {enc['matmul_gflops']} GFLOP/s torch "
-        f"GEMM (1/2 threads) = {enc['share_of_matmul_peak']:.0%} of it; index text build "
-        f"{payload['build']['chunks_per_s']} chunks/s"
+        f"GEMM (1/2 threads) = {enc['share_of_matmul_peak']:.0%} of it"
     )
+    if "build" in payload:
+        console.print(f"index text build {payload['build']['chunks_per_s']} chunks/s")
     if "pubmed_projection" in payload:
         console.print(f"PubMed projection: {payload['pubmed_projection']}")
+
+
+def sweep(
+    args: argparse.Namespace, mixture: EmbeddingMixture, sizes: list[int], payload: dict[str, Any]
+) -> None:
+    """Index types side by side at every size (and the largest at MedCPT's dimension)."""
+    payload["sizes"] = []
+    runs = [(n, args.dim) for n in sizes]
+    if args.pubmed_dim and args.pubmed_dim != args.dim:
+        runs.append((max(sizes), args.pubmed_dim))
+    for n, dim in runs:
+        _, results = measure_size(mixture, n, dim)
+        payload["sizes"].append(
+            {
+                "vectors": n,
+                "dim": dim,
+                "results": [r.as_json() for r in results],
+                "ratios": ratios(results),
+                "load_after": load(),
+            }
+        )
+        write_json(args.output, payload)  # partial results survive a long run cut short
+    compressed_768 = [
+        row for size in payload["sizes"] if size["dim"] == args.pubmed_dim
+        for row in size["results"] if row["index_type"] == "compressed"
+    ]  # fmt: skip
+    if compressed_768:
+        per_vector = compressed_768[0]["bytes_per_vector"]
+        payload["pubmed_projection"] = {
+            "articles": PUBMED_ARTICLES,
+            "dim": args.pubmed_dim,
+            "compressed_gb": round(per_vector * PUBMED_ARTICLES / 1e9, 2),
+            "flat_gb": round(4 * args.pubmed_dim * PUBMED_ARTICLES / 1e9, 1),
+            "note": f"RAM per vector measured at {compressed_768[0]['vectors']} vectors "
+            "(centroid and padding share falls as n grows); the float16 re-scoring "
+            "vectors are on disk, memory-mapped, not RAM",
+        }
 
 
 def main() -> None:
@@ -463,6 +553,21 @@ def main() -> None:
     parser.add_argument("--fit-docs", type=int, default=1000)
     parser.add_argument("--build-docs", type=int, default=300)
     parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument(
+        "--e2e",
+        default="medcpt_shape,minilm",
+        help="query encoders timed end to end: medcpt_shape (BERT-base, random weights, on "
+        "--pubmed-dim vectors) and/or minilm (the real weights, on --dim vectors)",
+    )
+    parser.add_argument(
+        "--e2e-only", action="store_true", help="skip the index-type sweep and build throughput"
+    )
+    parser.add_argument(
+        "--no-bm25-engines",
+        dest="bm25_engines",
+        action="store_false",
+        help="skip timing SQLite FTS5 beside tantivy",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "index_scale.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -483,57 +588,48 @@ def main() -> None:
             **mixture.describe(),
             "fitted_on": f"{len(fit_texts)} real PubMed abstracts (shared data), all-MiniLM-L6-v2",
         }
-        say("index build throughput (suwen index text on real abstracts)")
-        payload["build"] = {
-            **build_throughput(settings, texts[: args.build_docs], work),
-            "load": load(),
-        }
-
-        payload["sizes"] = []
-        runs = [(n, args.dim) for n in sizes]
-        if args.pubmed_dim and args.pubmed_dim != args.dim:
-            runs.append((max(sizes), args.pubmed_dim))
-        largest: BenchData | None = None
-        for n, dim in runs:
-            data, results = measure_size(mixture, n, dim)
-            payload["sizes"].append(
-                {
-                    "vectors": n,
-                    "dim": dim,
-                    "results": [r.as_json() for r in results],
-                    "ratios": ratios(results),
-                    "load_after": load(),
-                }
-            )
-            if n == max(sizes) and dim == args.dim:
-                largest = data
-            write_json(args.output, payload)  # partial results survive a long run cut short
-        compressed_768 = [
-            row for size in payload["sizes"] if size["dim"] == args.pubmed_dim
-            for row in size["results"] if row["index_type"] == "compressed"
-        ]  # fmt: skip
-        if compressed_768:
-            per_vector = compressed_768[0]["bytes_per_vector"]
-            payload["pubmed_projection"] = {
-                "articles": PUBMED_ARTICLES,
-                "dim": args.pubmed_dim,
-                "compressed_gb": round(per_vector * PUBMED_ARTICLES / 1e9, 2),
-                "flat_gb": round(4 * args.pubmed_dim * PUBMED_ARTICLES / 1e9, 1),
-                "note": f"RAM per vector measured at {compressed_768[0]['vectors']} vectors "
-                "(centroid and padding share falls as n grows); the float16 re-scoring "
-                "vectors are on disk, memory-mapped, not RAM",
+        if not args.e2e_only:
+            say("index build throughput (suwen index text on real abstracts)")
+            payload["build"] = {
+                **build_throughput(settings, texts[: args.build_docs], work),
+                "load": load(),
             }
-        if largest is not None and not args.no_e2e:
+            sweep(args, mixture, sizes, payload)
+        if not args.no_e2e:
             questions = [
                 str(record["QUESTION"])
                 for record in json.loads(
                     (args.data / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8")
                 ).values()
             ]
-            payload["end_to_end"] = {
-                **end_to_end(settings, encoder, largest, texts, questions, work),
-                "load": load(),
-            }
+            payload["end_to_end"] = {}
+            shape = medcpt_shape.build(work / "medcpt-shape", Path(encoder))
+            paths = {"medcpt_shape": (str(shape), args.pubmed_dim), "minilm": (encoder, args.dim)}
+            for label in args.e2e.split(","):
+                path, dim = paths[label]
+                say(f"end to end ({label}): sampling {max(sizes)} vectors of {dim} dims")
+                data = index_bench.bench_data(mixture, max(sizes), dim)
+                home = work / f"home-{label}"
+                chosen = Settings(home=home, text_encoder=path, device="cpu", query_runtime="auto")  # type: ignore[arg-type]
+                row = end_to_end(
+                    chosen, label, data, texts, questions, work, bm25=args.bm25_engines
+                )
+                if label == "minilm":  # the PyTorch query path on the same index, for comparison
+                    torch_settings = chosen.model_copy(update={"query_runtime": "torch"})
+                    name = f"e2e-{label}"
+                    row["torch_runtime"] = {
+                        f"{method}_{threads}_thread": timing
+                        for method, threads, timing in timed_searches(
+                            torch_settings, name, questions[::-1]
+                        )
+                    }
+                    row["torch_runtime"]["search_process"] = search_process_rss(
+                        torch_settings, name, questions[0]
+                    )
+                payload["end_to_end"][label] = {**row, "load": load()}
+                del data
+                shutil.rmtree(home, ignore_errors=True)
+                write_json(args.output, payload)
     payload["machine"]["load_at_end"] = load()
     write_json(args.output, payload)
     print_tables(payload)

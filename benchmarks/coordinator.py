@@ -1,0 +1,361 @@
+"""The coordinator's ceiling: how many agent questions per second one Suwen process can drive
+when the model costs nothing, so how many GPUs one batch or evaluation process can keep busy.
+
+A stand-in OpenAI-compatible server runs in another process on 127.0.0.1 and answers every
+request at once (look, plan, reread, decide, short answer, confidence probe and the streamed
+answer, each with a reply of the right shape, chosen as the scripted test model chooses them:
+``tests/fake_model.py``). Suwen's real ``VLLMClient`` (HTTP, JSON parsing, validation), the
+real agent (agent mode, retrieval rounds) and real indexes (MiniLM text index of the 1000
+PubMedQA abstracts, tiny-clip image index of VQA-RAD training images) run in this process;
+questions are VQA-RAD and PubMedQA test questions, ``--concurrency`` at a time.
+
+Reports questions/s, model calls/s and this process's CPU seconds per question (user + system,
+all threads; the server's CPU is not counted), and with ``--profile`` the functions where that
+CPU goes (cProfile, cumulative).
+
+    .venv/bin/python -m benchmarks.coordinator [--questions 60] [--concurrency 16] [--profile]
+
+Prints a table and writes benchmarks/results/coordinator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import hashlib
+import io
+import json
+import os
+import pstats
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import minilm_or_exit, shared_data_default, write_json
+
+HERE = Path(__file__).resolve().parent
+RESULT = HERE / "results" / "coordinator.json"
+HOST = "127.0.0.1"
+MODEL_NAME = "stand-in"
+TARGET_QPS = 50.0
+IMAGE_CASES = 200
+
+# -- the stand-in server ---------------------------------------------------------------------
+
+PURPOSE_OF_SCHEMA = {
+    "PlanReply": "plan",
+    "RereadReply": "reread",
+    "DecideReply": "decide",
+    "ShortAnswerReply": "short_answer",
+}
+
+
+@dataclass
+class _Said:
+    """A request message as the scripted model reads it (text and image count)."""
+
+    text: str
+    images: list[None]
+
+
+def _messages(body: dict[str, Any]) -> list[_Said]:
+    said = []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, str):
+            said.append(_Said(content, []))
+            continue
+        parts = content or []
+        text = "\n".join(p.get("text", "") for p in parts if p.get("type") == "text")
+        said.append(_Said(text, [None] * sum(p.get("type") == "image_url" for p in parts)))
+    return said
+
+
+def token_id(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:6], 16)
+
+
+def reply_for(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
+    """(content, logprobs content or None) for one chat request."""
+    from tests.fake_model import FakeCall, default_reply
+
+    schema = (body.get("response_format") or {}).get("json_schema", {}).get("name", "")
+    purpose = PURPOSE_OF_SCHEMA.get(schema, "look") if schema else "answer"
+    wanted = body.get("logprob_token_ids")
+    call = FakeCall(kind="chat", purpose=purpose, messages=_messages(body), max_tokens=None)  # type: ignore[arg-type]
+    if wanted:
+        # A confidence probe: one position, most of the mass on the first candidate.
+        first = wanted[0]
+        top = [
+            {"token": f"token_id:{tid}", "logprob": -0.5 if tid == first else -2.5}
+            for tid in wanted
+        ]
+        return "A", [{"token": f"token_id:{first}", "logprob": -0.5, "top_logprobs": top}]
+    reply = default_reply(call)
+    return (reply if isinstance(reply, str) else "A"), None
+
+
+def completion(content: str, logprobs: list[dict[str, Any]] | None) -> bytes:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": "stop",
+    }
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    usage = {"prompt_tokens": 100, "completion_tokens": max(1, len(content.split()))}
+    return json.dumps(
+        {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}
+    ).encode()
+
+
+def streamed(content: str) -> bytes:
+    words = content.split(" ")
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}}]}
+        for i, word in enumerate(words)
+    ]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    usage = {"prompt_tokens": 100, "completion_tokens": len(words)}
+    chunks.append({"choices": [], "usage": usage})
+    lines = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
+    return "".join(lines).encode()
+
+
+def respond(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+    if method == "GET" and path.startswith("/v1/models"):
+        return 200, "application/json", json.dumps({"data": [{"id": MODEL_NAME}]}).encode()
+    if method == "GET" and path.startswith("/health"):
+        return 200, "application/json", b"{}"
+    request = json.loads(body or b"{}")
+    if path.startswith("/tokenize"):
+        return (
+            200,
+            "application/json",
+            json.dumps({"tokens": [token_id(request["prompt"])]}).encode(),
+        )
+    if path.startswith("/v1/chat/completions"):
+        content, logprobs = reply_for(request)
+        if request.get("stream"):
+            return 200, "text/event-stream", streamed(content)
+        return 200, "application/json", completion(content, logprobs)
+    return 404, "application/json", b'{"error": "not found"}'
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """HTTP/1.1 with keep-alive, one request after another on each connection."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            status, kind, payload = respond(method, path, body)
+            writer.write(
+                f"HTTP/1.1 {status} OK\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def serve(port: int) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(handle, HOST, port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def stand_in() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.coordinator", "--serve", str(port)],
+        cwd=HERE.parent,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.5):
+                break
+            time.sleep(0.2)
+        yield f"http://{HOST}:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# -- indexes ------------------------------------------------------------------------------------
+
+
+def build_indexes(home: Path, data: Path, work: Path) -> dict[str, str]:
+    """The MiniLM text index of PubMedQA's abstracts and the tiny-clip image index of VQA-RAD
+    training images (none of the test split's), in ``home``; the settings they need."""
+    from suwen.config import Settings
+    from suwen.devtools.tiny_clip import write_tiny_clip
+    from suwen.indexes.image_index import build_image_index
+    from suwen.indexes.text_index import build_text_index
+
+    work.mkdir(parents=True, exist_ok=True)
+    clip = work / "tiny-clip"
+    if not clip.exists():
+        write_tiny_clip(clip)
+    values = {"text_encoder": minilm_or_exit(), "image_encoder": str(clip), "device": "cpu"}
+    settings = Settings(home=home, **values)  # type: ignore[arg-type]
+    print("indexing PubMedQA's 1000 abstracts with MiniLM", flush=True)
+    report = build_text_index(settings, settings.text_index, [data / "pubmedqa" / "ori_pqal.json"])
+    assert not report.errors, report.errors
+    root = data / "vqa_rad"
+    train = json.loads((root / "trainset.json").read_text(encoding="utf-8"))
+    test = {qa["image_name"] for qa in json.loads((root / "testset.json").read_text("utf-8"))}
+    cases: dict[str, dict[str, str]] = {}
+    for qa in train:
+        if qa["image_name"] not in test:
+            case = cases.setdefault(qa["image_name"], {"caption": "", "organ": qa["image_organ"]})
+            case["caption"] = f"{case['caption']} {qa['question']} {qa['answer']}.".strip()
+    folder = work / "cases"
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for name in sorted(cases)[:IMAGE_CASES]:
+        shutil.copy(root / "images" / name, folder / name)
+        row = {"path": name, "id": Path(name).stem, "caption": cases[name]["caption"]}
+        lines.append(json.dumps(row | {"body_part": cases[name]["organ"], "source": "VQA-RAD"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"indexing {len(lines)} VQA-RAD training images with tiny-clip", flush=True)
+    build_image_index(settings, settings.image_index, folder / "manifest.jsonl")
+    return values
+
+
+# -- the measurement ---------------------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, url: str) -> Any:
+    from suwen.config import Settings
+    from suwen.evaluate.benchmarks import LoadContext, load_pubmedqa, load_vqa_rad
+    from suwen.llm.base import recording
+    from suwen.runtime import open_agent
+
+    settings = Settings(
+        home=home,
+        vlm=MODEL_NAME,
+        vllm_url=[url],
+        concurrency=args.concurrency * 4,  # model requests in flight: rereads go in parallel
+        **values,  # type: ignore[arg-type]
+    )
+    context = LoadContext(data=args.data, cache_dir=home / "cache")
+    half = args.questions // 2
+    samples = load_vqa_rad(context)[:half] + load_pubmedqa(context)[: args.questions - half]
+    notices: list[str] = []
+    async with open_agent(settings, [url], sessions=False, on_notice=notices.append) as agent:
+        gate = asyncio.Semaphore(args.concurrency)
+
+        async def one(sample: Any) -> int:
+            async with gate:
+                result = await agent.run(sample.to_question(), mode="agent")
+                return int(result.model_calls)
+
+        # Warm-up: imports, the query encoder, the first connections; not measured.
+        await asyncio.gather(*(one(s) for s in samples[: args.concurrency]))
+        profiler = cProfile.Profile() if args.profile else None
+        cpu, started = cpu_seconds(), time.perf_counter()
+        with recording() as log:
+            if profiler:
+                profiler.enable()
+            calls = await asyncio.gather(*(one(s) for s in samples))
+            if profiler:
+                profiler.disable()
+        wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    result: dict[str, Any] = {
+        "questions": len(samples),
+        "concurrency": args.concurrency,
+        "wall_s": round(wall, 2),
+        "questions_per_s": round(len(samples) / wall, 2),
+        "model_calls": len(log.records),
+        "model_calls_per_question": round(sum(calls) / len(samples), 2),
+        "model_calls_per_s": round(len(log.records) / wall, 1),
+        "cpu_s_per_question": round(cpu / len(samples), 4),
+        "cpu_share_of_wall": round(cpu / wall, 2),
+        "notices": notices,
+        "load": [round(x, 2) for x in os.getloadavg()],
+    }
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
+        result["profile_top"] = out.getvalue().splitlines()[:80]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, default=shared_data_default())
+    parser.add_argument("--questions", type=int, default=60)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--home", type=Path, default=None, help="reuse indexes built here")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+    if args.serve is not None:
+        serve(args.serve)
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="suwen-coordinator-") as tmp:
+        work = Path(tmp)
+        home = args.home or work / "home"
+        marker = home / "coordinator-settings.json"
+        if marker.is_file():
+            values = json.loads(marker.read_text(encoding="utf-8"))
+        else:
+            values = build_indexes(home, args.data, home.parent / "coordinator-models")
+            marker.write_text(json.dumps(values), encoding="utf-8")
+        with stand_in() as url:
+            result = asyncio.run(drive(args, values, home, url))
+    result["target_questions_per_s"] = TARGET_QPS
+    result["command"] = f"python -m benchmarks.coordinator --questions {args.questions} " + (
+        f"--concurrency {args.concurrency}" + (" --profile" if args.profile else "")
+    )
+    write_json(args.out, result)
+    print(
+        f"{result['questions']} agent questions, concurrency {result['concurrency']}: "
+        f"{result['questions_per_s']} questions/s, {result['model_calls_per_s']} model calls/s "
+        f"({result['model_calls_per_question']} per question), "
+        f"{result['cpu_s_per_question']} CPU s per question; load {result['load']}"
+    )
+    for line in result.get("profile_top", [])[:45]:
+        print(line)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
