@@ -55,6 +55,7 @@ class ChatSession:
     agent: AgentRunner
     thread_id: str = field(default_factory=lambda: new_thread_id())
     images: list[Path] = field(default_factory=list)
+    priors: list[Path] = field(default_factory=list)  # earlier studies, compared against
     plain: bool = False
     adaptive: bool = False  # plain first, the agent when the plain answer is unsure
     turns: list[ChatTurn] = field(default_factory=list)
@@ -79,6 +80,16 @@ class ChatSession:
             self.images.append(path)
         return path
 
+    def attach_prior(self, raw_path: str) -> Path:
+        """Attach an earlier study to compare the attached images (the current study) with."""
+        if not raw_path.strip():
+            raise InputError("/prior needs a path")
+        path = Path(_unquote(raw_path)).expanduser().resolve()
+        self.check_image(path)
+        if path not in self.priors:
+            self.priors.append(path)
+        return path
+
     def toggle_plain(self) -> bool:
         self.plain = not self.plain
         self.adaptive = self.adaptive and not self.plain
@@ -93,6 +104,7 @@ class ChatSession:
         """Start over: a new thread, no images, no turns (the old thread stays saved)."""
         self.thread_id = new_thread_id()
         self.images.clear()
+        self.priors.clear()
         self.turns.clear()
         return self.thread_id
 
@@ -100,7 +112,10 @@ class ChatSession:
         self, text: str, on_event: Callable[[AgentEvent], None] | None = None
     ) -> AgentResult:
         """Ask within this thread. A cancelled question leaves no turn behind."""
-        question = Question(text=text.strip(), images=[str(p) for p in self.images])
+        images = [str(p) for p in self.images]
+        # A prior is compared with the current study; without one attached, it waits.
+        priors = [str(p) for p in self.priors] if images else []
+        question = Question(text=text.strip(), images=images, prior_images=priors)
         result = await self.agent.run(
             question, mode=self.mode, thread_id=self.thread_id, on_event=on_event
         )

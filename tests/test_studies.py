@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from suwen import runtime
 from suwen.agent.prompts import ANSWER_COMPARISON, LOOK_COMPARISON
 from suwen.cli import app
 from suwen.commands.answer_view import plain_result
+from suwen.errors import InputError
 from suwen.studies import assign_roles, study_views
 from suwen.types import AgentResult
 from tests.agent_helpers import ask, cases, make_agent, question
@@ -176,3 +178,23 @@ def test_batch_lines_name_priors_by_field_or_by_role(tmp_path: Path, jpeg: str) 
     }
     assert "role 'earlier' must be 'prior' or 'current'" in (items["c"].error or "")
     assert "date 'last week' is not YYYY-MM-DD" in (items["d"].error or "")
+
+
+def test_chat_prior_is_compared_with_the_attached_study(tmp_path: Path, jpeg: str) -> None:
+    from suwen.chat_session import ChatSession
+
+    model = FakeModel().script("look", json.dumps(CHANGES))
+    session = ChatSession(make_agent(tmp_path, model))
+    with pytest.raises(InputError, match="/prior needs a path"):
+        session.attach_prior(" ")
+    session.attach_prior(jpeg)
+    session.attach(jpeg)
+    result = asyncio.run(session.ask("What changed?"))
+    labels = model.calls_for("look")[0].messages[-1].image_labels
+    assert [label.split(":")[1].strip() for label in labels] == [
+        "prior study (date unknown)",
+        "current study (date unknown)",
+    ]
+    assert result.findings is not None and result.findings.changes[0].kind == "larger"
+    session.new_thread()
+    assert session.priors == []

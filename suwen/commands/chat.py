@@ -65,6 +65,7 @@ from suwen.types import AgentEvent, AgentResult
 
 COMMANDS: dict[str, str] = {
     "/image": "PATH   attach an image (repeat for prior and current study); alone: list them",
+    "/prior": "PATH   attach an earlier study to compare the /image (current study) with",
     "/evidence": "N    show evidence item N of the last answer in full",
     "/plain": "        toggle plain mode (the model alone, no retrieval: the baseline)",
     "/adaptive": "     toggle adaptive mode (retrieve only when the plain answer is unsure)",
@@ -278,6 +279,7 @@ class ChatScreen:
             return False
         handlers = {
             "/image": self._image,
+            "/prior": self._prior,
             "/evidence": self._evidence,
             "/plain": self._plain,
             "/adaptive": self._adaptive,
@@ -303,6 +305,11 @@ class ChatScreen:
         path = self.session.attach(arg)
         count = len(self.session.images)
         message = f"attached {path} ({count} image(s) in this conversation)"
+        console.print(literal_line(message), highlight=False)
+
+    def _prior(self, arg: str) -> None:
+        path = self.session.attach_prior(arg)
+        message = f"attached prior study {path} ({len(self.session.priors)} prior(s))"
         console.print(literal_line(message), highlight=False)
 
     def _evidence(self, arg: str) -> None:
