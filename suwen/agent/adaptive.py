@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from suwen.agent.graph import EventHandler, SuwenAgent
 
 EVIDENCE_NAMED = 2  # citations named when retrieval changed an answer
+ANSWER_SHOWN = 60  # characters of an open short answer quoted in that explanation
 _WORD = re.compile(r"[a-z0-9]{3,}")
 
 
@@ -64,6 +65,11 @@ def threshold_for(
     return settings.adaptive_threshold, "setting adaptive_threshold"
 
 
+def _clip(answer: str) -> str:
+    answer = " ".join(answer.split())
+    return answer if len(answer) <= ANSWER_SHOWN else answer[: ANSWER_SHOWN - 1] + "…"
+
+
 def _mentions(text: str, answer_text: str) -> int:
     wanted = set(_WORD.findall(answer_text.casefold()))
     return len(wanted & set(_WORD.findall(text.casefold())))
@@ -85,7 +91,7 @@ def explain_change(question: Question, plain: AgentResult, agent: AgentResult) -
         key=lambda c: (_mentions(texts.get(c.key, c.quote), answer_text), relevance.get(c.key, 0)),
         reverse=True,
     )
-    change = f"retrieval changed the answer from {before} to {after}"
+    change = f"retrieval changed the answer from {_clip(before)} to {_clip(after)}"
     if not ranked:
         return change + " (the new answer cites no evidence)"
     named = "".join(f"[{c.number}]" for c in ranked[:EVIDENCE_NAMED])
