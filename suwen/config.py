@@ -212,6 +212,9 @@ class Settings(BaseSettings):
     max_queries: int = Field(3, ge=1, description="PubMed queries planned per round")
     text_k: int = Field(5, ge=1, description="Text hits per query")
     image_k: int = Field(4, ge=0, description="Similar cases per image")
+    case_examples: int = Field(
+        2, ge=0, description="Kept similar cases shown as worked examples in the answer (0: off)"
+    )
     volume_slices: int = Field(
         6, ge=1, description="Slices shown of a 3-D volume in its acquisition plane (--slices)"
     )

@@ -25,6 +25,7 @@ from suwen.agent.answers import (
     uncited_claims,
 )
 from suwen.agent.confidence import answer_confidence
+from suwen.agent.examples import example_candidates, load_examples
 from suwen.agent.state import (
     AgentState,
     DecideReply,
@@ -346,6 +347,14 @@ class AgentNodes:
         plain = state.get("mode") == "plain"
         ranked = sorted(kept_evidence(state), key=lambda item: item.relevance, reverse=True)
         numbered = [] if plain else ranked[: self.settings.answer_evidence]
+        examples = await load_examples(
+            example_candidates(
+                numbered,
+                self.settings.case_examples,
+                len(context.images),
+                self.settings.vllm_max_images,
+            )
+        )
         messages = prompts.answer_messages(
             question,
             _images(context),
@@ -353,11 +362,14 @@ class AgentNodes:
             [item.hit for item in numbered],
             self._history(state),
             plain=plain,
+            examples=[(e.number, e.case_id, e.image) for e in examples],
         )
         text, failure = await self._stream(messages, emit)
         context.written.messages, context.written.text = messages, text
         explanation, short = short_answer_of(text, question.answer_format)
         notes = [f"{len(text.split())} words, {len(numbered)} numbered sources"]
+        if examples:
+            notes.append(f"{len(examples)} similar cases shown as worked examples")
         if failure:
             notes.append(f"answer broke off: {failure}")
         if question.answer_format.kind != "free" and short is None:

@@ -363,8 +363,11 @@ def answer_messages(
     history: list[Message],
     *,
     plain: bool,
+    examples: Sequence[tuple[int, str, Image.Image]] = (),
 ) -> list[Message]:
-    """The answer prompt. ``plain`` is the no-retrieval baseline: same question, same form."""
+    """The answer prompt. ``plain`` is the no-retrieval baseline: same question, same form.
+    ``examples``: (evidence number, case id, image) of similar cases shown as worked examples
+    before the question's image(s), most relevant last (suwen.agent.examples)."""
     if plain:
         system, parts = PLAIN_SYSTEM, [_question_text(question)]
     else:
@@ -378,11 +381,44 @@ def answer_messages(
     if _has_prior(images):
         parts.append(ANSWER_COMPARISON)
     parts.append(short_form_instruction(question.answer_format))
-    return [
-        Message(role="system", text=system),
-        *history,
-        _user("\n\n".join(p for p in parts if p), images),
-    ]
+    user = _user("\n\n".join(p for p in parts if p), images)
+    if examples:
+        user = _with_examples(user, images, examples)
+    return [Message(role="system", text=system), *history, user]
+
+
+# -- similar cases as worked examples (suwen.agent.examples) ----------------------------------
+
+EXAMPLES_NOTE = (
+    "The first {count} image(s) are worked examples: similar cases of OTHER patients, not this "
+    "patient. Each is labelled with the evidence item that holds its caption or report. Use "
+    "them to recognise what such findings look like; describe only the images labelled as "
+    "this patient's as this patient's findings."
+)
+
+
+def example_label(number: int, case_id: str) -> str:
+    return (
+        f"Worked example: another patient's case ({line_for_prompt(case_id)}), its caption is "
+        f"evidence [{number}]:"
+    )
+
+
+def _with_examples(
+    user: Message,
+    images: Sequence[Image.Image],
+    examples: Sequence[tuple[int, str, Image.Image]],
+) -> Message:
+    own = user.image_labels or [f"Image {i}:" for i in range(1, len(images) + 1)]
+    own = [f"This patient's {label[0].lower()}{label[1:]}" for label in own]
+    labels = [example_label(number, case_id) for number, case_id, _ in examples]
+    note = EXAMPLES_NOTE.format(count=len(examples))
+    return Message(
+        role="user",
+        text=f"{note}\n\n{user.text}",
+        images=[image for _, _, image in examples] + list(images),
+        image_labels=labels + own,
+    )
 
 
 def short_answer_messages(question: Question, explanation: str) -> list[Message]:
