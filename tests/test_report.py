@@ -162,3 +162,26 @@ def test_report_command_refuses_a_bad_image_in_one_line(opened: Opened, tmp_path
     result = CliRunner().invoke(app, ["report", str(broken)])
     assert result.exit_code == 2 and str(broken) in result.output
     assert opened.model.calls == []
+
+
+def test_batch_task_report_drafts_one_report_per_line(
+    opened: Opened, jpeg: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    shutil.copy(jpeg, folder / "a.jpg")
+    rows = [{"id": "s1", "image": "a.jpg", "question": "Dyspnoea after a fall."}]
+    (folder / "questions.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    out = tmp_path / "reports.jsonl"
+    result = CliRunner().invoke(app, ["batch", str(folder), "--out", str(out), "--task", "report"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(out.read_text())
+    assert line["id"] == "s1" and line["answer"].startswith("TECHNIQUE: Frontal chest")
+    assert line["short_answer"] == UNCITED and line["citations"][0]["case_id"] == "synpic1"
+    assert parse_report(line["answer"])["impression"] == UNCITED
+    prompt = opened.model.calls_for("report")[0]
+    assert "Clinical indication: Dyspnoea after a fall." in prompt.last
+    bad = CliRunner().invoke(app, ["batch", str(folder), "--out", str(out), "--task", "summary"])
+    assert bad.exit_code == 2 and "--task summary" in bad.output

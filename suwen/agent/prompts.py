@@ -493,8 +493,10 @@ def report_messages(
     numbered: Sequence[Hit],
     *,
     plain: bool,
+    indication: str = "",
 ) -> list[Message]:
-    """The report prompt: references (other patients' reports) first, then the layout."""
+    """The report prompt: references (other patients' reports) first, then the layout;
+    ``indication``: the clinical question the study was done for (a batch line's question)."""
     layout = _REPORT_LAYOUT.format(
         comparison=REPORT_COMPARE_PRIOR if _has_prior(images) else REPORT_NO_PRIOR
     )
@@ -508,6 +510,8 @@ def report_messages(
             else "No reference reports were found; write from what you see, without citations."
         )
         parts = [findings_note(findings), block, REPORT_TASK, layout]
+    if indication.strip():
+        parts.insert(-2, f"Clinical indication: {for_prompt(indication.strip())}")
     if _has_prior(images):
         parts.append(REPORT_STUDIES)
     return [Message(role="system", text=system), _user("\n\n".join(p for p in parts if p), images)]

@@ -27,6 +27,7 @@ from suwen.llm.base import recording
 from suwen.privacy import no_tracing
 from suwen.types import (
     AgentEvent,
+    AgentResult,
     Citation,
     DraftReport,
     Evidence,
@@ -151,6 +152,7 @@ async def _write(
         state.get("findings"),
         [item.hit for item in numbered],
         plain=plain,
+        indication=_indication(state["question"]),
     )
     notify(AgentEvent(kind="node_start", node="report", message="writing the report"))
     started = time.perf_counter()
@@ -211,4 +213,28 @@ def _cited(number: int, item: Evidence) -> Citation:
         title=hit.title,
         quote=item.quote,
         page=hit.page,
+    )
+
+
+def _indication(question: Question) -> str:
+    return "" if question.text.strip() == prompts.REPORT_TASK else question.text
+
+
+def as_agent_result(draft: DraftReport, question: Question) -> AgentResult:
+    """A report as one batch line: the report text is the answer, its impression the short
+    answer (``--task report``; the sections can be read back with ``parse_report``)."""
+    return AgentResult(
+        question=question.text,
+        mode=draft.mode,
+        answer=draft.text,
+        short_answer=draft.impression or None,
+        citations=draft.citations,
+        evidence=draft.evidence,
+        findings=draft.reading,
+        model_calls=draft.model_calls,
+        tokens=draft.tokens,
+        supported=bool(draft.citations) and not draft.unsupported_sentences,
+        unsupported_sentences=draft.unsupported_sentences,
+        removed_citations=draft.removed_citations,
+        trace=draft.trace,
     )

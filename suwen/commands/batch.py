@@ -49,6 +49,12 @@ from suwen.types import AgentResult, Question
 ERRORS_SHOWN = 20
 
 
+TASK_HELP = (
+    "answer: answer each question; report: draft a radiology report of each line's images "
+    "(its question is the clinical indication), as suwen report does."
+)
+
+
 def batch(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder of images and questions."),
@@ -62,6 +68,7 @@ def batch(
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
     adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
     abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
+    task: str = typer.Option("answer", "--task", help=TASK_HELP),
     vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
     text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
     image_index: str | None = typer.Option(
@@ -77,12 +84,24 @@ def batch(
         if workers < 1:
             raise InputError(f"--concurrency {workers}: must be at least 1")
         mode = mode_of(plain, adaptive)
+        if task not in ("answer", "report") or (task == "report" and adaptive):
+            raise InputError(f"--task {task}: 'answer', or 'report' (with or without --plain)")
         settings = answer_settings(settings, abstain_below)
         question_set = load_questions(folder, questions, settings.max_question_chars)
         _refuse_overwriting_input(out, question_set.file)
         with open_answer_log(out) as log:
             summary = asyncio.run(
-                _run(settings, question_set, log, workers, mode, vllm_url, text_index, image_index)
+                _run(
+                    settings,
+                    question_set,
+                    log,
+                    workers,
+                    mode,
+                    vllm_url,
+                    text_index,
+                    image_index,
+                    task == "report",
+                )
             )
     except InputError as exc:
         fail(str(exc))
@@ -111,6 +130,7 @@ async def _run(
     vllm_urls: list[str],
     text_index: str | None,
     image_index: str | None,
+    report: bool = False,
 ) -> BatchSummary:
     from suwen.runtime import open_agent
 
@@ -132,6 +152,11 @@ async def _run(
             )
 
         async def answer(question: Question) -> AgentResult:
+            if report:  # the line's question is the indication of the study
+                from suwen.agent.report import as_agent_result, draft_report
+
+                drafted = await draft_report(agent, question, plain=mode == "plain")
+                return as_agent_result(drafted, question)
             return await agent.run(question, mode=mode)
 
         with BatchBar(len(questions.items)) as bar:
