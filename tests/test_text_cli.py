@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_bad_format_option(cli_env: dict[str, str], suwen_home: Path, tmp_path: 
 
 
 def test_console_script_errors_are_one_line(
-    cli_env: dict[str, str], suwen_home: Path, text_index_home: Path
+    cli_env: dict[str, str], suwen_home: Path, text_index_home: Path, tmp_path: Path
 ) -> None:
     env = {**os.environ, **cli_env, "SUWEN_HOME": str(suwen_home)}
     missing = subprocess.run(
@@ -137,12 +138,28 @@ def test_console_script_errors_are_one_line(
     assert missing.stderr.strip().count("\n") == 0
     assert "index 'nope' not found" in missing.stderr
 
+    # Another configured encoder: the index is searched with its own, saying so in one line.
     env["SUWEN_HOME"] = str(text_index_home)
     env["SUWEN_TEXT_ENCODER"] = "some/other-encoder"
+    own = subprocess.run(
+        [str(SUWEN), "search", "text", "anything", "--index", TEXT_INDEX, "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert own.returncode == 0, own.stderr
+    assert own.stderr.strip().count("\n") == 0 and "its own text encoder" in own.stderr
+    # An index naming an encoder that is not on this machine is refused in one line.
+    moved = tmp_path / "moved"
+    shutil.copytree(text_index_home, moved)
+    manifest = next((moved / "indexes" / TEXT_INDEX).glob("v*/manifest.json"))
+    built = json.loads(manifest.read_text())["encoder"]
+    manifest.write_text(manifest.read_text().replace(json.dumps(built), '"someone/elsewhere"'))
+    env["SUWEN_HOME"] = str(moved)
     mismatch = subprocess.run(
         [str(SUWEN), "search", "text", "anything", "--index", TEXT_INDEX, "--json"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert mismatch.returncode == 2
-    assert "was built with text encoder" in mismatch.stderr
+    assert mismatch.stderr.strip().count("\n") == 0
+    assert "was built with text encoder someone/elsewhere" in mismatch.stderr
+    assert "not on this machine" in mismatch.stderr
     assert mismatch.stdout == ""
