@@ -12,7 +12,6 @@ from rich.table import Table
 from rich.text import Text
 
 from suwen.commands.ask import (
-    PRIOR_HELP,
     SLICES_HELP,
     VLLM_URL_HELP,
     answer_settings,
@@ -34,13 +33,14 @@ from suwen.config import Settings
 from suwen.errors import InputError
 from suwen.types import DraftReport, Question
 
+REPORT_PRIOR_HELP = "Image of an earlier study to compare with (repeatable)."
 DRAFT_NOTICE = "Draft for a radiologist to review and sign; " + NOT_MEDICAL_ADVICE
 
 
 def report(
     ctx: typer.Context,
     image: list[Path] = typer.Argument(..., help="Image file(s) or DICOM series of the study."),
-    prior: list[Path] = typer.Option([], "--prior", help=PRIOR_HELP),
+    prior: list[Path] = typer.Option([], "--prior", help=REPORT_PRIOR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: no reference cases."),
     slices: int | None = typer.Option(None, "--slices", help=SLICES_HELP),
