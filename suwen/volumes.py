@@ -298,7 +298,11 @@ def _nifti_as_volume(path: Path, image: Any, voxels: VolumeArray) -> Volume:
         voxels=np.ascontiguousarray(stacked, dtype=np.float32),
         plane=_PLANE_OF_AXIS[slice_axis],
         positions=(along[0], along[1], along[2]),
-        axis_letters=(_RAS_LETTERS[slice_axis], *(_RAS_LETTERS[a] for a in in_plane)),  # type: ignore[arg-type]
+        axis_letters=(
+            _RAS_LETTERS[slice_axis],
+            _RAS_LETTERS[in_plane[0]],
+            _RAS_LETTERS[in_plane[1]],
+        ),
         spacing=(ras_zooms[slice_axis], ras_zooms[in_plane[0]], ras_zooms[in_plane[1]]),
         modality="CT" if _looks_like_hounsfield(voxels) else "",
     )

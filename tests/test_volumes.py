@@ -168,3 +168,26 @@ def test_the_model_sees_every_view_with_its_label(tmp_path: Path, nifti: Path) -
     assert user.image_labels[3].startswith("Image 4: anatomical.nii: coronal reformat")
     answer = model.calls_for("answer")[0].messages[-1]
     assert answer.image_labels == user.image_labels
+
+
+def test_isotropic_dicom_series_gets_reformats_with_positions(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    import pydicom
+
+    source = pydicom.dcmread(shared_data / "imaging" / "dicom" / "CT_small.dcm")
+    spacing = float(source.PixelSpacing[0])
+    folder = tmp_path / "iso"
+    folder.mkdir()
+    for i in range(8):  # slices as far apart as the pixels: isotropic voxels
+        source.InstanceNumber = i + 1
+        source.ImagePositionPatient = [-158.135803, -179.035797, -75.7 + i * spacing]
+        source.BodyPartExamined = "CHEST"
+        source.save_as(folder / f"s{i}.dcm")
+    labels = [view.label for view in question_views(folder, 4, "What is abnormal?")]
+    assert len(labels) == 6 and all(x.endswith("window mediastinum (W 350, L 50)") for x in labels)
+    assert labels[0].startswith("iso: axial slice ") and " at z = " in labels[0]
+    assert "coronal reformat" in labels[4] and " at y = " in labels[4]
+    assert "sagittal reformat" in labels[5] and " at x = " in labels[5]
+    row = int(labels[4].split("reformat ")[1].split("/")[0]) - 1
+    assert f"at y = {-179.035797 + row * spacing:+.1f} mm" in labels[4]
