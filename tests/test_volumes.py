@@ -191,3 +191,13 @@ def test_isotropic_dicom_series_gets_reformats_with_positions(
     assert "sagittal reformat" in labels[5] and " at x = " in labels[5]
     row = int(labels[4].split("reformat ")[1].split("/")[0]) - 1
     assert f"at y = {-179.035797 + row * spacing:+.1f} mm" in labels[4]
+
+
+def test_more_views_than_the_server_admits_is_refused_before_any_call(
+    tmp_path: Path, nifti: Path
+) -> None:
+    model = FakeModel()
+    agent = make_agent(tmp_path, model, volume_slices=6, vllm_max_images=4)
+    with pytest.raises(InputError, match=r"8 images \(volume views counted\).*admits 4"):
+        ask(agent, question("What is shown?", images=[str(nifti)]))
+    assert model.calls == []

@@ -122,6 +122,17 @@ def load_question_images(
     return study_views(assign_roles(paths, priors or [], dates), slices, question)
 
 
+def check_image_budget(images: list[tuple[str, Image.Image]], limit: int) -> None:
+    """Refuse, before any model call, a question whose images and volume views exceed what
+    one prompt may carry (the server would refuse it anyway, after the work before it)."""
+    if len(images) > limit:
+        raise InputError(
+            f"{len(images)} images (volume views counted) for one question: the server admits "
+            f"{limit} (setting vllm_max_images); show fewer slices with --slices or set "
+            "vllm_max_images higher"
+        )
+
+
 class SuwenAgent:
     """Answers questions about medical images and medicine, with or without retrieval."""
 
@@ -209,6 +220,7 @@ class SuwenAgent:
             list(question.prior_images),
             dict(question.image_dates),
         )
+        check_image_budget(images, self.settings.vllm_max_images)
         context = RunContext(images=images)
         # No LangSmith trace, whatever the environment or a caller configured: questions,
         # images' findings and answers stay on this machine.

@@ -19,7 +19,12 @@ from collections.abc import Awaitable, Callable
 
 from suwen.agent import prompts
 from suwen.agent.answers import check_citations, uncited_claims
-from suwen.agent.graph import EventHandler, SuwenAgent, load_question_images
+from suwen.agent.graph import (
+    EventHandler,
+    SuwenAgent,
+    check_image_budget,
+    load_question_images,
+)
 from suwen.agent.nodes import Step, kept_evidence
 from suwen.agent.state import AgentState, RunContext, fresh_question_state
 from suwen.errors import ModelError
@@ -99,6 +104,7 @@ async def draft_report(
         list(question.prior_images),
         dict(question.image_dates),
     )
+    check_image_budget(images, settings.vllm_max_images)
     context = RunContext(images=images)
     state = fresh_question_state(question, list(question.images), "plain" if plain else "agent")
     with recording() as log, no_tracing():
