@@ -24,6 +24,18 @@ from tests.agent_helpers import cases, make_agent
 from tests.fake_model import FakeCall, FakeModel, evidence_items
 from tests.fake_search import FakeImageSearch
 from tests.test_ask import Opened
+from tests.test_studies import CHANGES
+
+
+def _rendered(drafted: DraftReport) -> str:
+    from rich.console import Console
+
+    from suwen.commands.report import report_view
+
+    console = Console(width=160, record=True)
+    console.print(report_view(drafted))
+    return console.export_text()
+
 
 UNCITED = "Findings are consistent with a large pneumothorax needing urgent care."
 
@@ -111,8 +123,11 @@ def test_report_against_a_prior_asks_for_the_comparison(tmp_path: Path, jpeg: st
         prior_images=[other],
         image_dates={other: "2020-01-01", jpeg: "2021-06-30"},
     )
+    model.script("look", json.dumps(CHANGES))
     drafted = run(tmp_path, model, question)
     prompt = model.calls_for("report")[0].messages[-1]
+    assert "Changes since the prior study: larger: right upper lobe nodule" in prompt.text
+    assert "Comparison with the prior study" in _rendered(drafted)
     assert REPORT_COMPARE_PRIOR in prompt.text and REPORT_STUDIES in prompt.text
     assert prompt.image_labels == [
         f"Image 1: prior study (2020-01-01): {Path(other).name}",

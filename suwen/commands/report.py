@@ -29,6 +29,7 @@ from suwen.commands.common import (
     print_or_plain,
     settings_of,
 )
+from suwen.commands.comparison_view import comparison_table
 from suwen.config import Settings
 from suwen.errors import InputError
 from suwen.types import DraftReport, Question
@@ -115,6 +116,9 @@ def report_view(drafted: DraftReport) -> RenderableType:
         parts.append(labelled(f"  {row.region}: " if row.region else "  ", row.text, "cyan"))
     parts.append(Text("IMPRESSION:", "bold"))
     parts.append(literal(drafted.impression or "-"))
+    changes = comparison_table(drafted.reading)
+    if changes is not None:
+        parts.append(changes)
     if drafted.citations:
         table = Table(title="References (other patients' cases and articles)", expand=True)
         table.add_column("#", justify="right")
