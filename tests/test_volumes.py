@@ -201,3 +201,30 @@ def test_more_views_than_the_server_admits_is_refused_before_any_call(
     with pytest.raises(InputError, match=r"8 images \(volume views counted\).*admits 4"):
         ask(agent, question("What is shown?", images=[str(nifti)]))
     assert model.calls == []
+
+
+def _series_claiming(folder: Path, source: Path, count: int, size: int) -> Path:
+    import pydicom
+
+    folder.mkdir()
+    dataset = pydicom.dcmread(source)
+    dataset.Rows = dataset.Columns = size  # the header claims far more than the file holds
+    for i in range(count):
+        dataset.InstanceNumber = i + 1
+        dataset.ImagePositionPatient = [0.0, 0.0, float(i)]
+        dataset.save_as(folder / f"s{i:02d}.dcm")
+    return folder
+
+
+def test_hostile_series_are_refused_in_one_line(tmp_path: Path, series: Path) -> None:
+    source = sorted(series.iterdir())[0]
+    huge = _series_claiming(tmp_path / "huge", source, 20, 4096)  # 20 x 4096^2 floats > 1 GiB
+    with pytest.raises(InputError) as excinfo:
+        question_views(huge, 6)
+    assert str(excinfo.value).startswith(f"{huge}: refused, 20 slices of 4096x4096")
+    short = _series_claiming(tmp_path / "short", source, 3, 1024)
+    with pytest.raises(InputError) as excinfo:
+        question_views(short, 6)
+    message = str(excinfo.value)
+    assert "truncated DICOM pixel data" in message and "\n" not in message
+    assert message.startswith(str(short / "s00.dcm"))
