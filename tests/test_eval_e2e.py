@@ -21,6 +21,7 @@ import pytest
 
 from suwen.config import Settings
 from suwen.evaluate.stats import compare
+from suwen.llm.server import ManagedServer
 from tests.fixtures_images import INDEX_NAME as IMAGE_INDEX
 from tests.fixtures_text import TEXT_INDEX
 from tests.test_eval_requests import lay_out_iu_xray
@@ -42,9 +43,12 @@ def eval_env(
     text_index_home: Path,
     image_settings: Settings,
     image_index: str,
+    vllm_server: ManagedServer,
 ) -> dict[str, str]:
     """A data home holding copies of the session's text and image indexes, and the settings
-    (as a user would set them in the environment) that make the agent cheap on the tiny model."""
+    (as a user would set them in the environment) that make the agent cheap on the tiny model.
+    The session's server was started from another data home, so its API key is passed the way
+    a user passes a running server's key: VLLM_API_KEY."""
     home = tmp_path / "home"
     shutil.copytree(text_index_home / "indexes" / TEXT_INDEX, home / "indexes" / TEXT_INDEX)
     shutil.copytree(image_settings.home / "indexes" / image_index, home / "indexes" / IMAGE_INDEX)
@@ -62,6 +66,7 @@ def eval_env(
         "SUWEN_TEXT_K": "3",
         "SUWEN_IMAGE_K": "2",
         "COLUMNS": "200",
+        "VLLM_API_KEY": vllm_server.api_key or "",
     }
 
 
