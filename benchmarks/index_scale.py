@@ -336,8 +336,8 @@ def bm25_engines(settings: Settings, name: str, questions: list[str]) -> dict[st
     (what hybrid search takes), and how far their top 10 agree."""
     from benchmarks.fts5_baseline import copy_rows, create_fts5_table, fts5_bm25
     from suwen.indexes import bm25
-    from suwen.indexes.text_index import TEXT_DB
-    from suwen.retrieval.text import STOPWORDS
+    from suwen.indexes.text_store import TEXT_DB
+    from suwen.retrieval.bm25 import STOPWORDS, Bm25Searcher, query_words
 
     version, _ = store.open_version(settings.indexes_dir, name)
     say(f"BM25 engines: building an FTS5 table of the same rows for {len(questions)} questions")
@@ -345,12 +345,12 @@ def bm25_engines(settings: Settings, name: str, questions: list[str]) -> dict[st
     started = time.perf_counter()
     create_fts5_table(db)
     fts5_build_s = time.perf_counter() - started
-    searcher = bm25.Bm25Searcher(version)
+    searcher = Bm25Searcher(bm25.open_index(version))
     times: dict[str, list[float]] = {"tantivy": [], "fts5": []}
     overlap = []
     for question in questions:
         began = time.perf_counter()
-        fast = searcher.search(bm25.query_words(question, STOPWORDS), 200)
+        fast = searcher.search(query_words(question, STOPWORDS), 200)
         times["tantivy"].append((time.perf_counter() - began) * 1000)
         began = time.perf_counter()
         slow = fts5_bm25(db, question, 200, STOPWORDS)

@@ -27,3 +27,8 @@ class StructuredOutputError(ModelError):
 
 class ServerError(SuwenError):
     """The managed vLLM server could not start or died."""
+
+
+class IndexDamagedError(SuwenError):
+    """An index's files are not what its manifest records (damaged, truncated, swapped, linked
+    elsewhere) or not files Suwen wrote; refused before any parser reads them."""

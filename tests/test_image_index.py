@@ -15,7 +15,8 @@ from suwen.config import BIOMEDCLIP, Settings, load_settings
 from suwen.errors import IndexMismatchError, InputError, ModelError
 from suwen.indexes import store
 from suwen.indexes.image_encoder import encoder_id, load_image_encoder
-from suwen.indexes.image_index import DB_FILE, build_image_index
+from suwen.indexes.image_index import build_image_index
+from suwen.indexes.image_store import IMAGES_DB as DB_FILE
 from suwen.medimage import load_image, sha256_of
 from suwen.retrieval.images import ImageSearcher
 from tests.fixtures_images import ImageCorpus, image_settings_for

@@ -29,7 +29,7 @@ from suwen.errors import IndexMismatchError
 from suwen.indexes import medcpt_import, store
 from suwen.indexes.compressed import CompressedStore, ExactStore, open_store
 from suwen.indexes.medcpt_import import ImportProgress, ImportReport, import_medcpt
-from suwen.indexes.text_index import TEXT_DB
+from suwen.indexes.text_store import TEXT_DB
 from tests.fixtures_text import TEXT_INDEX, bm25_chunk_ids, text_settings_for
 
 SIZES = (41, 40, 40)

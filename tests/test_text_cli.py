@@ -106,8 +106,9 @@ def test_index_then_add_then_list_and_info(
     code, out, _ = run("index", "info", "cli", "--json")
     info = json.loads(out)
     assert code == 0 and info["count"] >= 2 and str(good) in info["sources"]
-    code, out, _ = run("index", "info", "pics")
-    assert code == 0 and "image" in out
+    # info opens the index's files too: a manifest without an images database is refused.
+    code, _, err = run("index", "info", "pics")
+    assert code == 2 and "'pics'" in err and "images.sqlite" in err
 
 
 def test_nothing_ingested_exits_non_zero(

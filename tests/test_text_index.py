@@ -10,17 +10,15 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import faiss
 import pytest
 
 from benchmarks.fts5_baseline import create_fts5_table
-from suwen.errors import IndexMismatchError
-from suwen.indexes import bm25, store, vectors
-from suwen.indexes.text_index import (
-    TEXT_DB,
-    VECTORS_FILE,
-    TextIndexWriter,
-    build_text_index,
-)
+from suwen.errors import IndexDamagedError, IndexMismatchError
+from suwen.indexes import bm25, store
+from suwen.indexes.compressed import EXACT_FILE
+from suwen.indexes.text_index import TextIndexWriter, build_text_index
+from suwen.indexes.text_store import TEXT_DB
 from suwen.retrieval.text import TextSearcher
 from tests.fixtures_text import (
     PUBMEDQA_DOCS,
@@ -54,7 +52,7 @@ def _table_counts(version: Path) -> dict[str, int]:
 def _assert_consistent(version: Path) -> dict[str, int]:
     """Every chunk has exactly one BM25 document and one vector, under the same id."""
     counts = _table_counts(version)
-    index: Any = vectors.load_index(version / VECTORS_FILE)
+    index: Any = faiss.read_index(str(version / EXACT_FILE))
     assert counts["chunks"] == index.ntotal
     db = sqlite3.connect(version / TEXT_DB)
     try:
@@ -253,7 +251,8 @@ def test_pdf_hits_name_their_page(text_home_copy: Path, minilm_path: Path, tmp_p
 
 
 def _make_schema_1(version: Path) -> None:
-    """Turn a version into what Suwen wrote before bm25/: an FTS5 table, no tantivy index."""
+    """Turn a version into what Suwen wrote before bm25/: an FTS5 table, no tantivy index, and
+    a manifest without file digests."""
     db = sqlite3.connect(version / TEXT_DB)
     try:
         create_fts5_table(db)
@@ -262,20 +261,26 @@ def _make_schema_1(version: Path) -> None:
     finally:
         db.close()
     shutil.rmtree(version / bm25.BM25_DIR)
+    manifest = json.loads((version / store.MANIFEST).read_text())
+    del manifest["files"]
+    (version / store.MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_an_index_from_before_bm25_dir_is_refused_with_rebuild(
-    text_home_copy: Path, minilm_path: Path
+    text_home_copy: Path, minilm_path: Path, tmp_path: Path
 ) -> None:
     settings = text_settings_for(text_home_copy, minilm_path)
     _make_schema_1(_live(text_home_copy))
-    with pytest.raises(IndexMismatchError, match=r"rebuild index .*suwen index text"):
+    with pytest.raises(IndexDamagedError, match=r"older Suwen.*build the index again"):
         TextSearcher.open(settings, TEXT_INDEX)
+    source = _jsonl(tmp_path / "new.jsonl", [{"pmid": "1", "title": "T", "abstract": "A."}])
+    with pytest.raises(IndexDamagedError, match=r"older Suwen"):  # nor built upon
+        build_text_index(settings, TEXT_INDEX, [source])
 
 
 def test_a_version_without_any_bm25_index_is_refused_clearly(
     text_home_copy: Path, minilm_path: Path
 ) -> None:
     shutil.rmtree(_live(text_home_copy) / bm25.BM25_DIR)
-    with pytest.raises(IndexMismatchError, match=r"BM25 index is missing.*suwen index text"):
+    with pytest.raises(IndexDamagedError, match=r"bm25/.* is missing"):
         TextSearcher.open(text_settings_for(text_home_copy, minilm_path), TEXT_INDEX)

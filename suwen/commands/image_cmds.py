@@ -23,7 +23,7 @@ from suwen.commands.common import (
     settings_of,
 )
 from suwen.commands.index import index_app, search_app
-from suwen.errors import SuwenError
+from suwen.errors import IndexDamagedError, SuwenError
 from suwen.types import Hit
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def index_images(
             )
         except SuwenError as exc:
             progress.stop()
-            fail(str(exc), code=1)
+            fail(str(exc), code=2 if isinstance(exc, IndexDamagedError) else 1)
     console.print(
         Text.assemble(
             "index ",
@@ -146,7 +146,7 @@ def search_image(
         searcher = ImageSearcher.open(settings, index)
         hits = searcher.search_image(image, k, exclude_sha256=exclude)
     except SuwenError as exc:
-        fail(str(exc), code=1)
+        fail(str(exc), code=2 if isinstance(exc, IndexDamagedError) else 1)
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], indent=2))
         return

@@ -216,9 +216,11 @@ def index_info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Show what an index holds and how it was built."""
+    from suwen.indexes.catalog import open_checked
+
     settings = settings_of(ctx)
     with user_errors():
-        version, manifest = store.open_version(settings.indexes_dir, name)
+        version, manifest = open_checked(settings.indexes_dir, name)
     if as_json:
         typer.echo(
             json.dumps({"version": str(version), **manifest.model_dump(mode="json")}, indent=2)

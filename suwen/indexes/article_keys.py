@@ -11,20 +11,25 @@ read from SQLite only for the ``k`` hits that are shown.
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+from suwen.errors import IndexDamagedError
+from suwen.indexes import file_checks
+
+if TYPE_CHECKING:
+    from suwen.indexes.text_store import TextRows
 
 ARTICLE_KEYS = "article_keys.npy"
 KeyArray = npt.NDArray[np.int32]
 
 
-def compute(db: sqlite3.Connection) -> KeyArray:
+def compute(text_rows: TextRows) -> KeyArray:
     """Keys from the chunk rows; scans the (pmid, chunk_no) index only, not the texts."""
-    rows = db.execute("SELECT id, pmid FROM chunks ORDER BY pmid, chunk_no").fetchall()
+    rows = text_rows.chunk_articles()
     if not rows:
         return np.full(0, -1, dtype=np.int32)
     ids = np.fromiter((int(row[0]) for row in rows), dtype=np.int64, count=len(rows))
@@ -38,9 +43,9 @@ def compute(db: sqlite3.Connection) -> KeyArray:
     return keys
 
 
-def write(db: sqlite3.Connection, directory: Path) -> None:
-    """Write the keys of ``db``'s chunks into the version being built (atomically)."""
-    keys = compute(db)
+def write(text_rows: TextRows, directory: Path) -> None:
+    """Write the keys of the version's chunks into the version being built (atomically)."""
+    keys = compute(text_rows)
     partial = directory / f".{ARTICLE_KEYS}.partial"
     with partial.open("wb") as handle:
         np.save(handle, keys, allow_pickle=False)
@@ -49,15 +54,18 @@ def write(db: sqlite3.Connection, directory: Path) -> None:
     partial.replace(directory / ARTICLE_KEYS)
 
 
-def load(directory: Path, db: sqlite3.Connection, chunks: int) -> KeyArray:
-    """The version's keys, or keys computed from ``db`` when the file is missing or does not
-    match the version's ``chunks`` (a version built before the file existed)."""
+def load(directory: Path, chunks: int) -> KeyArray:
+    """The version's keys: the header checked against the file, then memory-mapped and copied
+    into RAM; refused unless they name exactly the version's ``chunks``."""
     path = directory / ARTICLE_KEYS
-    if path.is_file():
-        keys: Any = np.load(path, allow_pickle=False)
-        if keys.dtype == np.int32 and keys.ndim == 1 and int((keys >= 0).sum()) == chunks:
-            return np.asarray(keys, dtype=np.int32)
-    return compute(db)
+    (length,) = file_checks.npy_shape(path, "int32", 1)
+    keys = np.full(0, -1, dtype=np.int32)
+    if length:
+        mapped: KeyArray = np.load(path, mmap_mode="r", allow_pickle=False)
+        keys = np.array(mapped, dtype=np.int32)
+    if int((keys >= 0).sum()) != chunks:
+        raise IndexDamagedError(f"{path}: keys for {int((keys >= 0).sum())} chunks, not {chunks}")
+    return keys
 
 
 def lookup(keys: KeyArray, chunk_ids: npt.ArrayLike) -> npt.NDArray[np.int32]:

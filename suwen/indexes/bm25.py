@@ -1,40 +1,36 @@
-"""The BM25 side of a text index: a tantivy index of the chunks, in ``<version>/bm25/``.
+"""The BM25 side of a text index on disk: a tantivy index of the chunks, in ``<version>/bm25/``.
+Searching it is ``suwen.retrieval.bm25``.
 
 Why tantivy and not SQLite FTS5 (which earlier versions used): FTS5 computes BM25 for every row
 that matches any word of an OR query before it sorts, so a question's cost grows with the
-postings of all its words -- 611 ms p50 for the top 200 at 1M chunks. Tantivy keeps per-block
-score bounds and skips blocks that cannot reach the top ``k`` (block-max WAND): 6.4 ms p50 on
-the same chunks and questions (``benchmarks/index_scale.py``, ``bm25_engines``).
+postings of all its words. Tantivy keeps per-block score bounds and skips blocks that cannot
+reach the top ``k`` (block-max WAND); the README gives both engines' latency at 1M chunks
+(``benchmarks/index_scale.py``, ``bm25_engines``).
 
 Documents are the chunks: ``id`` (the chunk id, an indexed fast field, so deletes and hit ids
 need no stored fields) and ``body``, the article title followed by the chunk text (English
 stemming, term frequencies, no positions -- no phrase queries). One field, not a title and a
-text field: tantivy scores each field as its own BM25 and adds them, which gave R@1 0.870 on
-the PubMedQA benchmark against 0.949 for one score over title and text together (what FTS5
-computed, and what one field reproduces). Nothing else is stored: texts stay in SQLite.
+text field: tantivy scores each field as its own BM25 and adds them, which lost R@1 on the
+PubMedQA benchmark against one score over title and text together (what FTS5 computed, and
+what one field reproduces). Nothing else is stored: texts stay in SQLite.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import sqlite3
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import tantivy
 
+from suwen.errors import IndexDamagedError
 from suwen.indexes.chunking import embedding_text
 
 BM25_DIR = "bm25"
 ANALYZER = "en_stem"  # tantivy's default tokenizer + lowercase + English Snowball stemmer
 DESCRIPTION = f"tantivy BM25, one title+text field, {ANALYZER}"  # shown by `suwen index info`
 WRITER_HEAP_BYTES = 256_000_000
-# Tantivy's default tokenizer splits on anything not alphanumeric; query words split the same
-# way are single terms, so a quoted word is always a term query, never a phrase.
-_QUERY_WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
 def _schema() -> tantivy.Schema:
@@ -95,51 +91,24 @@ class Bm25Writer:
         self._writer.wait_merging_threads()
 
 
-def chunk_rows(db: sqlite3.Connection) -> Iterable[tuple[int, str, str]]:
-    """Every chunk as ``(id, title, text)`` in id order, for (re)building the BM25 index."""
-    sql = "SELECT c.id, d.title, c.text FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid"
-    for chunk_id, title, text in db.execute(sql + " ORDER BY c.id"):
-        yield int(chunk_id), str(title or ""), str(text or "")
-
-
-def rebuild(version: Path, db: sqlite3.Connection) -> int:
-    """Replace the version's BM25 index with one built from its SQLite rows; the chunk count."""
+def rebuild(version: Path, rows: Iterable[tuple[int, str, str]]) -> int:
+    """Replace the version's BM25 index with one built from ``(chunk id, title, text)`` rows
+    (``TextRows.iter_rows``); the chunk count."""
     shutil.rmtree(version / BM25_DIR, ignore_errors=True)
     writer = Bm25Writer(version, threads=0)  # nothing else runs meanwhile: use every core
     try:
-        count = writer.add_rows(chunk_rows(db))
+        count = writer.add_rows(rows)
         writer.commit()
     finally:
         writer.close()
     return count
 
 
-def query_words(text: str, stopwords: frozenset[str]) -> list[str]:
-    """The distinct content words of free text (stop words dropped unless nothing is left)."""
-    words = [w.lower() for w in _QUERY_WORD.findall(text)]
-    return list(dict.fromkeys([w for w in words if w not in stopwords] or words))
-
-
-class Bm25Searcher:
-    """Top chunks by BM25 over title and text; safe to share between threads."""
-
-    def __init__(self, version: Path) -> None:
-        self._index = tantivy.Index.open(str(version / BM25_DIR))
-        self._searcher = self._index.searcher()
-        self._lock = threading.Lock()
-
-    def search(self, words: Sequence[str], depth: int) -> list[tuple[int, float]]:
-        """``(chunk id, score)`` best first for chunks holding any of ``words``."""
-        if not words or depth < 1:
-            return []
-        # Quoted words are plain terms: user text is never read as query syntax.
-        query = self._index.parse_query(" ".join(f'"{word}"' for word in words), ["body"])
-        with self._lock:
-            # count=False: counting every match would disable the block skipping.
-            found = self._searcher.search(query, depth, count=False).hits
-            ids = self._searcher.fast_field_values("id", [address for _, address in found])
-        return [
-            (int(chunk_id), float(score))
-            for (score, _), chunk_id in zip(found, ids, strict=True)
-            if chunk_id is not None
-        ]
+def open_index(version: Path) -> tantivy.Index:
+    """The version's BM25 index for searching (its files were checked against the manifest)."""
+    try:
+        index = tantivy.Index.open(str(version / BM25_DIR))
+        index.searcher()  # opens every segment's files
+        return index
+    except ValueError as exc:
+        raise IndexDamagedError(f"{version / BM25_DIR}: not a readable BM25 index ({exc})") from exc

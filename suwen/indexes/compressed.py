@@ -44,13 +44,13 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from suwen.errors import IndexMismatchError, InputError, SuwenError
-from suwen.indexes import vectors
+from suwen.errors import IndexDamagedError, IndexMismatchError, InputError, SuwenError
+from suwen.indexes import file_checks, vectors
 from suwen.indexes.vectors import FloatArray, IdArray, normalise
 
 IndexType = Literal["exact", "compressed"]
 
-EXACT_FILE = "vectors.faiss"  # the text index's historical name: old exact indexes still load
+EXACT_FILE = "vectors.faiss"  # the one name of an exact index's file, text and image alike
 COMPRESSED_FILE = "compressed.faiss"
 PARAMS_FILE = "compressed.json"
 FULL_VECTORS_FILE = "full_vectors.npy"
@@ -76,7 +76,7 @@ MIN_COMPRESSED_VECTORS = 1_000
 
 
 class VectorStore(Protocol):
-    """What the text index needs from a vector index, whatever its type."""
+    """What the text and image indexes need from a vector index, whatever its type."""
 
     directory: Path
     dim: int
@@ -140,7 +140,7 @@ def open_store(directory: Path, *, writable: bool = False) -> VectorStore:
         return CompressedStore.open(directory, writable=writable)
     if (directory / EXACT_FILE).is_file():
         return ExactStore.open(directory)
-    raise SuwenError(f"{directory}: no vector index ({EXACT_FILE} or {PARAMS_FILE}) found")
+    raise IndexDamagedError(f"{directory}: no vector index ({EXACT_FILE} or {PARAMS_FILE}) found")
 
 
 def check_dim(store: VectorStore, dim: int, what: str) -> None:
@@ -169,7 +169,13 @@ class ExactStore:
 
     @classmethod
     def open(cls, directory: Path) -> ExactStore:
-        return cls(directory, vectors.load_index(directory / EXACT_FILE))
+        path = directory / EXACT_FILE
+        index = file_checks.read_faiss(path)
+        if not isinstance(index, faiss.IndexIDMap2) or not isinstance(
+            faiss.downcast_index(index.index), faiss.IndexFlatIP
+        ):
+            raise IndexDamagedError(f"{path}: not an exact inner-product index with ids")
+        return cls(directory, index)
 
     @property
     def index_type(self) -> IndexType:
@@ -197,7 +203,10 @@ class ExactStore:
         return int(self.index.remove_ids(faiss.IDSelectorRange(last_id + 1, 2**63 - 1)))
 
     def search(self, queries: npt.ArrayLike, k: int) -> tuple[FloatArray, IdArray]:
-        return vectors.search(self.index, normalise(queries), k)
+        """Top-k (scores, ids) per query; missing slots have id -1."""
+        k = max(1, min(k, max(1, self.count)))
+        scores, ids = self.index.search(normalise(queries), k)
+        return scores.astype(np.float32), ids.astype(np.int64)
 
     def save(self) -> None:
         _write_faiss(self.index, self.directory / EXACT_FILE)
@@ -256,9 +265,19 @@ class CompressedParams:
     def read(cls, path: Path) -> CompressedParams:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+            params = cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise SuwenError(f"{path}: unreadable compressed-index parameters ({exc})") from exc
+            raise IndexDamagedError(
+                f"{path}: unreadable compressed-index parameters ({exc})"
+            ) from exc
+        counts = (params.dim, params.nlist, params.pq_m, params.nprobe, params.shortlist)
+        if not all(isinstance(n, int) and n > 0 for n in counts) or not (
+            isinstance(params.count, int) and params.count >= 0
+        ):
+            raise IndexDamagedError(f"{path}: compressed-index parameters out of range")
+        if params.vector_dtype not in ("float16", "float32"):
+            raise IndexDamagedError(f"{path}: vector dtype {params.vector_dtype!r} unknown")
+        return params
 
     def write(self, path: Path) -> None:
         _atomic_write_text(path, json.dumps(asdict(self), indent=2))
@@ -310,9 +329,16 @@ class CompressedStore:
     @classmethod
     def open(cls, directory: Path, *, writable: bool = False) -> CompressedStore:
         params = CompressedParams.read(directory / PARAMS_FILE)
-        index = vectors.load_index(directory / COMPRESSED_FILE)
+        full = file_checks.npy_shape(directory / FULL_VECTORS_FILE, params.vector_dtype, 2)
+        ids = file_checks.npy_shape(directory / ROW_IDS_FILE, "int64", 1)
+        if full[0] < params.count or ids[0] < params.count or full[1] != params.dim:
+            raise IndexDamagedError(
+                f"{directory}: {FULL_VECTORS_FILE} {full} and {ROW_IDS_FILE} {ids} do not hold "
+                f"the {params.count} {params.dim}-d rows {PARAMS_FILE} records"
+            )
+        index = file_checks.read_faiss(directory / COMPRESSED_FILE)
         if index.d != params.dim or index.ntotal > params.count:
-            raise SuwenError(
+            raise IndexDamagedError(
                 f"{directory}: compressed index ({index.d}-d, {index.ntotal} vectors) does not "
                 f"match its parameters ({params.dim}-d, {params.count} rows)"
             )
@@ -883,7 +909,10 @@ class AppendableArray:
         """The first ``rows`` rows, memory-mapped read-only through ``np.load``."""
         if rows == 0:
             return np.zeros((0,) if self.dim is None else (0, self.dim), dtype=self.dtype)
-        array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        try:
+            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise IndexDamagedError(f"{self.path}: not a readable .npy array ({exc})") from exc
         if array.dtype != self.dtype or len(array) < rows:
             raise SuwenError(f"{self.path}: holds {len(array)} rows of {array.dtype}, need {rows}")
         view: npt.NDArray[Any] = array[:rows]

@@ -8,9 +8,10 @@ a series or image without its own caption takes the report ``.txt`` inside its f
 ``image_sources``). Hugging Face datasets on disk are turned into a manifest by ``image_sources``.
 
 Each case is stored as up to ``max_frames`` rows (one per representative frame or slice), each
-with its own vector; the FAISS id of a vector is its row id. Adding to an existing index works on
-a copy and publishes a new version atomically (:func:`suwen.indexes.store.new_version`), so a
-crash or Ctrl-C leaves the previous version live. Re-adding a case id replaces it; an unchanged
+with its own vector; the vector id is the row id (layout and SQL: ``suwen.indexes.image_store``).
+A build holds the index's build lock (a second concurrent build is refused), works on a copy and
+publishes a new version atomically (:func:`suwen.indexes.store.new_version`), so a crash or Ctrl-C
+leaves the previous version live. Re-adding a case id replaces it; an unchanged
 file (same sha256) keeps its vectors and only has its metadata updated.
 
 Bad items (missing file, path outside the folder, unreadable image) are reported through
@@ -23,19 +24,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
 from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
+from suwen.indexes.image_store import CaseFields, ImageStore
 from suwen.medimage import (
     Frame,
     is_dicom_series_dir,
@@ -44,31 +43,12 @@ from suwen.medimage import (
     sha256_of,
 )
 
-DB_FILE = "images.sqlite"
-FAISS_FILE = "vectors.faiss"
 DEFAULT_MAX_FRAMES = 3
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 
 # (stage, done, total): stages are "scan" and "encode" (done/total in cases).
 ProgressFn = Callable[[str, int, int], None]
 WarnFn = Callable[[str], None]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id of this row's vector
-    case_id TEXT NOT NULL,
-    frame TEXT NOT NULL DEFAULT '',        -- '' for a plain image, else e.g. 'axial 13/25'
-    path TEXT NOT NULL,
-    caption TEXT NOT NULL DEFAULT '',
-    modality TEXT,
-    body_part TEXT,
-    source TEXT,
-    sha256 TEXT NOT NULL,
-    UNIQUE (case_id, frame)
-);
-CREATE INDEX IF NOT EXISTS images_case ON images (case_id);
-CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
-"""
 
 
 @dataclass(frozen=True)
@@ -309,34 +289,27 @@ def build_image_index(
     summary.found = len(items)
     if progress is not None:
         progress("scan", len(items), len(items))
-    live = _live_manifest(settings.indexes_dir, name)
-    # The encoder id is known before the model loads: refuse a mismatch without waiting.
-    _check_compatible(
-        name, live, encoder.id if encoder else encoder_id(settings.image_encoder), None
-    )
-    encoder = encoder or load_image_encoder(settings)
-    _check_compatible(name, live, encoder.id, encoder.dim)
-    with store.new_version(settings.indexes_dir, name, copy_current=True) as staging:
-        with closing(_connect(staging / DB_FILE)) as db:
-            index = _open_faiss(staging / FAISS_FILE, encoder.dim)
-            _ingest(db, index, items, encoder, max_frames, summary, skip, progress)
-            if summary.ingested == 0:
-                raise InputError(
-                    f"{source}: nothing could be ingested ({len(summary.skipped)} skipped)"
-                )
-            db.commit()
-            summary.vectors_total = int(index.ntotal)
-            summary.cases_total = int(
-                db.execute("SELECT COUNT(DISTINCT case_id) FROM images").fetchone()[0]
-            )
-        vectors.save_index(index, staging / FAISS_FILE)
-        store.write_manifest(staging, _manifest(name, live, encoder, source, summary, max_frames))
+    with store.build_lock(settings.indexes_dir, name):
+        live = store.live_manifest(settings.indexes_dir, name)
+        # The encoder id is known before the model loads: refuse a mismatch without waiting.
+        _check_compatible(
+            name, live, encoder.id if encoder else encoder_id(settings.image_encoder), None
+        )
+        encoder = encoder or load_image_encoder(settings)
+        _check_compatible(name, live, encoder.id, encoder.dim)
+        with store.new_version(settings.indexes_dir, name, copy_current=True) as staging:
+            with closing(ImageStore.open_for_build(staging, encoder.dim)) as image_store:
+                _ingest(image_store, items, encoder, max_frames, summary, skip, progress)
+                if summary.ingested == 0:
+                    raise InputError(
+                        f"{source}: nothing could be ingested ({len(summary.skipped)} skipped)"
+                    )
+                image_store.save()
+                summary.vectors_total = image_store.vectors.count
+                summary.cases_total = image_store.case_count()
+            manifest = _manifest(name, live, encoder, source, summary, max_frames)
+            store.write_manifest(staging, manifest)
     return summary
-
-
-def _live_manifest(indexes_dir: Path, name: str) -> store.IndexManifest | None:
-    version = store.current_version(store.index_root(indexes_dir, name))
-    return store.read_manifest(version) if version is not None else None
 
 
 def _check_compatible(
@@ -353,19 +326,8 @@ def _check_compatible(
         )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path)
-    db.executescript(SCHEMA)
-    return db
-
-
-def _open_faiss(path: Path, dim: int) -> Any:
-    return vectors.load_index(path) if path.is_file() else vectors.exact_index(dim)
-
-
 def _ingest(
-    db: sqlite3.Connection,
-    index: Any,
+    image_store: ImageStore,
     items: list[ImageItem],
     encoder: ImageEncoder,
     max_frames: int,
@@ -377,7 +339,7 @@ def _ingest(
     for start in range(0, len(items), encoder.batch_size):
         batch: list[tuple[ImageItem, str, list[Frame]]] = []
         for item in items[start : start + encoder.batch_size]:
-            loaded = _load_item(db, item, max_frames, summary, skip)
+            loaded = _load_item(image_store, item, max_frames, summary, skip)
             if loaded is not None:
                 batch.append(loaded)
         images = [frame.image for _, _, frames in batch for frame in frames]
@@ -386,14 +348,14 @@ def _ingest(
         for item, sha256, frames in batch:
             rows = embeddings[offset : offset + len(frames)]
             offset += len(frames)
-            _replace_case(db, index, item, sha256, frames, rows, summary)
+            _replace_case(image_store, item, sha256, frames, rows, summary)
         done += min(encoder.batch_size, len(items) - start)
         if progress is not None:
             progress("encode", done, len(items))
 
 
 def _load_item(
-    db: sqlite3.Connection,
+    image_store: ImageStore,
     item: ImageItem,
     max_frames: int,
     summary: IngestSummary,
@@ -402,8 +364,9 @@ def _load_item(
     """The item's hash and frames, or None when it is skipped or its file has not changed."""
     try:
         sha256 = sha256_of(item.path)
-        if _unchanged(db, item, sha256):
-            _update_metadata(db, item)
+        stored = image_store.case_hashes(item.case_id)
+        if stored and all(found == sha256 for found in stored):
+            image_store.update_case_fields(_fields(item))
             summary.unchanged += 1
             return None
         frames = load_frames(item.path, max_frames=max_frames)
@@ -413,55 +376,30 @@ def _load_item(
     return item, sha256, frames
 
 
-def _unchanged(db: sqlite3.Connection, item: ImageItem, sha256: str) -> bool:
-    rows = db.execute("SELECT sha256 FROM images WHERE case_id = ?", (item.case_id,)).fetchall()
-    return bool(rows) and all(row[0] == sha256 for row in rows)
-
-
-def _update_metadata(db: sqlite3.Connection, item: ImageItem) -> None:
-    db.execute(
-        "UPDATE images SET path = ?, caption = ?, modality = ?, body_part = ?, source = ? "
-        "WHERE case_id = ?",
-        (str(item.path), item.caption, item.modality, item.body_part, item.source, item.case_id),
+def _fields(item: ImageItem) -> CaseFields:
+    return CaseFields(
+        case_id=item.case_id,
+        path=str(item.path),
+        caption=item.caption,
+        modality=item.modality,
+        body_part=item.body_part,
+        source=item.source,
     )
 
 
 def _replace_case(
-    db: sqlite3.Connection,
-    index: Any,
+    image_store: ImageStore,
     item: ImageItem,
     sha256: str,
     frames: list[Frame],
     embeddings: vectors.FloatArray,
     summary: IngestSummary,
 ) -> None:
-    old_ids = [
-        row[0] for row in db.execute("SELECT id FROM images WHERE case_id = ?", (item.case_id,))
-    ]
-    if old_ids:
-        vectors.remove_ids(index, np.asarray(old_ids, dtype=np.int64))
-        db.execute("DELETE FROM images WHERE case_id = ?", (item.case_id,))
+    labels = [frame.label for frame in frames]
+    if image_store.replace_case(_fields(item), sha256, labels, embeddings):
         summary.updated += 1
     else:
         summary.added += 1
-    new_ids = []
-    for frame in frames:
-        cursor = db.execute(
-            "INSERT INTO images (case_id, frame, path, caption, modality, body_part, source, "
-            "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                item.case_id,
-                frame.label,
-                str(item.path),
-                item.caption,
-                item.modality,
-                item.body_part,
-                item.source,
-                sha256,
-            ),
-        )
-        new_ids.append(int(cursor.lastrowid or 0))
-    vectors.add_vectors(index, embeddings, np.asarray(new_ids, dtype=np.int64))
     summary.frames += len(frames)
     summary.uncaptioned += 0 if item.caption else 1
 

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,17 +43,8 @@ from suwen.config import MEDCPT_ARTICLE, QUERY_ENCODER_OF, Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
 from suwen.indexes import bm25, compressed, store
 from suwen.indexes.compressed import CompressedStore, VectorStore
-from suwen.indexes.text_index import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    TEXT_DB,
-    build_lock,
-    connect,
-    delete_document_rows,
-    finish_rows,
-    insert_document_rows,
-    rebuild_bm25,
-)
+from suwen.indexes.text_index import finish_rows
+from suwen.indexes.text_store import SCHEMA_VERSION, MedcptChunkRecord, TextRows
 from suwen.types import Document
 
 STAGING = ".medcpt-staging"
@@ -64,20 +54,6 @@ MEDCPT_DIM = 768
 ADD_BATCH = 32_768
 INSERT_BATCH = 5_000
 _EMBEDS_RE = re.compile(r"^embeds_chunk_(\d+)\.npy$")
-
-PROGRESS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS medcpt_progress (
-    chunk INTEGER PRIMARY KEY,
-    embeds TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    rows INTEGER NOT NULL,
-    articles INTEGER NOT NULL,
-    replaced INTEGER NOT NULL,
-    skipped INTEGER NOT NULL,
-    last_chunk_id INTEGER NOT NULL,
-    finished TEXT NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -261,7 +237,7 @@ def import_medcpt(
     files, problems = find_chunks(directory)
     report.errors.extend(problems)
     report.chunks_found = len(files) + len(problems)
-    with build_lock(settings.indexes_dir, name):
+    with store.build_lock(settings.indexes_dir, name):
         job = _Import(settings, name, encoder, query_encoder, report, progress)
         job.run(files)
     return report
@@ -311,9 +287,9 @@ class _Import:
             self.report.chunks_already_done = len(files)
             return
         self._prepare_staging()
-        db = connect(self.staging / TEXT_DB)
+        db = TextRows.create(self.staging, medcpt_progress=True)
         try:
-            imported = dict(db.execute("SELECT chunk, signature FROM medcpt_progress").fetchall())
+            imported = db.medcpt_signatures()
             done = {f.number for f in files if imported.get(f.number) == f.signature()}
             plans = self._inspect([f for f in files if f.number not in done])
             self.report.chunks_already_done = len(done)
@@ -357,14 +333,15 @@ class _Import:
     def _live_has_all(self, files: list[ChunkFiles]) -> bool:
         """True when no import is under way and the live version already holds every chunk as
         it is now on disk: rerunning a finished import copies and republishes nothing."""
+        if self.staging.exists() or not files:
+            return False
+        if store.live_manifest(self.settings.indexes_dir, self.name) is None:
+            return False
         live = store.current_version(self.root)
-        if live is None or self.staging.exists() or not files:
-            return False
-        db = connect(live / TEXT_DB, read_only=True)
+        assert live is not None  # checked just above
+        db = TextRows.open_read_only(live)
         try:
-            imported = dict(db.execute("SELECT chunk, signature FROM medcpt_progress").fetchall())
-        except sqlite3.OperationalError:  # an index built by `suwen index text` only
-            return False
+            imported = db.medcpt_signatures()
         finally:
             db.close()
         return all(imported.get(f.number) == f.signature() for f in files)
@@ -392,13 +369,13 @@ class _Import:
         shutil.rmtree(self.staging, ignore_errors=True)
         fresh = self.root / f"{STAGING}.new-{os.getpid()}"
         shutil.rmtree(fresh, ignore_errors=True)
+        manifest = store.live_manifest(self.settings.indexes_dir, self.name)
         live = store.current_version(self.root)
         fresh_plan: dict[str, Any] = {
             "encoder": self.encoder,
             "query_encoder": self.query_encoder,
         }
-        if live is not None:
-            manifest = store.read_manifest(live)
+        if live is not None and manifest is not None:
             self._check_live(manifest)
             self.notify("scan", f"copying live version {live.name}")
             shutil.copytree(live, fresh)
@@ -406,15 +383,7 @@ class _Import:
             fresh_plan["dim"] = manifest.dim
         else:
             fresh.mkdir(parents=True)
-        db = connect(fresh / TEXT_DB)
-        try:
-            db.executescript(SCHEMA + PROGRESS_SCHEMA)
-            db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-            db.commit()
-        finally:
-            db.close()
+        TextRows.create(fresh, medcpt_progress=True).close()
         store.dump_json(fresh / PLAN_FILE, fresh_plan)
         fresh.rename(self.staging)  # the staging exists only once it is complete
 
@@ -431,13 +400,13 @@ class _Import:
 
     # -- the vector store ----------------------------------------------------------------------
 
-    def _open_store(self, db: sqlite3.Connection, plans: list[ChunkPlan]) -> VectorStore:
+    def _open_store(self, db: TextRows, plans: list[ChunkPlan]) -> VectorStore:
         """The staging store rolled back to the last committed chunk; created (and, when
         compressed, trained) on first use."""
         plan = self._plan_data()
         dim = int(plan["dim"])
         if "index_type" not in plan:
-            existing = int(db.execute("SELECT count(*) FROM chunks").fetchone()[0])
+            existing = db.counts()[1]
             expected = existing + sum(p.rows for p in plans)
             plan["index_type"] = compressed.choose_index_type(
                 self.settings.index_type, expected, self.settings.compressed_threshold
@@ -456,7 +425,7 @@ class _Import:
         compressed.check_dim(vector_store, dim, f"MedCPT chunks for index {self.name!r}")
         if vector_store.index_type != index_type:  # an existing compressed index stays so
             self._write_plan({**self._plan_data(), "index_type": vector_store.index_type})
-        vector_store.discard_ids_above(_last_committed_id(db))
+        vector_store.discard_ids_above(db.last_committed_id())
         return vector_store
 
     def _existing_store(self, index_type: str) -> VectorStore | None:
@@ -497,7 +466,7 @@ class _Import:
     # -- one chunk -----------------------------------------------------------------------------
 
     def _import_chunk(
-        self, db: sqlite3.Connection, vector_store: VectorStore, plan: ChunkPlan
+        self, db: TextRows, vector_store: VectorStore, plan: ChunkPlan
     ) -> VectorStore:
         """Import one chunk completely or not at all; a corrupt chunk is reported and skipped."""
         self.notify("chunk", f"chunk {plan.files.number}: reading metadata")
@@ -508,7 +477,7 @@ class _Import:
             self.report.errors.append(f"chunk {plan.files.number}: {exc}; skipped")
             # The store may hold part of this chunk in memory: reload its committed state.
             vector_store = compressed.open_store(self.staging, writable=True)
-            vector_store.discard_ids_above(_last_committed_id(db))
+            vector_store.discard_ids_above(db.last_committed_id())
             self.rows_total -= plan.rows
             return vector_store
         self.report.chunks_imported += 1
@@ -520,9 +489,8 @@ class _Import:
 
     # -- finishing -----------------------------------------------------------------------------
 
-    def _finish(self, db: sqlite3.Connection, vector_store: VectorStore) -> None:
-        documents = int(db.execute("SELECT count(*) FROM documents").fetchone()[0])
-        chunks = int(db.execute("SELECT count(*) FROM chunks").fetchone()[0])
+    def _finish(self, db: TextRows, vector_store: VectorStore) -> None:
+        documents, chunks = db.counts()
         if vector_store.count != chunks:
             raise SuwenError(
                 f"{self.staging}: {vector_store.count} vectors for {chunks} articles; "
@@ -546,8 +514,9 @@ class _Import:
             )
         manifest.bytes_per_vector = round(vector_store.bytes_per_vector(), 2)
         self.notify("publish", f"building the BM25 index of {chunks} articles")
-        rebuild_bm25(db, self.staging)
+        bm25.rebuild(self.staging, db.iter_rows())
         finish_rows(db, self.staging)
+        db.close()  # the rows are final: nothing may change a file once it is sealed
         store.write_manifest(self.staging, manifest)
         self._publish()
         report = self.report
@@ -595,7 +564,7 @@ class _ChunkWriter:
     """Writes one chunk: metadata rows in one open transaction, then vectors, then the commit."""
 
     def __init__(
-        self, db: sqlite3.Connection, vector_store: VectorStore, plan: ChunkPlan, job: _Import
+        self, db: TextRows, vector_store: VectorStore, plan: ChunkPlan, job: _Import
     ) -> None:
         self.db = db
         self.store = vector_store
@@ -630,16 +599,14 @@ class _ChunkWriter:
             if row is None:
                 continue  # metadata for an article without a vector
             doc = record_document(pmid, record, source)
-            old = delete_document_rows(self.db, pmid)[0]
+            old = self.db.delete_document(pmid)[0]
             if old and ids_for_rows[row] < 0:
                 self.counts.replaced += 1
             replaced.extend(old)
             if not doc.title and not doc.text:
                 ids_for_rows[row] = -1
                 continue
-            ids_for_rows[row] = insert_document_rows(
-                self.db, doc, source_id, [(doc.text, None)], now
-            )[0]
+            ids_for_rows[row] = self.db.insert_document(doc, source_id, [(doc.text, None)], now)[0]
             pending += 1
             if pending % INSERT_BATCH == 0:
                 self.job.notify("chunk", f"chunk {self.plan.files.number}: {pending} articles")
@@ -647,15 +614,7 @@ class _ChunkWriter:
         return replaced
 
     def _source_id(self, path: str) -> int:
-        size = Path(path).stat().st_size
-        self.db.execute(
-            "INSERT INTO sources (path, format, size, ingested) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET size = excluded.size, ingested = excluded.ingested, "
-            "error = NULL",
-            (path, SOURCE_FORMAT, size, datetime.now(UTC).isoformat(timespec="seconds")),
-        )
-        row = self.db.execute("SELECT id FROM sources WHERE path = ?", (path,)).fetchone()
-        return int(row["id"])
+        return self.db.upsert_source(path, SOURCE_FORMAT, Path(path).stat().st_size)
 
     def _add_vectors(self, ids_for_rows: npt.NDArray[np.int64]) -> None:
         """Add vectors in id order (ids grow with insertion, so rows on disk stay sorted by id,
@@ -673,45 +632,25 @@ class _ChunkWriter:
             self.job.notify("chunk", f"chunk {self.plan.files.number}: vectors")
 
     def _commit(self, ids_for_rows: npt.NDArray[np.int64]) -> None:
-        last_id = max(int(ids_for_rows.max(initial=-1)), _last_committed_id(self.db))
-        self.db.execute(
-            "INSERT OR REPLACE INTO medcpt_progress VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                self.plan.files.number,
-                str(self.plan.files.embeds),
-                self.plan.files.signature(),
-                self.plan.rows,
-                self.counts.added + self.counts.replaced,
-                self.counts.replaced,
-                self.counts.skipped,
-                last_id,
-                datetime.now(UTC).isoformat(timespec="seconds"),
-            ),
+        last_id = max(int(ids_for_rows.max(initial=-1)), self.db.last_committed_id())
+        self.db.record_medcpt_chunk(
+            MedcptChunkRecord(
+                chunk=self.plan.files.number,
+                embeds=str(self.plan.files.embeds),
+                signature=self.plan.files.signature(),
+                rows=self.plan.rows,
+                articles=self.counts.added + self.counts.replaced,
+                replaced=self.counts.replaced,
+                skipped=self.counts.skipped,
+                last_chunk_id=last_id,
+            )
         )
         self.db.commit()
 
 
-def _last_committed_id(db: sqlite3.Connection) -> int:
-    """The largest chunk id whose row is committed: vectors above it belong to no row."""
-    row = db.execute("SELECT max(id) FROM chunks").fetchone()
-    sequence = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
-    values = [int(v[0]) for v in (row, sequence) if v is not None and v[0] is not None]
-    return max(values, default=0)
-
-
-def _held_out_rows(db: sqlite3.Connection, vector_store: CompressedStore) -> npt.NDArray[np.int64]:
+def _held_out_rows(db: TextRows, vector_store: CompressedStore) -> npt.NDArray[np.int64]:
     """Rows of articles whose PMIDs were kept out of the training sample."""
-    ids = np.asarray(
-        [
-            int(r[0])
-            for r in db.execute(
-                "SELECT id FROM chunks WHERE pmid NOT GLOB '*[^0-9]*' AND pmid != '' "
-                "AND CAST(pmid AS INTEGER) % ? = 0",
-                (compressed.HELD_OUT_STRIDE,),
-            )
-        ],
-        dtype=np.int64,
-    )
+    ids = np.asarray(db.numeric_pmid_chunk_ids(compressed.HELD_OUT_STRIDE), dtype=np.int64)
     row_ids = vector_store.row_ids()
     rows = np.minimum(np.searchsorted(row_ids, ids), max(len(row_ids) - 1, 0))
     return rows[row_ids[rows] == ids].astype(np.int64) if len(row_ids) else rows

@@ -6,7 +6,8 @@ its row, as is its BM25 document's ``id``, so any hit maps straight back to its 
 and source file. Chunk ids come from ``AUTOINCREMENT`` and are never reused, so a removed
 vector can never be confused with a newer row.
 
-Every build works on a copy of the live version (``store.new_version(copy_current=True)``) and
+The SQL lives in ``suwen.indexes.text_store``; every build holds the index's build lock and works
+on a copy of the live version (``store.new_version(copy_current=True)``) and
 publishes it with an atomic rename: Ctrl-C or a crash leaves the previous version live. Long
 ingests publish a checkpoint at source-file boundaries, and re-running the same command skips
 articles whose content is unchanged, so an interrupted ingest resumes where it stopped.
@@ -17,21 +18,16 @@ Re-ingesting a PMID replaces its chunks and vectors; it never duplicates them.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from suwen.config import Settings
-from suwen.errors import IndexMismatchError, InputError, SuwenError
+from suwen.errors import IndexMismatchError, SuwenError
 from suwen.indexes import article_keys, bm25, compressed, store, vectors
 from suwen.indexes.chunking import chunk_document, embedding_text
 from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
@@ -43,45 +39,8 @@ from suwen.indexes.text_sources import (
     expand_sources,
     read_source,
 )
+from suwen.indexes.text_store import SCHEMA_VERSION, TextRows, content_sha256
 from suwen.types import Chunk, Document
-
-TEXT_DB = "text.sqlite"
-VECTORS_FILE = "vectors.faiss"
-SCHEMA_VERSION = 2  # 2: BM25 moved from an FTS5 table to bm25/ (tantivy)
-# Part of every document's content hash: a change to chunking re-encodes on the next ingest.
-CHUNKER_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sources (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
-    format TEXT NOT NULL,
-    size INTEGER,
-    ingested TEXT NOT NULL,
-    documents INTEGER NOT NULL DEFAULT 0,
-    skipped INTEGER NOT NULL DEFAULT 0,
-    error TEXT
-);
-CREATE TABLE IF NOT EXISTS documents (
-    pmid TEXT PRIMARY KEY,
-    title TEXT NOT NULL,
-    year INTEGER,
-    journal TEXT,
-    mesh TEXT NOT NULL,
-    source_id INTEGER REFERENCES sources(id),
-    content_sha256 TEXT NOT NULL,
-    updated TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    pmid TEXT NOT NULL REFERENCES documents(pmid),
-    chunk_no INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    page INTEGER,
-    UNIQUE (pmid, chunk_no)
-);
-"""
 
 # Documents per encoding batch: large enough to keep the encoder busy, small enough that
 # progress moves and memory stays flat.
@@ -137,86 +96,18 @@ class IngestReport(BaseModel):
         return any(report.documents or report.deleted for report in self.sources)
 
 
-def content_sha256(doc: Document) -> str:
-    payload = doc.model_dump(include={"title", "text", "year", "journal", "mesh", "pages"})
-    payload["chunker"] = CHUNKER_VERSION
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def delete_document_rows(db: sqlite3.Connection, pmid: str) -> tuple[list[int], bool]:
-    """Delete a document with its chunks: the chunk ids it had (whose vectors and BM25
-    documents the caller removes) and whether the document was stored at all."""
-    ids = [int(r[0]) for r in db.execute("SELECT id FROM chunks WHERE pmid = ?", (pmid,))]
-    if ids:
-        db.execute("DELETE FROM chunks WHERE pmid = ?", (pmid,))
-    cursor = db.execute("DELETE FROM documents WHERE pmid = ?", (pmid,))
-    return ids, bool(cursor.rowcount)
-
-
-def insert_document_rows(
-    db: sqlite3.Connection,
-    doc: Document,
-    source_id: int,
-    chunks: Sequence[tuple[str, int | None]],
-    ingested: str | None = None,
-) -> list[int]:
-    """Store a document and its chunks ``(text, page)``; the new chunk ids in chunk order
-    (ids grow with insertion). ``ingested`` defaults to now."""
-    db.execute(
-        "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            doc.pmid,
-            doc.title,
-            doc.year,
-            doc.journal,
-            json.dumps(doc.mesh),
-            source_id,
-            content_sha256(doc),
-            ingested or _now(),
-        ),
-    )
-    ids = []
-    for number, (text, page) in enumerate(chunks):
-        cursor = db.execute(
-            "INSERT INTO chunks (pmid, chunk_no, text, page) VALUES (?, ?, ?, ?)",
-            (doc.pmid, number, text, page),
-        )
-        ids.append(int(cursor.lastrowid or 0))
-    return ids
-
-
-def finish_rows(db: sqlite3.Connection, directory: Path) -> None:
+def finish_rows(rows: TextRows, directory: Path) -> None:
     """Last step on a version's rows before its manifest: commit, and write the
     chunk-to-article keys the searcher keeps in RAM."""
-    db.commit()
-    article_keys.write(db, directory)
+    rows.commit()
+    article_keys.write(rows, directory)
 
 
-def rebuild_bm25(db: sqlite3.Connection, directory: Path) -> int:
-    """Build the version's BM25 index from its rows; the number of chunks indexed."""
-    return bm25.rebuild(directory, db)
-
-
-def open_bm25(db: sqlite3.Connection, directory: Path) -> bm25.Bm25Writer:
-    """The version's BM25 writer; a version from before ``bm25/`` existed (schema 1) gets its
-    BM25 index built from its rows first."""
+def open_bm25(rows: TextRows, directory: Path) -> bm25.Bm25Writer:
+    """The version's BM25 writer; a new version gets its (empty) BM25 index first."""
     if not bm25.exists(directory):
-        rebuild_bm25(db, directory)
+        bm25.rebuild(directory, rows.iter_rows())
     return bm25.Bm25Writer(directory)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
-    if read_only:
-        uri = f"{path.resolve().as_uri()}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    else:
-        conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    return conn
 
 
 class TextIndexWriter:
@@ -236,15 +127,11 @@ class TextIndexWriter:
         self.batch_size = batch_size
         self.index_type = index_type
         self.compressed_threshold = compressed_threshold
-        self.db = connect(directory / TEXT_DB)
-        self.db.executescript(SCHEMA)
-        self.db.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
+        self.rows = TextRows.create(directory)
         # Exact or compressed (see suwen.indexes.compressed); a new index starts exact.
         self.index = compressed.open_or_create(directory, encoder.dim)
         compressed.check_dim(self.index, encoder.dim, f"encoder {encoder.name!r}")
-        self.bm25 = open_bm25(self.db, directory)
+        self.bm25 = open_bm25(self.rows, directory)
         self._queue: dict[str, tuple[Document, int, SourceReport]] = {}
         self.chunks_encoded = 0
         self.chunks_queued = 0
@@ -254,33 +141,21 @@ class TextIndexWriter:
 
     def source_id(self, path: Path, fmt: str) -> int:
         size = path.stat().st_size if path.is_file() else None
-        self.db.execute(
-            "INSERT INTO sources (path, format, size, ingested) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET format = excluded.format, size = excluded.size, "
-            "ingested = excluded.ingested, error = NULL",
-            (str(path), fmt, size, _now()),
-        )
-        row = self.db.execute("SELECT id FROM sources WHERE path = ?", (str(path),)).fetchone()
-        return int(row["id"])
+        return self.rows.upsert_source(str(path), fmt, size)
 
     def finish_source(self, source_id: int, report: SourceReport) -> None:
         self.flush()
-        self.db.execute(
-            "UPDATE sources SET documents = ?, skipped = ?, error = ? WHERE id = ?",
-            (report.documents, report.skipped, report.error, source_id),
-        )
+        self.rows.finish_source(source_id, report.documents, report.skipped, report.error)
 
     # -- documents -------------------------------------------------------------------------
 
     def add(self, doc: Document, source_id: int, report: SourceReport) -> None:
         """Queue a document; unchanged ones are counted and skipped without re-encoding."""
-        row = self.db.execute(
-            "SELECT content_sha256 FROM documents WHERE pmid = ?", (doc.pmid,)
-        ).fetchone()
-        if doc.pmid not in self._queue and row and row["content_sha256"] == content_sha256(doc):
+        stored = self.rows.content_hash(doc.pmid)
+        if doc.pmid not in self._queue and stored == content_sha256(doc):
             report.unchanged += 1
             return
-        if doc.pmid in self._queue or row:
+        if doc.pmid in self._queue or stored is not None:
             report.updated += 1
         else:
             report.added += 1
@@ -321,39 +196,34 @@ class TextIndexWriter:
             for chunk_id, chunk in zip(ids, chunks, strict=True):
                 self.bm25.add(int(chunk_id), doc.title, chunk.text)
             row += len(chunks)
-        self.db.commit()
+        self.rows.commit()
 
     def _remove_stored(self, pmid: str) -> bool:
-        ids, existed = delete_document_rows(self.db, pmid)
+        ids, existed = self.rows.delete_document(pmid)
         if ids:
             self.index.remove(np.asarray(ids, dtype=np.int64))
             self.bm25.delete(ids)
         return existed
 
     def _insert(self, doc: Document, source_id: int, chunks: Sequence[Chunk]) -> vectors.IdArray:
-        ids = insert_document_rows(self.db, doc, source_id, [(c.text, c.page) for c in chunks])
+        ids = self.rows.insert_document(doc, source_id, [(c.text, c.page) for c in chunks])
         return np.asarray(ids, dtype=np.int64)
 
     # -- finishing -------------------------------------------------------------------------
-
-    def counts(self) -> tuple[int, int]:
-        documents = self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
-        chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
-        return int(documents), int(chunks)
 
     def save(self, manifest: store.IndexManifest) -> None:
         """Write vectors, the article keys and the BM25 index, close SQLite and write the
         manifest (last: the store publishes only a version that has one)."""
         self.flush()
-        documents, chunks = self.counts()
+        documents, chunks = self.rows.counts()
         if self.index.count != chunks:
             raise SuwenError(
                 f"index {manifest.name!r}: {self.index.count} vectors for {chunks} chunks; "
                 "refusing to publish an inconsistent index"
             )
-        sources = [r["path"] for r in self.db.execute("SELECT path FROM sources ORDER BY id")]
-        finish_rows(self.db, self.directory)
-        self.db.close()
+        sources = self.rows.source_paths()
+        finish_rows(self.rows, self.directory)
+        self.rows.close()
         self.bm25.commit()
         # Past the size threshold an exact index is compressed here (recall measured).
         self.index, described = compressed.finish_store(
@@ -368,8 +238,7 @@ class TextIndexWriter:
         store.write_manifest(self.directory, manifest)
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.ProgrammingError):
-            self.db.close()
+        self.rows.close()
         self.bm25.close()
 
 
@@ -391,19 +260,6 @@ def check_compatible(manifest: store.IndexManifest, settings: Settings) -> None:
             f"{settings.text_encoder!r} (queries: {settings.query_encoder!r}); set "
             f"SUWEN_TEXT_ENCODER={manifest.encoder} or build a new index with another --name"
         )
-
-
-@contextlib.contextmanager
-def build_lock(indexes_dir: Path, name: str) -> Iterator[None]:
-    """One writer per index: a second build would publish over the first one's work."""
-    root = store.index_root(indexes_dir, name)
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".build.lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise InputError(f"index {name!r} is being built by another process") from exc
-        yield
 
 
 class _NothingChangedError(Exception):
@@ -428,11 +284,10 @@ def build_text_index(
         report.sources.append(SourceReport(path=str(path), error=message))
     if not files:
         return report
-    with build_lock(settings.indexes_dir, name):
-        root = store.index_root(settings.indexes_dir, name)
-        live = store.current_version(root)
+    with store.build_lock(settings.indexes_dir, name):
+        live = store.live_manifest(settings.indexes_dir, name)
         if live is not None:
-            check_compatible(store.read_manifest(live), settings)
+            check_compatible(live, settings)
         encoder = article_encoder(settings)
         query_dim = query_encoder(settings).dim
         if query_dim != encoder.dim:
@@ -495,7 +350,7 @@ def _build_round(
 
 def _record_totals(settings: Settings, name: str, report: IngestReport) -> None:
     version = store.current_version(store.index_root(settings.indexes_dir, name))
-    if version is not None:
+    if version is not None:  # just published by this build: read, not re-checked
         manifest = store.read_manifest(version)
         report.documents = int(manifest.extra.get("documents", 0))
         report.chunks = manifest.count

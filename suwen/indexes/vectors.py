@@ -1,12 +1,10 @@
-"""FAISS vector indexes: build, add, save and load, without pickle.
+"""FAISS vector primitives shared by the vector stores (``suwen.indexes.compressed``).
 
 Vectors are L2-normalised float32 and searched by inner product (= cosine). Each vector carries the
 int64 id of its SQLite row, so a hit maps straight back to its metadata.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -39,19 +37,3 @@ def remove_ids(index: faiss.Index, ids: IdArray) -> int:
         return 0
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
     return int(index.remove_ids(selector))
-
-
-def search(index: faiss.Index, queries: FloatArray, k: int) -> tuple[FloatArray, IdArray]:
-    """Top-k (scores, ids) per query; missing slots have id -1."""
-    k = max(1, min(k, max(1, index.ntotal)))
-    scores, ids = index.search(normalise(queries), k)
-    return scores.astype(np.float32), ids.astype(np.int64)
-
-
-def save_index(index: faiss.Index, path: Path) -> None:
-    faiss.write_index(index, str(path))
-
-
-def load_index(path: Path, *, mmap: bool = False) -> faiss.Index:
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(str(path), flags)

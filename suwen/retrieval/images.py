@@ -1,18 +1,15 @@
 """Search an image index: image -> similar cases, and text -> images (CLIP text tower).
 
-A searcher holds the index's FAISS vectors in memory and one read-only SQLite connection (on
-POSIX an index version replaced later stays readable through it), both shared by every thread;
-the SQLite reads are serialised by a lock and the encoder serialises its own calls.
+A searcher holds the index's store (``suwen.indexes.image_store``: vectors in memory and one
+read-only SQLite connection; on POSIX an index version replaced later stays readable through it),
+shared by every thread; the SQLite reads are serialised by a lock and the encoder serialises its
+own calls.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Collection
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -20,36 +17,25 @@ from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
 from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
-from suwen.indexes.image_index import DB_FILE, FAISS_FILE
+from suwen.indexes.image_store import ImageRow, ImageStore
 from suwen.models import resolve_query_encoder
 from suwen.types import Hit
-
-
-@dataclass(frozen=True)
-class _Row:
-    case_id: str
-    frame: str
-    path: str
-    caption: str
-    modality: str | None
-    body_part: str | None
-    source: str | None
-    sha256: str
 
 
 class ImageSearcher:
     """Similar-case search over one image index."""
 
     def __init__(
-        self, name: str, manifest: store.IndexManifest, version: Path, encoder: ImageEncoder
+        self,
+        name: str,
+        manifest: store.IndexManifest,
+        image_store: ImageStore,
+        encoder: ImageEncoder,
     ) -> None:
         self.name = name
         self.manifest = manifest
         self.encoder = encoder
-        self._index = vectors.load_index(version / FAISS_FILE)
-        self._db = sqlite3.connect(
-            f"{(version / DB_FILE).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
-        )
+        self._store = image_store
         self._db_lock = threading.Lock()
 
     @classmethod
@@ -57,21 +43,17 @@ class ImageSearcher:
         """The live version of image index ``name`` (default: settings.image_index), refusing one
         built with another encoder than the configured one."""
         name = name or settings.image_index
-        version, manifest = store.open_version(settings.indexes_dir, name)
-        if manifest.kind != "image":
-            raise IndexMismatchError(f"index {name!r} is a {manifest.kind} index, not images")
-        settings = resolve_query_encoder(manifest, settings, "image").settings  # its own if local
-        configured = encoder_id(settings.image_encoder)
-        encoder = load_image_encoder(settings)
-        if encoder.dim != manifest.dim:
-            raise IndexMismatchError(
-                f"index {name!r} holds {manifest.dim}-d vectors; {configured} makes {encoder.dim}-d"
-            )
-        return cls(name, manifest, version, encoder)
+        image_store, manifest = ImageStore.open(settings.indexes_dir, name)
+        try:
+            encoder = _encoder_for(settings, name, manifest)
+        except BaseException:
+            image_store.close()
+            raise
+        return cls(name, manifest, image_store, encoder)
 
     @property
     def size(self) -> int:
-        return int(self._index.ntotal)
+        return self._store.vectors.count
 
     def search_image(
         self, image: Image.Image, k: int = 5, *, exclude_sha256: Collection[str] = ()
@@ -90,7 +72,7 @@ class ImageSearcher:
 
     def close(self) -> None:
         with self._db_lock:
-            self._db.close()
+            self._store.close()
 
     def _search(
         self, query: vectors.FloatArray, k: int, exclude: frozenset[str], method: str
@@ -108,7 +90,7 @@ class ImageSearcher:
     def _collect(
         self, query: vectors.FloatArray, fetch: int, k: int, exclude: frozenset[str], method: str
     ) -> list[Hit]:
-        scores, ids = vectors.search(self._index, query, fetch)
+        scores, ids = self._store.vectors.search(query, fetch)
         rows = self._rows([int(i) for i in ids[0] if i >= 0])
         hits: dict[str, Hit] = {}
         for score, vector_id in zip(scores[0], ids[0], strict=True):
@@ -120,19 +102,11 @@ class ImageSearcher:
                 break
         return list(hits.values())
 
-    def _rows(self, ids: list[int]) -> dict[int, _Row]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
+    def _rows(self, ids: list[int]) -> dict[int, ImageRow]:
         with self._db_lock:
-            found: list[Any] = self._db.execute(
-                "SELECT id, case_id, frame, path, caption, modality, body_part, source, sha256 "
-                f"FROM images WHERE id IN ({marks})",
-                ids,
-            ).fetchall()
-        return {int(row[0]): _Row(*row[1:]) for row in found}
+            return self._store.rows(ids)
 
-    def _hit(self, row: _Row, score: float, method: str) -> Hit:
+    def _hit(self, row: ImageRow, score: float, method: str) -> Hit:
         return Hit(
             key=f"case:{row.case_id}",
             score=score,
@@ -147,3 +121,16 @@ class ImageSearcher:
             body_part=row.body_part,
             methods=[method],
         )
+
+
+def _encoder_for(settings: Settings, name: str, manifest: store.IndexManifest) -> ImageEncoder:
+    """The encoder the index was built with (the configured one, or the index's own when it is
+    on this machine), refused if its vectors do not have the index's dimension."""
+    settings = resolve_query_encoder(manifest, settings, "image").settings  # its own if local
+    configured = encoder_id(settings.image_encoder)
+    encoder = load_image_encoder(settings)
+    if encoder.dim != manifest.dim:
+        raise IndexMismatchError(
+            f"index {name!r} holds {manifest.dim}-d vectors; {configured} makes {encoder.dim}-d"
+        )
+    return encoder

@@ -11,24 +11,21 @@ articles (or PDFs); the chunk (and page, for PDFs) says where in the article the
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, ModelError
-from suwen.indexes import article_keys, store, vectors
-from suwen.indexes import bm25 as bm25_store
+from suwen.indexes import article_keys, vectors
 from suwen.indexes.chunking import embedding_text
-from suwen.indexes.compressed import VectorStore, open_store
 from suwen.indexes.text_encoder import QueryEncoder, query_encoder, resolve_device
-from suwen.indexes.text_index import TEXT_DB, connect
+from suwen.indexes.text_store import ChunkRow, TextStore
 from suwen.models import resolve_query_encoder
+from suwen.retrieval.bm25 import STOPWORDS, Bm25Searcher, query_words
 from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
 from suwen.types import Hit, TextMethod
 
@@ -37,18 +34,6 @@ if TYPE_CHECKING:
 
 Method = TextMethod
 
-# Common English function words and the words questions are made of. BM25's IDF already
-# discounts them, but in an OR query each one still pulls in thousands of weak matches.
-_STOPWORD_TEXT = """
-    a about above after again against all also am an and any are as at be because been
-    before being below between both but by can could did do does doing done down during each
-    either few for from further had has have having he her here hers herself him himself his
-    how however i if in into is it its itself just may me might more most must my myself no nor
-    not now of off on once only or other our ours ourselves out over own same shall she should
-    so some such than that the their theirs them themselves then there these they this those
-    through thus to too under until up upon very was we were what when where whether which
-    while who whom why will with within without would you your yours yourself yourselves"""
-STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 QUERY_CACHE_SIZE = 2048
 
 
@@ -86,24 +71,20 @@ class TextSearcher:
     def __init__(
         self,
         settings: Settings,
-        manifest: store.IndexManifest,
-        db: sqlite3.Connection,
-        index: VectorStore,
+        text_store: TextStore,
         encoder: QueryEncoder,
-        keys: article_keys.KeyArray,
-        bm25_searcher: bm25_store.Bm25Searcher,
         fusion: FusionConfig | None = None,
     ) -> None:
         self.settings = settings
-        self.manifest = manifest
-        self.name = manifest.name
+        self.manifest = text_store.manifest
+        self.name = text_store.manifest.name
         self.fusion = fusion or FusionConfig()
-        self._db = db
+        self._store = text_store
         self._db_lock = threading.Lock()
-        self._index = index
+        self._index = text_store.vectors
         self._encoder = encoder
-        self._article_keys = keys
-        self._bm25 = bm25_searcher
+        self._article_keys = text_store.keys
+        self._bm25 = Bm25Searcher(text_store.bm25)
         self._vector_cache: OrderedDict[str, vectors.FloatArray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._cross: CrossEncoder | None = None
@@ -112,34 +93,24 @@ class TextSearcher:
     @classmethod
     def open(cls, settings: Settings, name: str | None = None) -> TextSearcher:
         """The live version of text index ``name`` (default: ``settings.text_index``)."""
-        version, manifest = store.open_version(settings.indexes_dir, name or settings.text_index)
-        settings = resolve_query_encoder(manifest, settings, "text").settings  # its own if local
-        encoder = query_encoder(settings)
-        if encoder.dim != manifest.dim:
-            raise IndexMismatchError(
-                f"index {manifest.name!r} holds {manifest.dim}-d vectors but query encoder "
-                f"{settings.query_encoder!r} makes {encoder.dim}-d ones"
-            )
-        db = connect(version / TEXT_DB, read_only=True)
-        index = open_store(version)  # exact or compressed, as the index was built
-        if index.dim != manifest.dim:
-            db.close()
-            raise IndexMismatchError(
-                f"{version}: vectors have {index.dim} dims, manifest {manifest.dim}"
-            )
-        keys = article_keys.load(version, db, manifest.count)
-        bm25 = bm25_store.Bm25Searcher(version) if bm25_store.exists(version) else None
-        if bm25 is None:
-            db.close()
-            raise IndexMismatchError(
-                f"{version}: the BM25 index is missing or was written by another Suwen; "
-                f"rebuild index {manifest.name!r} with `suwen index text`"
-            )
-        return cls(settings, manifest, db, index, encoder, keys, bm25)
+        text_store = TextStore.open(settings.indexes_dir, name or settings.text_index)
+        try:
+            manifest = text_store.manifest
+            settings = resolve_query_encoder(manifest, settings, "text").settings  # own if local
+            encoder = query_encoder(settings)
+            if encoder.dim != manifest.dim:
+                raise IndexMismatchError(
+                    f"index {manifest.name!r} holds {manifest.dim}-d vectors but query encoder "
+                    f"{settings.query_encoder!r} makes {encoder.dim}-d ones"
+                )
+        except BaseException:
+            text_store.close()
+            raise
+        return cls(settings, text_store, encoder)
 
     def close(self) -> None:
         with self._db_lock:
-            self._db.close()
+            self._store.close()
 
     def __enter__(self) -> TextSearcher:
         return self
@@ -172,7 +143,7 @@ class TextSearcher:
     def bm25(self, query: str, depth: int, excluded: Collection[int] = ()) -> list[Candidate]:
         """Chunks ranked by BM25 over title and text, best first. Enough extra chunks are taken
         to drop the ``excluded`` chunk ids afterwards, so the result is the same."""
-        words = bm25_store.query_words(query, STOPWORDS)
+        words = query_words(query, STOPWORDS)
         found = self._bm25.search(words, depth + len(excluded))
         ids, scores = [chunk_id for chunk_id, _ in found], [score for _, score in found]
         return self._candidates(ids, scores, excluded)[:depth]
@@ -245,25 +216,13 @@ class TextSearcher:
             if chunk_id in rows
         ]
 
-    def _rows(self, chunk_ids: Sequence[int]) -> dict[int, sqlite3.Row]:
-        if not chunk_ids:
-            return {}
-        sql = (
-            "SELECT c.id, c.pmid, c.chunk_no, c.text, c.page, d.title, d.year, d.journal, "
-            "s.path AS source FROM chunks AS c JOIN documents AS d ON d.pmid = c.pmid "
-            "LEFT JOIN sources AS s ON s.id = d.source_id "
-            "WHERE c.id IN (SELECT value FROM json_each(?))"
-        )
+    def _rows(self, chunk_ids: Sequence[int]) -> dict[int, ChunkRow]:
         with self._db_lock:
-            rows = self._db.execute(sql, (json.dumps(list(chunk_ids)),)).fetchall()
-        return {int(row["id"]): row for row in rows}
+            return self._store.rows.rows(chunk_ids)
 
     def _chunk_ids_of(self, pmids: Collection[str]) -> set[int]:
-        if not pmids:
-            return set()
-        sql = "SELECT id FROM chunks WHERE pmid IN (SELECT value FROM json_each(?))"
         with self._db_lock:
-            return {int(row[0]) for row in self._db.execute(sql, (json.dumps(list(pmids)),))}
+            return self._store.rows.chunk_ids_of(pmids)
 
     # -- reranking ----------------------------------------------------------------------------
 
@@ -315,20 +274,19 @@ def _best_chunk_per_article(
     return best
 
 
-def _hit(row: sqlite3.Row, score: float, index: str, methods: list[str]) -> Hit:
-    values: dict[str, Any] = dict(row)
+def _hit(row: ChunkRow, score: float, index: str, methods: list[str]) -> Hit:
     return Hit(
-        key=f"pmid:{values['pmid']}#{values['chunk_no']}",
+        key=f"pmid:{row.pmid}#{row.chunk_no}",
         score=score,
         kind="text",
         index=index,
-        source=values["source"] or "",
-        text=values["text"],
-        pmid=values["pmid"],
-        chunk_id=f"{values['pmid']}#{values['chunk_no']}",
-        title=values["title"],
-        year=values["year"],
-        journal=values["journal"],
-        page=values["page"],
+        source=row.source,
+        text=row.text,
+        pmid=row.pmid,
+        chunk_id=f"{row.pmid}#{row.chunk_no}",
+        title=row.title,
+        year=row.year,
+        journal=row.journal,
+        page=row.page,
         methods=methods,
     )
