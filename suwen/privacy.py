@@ -46,6 +46,9 @@ FORCED_ENV = {
     "LANGCHAIN_TRACING": "false",
     "LANGCHAIN_TRACING_V2": "false",
     "LANGSMITH_OTEL_ENABLED": "false",
+    # ONNX Runtime's Linux wheels carry Microsoft's 1DS event uploader (OneCollector), which
+    # resolves its collector's address from worker threads; off before any session exists.
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 # Where LangSmith would send traces and what would authenticate them: gone, so that even a
 # library that ignores the tracing switch has nowhere to send and nothing to send with.

@@ -170,8 +170,9 @@ class OnnxQueryEncoder:
     ) -> None:
         """``buckets``: pad a query to the smallest of these lengths that holds it (none: run it
         at its own length, which measured faster; kept so the benchmark can compare)."""
-        import onnxruntime as ort
         from tokenizers import Tokenizer
+
+        ort = _runtime()
 
         self.directory = directory
         self.record = record
@@ -287,8 +288,7 @@ def _export_into(
     pooling: Pooling,
     eager: Callable[[str], FloatArray],
 ) -> ExportRecord | None:
-    import onnxruntime as ort
-
+    ort = _runtime()
     inputs = _export_graph(model, staging / "float32.onnx")
     tokenizer: Any = model.tokenizer
     tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
@@ -418,6 +418,15 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def _runtime() -> Any:
+    """onnxruntime, with its event uploader off before any session is made (privacy.enforce
+    also sets ORT_DISABLE_TELEMETRY for a library user who never ran the CLI)."""
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
+    return onnxruntime
 
 
 def unavailable_reason() -> str | None:
