@@ -33,9 +33,8 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-# Every added token of Qwen2.5-VL's tokenizer (Lingshu's): special ones and the added plain
-# ones (``<tool_call>``, FIM markers), which the tokenizer also matches as single tokens.
-QWEN2_5_VL_TOKENS = (
+# Qwen2.5-VL's (Lingshu's) special tokens, in Qwen's order (their ids follow the vocabulary).
+QWEN2_5_VL_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -50,6 +49,10 @@ QWEN2_5_VL_TOKENS = (
     "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
+)
+# Added but not special (they survive decoding with skip_special_tokens); the tokenizer still
+# matches each as a single token, so data must not carry them either.
+QWEN2_5_VL_PLAIN_ADDED_TOKENS = (
     "<tool_call>",
     "</tool_call>",
     "<|fim_prefix|>",
@@ -59,6 +62,7 @@ QWEN2_5_VL_TOKENS = (
     "<|repo_name|>",
     "<|file_sep|>",
 )
+QWEN2_5_VL_TOKENS = QWEN2_5_VL_SPECIAL_TOKENS + QWEN2_5_VL_PLAIN_ADDED_TOKENS
 OPEN_LOOKALIKE = "‹"  # U+2039: NFKC leaves it alone, and it is never part of a special token
 CLOSE_LOOKALIKE = "›"  # U+203A
 

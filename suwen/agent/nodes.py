@@ -314,20 +314,7 @@ class AgentNodes:
     # -- answer ---------------------------------------------------------------------------
 
     async def _stream(self, messages: list[Message], emit: Emit) -> tuple[str, str | None]:
-        """The streamed answer text, and what went wrong if the stream broke off."""
-        pieces: list[str] = []
-        try:
-            async for piece in self.model.stream(
-                messages,
-                max_tokens=self.settings.max_tokens,
-                temperature=self.settings.temperature,
-                purpose="answer",
-            ):
-                pieces.append(piece)
-                emit(AgentEvent(kind="token", node="answer", token=piece))
-        except ModelError as exc:
-            return "".join(pieces), str(exc)
-        return "".join(pieces), None
+        return await stream_text(self.model, self.settings, messages, "answer", emit)
 
     async def _short_answer_fallback(self, question: Question, explanation: str) -> str | None:
         """Ask for the short answer on its own, when the answer did not end with one."""
@@ -459,3 +446,27 @@ def look_or_answer_plainly(state: AgentState) -> Literal["look", "answer"]:
 def search_again_or_answer(state: AgentState) -> Literal["retrieve", "answer"]:
     """decide leaves new queries only when the evidence is short and the budget allows."""
     return "retrieve" if state.get("queries") else "answer"
+
+
+async def stream_text(
+    model: VisionLanguageModel,
+    settings: Settings,
+    messages: list[Message],
+    node: str,
+    emit: Emit,
+) -> tuple[str, str | None]:
+    """The streamed text of one generation step (``node``: the answer or the report), each
+    piece passed on as a token event, and what went wrong if the stream broke off."""
+    pieces: list[str] = []
+    try:
+        async for piece in model.stream(
+            messages,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            purpose=node,
+        ):
+            pieces.append(piece)
+            emit(AgentEvent(kind="token", node=node, token=piece))
+    except ModelError as exc:
+        return "".join(pieces), str(exc)
+    return "".join(pieces), None

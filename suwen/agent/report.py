@@ -25,9 +25,8 @@ from suwen.agent.graph import (
     check_image_budget,
     load_question_images,
 )
-from suwen.agent.nodes import Step, kept_evidence
+from suwen.agent.nodes import Step, kept_evidence, stream_text
 from suwen.agent.state import AgentState, RunContext, fresh_question_state
-from suwen.errors import ModelError
 from suwen.llm.base import recording
 from suwen.privacy import no_tracing
 from suwen.types import (
@@ -162,20 +161,8 @@ async def _write(
     )
     notify(AgentEvent(kind="node_start", node="report", message="writing the report"))
     started = time.perf_counter()
-    pieces: list[str] = []
-    failure = None
-    try:
-        async for piece in agent.model.stream(
-            messages,
-            max_tokens=agent.settings.max_tokens,
-            temperature=agent.settings.temperature,
-            purpose="report",
-        ):
-            pieces.append(piece)
-            notify(AgentEvent(kind="token", node="report", token=piece))
-    except ModelError as exc:
-        failure = str(exc)
-    checked = check_citations("".join(pieces), len(numbered))
+    text, failure = await stream_text(agent.model, agent.settings, messages, "report", notify)
+    checked = check_citations(text, len(numbered))
     sections = parse_report(checked.text)
     claims = "\n".join([sections.get("findings", ""), sections.get("impression", "")])
     message = f"{len(checked.cited)} references cited, {len(checked.removed)} removed"

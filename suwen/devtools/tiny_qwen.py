@@ -16,34 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# Qwen2.5-VL's special tokens, in Qwen's order (their ids follow the trained vocabulary).
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# Qwen lists these as added but not special (they survive decoding with skip_special_tokens).
-PLAIN_ADDED_TOKENS = (
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
+from suwen.sanitize import QWEN2_5_VL_PLAIN_ADDED_TOKENS, QWEN2_5_VL_SPECIAL_TOKENS
+
+# The tokens the real tokenizer adds, the same ones the sanitiser defuses.
+SPECIAL_TOKENS = QWEN2_5_VL_SPECIAL_TOKENS
+PLAIN_ADDED_TOKENS = QWEN2_5_VL_PLAIN_ADDED_TOKENS
 
 # Qwen2's pre-tokenizer split (the GPT-4-style regex Qwen ships in tokenizer.json).
 QWEN_SPLIT_PATTERN = (
