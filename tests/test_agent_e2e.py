@@ -25,13 +25,13 @@ from tests.fixtures_text import TEXT_INDEX
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-AGENT_NODES = {"look", "plan", "retrieve", "reread", "decide", "answer", "verify"}
+AGENT_NODES = {"look", "plan", "retrieve", "reread", "decide", "answer", "verify", "assess"}
 
 
 def _check_result(result: AgentResult, events: list[AgentEvent]) -> None:
     json.loads(result.model_dump_json())  # what `suwen ask --json` prints
     visited = [event.node for event in result.trace]
-    assert visited[0] == "look" and visited[-2:] == ["answer", "verify"]
+    assert visited[0] == "look" and visited[-3:] == ["answer", "verify", "assess"]
     assert set(visited) == AGENT_NODES
     assert visited.count("retrieve") == result.rounds >= 1
     # The trace names every node the graph ran, in the order the stream reported them.
@@ -75,7 +75,7 @@ def test_agent_through_real_vllm_and_indexes(
                     Question(text="And is the heart enlarged?"), mode="plain", thread_id="e2e"
                 )
                 assert plain.mode == "plain" and plain.citations == [] and plain.evidence == []
-                assert [event.node for event in plain.trace] == ["answer", "verify"]
+                assert [event.node for event in plain.trace] == ["answer", "verify", "assess"]
                 turns = [turn.question for turn in await agent.history("e2e")]
                 return result, events, turns
         finally:

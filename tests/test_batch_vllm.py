@@ -15,13 +15,22 @@ import pytest
 from typer.testing import CliRunner
 
 from suwen.cli import app
+from suwen.llm.server import ManagedServer
 from suwen.types import AgentResult
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture()
-def real_env(tiny_model_dir: Path, suwen_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def real_env(
+    tiny_model_dir: Path,
+    suwen_home: Path,
+    vllm_server: ManagedServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The session's server was started from another data home: its key, as a user passes a
+    # running server's key.
+    monkeypatch.setenv("VLLM_API_KEY", vllm_server.api_key or "")
     monkeypatch.setenv("SUWEN_VLM", str(tiny_model_dir))
     monkeypatch.setenv("SUWEN_MAX_TOKENS", "16")
     monkeypatch.setenv("COLUMNS", "200")

@@ -19,7 +19,10 @@ from suwen.indexes.store import IndexManifest
 def manifest(
     kind: str, encoder: str, query: str | None = None, name: str = "demo"
 ) -> IndexManifest:
-    return IndexManifest(name=name, kind=kind, encoder=encoder, query_encoder=query, dim=8)
+    # Sealed with no files: the encoder choice is read before any file is opened.
+    return IndexManifest(
+        name=name, kind=kind, encoder=encoder, query_encoder=query, dim=8, files={}
+    )
 
 
 def fetched(home: Path, folder: str, repo_id: str) -> Path:
@@ -135,12 +138,15 @@ def test_search_image_uses_the_index_encoder(
     assert "its own image encoder" in done.stderr
 
 
-def test_an_index_naming_a_model_that_is_not_here_is_refused_by_search(tmp_path: Path):
-    version = tmp_path / "indexes" / "remote" / "v000001"
-    version.mkdir(parents=True)
-    store.write_manifest(version, manifest("text", "someone/elsewhere"))
-    (tmp_path / "indexes" / "remote" / store.CURRENT).write_text("v000001")
-    done = search(tmp_path, "text", "anything", "--index", "remote")
+def test_an_index_naming_a_model_that_is_not_here_is_refused_by_search(text_home_copy: Path):
+    # A real, intact index whose manifest names an encoder this machine does not have (the
+    # manifest is not among the digested files, so the index itself stays intact).
+    version = store.current_version(text_home_copy / "indexes" / "pubmed")
+    assert version is not None
+    built = store.read_manifest(version)
+    elsewhere = built.model_copy(update={"encoder": "someone/elsewhere", "query_encoder": None})
+    store.write_manifest(version, elsewhere)
+    done = search(text_home_copy, "text", "anything", "--index", "pubmed")
     assert done.exit_code != 0
     assert "someone/elsewhere" in done.output and "not on this machine" in done.output
 

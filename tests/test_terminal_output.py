@@ -240,18 +240,22 @@ def test_search_tables_print_ids_titles_captions_and_paths_literally(
 
 
 def test_index_list_and_info_print_manifest_fields_literally(
-    suwen_home: Path, monkeypatch: pytest.MonkeyPatch
+    text_home_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = store.IndexManifest(
-        name="pubmed",
-        kind="text",
-        encoder=f"enc[/]oder {MARKUP}",
-        dim=8,
-        sources=[f"/data/{RETRACTED}.xml", "/data/\x1b]0;PWNED\x07x.xml"],
-        extra={"documents": "[bold red]3"},
+    # A real, intact index whose manifest fields carry markup and escapes (the manifest is not
+    # among the digested files, so `index info` still opens the index).
+    version = store.current_version(text_home_copy / "indexes" / "pubmed")
+    assert version is not None
+    built = store.read_manifest(version)
+    manifest = built.model_copy(
+        update={
+            "encoder": f"enc[/]oder {MARKUP}",
+            "sources": [f"/data/{RETRACTED}.xml", "/data/\x1b]0;PWNED\x07x.xml"],
+            "extra": {**built.extra, "documents": "[bold red]3"},
+        }
     )
-    monkeypatch.setattr(store, "list_indexes", lambda directory: [manifest])
-    monkeypatch.setattr(store, "open_version", lambda directory, name: (Path("v1"), manifest))
+    store.write_manifest(version, manifest)
+    monkeypatch.setenv("SUWEN_HOME", str(text_home_copy))
     monkeypatch.setenv("COLUMNS", "400")
     listed = CliRunner().invoke(app, ["index", "list"])
     assert listed.exit_code == 0, listed.output

@@ -126,7 +126,9 @@ def fingerprint(model: str, pooling: str) -> str | None:
     directory = model_directory(model)
     if directory is None:
         return None
-    digest = hashlib.sha256(f"{EXPORT_FORMAT}\n{model}\n{pooling}\n".encode())
+    # The folder, not the name it was given by: a model reached through a symlink, or by its
+    # hub id and by its snapshot folder, is one export.
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}\n{directory}\n{pooling}\n".encode())
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         stat = file.stat()
         digest.update(
