@@ -43,6 +43,7 @@ def answer_call(tmp_path: Path, jpegs: list[str], **overrides: Any) -> FakeCall:
     missing = overrides.pop("missing", None)
     plain = overrides.pop("plain", False)
     model = FakeModel().script("reread", judge)
+    overrides.setdefault("case_examples", 2)  # off by default: these tests turn it on
     agent = make_agent(tmp_path, model, images=search(jpegs, missing), **overrides)
     ask(agent, question("What is shown?", images=[jpegs[0]]), mode="plain" if plain else "agent")
     return model.calls_for("answer")[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from suwen.batch import answer_failure
 from suwen.commands.answer_view import result_view
 from suwen.commands.ask import VLLM_URL_HELP, answer_question
 from suwen.commands.common import console, err_console, fail, settings_of
@@ -51,11 +52,14 @@ def demo(
         answer_question(settings, question, False, vllm_url, text_index=None, image_index=None)
     )
     console.print(result_view(result))
+    failure = answer_failure(question, result)
     err_console.print(
         "[dim]The demo's indexes stay in the data home: try "
         f'`suwen search text "aortic aneurysm" --index {settings.text_index}` or '
         f"`suwen search image {escape(str(sample.image))} --index {settings.image_index}`.[/]"
     )
+    if failure is not None:
+        fail(failure, code=1)  # as `suwen ask`: no answer is a failure, not a result
 
 
 def _demo_settings(settings: Settings, offline: bool | None) -> Settings:
