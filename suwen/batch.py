@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import fcntl
 import json
 import os
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from suwen.errors import InputError, SuwenError
+from suwen.filelock import single_writer
 from suwen.medimage import IMAGE_SUFFIXES, is_dicom_series_dir, is_image_path, load_image
 from suwen.types import AgentResult, AnswerFormat, Question
 
@@ -532,27 +532,13 @@ def open_answer_log(path: Path) -> Iterator[AnswerLog]:
     """Lock ``path`` against a second writer, read what it holds, drop its torn final line and
     its error lines (those ids are asked again), then open it for appending."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(path):
+    with single_writer(path, "suwen batch"):
         prior = _compact(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             yield AnswerLog(path, prior, fd)
         finally:
             os.close(fd)
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{path}: another suwen batch is writing this file") from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def read_prior_output(data: bytes) -> tuple[PriorOutput, list[bytes]]:

@@ -347,3 +347,23 @@ def test_sigkilled_run_resumes(vqa_rad: list[Sample], shared_data: Path, tmp_pat
     assert len(fresh.prompts) == 12 - len(finished)
     assert not set(fresh.prompts) & {s.prompt for s in vqa_rad if s.id in finished}
     assert sorted(r.id for r in read_records(path)) == sorted(s.id for s in vqa_rad)
+
+
+def test_a_second_writer_of_a_samples_file_is_refused(
+    vqa_rad: list[Sample], tmp_path: Path
+) -> None:
+    """Two `suwen eval` runs into one output folder would interleave their lines: the second
+    is refused in one line while the first holds the file, and runs once it is free."""
+    from suwen.errors import InputError
+    from suwen.filelock import single_writer
+
+    benchmark = benchmark_named("VQA-RAD")
+    path = samples_path(tmp_path, "VQA-RAD", "plain")
+    with single_writer(path, "suwen eval"):  # the other run, mid-way
+        model = FakeModel(gold_of(vqa_rad))
+        with pytest.raises(InputError, match="another suwen eval is writing this file"):
+            asyncio.run(run_mode(benchmark, vqa_rad, "plain", plain_responder(model), tmp_path))
+        assert model.prompts == [] and not path.exists()
+    model = FakeModel(gold_of(vqa_rad))
+    summary = asyncio.run(run_mode(benchmark, vqa_rad, "plain", plain_responder(model), tmp_path))
+    assert summary.done_now == len(vqa_rad)

@@ -39,6 +39,7 @@ from suwen.evaluate import scoring_medevalkit as mek
 from suwen.evaluate.benchmarks import Benchmark, Sample, benchmark_named, load_benchmark
 from suwen.evaluate.calibration import is_dev
 from suwen.evaluate.confidence_eval import AnswerJudgement, judgement_of
+from suwen.filelock import single_writer
 from suwen.llm.base import Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
 from suwen.medimage import load_image, sha256_of
@@ -517,6 +518,39 @@ class ModeSummary(BaseModel):
 
 
 async def run_mode(
+    benchmark: Benchmark,
+    samples: Sequence[Sample],
+    mode: Mode,
+    respond: Responder,
+    out: Path,
+    *,
+    concurrency: int = 4,
+    judge: Judge | None = None,
+    guard: bool = True,
+    seed: int = 0,
+    max_images: int | None = None,
+    on_progress: Progress | None = None,
+) -> ModeSummary:
+    """Answer and score every sample not yet in the mode's samples file (see
+    :func:`_answer_pending`), the file locked against a second writer for the whole run."""
+    path = samples_path(out, benchmark.name, mode)
+    with single_writer(path, "suwen eval"):
+        return await _answer_pending(
+            benchmark,
+            samples,
+            mode,
+            respond,
+            out,
+            concurrency=concurrency,
+            judge=judge,
+            guard=guard,
+            seed=seed,
+            max_images=max_images,
+            on_progress=on_progress,
+        )
+
+
+async def _answer_pending(
     benchmark: Benchmark,
     samples: Sequence[Sample],
     mode: Mode,
