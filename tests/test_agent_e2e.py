@@ -17,6 +17,7 @@ from suwen.agent.graph import SuwenAgent
 from suwen.agent.sessions import open_sessions
 from suwen.config import Settings
 from suwen.llm.client import VLLMClient
+from suwen.privacy import local_api_key
 from suwen.retrieval.images import ImageSearcher
 from suwen.retrieval.text import TextSearcher
 from suwen.types import AgentEvent, AgentResult, AnswerFormat, Question
@@ -67,7 +68,10 @@ def test_agent_through_real_vllm_and_indexes(
         text = TextSearcher.open(text_settings, TEXT_INDEX)
         images = ImageSearcher.open(image_settings, IMAGE_INDEX)
         try:
-            async with VLLMClient([vllm_url], settings) as model, open_sessions(settings) as saver:
+            # The session's server was started from its own data home: pass its key.
+            key = local_api_key(vllm_settings.home)
+            client = VLLMClient([vllm_url], settings, api_key=key)
+            async with client as model, open_sessions(settings) as saver:
                 agent = SuwenAgent(settings, model, text, images, saver)
                 events: list[AgentEvent] = []
                 result = await agent.run(question, thread_id="e2e", on_event=events.append)
