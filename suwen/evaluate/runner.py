@@ -383,17 +383,7 @@ async def score_reply(
         if sample.kind == "open":
             final = suwen_scoring.apply_judge(rule, verdict)
     return SampleRecord(
-        id=sample.id,
-        benchmark=sample.benchmark,
-        mode=mode,
-        kind=sample.kind,
-        question=sample.question,
-        prompt=sample.prompt if answerer_of(mode) == "plain" else None,
-        gold=sample.gold,
-        options=sample.options,
-        question_type=sample.question_type,
-        modality=sample.modality,
-        body_part=sample.body_part,
+        **_about(sample, mode),
         response=reply.response,
         full_answer=reply.full_answer,
         parsed=final.parsed,
@@ -415,6 +405,23 @@ async def score_reply(
     )
 
 
+def _about(sample: Sample, mode: Mode) -> dict[str, Any]:
+    """What every sample record says of its question, answered or not."""
+    return {
+        "id": sample.id,
+        "benchmark": sample.benchmark,
+        "mode": mode,
+        "kind": sample.kind,
+        "question": sample.question,
+        "prompt": sample.prompt if answerer_of(mode) == "plain" else None,
+        "gold": sample.gold,
+        "options": sample.options,
+        "question_type": sample.question_type,
+        "modality": sample.modality,
+        "body_part": sample.body_part,
+    }
+
+
 def cannot_ask_reason(error: SuwenError) -> str | None:
     """Why a question cannot be asked at all (asking again would fail the same way), or None
     for a failure worth retrying (a server down, a timeout). Unusable input (an unreadable
@@ -433,17 +440,7 @@ def not_asked_record(
 ) -> SampleRecord:
     """The record of a question that could not be asked: no verdict from either scorer."""
     return SampleRecord(
-        id=sample.id,
-        benchmark=sample.benchmark,
-        mode=mode,
-        kind=sample.kind,
-        question=sample.question,
-        prompt=sample.prompt if answerer_of(mode) == "plain" else None,
-        gold=sample.gold,
-        options=sample.options,
-        question_type=sample.question_type,
-        modality=sample.modality,
-        body_part=sample.body_part,
+        **_about(sample, mode),
         response="",
         correct=None,
         medevalkit=mek.MekSample(),
