@@ -15,6 +15,7 @@ import pytest
 from suwen import demo
 from suwen.errors import InputError
 from suwen.indexes import store
+from suwen.llm.server import ManagedServer
 
 SAMPLE = demo.bundled_sample_data()
 MAX_BYTES = 10 * 1024 * 1024
@@ -71,11 +72,14 @@ def test_a_folder_without_the_layout_is_refused_in_one_line(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_suwen_demo_answers_end_to_end_from_the_packaged_sample(tmp_path: Path, vllm_url: str):
+def test_suwen_demo_answers_end_to_end_from_the_packaged_sample(
+    tmp_path: Path, vllm_server: ManagedServer
+):
     """The README's first command after set-up, with no data folder beside the package. It
-    uses the session's running tiny-model server instead of starting a second one."""
+    uses the session's running tiny-model server instead of starting a second one, with that
+    server's key, as a user of a running server passes it (VLLM_API_KEY)."""
     home = tmp_path / "home"
-    done = run_demo(home, tmp_path, vllm_url)
+    done = run_demo(home, tmp_path, vllm_server)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Is there evidence of an aortic aneurysm?" in done.stdout
     assert "VQA-RAD's answer: yes" in done.stdout
@@ -85,18 +89,19 @@ def test_suwen_demo_answers_end_to_end_from_the_packaged_sample(tmp_path: Path, 
     assert (text.kind, images.kind) == ("text", "image")
     assert text.count >= 300  # chunks: at least one per abstract
     assert images.count == 40
-    again = run_demo(home, tmp_path, vllm_url)
+    again = run_demo(home, tmp_path, vllm_server)
     assert again.returncode == 0, again.stderr[-2000:]
     # The second run reuses the indexes instead of rebuilding them.
     assert store.open_version(home / "indexes", demo.IMAGE_INDEX)[0] == image_version
 
 
-def run_demo(home: Path, cwd: Path, vllm_url: str) -> subprocess.CompletedProcess[str]:
+def run_demo(home: Path, cwd: Path, server: ManagedServer) -> subprocess.CompletedProcess[str]:
+    suwen = str(Path(sys.executable).with_name("suwen"))
     return subprocess.run(
-        [str(Path(sys.executable).with_name("suwen")), "demo", "--offline", "--vllm-url", vllm_url],
+        [suwen, "demo", "--offline", "--vllm-url", server.url],
         capture_output=True,
         text=True,
-        env={**os.environ, "SUWEN_HOME": str(home)},
+        env={**os.environ, "SUWEN_HOME": str(home), "VLLM_API_KEY": server.api_key or ""},
         cwd=cwd,
         timeout=900,
         check=False,
