@@ -117,6 +117,13 @@ SHORT_ANSWER_SYSTEM = (
     'the final answer in the required form, as JSON: {"answer": "..."}.'
 )
 
+# Sent by the model client after a structured reply that does not parse or validate, with the
+# broken reply echoed back as the assistant's turn; {error} is the (sanitised) validation error.
+REPAIR_INSTRUCTION = (
+    "Your previous reply is not valid JSON for the required schema ({error}). "
+    "Reply again with only the complete, corrected JSON object."
+)
+
 # How the short answer must look, per benchmark answer format.
 SHORT_FORMS: dict[str, str] = {
     "choice": "the letter of one option",

@@ -36,6 +36,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from suwen.agent.prompts import REPAIR_INSTRUCTION
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError, StructuredOutputError
 from suwen.llm.base import (
@@ -60,10 +61,6 @@ BACKOFF_SECONDS = 0.5  # first retry after 0.5 s, then 1, 2, ... (capped below)
 BACKOFF_MAX_SECONDS = 8.0
 FAILURE_COOLDOWN_SECONDS = 5.0  # a server that just failed is tried last for this long
 REPAIR_ECHO_CHARS = 4000  # how much of a broken reply the repair request shows the model
-REPAIR_INSTRUCTION = (
-    "Your previous reply is not valid JSON for the required schema ({error}). "
-    "Reply again with only the complete, corrected JSON object."
-)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 # vLLM's default --max-logprobs: the most token ids one request may ask log-probabilities for.
 MAX_LOGPROB_TOKENS = 20
