@@ -34,7 +34,7 @@ import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from benchmarks.agent_overhead import fake_searchers, questions
 from benchmarks.common import portable, shared_data_default, write_json
@@ -42,11 +42,10 @@ from suwen.agent.confidence import PROBE_PURPOSE
 from suwen.agent.graph import SuwenAgent
 from suwen.config import Settings
 from suwen.llm.base import CallLog, recording
-from suwen.types import AgentResult
+from suwen.types import AgentResult, Mode
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "adaptive.json"
-Mode = Literal["plain", "agent", "adaptive"]
 MODES: tuple[Mode, ...] = ("plain", "agent", "adaptive")
 
 

@@ -16,15 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from suwen.agent.sessions import record_transcript
 from suwen.agent.state import Turn
 from suwen.errors import InputError
 from suwen.medimage import load_image
-from suwen.types import AgentEvent, AgentResult, Question
+from suwen.types import AgentEvent, AgentResult, Mode, Question
 
-Mode = Literal["agent", "plain", "adaptive"]
 ImageCheck = Callable[[Path], object]
 
 

@@ -17,6 +17,8 @@ from platformdirs import user_data_dir
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
+from suwen.types import TextMethod
+
 LINGSHU_7B = "lingshu-medical-mllm/Lingshu-7B"
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 MEDCPT_ARTICLE = "ncbi/MedCPT-Article-Encoder"
@@ -143,7 +145,7 @@ class Settings(BaseSettings):
     index_type: Literal["auto", "exact", "compressed"] = Field(
         "auto", description="FAISS index type; auto picks by corpus size"
     )
-    text_method: Literal["hybrid", "dense", "bm25"] = Field(
+    text_method: TextMethod = Field(
         "hybrid",
         description="How the agent and `search text` search PubMed: dense + BM25 fused, "
         "or one of them alone",

@@ -8,6 +8,11 @@ from pydantic import BaseModel, Field
 
 # How PubMed is searched: dense + BM25 fused (the default), or one of them alone.
 TextMethod = Literal["hybrid", "dense", "bm25"]
+# How a question is answered: by the agent (look, search, reread, answer with citations), by
+# the model alone (plain), or adaptively (plain first, the agent when plain is unsure).
+Mode = Literal["agent", "plain", "adaptive"]
+# What one pass of the agent's graph runs as; adaptive mode chooses one of them per question.
+GraphMode = Literal["agent", "plain"]
 
 
 class Document(BaseModel):
@@ -160,7 +165,7 @@ class Confidence(BaseModel):
 class Route(BaseModel):
     """Which way adaptive mode went for one question, and why."""
 
-    path: Literal["plain", "agent"]
+    path: GraphMode
     reason: str
     threshold: float
     plain_answer: str | None = Field(None, description="The plain model's short answer")
@@ -172,7 +177,7 @@ class Route(BaseModel):
 
 class AgentResult(BaseModel):
     question: str
-    mode: Literal["agent", "plain", "adaptive"] = "agent"
+    mode: Mode = "agent"
     answer: str = ""
     short_answer: str | None = None
     citations: list[Citation] = Field(default_factory=list)
@@ -247,7 +252,7 @@ class DraftReport(BaseModel):
 
     images: list[str] = Field(default_factory=list)
     prior_images: list[str] = Field(default_factory=list)
-    mode: Literal["agent", "plain"] = "agent"
+    mode: GraphMode = "agent"
     technique: str = ""
     comparison: str = ""
     findings: list[ReportFinding] = Field(default_factory=list)

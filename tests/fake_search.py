@@ -6,12 +6,11 @@ import re
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal
 
 from PIL import Image
 
 from suwen.errors import SuwenError
-from suwen.types import Hit
+from suwen.types import Hit, TextMethod
 
 
 def text_hit(pmid: str, title: str, text: str, chunk: int = 0, year: int | None = 2020) -> Hit:
@@ -64,7 +63,7 @@ class FakeTextSearch:
         query: str,
         k: int = 10,
         *,
-        method: Literal["hybrid", "dense", "bm25"] = "hybrid",
+        method: TextMethod = "hybrid",
         exclude_pmids: Collection[str] = (),
     ) -> list[Hit]:
         with self._lock:

@@ -16,7 +16,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -34,7 +34,7 @@ from suwen.agent.nodes import (
     search_again_or_answer,
     start_message,
 )
-from suwen.agent.state import AgentState, Mode, RunContext, Turn
+from suwen.agent.state import AgentState, RunContext, Turn
 from suwen.agent.state import fresh_question_state as fresh_state
 from suwen.config import Settings
 from suwen.errors import InputError
@@ -43,12 +43,20 @@ from suwen.llm.base import CallLog, VisionLanguageModel, recording
 from suwen.privacy import no_tracing
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
-from suwen.types import AgentEvent, AgentResult, Confidence, Question, TokenUsage, TraceEvent
+from suwen.types import (
+    AgentEvent,
+    AgentResult,
+    Confidence,
+    GraphMode,
+    Mode,
+    Question,
+    TokenUsage,
+    TraceEvent,
+)
 
 StepFunction = Callable[[AgentState, RunContext, Emit], Awaitable[Step]]
 Graph = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
 EventHandler = Callable[[AgentEvent], None]
-RunMode = Literal["agent", "plain", "adaptive"]
 
 
 def calibration_for(settings: Settings) -> CalibrationFile | None:
@@ -179,7 +187,7 @@ class SuwenAgent:
         self,
         question: Question,
         *,
-        mode: RunMode = "agent",
+        mode: Mode = "agent",
         thread_id: str | None = None,
         on_event: EventHandler | None = None,
     ) -> AgentResult:
@@ -199,7 +207,7 @@ class SuwenAgent:
     async def run_mode(
         self,
         question: Question,
-        mode: Mode,
+        mode: GraphMode,
         thread_id: str | None,
         on_event: EventHandler | None,
         *,
@@ -282,7 +290,7 @@ def _announce_end(node: str, update: Any, notify: EventHandler) -> None:
 
 def _result(
     question: Question,
-    mode: Mode,
+    mode: GraphMode,
     state: AgentState,
     log: CallLog,
     seconds: float,

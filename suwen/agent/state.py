@@ -9,15 +9,22 @@ question starts (see ``fresh_question_state``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import TypedDict
 
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from suwen.llm.base import Message
-from suwen.types import Citation, Confidence, Evidence, Findings, Hit, Question, TraceEvent
-
-Mode = Literal["agent", "plain"]
+from suwen.types import (
+    Citation,
+    Confidence,
+    Evidence,
+    Findings,
+    GraphMode,
+    Hit,
+    Question,
+    TraceEvent,
+)
 
 
 class Turn(BaseModel):
@@ -30,7 +37,7 @@ class Turn(BaseModel):
 
 
 class AgentState(TypedDict, total=False):
-    mode: Mode
+    mode: GraphMode
     question: Question
     images: list[str]  # image paths in effect: this question's, else the conversation's
     history: list[Turn]  # earlier turns of this thread (persisted across questions)
@@ -53,7 +60,7 @@ class AgentState(TypedDict, total=False):
     trace: list[TraceEvent]
 
 
-def fresh_question_state(question: Question, images: list[str], mode: Mode) -> AgentState:
+def fresh_question_state(question: Question, images: list[str], mode: GraphMode) -> AgentState:
     """Input for a new question: every per-question field reset, ``history`` left alone."""
     return AgentState(
         mode=mode,

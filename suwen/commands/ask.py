@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Literal
 
 import typer
 from rich.status import Status
@@ -22,7 +21,7 @@ from suwen.commands.common import (
 )
 from suwen.config import Settings
 from suwen.errors import InputError
-from suwen.types import AgentEvent, AgentResult, Question
+from suwen.types import AgentEvent, AgentResult, Mode, Question
 
 IMAGE_OPTION_HELP = "Image file or DICOM series folder (repeatable: prior and current study)."
 VLLM_URL_HELP = "Running vLLM server to use (repeatable; none: start one)."
@@ -49,7 +48,7 @@ def answer_settings(
         raise InputError(f"--abstain-below {abstain_below}: must be between 0 and 1") from exc
 
 
-def mode_of(plain: bool, adaptive: bool) -> Literal["agent", "plain", "adaptive"]:
+def mode_of(plain: bool, adaptive: bool) -> Mode:
     if plain and adaptive:
         raise InputError("--plain and --adaptive: choose one")
     return "plain" if plain else "adaptive" if adaptive else "agent"
@@ -138,7 +137,7 @@ async def answer_question(
     *,
     text_index: str | None,
     image_index: str | None,
-    mode: Literal["agent", "plain", "adaptive"] | None = None,
+    mode: Mode | None = None,
 ) -> AgentResult:
     from suwen.runtime import open_agent
 

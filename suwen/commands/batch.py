@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Literal
 
 import typer
 from rich.progress import (
@@ -44,7 +43,7 @@ from suwen.commands.ask import (
 from suwen.commands.common import console, fail, literal_line, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError
-from suwen.types import AgentResult, Question
+from suwen.types import AgentResult, Mode, Question
 
 ERRORS_SHOWN = 20
 
@@ -126,7 +125,7 @@ async def _run(
     questions: QuestionSet,
     log: AnswerLog,
     concurrency: int,
-    mode: Literal["agent", "plain", "adaptive"],
+    mode: Mode,
     vllm_urls: list[str],
     text_index: str | None,
     image_index: str | None,

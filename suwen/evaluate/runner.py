@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
@@ -43,9 +43,11 @@ from suwen.filelock import single_writer
 from suwen.llm.base import Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
 from suwen.medimage import load_image, sha256_of
-from suwen.types import AgentResult, Question
+from suwen.types import AgentResult, Mode, Question
 
-Mode = Literal[
+# A mode of an evaluation run: who answers (suwen.types.Mode), and for plain and agent also
+# which image it is shown (its own, a blank one, another question's: the image baselines).
+EvalMode = Literal[
     "plain",
     "agent",
     "adaptive",
@@ -54,23 +56,14 @@ Mode = Literal[
     "plain-shuffled",
     "agent-shuffled",
 ]
-MODES: tuple[Mode, ...] = (
-    "plain",
-    "agent",
-    "adaptive",
-    "plain-blank",
-    "agent-blank",
-    "plain-shuffled",
-    "agent-shuffled",
-)
-DEFAULT_MODES: tuple[Mode, ...] = ("plain", "agent")
-Answerers = Literal["plain", "agent", "adaptive"]
+MODES: tuple[EvalMode, ...] = get_args(EvalMode)
+DEFAULT_MODES: tuple[EvalMode, ...] = ("plain", "agent")
 Condition = Literal["real", "blank", "shuffled"]
-CONDITIONS: tuple[Condition, ...] = ("real", "blank", "shuffled")
+CONDITIONS: tuple[Condition, ...] = get_args(Condition)
 JUDGE_MAX_TOKENS = 512
 
 
-def answerer_of(mode: str) -> Answerers:
+def answerer_of(mode: str) -> Mode:
     """Who answers in a mode: the plain model, the agent, or the agent in adaptive mode."""
     answerer = mode.partition("-")[0]
     return "agent" if answerer == "agent" else "adaptive" if answerer == "adaptive" else "plain"
@@ -82,14 +75,14 @@ def condition_of(mode: str) -> Condition:
     return "blank" if condition == "blank" else "shuffled" if condition == "shuffled" else "real"
 
 
-def mode_named(answerer: str, condition: str) -> Mode:
+def mode_named(answerer: str, condition: str) -> EvalMode:
     name = answerer if condition == "real" else f"{answerer}-{condition}"
     if name not in MODES:
         raise InputError(f"no mode {name!r}")
     return name  # type: ignore[return-value]
 
 
-def parse_modes(text: str) -> list[Mode]:
+def parse_modes(text: str) -> list[EvalMode]:
     """``--modes``: any of plain, agent, adaptive, blank, shuffled (or a combined name such as
     plain-blank). blank and shuffled apply to plain and agent as given (both when neither is):
     plain,blank -> plain and plain-blank."""
@@ -140,7 +133,7 @@ class SampleRecord(BaseModel):
 
     id: str
     benchmark: str
-    mode: Mode
+    mode: EvalMode
     kind: str
     question: str
     prompt: str | None = Field(None, description="The MedEvalKit prompt (plain mode)")
@@ -186,7 +179,7 @@ class SampleRecord(BaseModel):
 Responder = Callable[[Sample], Awaitable[Reply]]
 PlainConfidence = Callable[[Sample, list[Message], str], Awaitable[AnswerJudgement]]
 Judge = Callable[[str, str, str], Awaitable[str]]
-Progress = Callable[[str, Mode, int, int], None]
+Progress = Callable[[str, EvalMode, int, int], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +346,7 @@ def _needs_judge(benchmark: Benchmark, sample: Sample) -> bool:
 async def score_reply(
     benchmark: Benchmark,
     sample: Sample,
-    mode: Mode,
+    mode: EvalMode,
     reply: Reply,
     *,
     judge: Judge | None,
@@ -405,7 +398,7 @@ async def score_reply(
     )
 
 
-def _about(sample: Sample, mode: Mode) -> dict[str, Any]:
+def _about(sample: Sample, mode: EvalMode) -> dict[str, Any]:
     """What every sample record says of its question, answered or not."""
     return {
         "id": sample.id,
@@ -436,7 +429,7 @@ def cannot_ask_reason(error: SuwenError) -> str | None:
 
 
 def not_asked_record(
-    sample: Sample, mode: Mode, reason: str, *, guard: bool, latency: float
+    sample: Sample, mode: EvalMode, reason: str, *, guard: bool, latency: float
 ) -> SampleRecord:
     """The record of a question that could not be asked: no verdict from either scorer."""
     return SampleRecord(
@@ -456,7 +449,7 @@ def not_asked_record(
 # Samples files: append + fsync per record, read back tolerating a torn last line
 
 
-def samples_path(out: Path, benchmark: str, mode: Mode) -> Path:
+def samples_path(out: Path, benchmark: str, mode: EvalMode) -> Path:
     return out / benchmark / f"{mode}.jsonl"
 
 
@@ -505,7 +498,7 @@ class _Appender:
 
 class ModeSummary(BaseModel):
     benchmark: str
-    mode: Mode
+    mode: EvalMode
     total: int
     already_done: int
     done_now: int
@@ -517,7 +510,7 @@ class ModeSummary(BaseModel):
 async def run_mode(
     benchmark: Benchmark,
     samples: Sequence[Sample],
-    mode: Mode,
+    mode: EvalMode,
     respond: Responder,
     out: Path,
     *,
@@ -550,7 +543,7 @@ async def run_mode(
 async def _answer_pending(
     benchmark: Benchmark,
     samples: Sequence[Sample],
-    mode: Mode,
+    mode: EvalMode,
     respond: Responder,
     out: Path,
     *,
@@ -661,7 +654,7 @@ class EvalConfig(BaseModel):
 
     benchmarks: list[str]
     data: Path | None = None
-    modes: list[Mode] = Field(default_factory=lambda: list(DEFAULT_MODES))
+    modes: list[EvalMode] = Field(default_factory=lambda: list(DEFAULT_MODES))
     out: Path
     limit: int | None = Field(None, ge=1)
     seed: int = 0
@@ -757,7 +750,7 @@ class RunAnswerers:
     plain_confidence: PlainConfidence | None
 
 
-def _responder(mode: Mode, config: EvalConfig, answerers: RunAnswerers) -> Responder:
+def _responder(mode: EvalMode, config: EvalConfig, answerers: RunAnswerers) -> Responder:
     """Who answers ``mode``: the plain model (with the confidence probe when given), the agent,
     or the agent in adaptive mode."""
     who = answerer_of(mode)
