@@ -353,7 +353,24 @@ def study_fields(fields: dict[str, Any], where: str) -> StudyFields:
     prior = fields.get("prior")
     if prior is not None:
         studies.priors.extend(_image_list({"prior": prior}, where, keys=("prior",)))
+    _add_line_dates(studies, fields, where)
     return studies
+
+
+def _add_line_dates(studies: StudyFields, fields: dict[str, Any], where: str) -> None:
+    """A line's ``"study_date"`` (its current study's) and ``"prior_date"`` (its priors'), for the
+    images no ``{"path": ..., "date": ...}`` entry dates."""
+    from suwen.studies import normalise_date
+
+    for key, paths in (("study_date", studies.current), ("prior_date", studies.priors)):
+        value = fields.get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if not paths:
+            raise InputError(f"{where}: '{key}' given without the images it dates")
+        date = normalise_date(str(value), f"{where}: '{key}'")
+        for path in paths:
+            studies.dates.setdefault(path, date)
 
 
 def _add_study_entry(studies: StudyFields, entry: object, where: str) -> None:

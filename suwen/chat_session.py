@@ -55,6 +55,7 @@ class ChatSession:
     thread_id: str = field(default_factory=lambda: new_thread_id())
     images: list[Path] = field(default_factory=list)
     priors: list[Path] = field(default_factory=list)  # earlier studies, compared against
+    dates: dict[Path, str] = field(default_factory=dict)  # study dates given by the user
     plain: bool = False
     adaptive: bool = False  # plain first, the agent when the plain answer is unsure
     turns: list[ChatTurn] = field(default_factory=list)
@@ -68,18 +69,20 @@ class ChatSession:
     def last(self) -> AgentResult | None:
         return self.turns[-1].result if self.turns else None
 
-    def attach(self, raw_path: str) -> Path:
+    def attach(self, raw_path: str, date: str | None = None) -> Path:
         """Attach an image for this and every later question; decoded now so a bad file is
-        reported at once, not after a model call."""
+        reported at once, not after a model call. ``date`` (checked): its study date."""
         if not raw_path.strip():
             raise InputError("/image needs a path")
         path = Path(_unquote(raw_path)).expanduser().resolve()
         self.check_image(path)
         if path not in self.images:
             self.images.append(path)
+        if date is not None:
+            self.dates[path] = date
         return path
 
-    def attach_prior(self, raw_path: str) -> Path:
+    def attach_prior(self, raw_path: str, date: str | None = None) -> Path:
         """Attach an earlier study to compare the attached images (the current study) with."""
         if not raw_path.strip():
             raise InputError("/prior needs a path")
@@ -87,6 +90,8 @@ class ChatSession:
         self.check_image(path)
         if path not in self.priors:
             self.priors.append(path)
+        if date is not None:
+            self.dates[path] = date
         return path
 
     def toggle_plain(self) -> bool:
@@ -104,6 +109,7 @@ class ChatSession:
         self.thread_id = new_thread_id()
         self.images.clear()
         self.priors.clear()
+        self.dates.clear()
         self.turns.clear()
         return self.thread_id
 
@@ -114,7 +120,13 @@ class ChatSession:
         images = [str(p) for p in self.images]
         # A prior is compared with the current study; without one attached, it waits.
         priors = [str(p) for p in self.priors] if images else []
-        question = Question(text=text.strip(), images=images, prior_images=priors)
+        dates = {str(path): date for path, date in self.dates.items()}
+        question = Question(
+            text=text.strip(),
+            images=images,
+            prior_images=priors,
+            image_dates={p: dates[p] for p in [*priors, *images] if p in dates},
+        )
         result = await self.agent.run(
             question, mode=self.mode, thread_id=self.thread_id, on_event=on_event
         )

@@ -9,6 +9,7 @@ the similar-case search reads (it searches with the current study only).
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,32 @@ class StudyImage:
 def normalise_date(value: str, what: str) -> str:
     """``YYYYMMDD`` or ``YYYY-MM-DD`` -> ``YYYY-MM-DD`` (InputError naming ``what`` otherwise)."""
     match = _DATE.match(value.strip())
-    if match is None:
-        raise InputError(f"{what}: date {value!r} is not YYYY-MM-DD")
-    return "-".join(match.groups())
+    try:
+        if match is None:
+            raise ValueError(value)
+        year, month, day = (int(part) for part in match.groups())
+        return datetime.date(year, month, day).isoformat()
+    except ValueError:
+        raise InputError(f"{what}: date {value!r} is not YYYY-MM-DD") from None
+
+
+def given_dates(paths: list[str], dates: list[str], flag: str, images_flag: str) -> dict[str, str]:
+    """The study dates given on the command line (``--date``, ``--prior-date``) for ``paths``:
+    one date for all of them (the images of one study) or one per path, in order. A date
+    given here is the study's date even when the file's DICOM StudyDate says otherwise."""
+    if not dates:
+        return {}
+    normalised = [normalise_date(date, flag) for date in dates]
+    if not paths:
+        raise InputError(f"{flag}: no {images_flag} image to date")
+    if len(dates) not in (1, len(paths)):
+        raise InputError(
+            f"{flag}: {len(dates)} dates for {len(paths)} {images_flag} images "
+            "(give one date for all of them or one per image)"
+        )
+    if len(normalised) == 1:
+        normalised = normalised * len(paths)
+    return dict(zip(paths, normalised, strict=True))
 
 
 def study_date(path: Path) -> str | None:

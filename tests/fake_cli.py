@@ -60,7 +60,8 @@ class SlowFakeModel(FakeModel):
             prompt = "\n".join(message.text for message in messages)
             with self.call_log.open("a", encoding="utf-8") as handle:
                 images = sum(len(message.images) for message in messages)
-                record = {"purpose": purpose, "prompt": prompt, "images": images}
+                labels = [label for message in messages for label in message.image_labels]
+                record = {"purpose": purpose, "prompt": prompt, "images": images, "labels": labels}
                 handle.write(json.dumps(record) + "\n")
 
 

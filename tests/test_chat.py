@@ -212,6 +212,27 @@ def test_resume_continues_the_conversation(
     assert again.exit_status() == 0
 
 
+def test_chat_prior_and_dates_from_the_command_line_label_the_studies(
+    chat_env: dict[str, str], tmp_path: Path, image: Path
+) -> None:
+    prior = tmp_path / "old.jpg"
+    prior.write_bytes(image.read_bytes())
+    args = ["chat", "--image", str(image), "--date", "2021-02-03"]
+    term = Terminal([*args, "--prior", str(prior), "--prior-date", "2019-01-01"], chat_env)
+    term.type("What changed?")
+    term.wait_for("not medical advice")
+    term.type("/quit")
+    assert term.exit_status() == 0
+    assert _answer_calls(tmp_path)[-1]["labels"] == [
+        "Image 1: prior study (2019-01-01): old.jpg",
+        f"Image 2: current study (2021-02-03): {image.name}",
+    ]
+    term = Terminal([*args, "--prior-date", "2019-13-01"], chat_env)
+    term.wait_for("error:")
+    assert term.exit_status() == 2
+    assert "--prior-date: date '2019-13-01' is not YYYY-MM-DD" in term.text()
+
+
 def test_resume_of_an_unknown_thread_is_a_one_line_error(chat_env: dict[str, str]) -> None:
     term = Terminal(["chat", "--resume", "no-such-thread"], chat_env)
     term.wait_for("error:")

@@ -198,3 +198,84 @@ def test_chat_prior_is_compared_with_the_attached_study(tmp_path: Path, jpeg: st
     assert result.findings is not None and result.findings.changes[0].kind == "larger"
     session.new_thread()
     assert session.priors == []
+
+
+def test_ask_dates_from_the_command_line_reach_the_labels(
+    opened: Opened, tmp_path: Path, jpeg: str, two_dates: tuple[str, str]
+) -> None:
+    """A JPEG has no StudyDate: ``--date`` / ``--prior-date`` date the studies; a date given
+    on the command line is the study's date even over a DICOM StudyDate."""
+    old = tmp_path / "old.jpg"
+    old.write_bytes(Path(jpeg).read_bytes())
+    argv = ["ask", "--image", jpeg, "--prior", str(old), "--date", "20210203"]
+    result = CliRunner().invoke(app, [*argv, "--prior-date", "2019-01-01", "Any change?"])
+    assert result.exit_code == 0, result.output
+    labels = opened.model.calls_for("look")[0].messages[-1].image_labels
+    assert labels == [
+        "Image 1: prior study (2019-01-01): old.jpg",
+        f"Image 2: current study (2021-02-03): {Path(jpeg).name}",
+    ]
+    dicom_old, dicom_new = two_dates
+    argv = ["ask", "--image", dicom_new, "--prior", dicom_old, "--prior-date", "2002-06-30"]
+    assert CliRunner().invoke(app, [*argv, "Grown?"]).exit_code == 0
+    labels = opened.model.calls_for("look")[-1].messages[-1].image_labels
+    assert labels[0] == "Image 1: prior study (2002-06-30): old.dcm"
+    assert labels[1] == "Image 2: current study (2003-04-05): new.dcm"  # its own StudyDate
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--date", "2021-02-30"], "--date: date '2021-02-30' is not YYYY-MM-DD"),
+        (["--prior-date", "last week"], "--prior-date: date 'last week' is not YYYY-MM-DD"),
+        (["--date", "2021-01-01", "--date", "2021-01-02"], "--date: 2 dates for 1 --image"),
+        (["--prior-date", "2021-01-01"], "--prior-date: no --prior image to date"),
+    ],
+)
+def test_ask_bad_dates_are_refused_in_one_line_naming_the_flag(
+    opened: Opened, jpeg: str, extra: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(app, ["ask", "--image", jpeg, *extra, "Any change?"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert opened.model.calls == []  # refused before any model call
+
+
+def test_batch_line_dates_date_the_studies_of_plain_fields(tmp_path: Path, jpeg: str) -> None:
+    from suwen.batch import load_questions
+
+    for name in ("old.jpg", "new.jpg"):
+        (tmp_path / name).write_bytes(Path(jpeg).read_bytes())
+    line = {"image": "new.jpg", "prior": "old.jpg", "question": "Changed?"}
+    rows = [
+        {"id": "a", **line, "study_date": "2021-02-03", "prior_date": "20190101"},
+        {"id": "b", **line, "prior_date": "2019-02-29"},
+        {"id": "c", "image": "new.jpg", "question": "?", "prior_date": "2019-01-01"},
+    ]
+    (tmp_path / "questions.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    items = {item.id: item for item in load_questions(tmp_path).items}
+    root = tmp_path.resolve()
+    a = items["a"].question
+    assert a is not None and a.image_dates == {
+        str(root / "new.jpg"): "2021-02-03",
+        str(root / "old.jpg"): "2019-01-01",
+    }
+    assert "'prior_date': date '2019-02-29' is not YYYY-MM-DD" in (items["b"].error or "")
+    assert "'prior_date' given without the images it dates" in (items["c"].error or "")
+
+
+def test_chat_dates_given_at_start_label_the_studies(tmp_path: Path, jpeg: str) -> None:
+    from suwen.chat_session import ChatSession
+
+    model = FakeModel().script("look", json.dumps(CHANGES))
+    session = ChatSession(make_agent(tmp_path, model))
+    old = tmp_path / "old.jpg"
+    old.write_bytes(Path(jpeg).read_bytes())
+    session.attach_prior(str(old), "2019-01-01")
+    session.attach(jpeg, "2021-02-03")
+    asyncio.run(session.ask("What changed?"))
+    labels = model.calls_for("look")[0].messages[-1].image_labels
+    assert [label.split(": ", 2)[1] for label in labels] == [
+        "prior study (2019-01-01)",
+        "current study (2021-02-03)",
+    ]

@@ -28,6 +28,8 @@ VLLM_URL_HELP = "Running vLLM server to use (repeatable; none: start one)."
 ADAPTIVE_HELP = "Answer plainly when the plain answer is confident enough, else retrieve."
 ABSTAIN_HELP = "Below this confidence (0-1), say Suwen is not confident (default: setting)."
 PRIOR_HELP = "Image of an earlier study to compare with (repeatable); --image is the current one."
+DATE_HELP = "Study date (YYYY-MM-DD) of the current study: one for all its images, or one each."
+PRIOR_DATE_HELP = "Study date (YYYY-MM-DD) of the --prior(s): one for all, or one per --prior."
 SLICES_HELP = "Slices shown of a NIfTI volume or DICOM series (default: setting volume_slices)."
 
 
@@ -73,6 +75,18 @@ def checked_priors(paths: list[Path], images: list[str], slices: int = 1) -> lis
     return checked_images(paths, slices)
 
 
+def command_line_dates(
+    images: list[str], dates: list[str], priors: list[str], prior_dates: list[str]
+) -> dict[str, str]:
+    """``--date`` and ``--prior-date``, checked and paired with the images they date."""
+    from suwen.studies import given_dates
+
+    return {
+        **given_dates(priors, prior_dates, "--prior-date", "--prior"),
+        **given_dates(images, dates, "--date", "--image"),
+    }
+
+
 def warn(message: str) -> None:
     print_note(message)
 
@@ -82,6 +96,8 @@ def ask(
     question: str = typer.Argument(..., help="The question, in quotes."),
     image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
     prior: list[Path] = typer.Option([], "--prior", help=PRIOR_HELP),
+    date: list[str] = typer.Option([], "--date", help=DATE_HELP),
+    prior_date: list[str] = typer.Option([], "--prior-date", help=PRIOR_DATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
     adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
@@ -104,10 +120,11 @@ def ask(
         settings = answer_settings(settings, abstain_below, slices)
         images = checked_images(image, settings.volume_slices)
         priors = checked_priors(prior, images, settings.volume_slices)
+        dates = command_line_dates(images, date, priors, prior_date)
         mode = mode_of(plain, adaptive)
     except InputError as exc:
         fail(str(exc))
-    request = Question(text=question.strip(), images=images, prior_images=priors)
+    request = Question(text=question.strip(), images=images, prior_images=priors, image_dates=dates)
     result = asyncio.run(
         answer_question(
             settings,

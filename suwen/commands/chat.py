@@ -12,7 +12,7 @@ import os
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -42,10 +42,14 @@ from suwen.commands.answer_view import (
 from suwen.commands.ask import (
     ABSTAIN_HELP,
     ADAPTIVE_HELP,
+    DATE_HELP,
     IMAGE_OPTION_HELP,
+    PRIOR_DATE_HELP,
+    PRIOR_HELP,
     VLLM_URL_HELP,
     answer_settings,
     checked_images,
+    command_line_dates,
     mode_of,
     warn,
 )
@@ -81,6 +85,9 @@ HISTORY_FILE = "chat_history"
 def chat(
     ctx: typer.Context,
     image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
+    prior: list[Path] = typer.Option([], "--prior", help=PRIOR_HELP),
+    date: list[str] = typer.Option([], "--date", help=DATE_HELP),
+    prior_date: list[str] = typer.Option([], "--prior-date", help=PRIOR_DATE_HELP),
     resume: str | None = typer.Option(None, "--resume", help="Continue a saved conversation."),
     plain: bool = typer.Option(False, "--plain", help="Start in plain mode (no retrieval)."),
     adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
@@ -95,6 +102,8 @@ def chat(
     settings = settings_of(ctx)
     try:
         images = checked_images(image)
+        priors = checked_images(prior)  # may wait for an /image (the current study)
+        dates = command_line_dates(images, date, priors, prior_date)
         mode_of(plain, adaptive)  # refuses both
         settings = answer_settings(settings, abstain_below)
         if resume is not None and not asyncio.run(conversation_exists(settings, resume)):
@@ -104,7 +113,9 @@ def chat(
             )
     except InputError as exc:
         fail(str(exc))
-    options = ChatOptions(images, resume, plain, vllm_url, text_index, image_index, adaptive)
+    options = ChatOptions(
+        images, resume, plain, vllm_url, text_index, image_index, adaptive, priors, dates
+    )
     asyncio.run(_chat(settings, options))
 
 
@@ -117,6 +128,8 @@ class ChatOptions:
     text_index: str | None
     image_index: str | None
     adaptive: bool = False
+    priors: list[str] = field(default_factory=list)
+    dates: dict[str, str] = field(default_factory=dict)  # --date / --prior-date per path
 
 
 async def _chat(settings: Settings, options: ChatOptions) -> None:
@@ -143,9 +156,11 @@ async def _chat(settings: Settings, options: ChatOptions) -> None:
         kept = earlier[-1].images if earlier and not options.images else []
         for path in [*kept, *options.images]:
             try:
-                session.attach(path)
+                session.attach(path, options.dates.get(path))
             except InputError as exc:
                 warn(f"{exc} (attached earlier in this conversation; left out)")
+        for path in options.priors:
+            session.attach_prior(path, options.dates.get(path))
         screen = ChatScreen(settings, session, earlier)
         await screen.run()
 

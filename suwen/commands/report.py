@@ -12,11 +12,14 @@ from rich.table import Table
 from rich.text import Text
 
 from suwen.commands.ask import (
+    DATE_HELP,
+    PRIOR_DATE_HELP,
     SLICES_HELP,
     VLLM_URL_HELP,
     answer_settings,
     checked_images,
     checked_priors,
+    command_line_dates,
     warn,
 )
 from suwen.commands.common import (
@@ -42,6 +45,8 @@ def report(
     ctx: typer.Context,
     image: list[Path] = typer.Argument(..., help="Image file(s) or DICOM series of the study."),
     prior: list[Path] = typer.Option([], "--prior", help=REPORT_PRIOR_HELP),
+    date: list[str] = typer.Option([], "--date", help=DATE_HELP),
+    prior_date: list[str] = typer.Option([], "--prior-date", help=PRIOR_DATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: no reference cases."),
     slices: int | None = typer.Option(None, "--slices", help=SLICES_HELP),
@@ -57,11 +62,12 @@ def report(
         settings = answer_settings(settings, None, slices)
         images = checked_images(image, settings.volume_slices)
         priors = checked_priors(prior, images, settings.volume_slices)
+        dates = command_line_dates(images, date, priors, prior_date)
     except InputError as exc:
         fail(str(exc))
     from suwen.agent.prompts import REPORT_TASK
 
-    request = Question(text=REPORT_TASK, images=images, prior_images=priors)
+    request = Question(text=REPORT_TASK, images=images, prior_images=priors, image_dates=dates)
     drafted = asyncio.run(_draft(settings, request, plain, vllm_url, text_index, image_index))
     if as_json:
         sys.stdout.write(drafted.model_dump_json(indent=2) + "\n")
