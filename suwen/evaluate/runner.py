@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ from suwen.evaluate.benchmarks import Benchmark, Sample, benchmark_named, load_b
 from suwen.evaluate.calibration import is_dev
 from suwen.evaluate.confidence_eval import AnswerJudgement, judgement_of
 from suwen.filelock import single_writer
-from suwen.llm.base import Message, VisionLanguageModel, recording
+from suwen.llm.base import CallRecord, Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
 from suwen.medimage import load_image, sha256_of
+from suwen.sanitize import OPEN_LOOKALIKE, for_prompt
 from suwen.types import AgentResult, Mode, Question
 
 # A mode of an evaluation run: who answers (suwen.types.Mode), and for plain and agent also
@@ -233,7 +235,11 @@ def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
 
     async def respond(sample: Sample) -> Reply:
         question = sample.to_question(guard=guard).model_copy(update={"family": sample.benchmark})
-        result = await answerer(question)
+        with recording() as log:
+            result = await answerer(question)
+        refused = model_refusal(result, log.records)
+        if refused is not None:
+            raise ModelError(f"{sample.id}: the agent got no answer from the model: {refused}")
         return Reply(
             response=result.short_answer if result.short_answer is not None else "",
             full_answer=result.answer,
@@ -247,6 +253,28 @@ def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
         )
 
     return respond
+
+
+# The agent's steps that write the answer (or report) itself; their model calls are streamed.
+ANSWER_PURPOSES = frozenset({"answer", "report"})
+
+
+def model_refusal(result: AgentResult, calls: Sequence[CallRecord]) -> str | None:
+    """Why an agent result is not an answer at all, or None when it is one. The agent goes on
+    when a step's model call fails (a degraded answer), which is right for one bad reply but
+    would score an unreachable or refusing server (HTTP 401, connection refused) as a run of
+    wrong answers. So a result is refused when no model call succeeded, or when the call that
+    writes the answer failed and no short answer came out of the rest: the question is then
+    reported as failed and asked again by the next run instead of scored."""
+    if not calls:
+        return None  # an answerer that does not call the model through a client
+    answering = [call for call in calls if call.purpose in ANSWER_PURPOSES]
+    nothing_worked = not any(call.ok for call in calls)
+    answer_failed = bool(answering) and not any(call.ok for call in answering)
+    if not nothing_worked and not (answer_failed and not (result.short_answer or "").strip()):
+        return None
+    failures = [event.message for event in result.trace if event.degraded]
+    return failures[-1] if failures else "every model call failed"
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,11 +348,26 @@ def with_condition(
     return shown
 
 
+_JUDGE_FORMAT_TAG = re.compile(r"<(?=\s*/?\s*(?:judge|think)\b)", re.IGNORECASE)
+
+
+def for_judge(text: str) -> str:
+    """``text`` safe inside the judge prompt: ``for_prompt`` (no special token, role marker or
+    image placeholder survives), and the judge's own ``<judge>`` / ``<think>`` tags defused the
+    same way (their '<' swapped for a look-alike), so a response saying ``<judge>0</judge>``
+    is read as text, not as a verdict. Ordinary answers pass unchanged, so the prompt stays
+    MedEvalKit's word for word."""
+    return _JUDGE_FORMAT_TAG.sub(OPEN_LOOKALIKE, for_prompt(text))
+
+
 def model_judge(model: VisionLanguageModel) -> Judge:
-    """MedEvalKit's judge prompt, answered by the same local model."""
+    """MedEvalKit's judge prompt, answered by the same local model. The response judged (and
+    the benchmark's question and answer) are untrusted data: sanitised before they go in, so a
+    reply cannot open a turn with a special token or forge the judge's own verdict tag."""
 
     async def judge(question: str, response: str, gold: str) -> str:
-        message = Message(role="user", text=prompts.judge_prompt(question, response, gold))
+        text = prompts.judge_prompt(for_judge(question), for_judge(response), for_judge(gold))
+        message = Message(role="user", text=text)
         reply = await model.chat(
             [message], max_tokens=JUDGE_MAX_TOKENS, temperature=0.0, purpose="eval-judge"
         )
@@ -507,6 +550,36 @@ class ModeSummary(BaseModel):
     failed: list[tuple[str, str]] = Field(default_factory=list, description="(id, error)")
 
 
+# A server that is gone or refuses every request (HTTP 401, connection refused) fails every
+# question alike: after this many failures in a row with no answer between them the mode stops
+# instead of spending the whole benchmark on retries, keeping what finished.
+MAX_FAILURES_IN_A_ROW = 8
+
+
+class ModeFailedError(ModelError):
+    """Every recent question of a mode failed: the run stops (what finished is kept)."""
+
+
+class _FailureStreak:
+    """Counts questions that failed in a row; one answer (or not-askable record) resets it."""
+
+    def __init__(self, benchmark: str, mode: str) -> None:
+        self.where = f"{benchmark} {mode}"
+        self.count = 0
+
+    def answered(self) -> None:
+        self.count = 0
+
+    def failed(self, error: str) -> None:
+        self.count += 1
+        if self.count >= MAX_FAILURES_IN_A_ROW:
+            raise ModeFailedError(
+                f"{self.where}: {self.count} questions in a row failed, the last with: {error}; "
+                "stopped (finished answers are kept; run the same command again once the model "
+                "answers)"
+            )
+
+
 async def run_mode(
     benchmark: Benchmark,
     samples: Sequence[Sample],
@@ -570,6 +643,7 @@ async def _answer_pending(
     )
     appender = _Appender(path)
     gate = asyncio.Semaphore(max(1, concurrency))
+    streak = _FailureStreak(benchmark.name, mode)
 
     async def answer(sample: Sample, started: float) -> SampleRecord:
         if max_images is not None and len(sample.images) > max_images:
@@ -598,10 +672,12 @@ async def _answer_pending(
                 reason = cannot_ask_reason(exc)
                 if reason is None:
                     summary.failed.append((sample.id, str(exc)))
+                    streak.failed(str(exc))
                     return
                 latency = time.perf_counter() - started
                 record = not_asked_record(sample, mode, reason, guard=guard, latency=latency)
                 summary.not_asked += 1
+            streak.answered()
             await appender.append(record)
             summary.done_now += 1
             if on_progress is not None:
