@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from suwen.agent.graph import SuwenAgent
     from suwen.evaluate.prompts import Lang
     from suwen.evaluate.runner import EvalConfig, ModeSummary
-    from suwen.types import AgentResult, Question
+    from suwen.types import AgentResult, Mode, Question
 
 
 def _split(values: list[str]) -> list[str]:
@@ -41,6 +41,28 @@ class AgentAnswerer:
 
     async def __call__(self, question: Question) -> AgentResult:
         return await self.agent.run(question, mode=self.mode)
+
+
+class ExampleVariants:
+    """The runner's ``ExampleAnswerers``: the same agent (model, indexes) showing another number
+    of case examples, one agent per count, made when first asked for."""
+
+    def __init__(self, agent: SuwenAgent) -> None:
+        self.agent = agent
+        self.made: dict[int, SuwenAgent] = {}
+
+    def __call__(self, mode: Mode, count: int) -> AgentAnswerer | None:
+        if mode == "plain":
+            return None
+        if count not in self.made:
+            from suwen.agent.graph import SuwenAgent
+
+            nodes = self.agent.nodes
+            settings = self.agent.settings.model_copy(update={"case_examples": count})
+            self.made[count] = SuwenAgent(
+                settings, nodes.model, nodes.text_search, nodes.image_search
+            )
+        return AgentAnswerer(self.made[count], mode)
 
 
 def eval_command(
@@ -80,6 +102,13 @@ def eval_command(
     abstain_below: float | None = typer.Option(
         None, "--abstain-below", help="Record answers below this confidence as abstentions."
     ),
+    case_examples: str | None = typer.Option(
+        None,
+        "--case-examples",
+        help="Compare numbers of similar cases shown as worked examples, e.g. 0,2: each agent "
+        "mode runs once per count and the report gives the difference per benchmark "
+        "(default: once, with the case_examples setting).",
+    ),
 ) -> None:
     """Score plain Lingshu and the Suwen agent on the same questions, with MedEvalKit's
     prompts; writes per-question JSONL, metrics.json, report.md/html and a chart."""
@@ -94,6 +123,7 @@ def eval_command(
     try:
         chosen = parse_modes(modes)
         names = [benchmark_named(name).name for name in _split(benchmark)]
+        counts = parse_case_examples(case_examples) if case_examples is not None else []
     except SuwenError as exc:
         fail(str(exc))
     config = EvalConfig(
@@ -117,6 +147,7 @@ def eval_command(
         model=settings.vlm,
         calibrate=calibrate,
         abstain_below=abstain_below if abstain_below is not None else settings.abstain_below,
+        case_examples=counts,
     )
     try:
         summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
@@ -128,6 +159,19 @@ def eval_command(
     except SuwenError as exc:
         fail(str(exc))
     _print_summary(summaries, out)
+
+
+def parse_case_examples(text: str) -> list[int]:
+    """``--case-examples 0,2``: distinct whole numbers, in the order given (the first is the
+    baseline the others are compared with)."""
+    from suwen.errors import InputError
+
+    parts = _split([text])
+    if not parts or not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
+        raise InputError(
+            f"--case-examples {text!r}: expected distinct whole numbers, comma-separated (0,2)"
+        )
+    return [int(part) for part in parts]
 
 
 def _store_calibration(settings: Settings, out: Path) -> None:
@@ -185,6 +229,7 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
 
             judge = plain_confidence_judge(agent.model, agent.calibration, config.abstain_below)
             wants_agent = any(answerer_of(mode) == "agent" for mode in config.modes)
+            variants = ExampleVariants(agent)
             return await run_evaluation(
                 config,
                 samples,
@@ -194,6 +239,7 @@ async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> 
                 adaptive=AgentAnswerer(agent, "adaptive") if "adaptive" in config.modes else None,
                 plain_confidence=judge if settings.confidence else None,
                 provenance=await provenance(settings.vlm, getattr(agent.model, "urls", [])),
+                with_examples=variants if config.case_examples else None,
             )
 
 
@@ -208,11 +254,11 @@ def _print_summary(summaries: list[ModeSummary], out: Path) -> None:
     failed = 0
     for summary in summaries:
         if summary.skipped:
-            skipped = f"{summary.benchmark} {summary.mode}: skipped ({summary.skipped})"
+            skipped = f"{summary.benchmark} {summary.label}: skipped ({summary.skipped})"
             console.print(literal_line(skipped), highlight=False)
             continue
         line = (
-            f"{summary.benchmark} {summary.mode}: {summary.already_done + summary.done_now}/"
+            f"{summary.benchmark} {summary.label}: {summary.already_done + summary.done_now}/"
             f"{summary.total} done ({summary.done_now} now)"
         )
         if summary.failed:

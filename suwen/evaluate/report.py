@@ -31,9 +31,13 @@ from suwen.evaluate.plots import confidence_plots
 from suwen.evaluate.runner import (
     MODES,
     RUN_FILE,
+    ModeRun,
     SampleRecord,
+    answerer_of,
     condition_of,
     mode_named,
+    mode_run_of,
+    mode_runs,
     read_records,
     samples_path,
 )
@@ -225,14 +229,17 @@ def benchmark_metrics(
     modes: Sequence[str],
     judge_on: bool,
     seed: int = 0,
+    case_examples: Sequence[int] = (),
 ) -> dict[str, Any]:
+    """One benchmark's metrics, keyed by mode run (``agent``, or ``agent@examples2`` when
+    case-example counts are compared)."""
     wanted = set(selection)
     by_mode: dict[str, list[SampleRecord]] = {}
-    for mode in modes:
-        path = samples_path(out, benchmark, mode)  # type: ignore[arg-type]
-        if condition_of(mode) != "real" and not path.exists():
+    for run in mode_runs([m for m in MODES if m in modes], case_examples):
+        path = samples_path(out, benchmark, run.key)
+        if condition_of(run.mode) != "real" and not path.exists():
             continue  # an image baseline skipped for a benchmark without images
-        by_mode[mode] = [r for r in read_records(path) if r.id in wanted]
+        by_mode[run.key] = [r for r in read_records(path) if r.id in wanted]
     entry: dict[str, Any] = {
         "expected": len(selection),
         "finished": {mode: len(records) for mode, records in by_mode.items()},
@@ -245,23 +252,79 @@ def benchmark_metrics(
     for mode, records in by_mode.items():
         against = by_mode.get("plain") if mode != "plain" else None
         entry["modes"][mode]["signals"] = signal_aurocs(records, against)
-    if "plain" in by_mode and "agent" in by_mode:
-        plain = {r.id: r for r in by_mode["plain"] if r.correct is not None}
-        agent = {r.id: r for r in by_mode["agent"] if r.correct is not None}
-        paired = [i for i in selection if i in plain and i in agent]
-        if paired:
-            comparison = compare(
-                [bool(plain[i].correct) for i in paired],
-                [bool(agent[i].correct) for i in paired],
-                seed=seed,
-            )
-            entry["paired"] = comparison.model_dump()
+    entry["vs_plain"] = {
+        key: found
+        for key in agent_keys(by_mode)
+        if (found := _paired(by_mode.get("plain"), by_mode[key], selection, seed)) is not None
+    }
+    if "agent" in entry["vs_plain"]:
+        entry["paired"] = entry["vs_plain"]["agent"]
     baselines = image_baselines(by_mode, selection, seed)
     if baselines:
         entry["image_baselines"] = baselines
+    examples = case_example_effects(by_mode, selection, case_examples, seed)
+    if examples:
+        entry["case_examples"] = examples
     key = benchmark_named(benchmark).published_key
     entry["published_lingshu_7b"] = PUBLISHED_LINGSHU_7B.get(key) if key else None
     return entry
+
+
+def agent_keys(by_mode: dict[str, Any]) -> list[str]:
+    """The agent's runs with the questions' own images: ``agent``, or one per case-example
+    count compared (``agent@examples0``, ``agent@examples2``)."""
+    return [key for key in by_mode if answerer_of(key) == "agent" and condition_of(key) == "real"]
+
+
+def _paired(
+    before: Sequence[SampleRecord] | None,
+    after: Sequence[SampleRecord],
+    selection: Sequence[str],
+    seed: int,
+) -> dict[str, Any] | None:
+    """``after`` against ``before`` on the questions both scored: Δ, bootstrap CI, McNemar,
+    fixed and broken (``plain_*`` fields are ``before``'s, ``agent_*`` ``after``'s)."""
+    if before is None:
+        return None
+    first = {r.id: r for r in before if r.correct is not None}
+    then = {r.id: r for r in after if r.correct is not None}
+    paired = [i for i in selection if i in first and i in then]
+    if not paired:
+        return None
+    comparison = compare(
+        [bool(first[i].correct) for i in paired],
+        [bool(then[i].correct) for i in paired],
+        seed=seed,
+    )
+    return comparison.model_dump()
+
+
+def case_example_effects(
+    by_mode: dict[str, list[SampleRecord]],
+    selection: Sequence[str],
+    counts: Sequence[int],
+    seed: int,
+) -> dict[str, Any]:
+    """For each mode the agent answered with several case-example counts: every other count
+    against the first one listed (``--case-examples 0,2``: 2 against 0), paired on the same
+    questions, as the plain-vs-agent comparison is."""
+    result: dict[str, Any] = {}
+    if len(counts) < 2:
+        return result
+    for mode in MODES:
+        baseline = ModeRun(mode, counts[0]).key
+        if baseline not in by_mode:
+            continue
+        for count in counts[1:]:
+            key = ModeRun(mode, count).key
+            found = _paired(by_mode[baseline], by_mode.get(key, []), selection, seed)
+            if found is not None:
+                result.setdefault(mode, {})[f"{counts[0]}->{count}"] = {
+                    "baseline": counts[0],
+                    "examples": count,
+                    **found,
+                }
+    return result
 
 
 def _correct_by_id(records: Sequence[SampleRecord]) -> dict[str, bool]:
@@ -275,12 +338,11 @@ def image_baselines(
     how many points the real image adds (real - baseline, paired on the questions both
     asked, with its bootstrap interval and McNemar p)."""
     result: dict[str, Any] = {}
-    for answerer in ("plain", "agent"):
-        if answerer not in by_mode:
-            continue
+    for answerer in [k for k in by_mode if k == "plain" or k in agent_keys(by_mode)]:
         real = _correct_by_id(by_mode[answerer])
+        run = mode_run_of(answerer)
         for condition in ("blank", "shuffled"):
-            mode = mode_named(answerer, condition)
+            mode = ModeRun(mode_named(run.mode, condition), run.case_examples).key
             if mode not in by_mode:
                 continue
             other = _correct_by_id(by_mode[mode])
@@ -324,12 +386,19 @@ def build_metrics(out: Path) -> dict[str, Any]:
             "sampling": config.get("sampling"),
             "images": config.get("images"),
             "max_tokens": config.get("max_tokens"),
+            "case_examples": config.get("case_examples") or [],
             "provenance": run.get("provenance", {}),
         },
         "published_source": PUBLISHED_SOURCE,
         "benchmarks": {
             name: benchmark_metrics(
-                out, name, ids, modes, config["judge"], int(config.get("seed") or 0)
+                out,
+                name,
+                ids,
+                modes,
+                config["judge"],
+                int(config.get("seed") or 0),
+                config.get("case_examples") or [],
             )
             for name, ids in run["selections"].items()
         },
@@ -387,52 +456,72 @@ HEADERS = (
 )
 
 
+def _agent_columns(entry: dict[str, Any]) -> list[str]:
+    """The agent runs the main table shows against plain: one row each (``agent`` when no
+    case-example counts are compared)."""
+    return agent_keys(entry["modes"]) or ["agent"]
+
+
+def _row_name(name: str, key: str) -> str:
+    count = mode_run_of(key).case_examples
+    return name if count is None else f"{name}, {count} case examples"
+
+
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, entry in metrics["benchmarks"].items():
-        paired = entry.get("paired")
-        published = entry["published_lingshu_7b"]
-        finished = "/".join(
-            str(n) for mode, n in entry["finished"].items() if mode in ("plain", "agent")
-        )
-        rows.append(
-            [
-                name,
-                f"{finished} of {entry['expected']}",
-                acc_cell(entry, "plain", "suwen"),
-                acc_cell(entry, "agent", "suwen"),
-                signed_pct(paired["delta"]) if paired else "–",
-                f"[{signed_pct(paired['ci95'][0])}, {signed_pct(paired['ci95'][1])}]"
-                if paired
-                else "–",
-                f"{paired['mcnemar_p']:.3g}" if paired else "–",
-                str(paired["fixed"]) if paired else "–",
-                str(paired["broken"]) if paired else "–",
-                acc_cell(entry, "plain", "medevalkit"),
-                acc_cell(entry, "agent", "medevalkit"),
-                "–" if published is None else f"{published:.1f}*",
-            ]
-        )
+        for agent in _agent_columns(entry):
+            rows.append(_table_row(name, entry, agent))
     return rows
+
+
+def _table_row(name: str, entry: dict[str, Any], agent: str) -> list[str]:
+    """Plain against one agent run on one benchmark."""
+    paired = entry.get("vs_plain", {}).get(agent) or (
+        entry.get("paired") if agent == "agent" else None
+    )
+    published = entry["published_lingshu_7b"]
+    finished = "/".join(str(n) for mode, n in entry["finished"].items() if mode in ("plain", agent))
+    return [
+        _row_name(name, agent),
+        f"{finished} of {entry['expected']}",
+        acc_cell(entry, "plain", "suwen"),
+        acc_cell(entry, agent, "suwen"),
+        signed_pct(paired["delta"]) if paired else "–",
+        f"[{signed_pct(paired['ci95'][0])}, {signed_pct(paired['ci95'][1])}]" if paired else "–",
+        f"{paired['mcnemar_p']:.3g}" if paired else "–",
+        str(paired["fixed"]) if paired else "–",
+        str(paired["broken"]) if paired else "–",
+        acc_cell(entry, "plain", "medevalkit"),
+        acc_cell(entry, agent, "medevalkit"),
+        "–" if published is None else f"{published:.1f}*",
+    ]
 
 
 def type_rows(metrics: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, entry in metrics["benchmarks"].items():
-        for grouping, table in entry["by_type"].items():
-            for value, per_mode in table.items():
-                plain, agent = per_mode.get("plain"), per_mode.get("agent")
-                n = (plain or agent or {}).get("total", 0)
-                rows.append(
-                    [
-                        name,
-                        grouping,
-                        value,
-                        str(n),
-                        pct(plain["accuracy"]) if plain else "–",
-                        pct(agent["accuracy"]) if agent else "–",
-                    ]
-                )
+        for key in _agent_columns(entry):
+            rows += _type_rows(_row_name(name, key), entry, key)
+    return rows
+
+
+def _type_rows(name: str, entry: dict[str, Any], agent_key: str) -> list[list[str]]:
+    rows = []
+    for grouping, table in entry["by_type"].items():
+        for value, per_mode in table.items():
+            plain, agent = per_mode.get("plain"), per_mode.get(agent_key)
+            n = (plain or agent or {}).get("total", 0)
+            rows.append(
+                [
+                    name,
+                    grouping,
+                    value,
+                    str(n),
+                    pct(plain["accuracy"]) if plain else "–",
+                    pct(agent["accuracy"]) if agent else "–",
+                ]
+            )
     return rows
 
 
@@ -475,6 +564,44 @@ def baseline_rows(metrics: dict[str, Any]) -> list[list[str]]:
                     _gain(shuffled),
                 ]
             )
+    return rows
+
+
+CASE_EXAMPLE_HEADERS = (
+    "Benchmark",
+    "mode",
+    "n",
+    "examples",
+    "baseline",
+    "with examples",
+    "Δ [95% CI]",
+    "McNemar p",
+    "fixed",
+    "broken",
+)
+
+
+def case_example_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Per benchmark and mode: each case-example count against the first one listed."""
+    rows = []
+    for name, entry in metrics["benchmarks"].items():
+        for mode, pairs in entry.get("case_examples", {}).items():
+            for found in pairs.values():
+                low, high = found["ci95"]
+                rows.append(
+                    [
+                        name,
+                        mode,
+                        str(found["n"]),
+                        f"{found['baseline']} → {found['examples']}",
+                        pct(found["plain_accuracy"]),
+                        pct(found["agent_accuracy"]),
+                        f"{signed_pct(found['delta'])} [{signed_pct(low)}, {signed_pct(high)}]",
+                        f"{found['mcnemar_p']:.3g}",
+                        str(found["fixed"]),
+                        str(found["broken"]),
+                    ]
+                )
     return rows
 
 
@@ -563,7 +690,13 @@ def _run_line(run: dict[str, Any]) -> str:
     return (
         f"Model: `{run['model'] or 'unknown'}`; modes: {', '.join(run['modes'])}; judge: "
         f"{'on' if run['judge'] else 'off'}; limit: {run['limit'] or 'all'}; "
-        f"seed: {run['seed']}; languages: {run.get('lang') or 'all'}. Leakage guard {guard}."
+        f"seed: {run['seed']}; languages: {run.get('lang') or 'all'}"
+        + (
+            f"; case examples compared: {', '.join(map(str, run['case_examples']))}"
+            if run.get("case_examples")
+            else ""
+        )
+        + f". Leakage guard {guard}."
     )
 
 
@@ -706,6 +839,20 @@ def extra_tables(metrics: dict[str, Any]) -> list[Table]:
                 baselines,
             )
         )
+    examples = case_example_rows(metrics)
+    if examples:
+        tables.append(
+            (
+                "Similar cases as worked examples",
+                "Accuracy (%, Suwen's scorer) of the agent showing each number of kept similar "
+                "cases as worked examples (--case-examples), against the first count listed, "
+                "paired on the same questions: Δ with its 95% bootstrap interval and McNemar "
+                "p; fixed = wrong with the first count, right with this one; broken = the "
+                "reverse.",
+                CASE_EXAMPLE_HEADERS,
+                examples,
+            )
+        )
     reports = report_rows(metrics)
     if reports:
         tables.append(
@@ -770,6 +917,12 @@ def render_html(
     return "\n".join(parts)
 
 
+def _chart_acc(entry: dict[str, Any], mode: str) -> float | None:
+    """Plain's accuracy, or the agent's (with the most case examples compared, listed last)."""
+    key = mode if mode == "plain" else _agent_columns(entry)[-1]
+    return _mode_acc(entry, key, "suwen")
+
+
 def render_chart(metrics: dict[str, Any], path: Path) -> bool:
     """Grouped bars of plain vs agent accuracy per benchmark (published Lingshu-7B as ticks)."""
     names = [
@@ -787,7 +940,7 @@ def render_chart(metrics: dict[str, Any], path: Path) -> bool:
     figure, axes = plt.subplots(figsize=(max(6.0, 1.4 * len(names) + 2), 4.5))
     width = 0.38
     for offset, mode in ((-width / 2, "plain"), (width / 2, "agent")):
-        values = [100 * (_mode_acc(metrics["benchmarks"][n], mode, "suwen") or 0.0) for n in names]
+        values = [100 * (_chart_acc(metrics["benchmarks"][n], mode) or 0.0) for n in names]
         axes.bar([i + offset for i in range(len(names))], values, width, label=mode)
     published = [(i, metrics["benchmarks"][n]["published_lingshu_7b"]) for i, n in enumerate(names)]
     shown = [(i, v) for i, v in published if v is not None]

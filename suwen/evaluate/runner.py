@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, get_args
 
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from suwen.errors import InputError, ModelError, SuwenError
 from suwen.evaluate import prompts
@@ -65,15 +65,64 @@ CONDITIONS: tuple[Condition, ...] = get_args(Condition)
 JUDGE_MAX_TOKENS = 512
 
 
+# A mode run with a given number of case examples is kept apart under the key
+# "<mode>@examples<N>" (its samples file, its column in metrics.json).
+EXAMPLES_MARK = "@examples"
+
+
+class ModeRun(NamedTuple):
+    """One mode as a run asks it: with the agent's case-examples setting (None), or with
+    ``case_examples`` worked examples when the run compares counts (``--case-examples``)."""
+
+    mode: EvalMode
+    case_examples: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Its samples file's name and its key in metrics.json."""
+        if self.case_examples is None:
+            return self.mode
+        return f"{self.mode}{EXAMPLES_MARK}{self.case_examples}"
+
+    @property
+    def label(self) -> str:
+        """How a person reads it: 'agent (2 case examples)'."""
+        if self.case_examples is None:
+            return self.mode
+        return f"{self.mode} ({self.case_examples} case examples)"
+
+
+def mode_run_of(key: str) -> ModeRun:
+    """The mode run a key names (``agent``, ``agent-blank@examples2``)."""
+    mode, mark, count = key.partition(EXAMPLES_MARK)
+    if mode not in MODES or (mark and not count.isdigit()):
+        raise InputError(f"no mode {key!r}")
+    return ModeRun(mode, int(count) if mark else None)  # type: ignore[arg-type]
+
+
+def mode_runs(modes: Sequence[EvalMode], case_examples: Sequence[int]) -> list[ModeRun]:
+    """What a run asks: every mode, and every mode the agent answers once per case-examples
+    count when counts are compared (plain modes show no examples: asked once)."""
+    runs = []
+    for mode in modes:
+        if case_examples and answerer_of(mode) != "plain":
+            runs += [ModeRun(mode, count) for count in case_examples]
+        else:
+            runs.append(ModeRun(mode))
+    return runs
+
+
 def answerer_of(mode: str) -> Mode:
-    """Who answers in a mode: the plain model, the agent, or the agent in adaptive mode."""
-    answerer = mode.partition("-")[0]
+    """Who answers in a mode (or mode run key): the plain model, the agent, or the agent in
+    adaptive mode."""
+    answerer = mode.partition(EXAMPLES_MARK)[0].partition("-")[0]
     return "agent" if answerer == "agent" else "adaptive" if answerer == "adaptive" else "plain"
 
 
 def condition_of(mode: str) -> Condition:
-    """Which image a mode shows: the question's own, a blank one, or another question's."""
-    _, _, condition = mode.partition("-")
+    """Which image a mode (or mode run key) shows: the question's own, a blank one, or another
+    question's."""
+    _, _, condition = mode.partition(EXAMPLES_MARK)[0].partition("-")
     return "blank" if condition == "blank" else "shuffled" if condition == "shuffled" else "real"
 
 
@@ -172,6 +221,9 @@ class SampleRecord(BaseModel):
     asked: bool = Field(True, description="False: the question could not be asked (see reason)")
     not_asked_reason: str | None = None
     images_shown: list[str] = Field(default_factory=list, description="Image files shown")
+    case_examples: int | None = Field(
+        None, description="Case examples the agent could show (None: the setting's)"
+    )
 
     @property
     def correct_medevalkit(self) -> bool | None:
@@ -181,7 +233,9 @@ class SampleRecord(BaseModel):
 Responder = Callable[[Sample], Awaitable[Reply]]
 PlainConfidence = Callable[[Sample, list[Message], str], Awaitable[AnswerJudgement]]
 Judge = Callable[[str, str, str], Awaitable[str]]
-Progress = Callable[[str, EvalMode, int, int], None]
+Progress = Callable[[str, str, int, int], None]
+# The answerer of agent or adaptive mode showing a given number of case examples.
+ExampleAnswerers = Callable[[Mode, int], Answerer | None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +546,8 @@ def not_asked_record(
 # Samples files: append + fsync per record, read back tolerating a torn last line
 
 
-def samples_path(out: Path, benchmark: str, mode: EvalMode) -> Path:
+def samples_path(out: Path, benchmark: str, mode: str) -> Path:
+    """A mode run's samples file (``mode``: a mode or a mode run key)."""
     return out / benchmark / f"{mode}.jsonl"
 
 
@@ -542,12 +597,17 @@ class _Appender:
 class ModeSummary(BaseModel):
     benchmark: str
     mode: EvalMode
+    case_examples: int | None = None
     total: int
     already_done: int
     done_now: int
     not_asked: int = Field(0, description="Recorded as not askable (in this run)")
     skipped: str | None = Field(None, description="Why the whole mode was skipped")
     failed: list[tuple[str, str]] = Field(default_factory=list, description="(id, error)")
+
+    @property
+    def label(self) -> str:
+        return ModeRun(self.mode, self.case_examples).label
 
 
 # A server that is gone or refuses every request (HTTP 401, connection refused) fails every
@@ -593,15 +653,16 @@ async def run_mode(
     seed: int = 0,
     max_images: int | None = None,
     on_progress: Progress | None = None,
+    case_examples: int | None = None,
 ) -> ModeSummary:
-    """Answer and score every sample not yet in the mode's samples file (see
+    """Answer and score every sample not yet in the mode run's samples file (see
     :func:`_answer_pending`), the file locked against a second writer for the whole run."""
-    path = samples_path(out, benchmark.name, mode)
+    path = samples_path(out, benchmark.name, ModeRun(mode, case_examples).key)
     with single_writer(path, "suwen eval"):
         return await _answer_pending(
             benchmark,
             samples,
-            mode,
+            ModeRun(mode, case_examples),
             respond,
             out,
             concurrency=concurrency,
@@ -616,7 +677,7 @@ async def run_mode(
 async def _answer_pending(
     benchmark: Benchmark,
     samples: Sequence[Sample],
-    mode: EvalMode,
+    run: ModeRun,
     respond: Responder,
     out: Path,
     *,
@@ -631,19 +692,21 @@ async def _answer_pending(
     time. A question that cannot be asked (``cannot_ask_reason``; more than ``max_images``
     images) is recorded as such; one whose model call fails otherwise (a SuwenError) is
     reported and left for the next run; anything else stops the run, keeping what finished."""
-    path = samples_path(out, benchmark.name, mode)
+    mode = run.mode
+    path = samples_path(out, benchmark.name, run.key)
     finished = {record.id for record in read_records(path)}
     pending = [s for s in samples if s.id not in finished]
     summary = ModeSummary(
         benchmark=benchmark.name,
         mode=mode,
+        case_examples=run.case_examples,
         total=len(samples),
         already_done=len(samples) - len(pending),
         done_now=0,
     )
     appender = _Appender(path)
     gate = asyncio.Semaphore(max(1, concurrency))
-    streak = _FailureStreak(benchmark.name, mode)
+    streak = _FailureStreak(benchmark.name, run.label)
 
     async def answer(sample: Sample, started: float) -> SampleRecord:
         if max_images is not None and len(sample.images) > max_images:
@@ -678,11 +741,15 @@ async def _answer_pending(
                 record = not_asked_record(sample, mode, reason, guard=guard, latency=latency)
                 summary.not_asked += 1
             streak.answered()
+            record.case_examples = run.case_examples
             await appender.append(record)
             summary.done_now += 1
             if on_progress is not None:
                 on_progress(
-                    benchmark.name, mode, summary.already_done + summary.done_now, summary.total
+                    benchmark.name,
+                    run.label,
+                    summary.already_done + summary.done_now,
+                    summary.total,
                 )
 
     tasks = [asyncio.create_task(one(sample)) for sample in pending]
@@ -744,6 +811,18 @@ class EvalConfig(BaseModel):
     model: str = ""
     calibrate: bool = Field(False, description="Ask only the dev split, to fit calibration")
     abstain_below: float | None = Field(None, ge=0, le=1)
+    case_examples: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="Case-example counts compared (--case-examples 0,2): each mode the agent "
+        "answers runs once per count; empty: once, with the setting's count",
+    )
+
+    @field_validator("case_examples")
+    @classmethod
+    def _distinct_counts(cls, counts: list[int]) -> list[int]:
+        if len(set(counts)) != len(counts):
+            raise ValueError(f"case-example counts repeat: {counts}")
+        return counts
 
 
 RUN_FILE = "run.json"
@@ -758,6 +837,7 @@ SCORING_OPTIONS = (
     "lang",
     "sampling",
     "images",
+    "case_examples",
 )
 
 
@@ -824,11 +904,13 @@ class RunAnswerers:
     agent: Answerer | None
     adaptive: Answerer | None
     plain_confidence: PlainConfidence | None
+    with_examples: ExampleAnswerers | None = None
 
 
-def _responder(mode: EvalMode, config: EvalConfig, answerers: RunAnswerers) -> Responder:
-    """Who answers ``mode``: the plain model (with the confidence probe when given), the agent,
-    or the agent in adaptive mode."""
+def _responder(run: ModeRun, config: EvalConfig, answerers: RunAnswerers) -> Responder:
+    """Who answers a mode run: the plain model (with the confidence probe when given), the
+    agent, or the agent in adaptive mode (showing the run's number of case examples)."""
+    mode = run.mode
     who = answerer_of(mode)
     if who == "plain":
         if answerers.model is None:
@@ -840,8 +922,11 @@ def _responder(mode: EvalMode, config: EvalConfig, answerers: RunAnswerers) -> R
             judge_confidence=answerers.plain_confidence,
         )
     chosen = answerers.adaptive if who == "adaptive" else answerers.agent
+    if run.case_examples is not None:
+        made = answerers.with_examples
+        chosen = made(who, run.case_examples) if made is not None else None
     if chosen is None:
-        raise InputError(f"{mode} mode needs an agent")
+        raise InputError(f"{run.label} mode needs an agent")
     return agent_responder(chosen, guard=not config.allow_leak)
 
 
@@ -855,13 +940,17 @@ async def run_evaluation(
     provenance: dict[str, Any] | None = None,
     adaptive: Answerer | None = None,
     plain_confidence: PlainConfidence | None = None,
+    with_examples: ExampleAnswerers | None = None,
 ) -> list[ModeSummary]:
     """Every selected benchmark in every requested mode; the judge (if on) is ``model``.
-    ``adaptive`` answers adaptive mode; ``plain_confidence`` measures plain replies'. Image
-    baselines (blank, shuffled) are skipped for a benchmark without images."""
-    answerers = RunAnswerers(model, answerer, adaptive, plain_confidence)
-    for mode in config.modes:
-        _responder(mode, config, answerers)  # fail before anything is written
+    ``adaptive`` answers adaptive mode; ``plain_confidence`` measures plain replies';
+    ``with_examples`` gives the agent showing N case examples when ``config.case_examples``
+    compares counts. Image baselines (blank, shuffled) are skipped for a benchmark without
+    images."""
+    answerers = RunAnswerers(model, answerer, adaptive, plain_confidence, with_examples)
+    runs = mode_runs(config.modes, config.case_examples)
+    for run in runs:
+        _responder(run, config, answerers)  # fail before anything is written
     record_run(config, {name: [s.id for s in items] for name, items in samples.items()}, provenance)
     judge = model_judge(model) if config.judge and model is not None else None
     if config.judge and judge is None:
@@ -870,13 +959,15 @@ async def run_evaluation(
     for name, items in samples.items():
         benchmark = benchmark_named(name)
         donors = shuffled_donors(items, config.seed)
-        for mode in config.modes:
+        for run in runs:
+            mode = run.mode
             condition = condition_of(mode)
             if condition != "real" and not any(s.images for s in items):
                 summaries.append(
                     ModeSummary(
                         benchmark=name,
                         mode=mode,
+                        case_examples=run.case_examples,
                         total=0,
                         already_done=0,
                         done_now=0,
@@ -885,7 +976,7 @@ async def run_evaluation(
                 )
                 continue
             respond = with_condition(
-                _responder(mode, config, answerers),
+                _responder(run, config, answerers),
                 condition,
                 donors=donors,
                 blank_folder=config.out / name / "blank_images",
@@ -903,6 +994,7 @@ async def run_evaluation(
                     seed=config.seed,
                     max_images=config.images.max_images,
                     on_progress=on_progress,
+                    case_examples=run.case_examples,
                 )
             )
     return summaries
