@@ -158,9 +158,9 @@ async def batch_run(agent: SuwenAgent, folder: Path, out: Path, concurrency: int
     async def answer(question: Question) -> Any:
         return await agent.run(question, mode="plain")
 
-    out.unlink(missing_ok=True)
+    await asyncio.to_thread(out.unlink, missing_ok=True)
     summary = await run_batch(load_questions(folder), out, answer, concurrency=concurrency)
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = (await asyncio.to_thread(out.read_text, encoding="utf-8")).splitlines()
     if len(lines) != summary.questions or not summary.complete:
         raise SystemExit(f"batch wrote {len(lines)} lines for {summary.questions} questions")
     # A random tiny model may reply with nothing but special tokens: batch records those as

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from suwen import privacy
+from suwen import logs, privacy
 from suwen.commands.common import fail, print_error
 from suwen.config import SettingsError, load_settings, parse_assignments
 from suwen.errors import SuwenError
@@ -77,6 +77,7 @@ def _private_home(home: Path) -> None:
         privacy.private_dir(home)
     except OSError as exc:
         fail(f"data home {home}: cannot create it readable by its owner only: {exc}")
+    logs.configure(home)
 
 
 def _register_commands() -> None:

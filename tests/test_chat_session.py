@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +84,7 @@ def test_saved_conversations_list_newest_first(tmp_path: Path) -> None:
     async def steps(agent):
         for thread in ("older", "newer"):
             await ChatSession(agent, thread_id=thread).ask(QUESTION)
-            time.sleep(0.01)
+            await asyncio.sleep(0.01)
         return agent.settings
 
     config = asyncio.run(_session_run(tmp_path, steps))

@@ -434,7 +434,8 @@ def test_the_api_key_is_in_the_servers_environment_only_and_the_client_sends_it(
             assert group_members(server)[1].environ()["VLLM_API_KEY"] == server.api_key
             # Another local user, without the key, is turned away.
             url = f"{server.url}/v1/chat/completions"
-            assert httpx.post(url, json={}).status_code == 401
+            async with httpx.AsyncClient() as stranger:
+                assert (await stranger.post(url, json={})).status_code == 401
             reply = await client.chat([Message(role="user", text="hello")])
             return reply.text
 

@@ -13,6 +13,7 @@ conversation so far) persists, so follow-ups see earlier turns and a chat can be
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,8 @@ from suwen.types import (
     TokenUsage,
     TraceEvent,
 )
+
+log = logging.getLogger(__name__)
 
 StepFunction = Callable[[AgentState, RunContext, Emit], Awaitable[Step]]
 Graph = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
@@ -285,6 +288,8 @@ def _announce_end(node: str, update: Any, notify: EventHandler) -> None:
     event: TraceEvent = trace[-1]
     notify(AgentEvent(kind="node_end", node=node, message=event.message))
     if event.degraded:
+        # Step messages are about the machinery (counts, servers, errors), not the patient.
+        log.warning("degraded step %s: %s", node, event.message)
         notify(AgentEvent(kind="info", node=node, message=f"degraded: {event.message}"))
 
 

@@ -9,6 +9,7 @@ characters removed (``suwen.sanitize.for_terminal``), and without clickable link
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import NoReturn, Self
@@ -29,6 +30,8 @@ from rich.text import Text
 
 from suwen.config import LoadedSettings, Settings
 from suwen.sanitize import for_terminal, line_for_terminal
+
+log = logging.getLogger(__name__)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -90,6 +93,8 @@ def print_note(message: str) -> None:
 
 
 def print_error(message: str) -> None:
+    # Errors name inputs (files, indexes, servers, settings), never a question or an answer.
+    log.warning("error: %s", line_for_terminal(message))
     err_console.print(labelled("error: ", message, "bold red"), highlight=False, soft_wrap=True)
 
 

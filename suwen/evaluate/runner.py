@@ -130,7 +130,7 @@ def mode_named(answerer: str, condition: str) -> EvalMode:
     name = answerer if condition == "real" else f"{answerer}-{condition}"
     if name not in MODES:
         raise InputError(f"no mode {name!r}")
-    return name  # type: ignore[return-value]
+    return name
 
 
 def parse_modes(text: str) -> list[EvalMode]:

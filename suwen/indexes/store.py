@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from suwen.errors import IndexDamagedError, IndexMissingError, InputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
@@ -354,6 +357,7 @@ def publish(root: Path, version: Path) -> None:
         os.fsync(handle.fileno())
     pointer.replace(root / CURRENT)
     _fsync_dir(root)
+    log.info("index %s: published %s", root.name, version.name)
     for old in root.glob("v[0-9]*"):
         if old != version:
             shutil.rmtree(old, ignore_errors=True)

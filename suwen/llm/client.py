@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -34,7 +35,13 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from suwen.agent.prompts import REPAIR_INSTRUCTION
 from suwen.config import Settings
@@ -51,6 +58,8 @@ from suwen.llm.base import (
 from suwen.llm.images import ImageEncoder
 from suwen.privacy import is_loopback_url, local_api_key
 from suwen.sanitize import for_prompt
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -198,6 +207,17 @@ class ServerReplyError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+def _log_retry(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    log.info(
+        "retrying a model request in %.1f s (attempt %d failed: %s)",
+        wait,
+        state.attempt_number,
+        failure,
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -631,10 +651,15 @@ class VLLMClient:
                         result = await self._attempt(endpoint, send, keep_busy)
             return result, endpoint
         except TimeoutError as exc:
+            log.warning(
+                "%s request to %s: no reply within %g s", record.kind, endpoint.url, timeout
+            )
             raise ModelError(f"vLLM at {endpoint.url}: no reply within {timeout:g} s") from exc
         except (httpx.HTTPError, ServerReplyError) as exc:
             tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-            raise self._error(exc, endpoint.url, tries) from exc
+            error = self._error(exc, endpoint.url, tries)
+            log.warning("%s request failed: %s", record.kind, error)
+            raise error from exc
 
     async def _attempt(self, endpoint: Endpoint, send: Send[R], keep_busy: bool) -> R:
         endpoint.in_flight += 1
@@ -657,6 +682,7 @@ class VLLMClient:
             stop=stop_after_attempt(self.settings.max_retries + 1),
             wait=wait_exponential(multiplier=BACKOFF_SECONDS, max=BACKOFF_MAX_SECONDS),
             retry=retry_if_exception(is_transient),
+            before_sleep=_log_retry,
             reraise=True,
         )
 

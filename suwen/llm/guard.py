@@ -81,7 +81,7 @@ def _others_in_group() -> bool:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
-        print(USAGE, file=sys.stderr)
+        sys.stderr.write(USAGE + "\n")
         return 2
     fd, command = int(argv[0]), argv[2:]
     os.set_inheritable(fd, False)
