@@ -110,7 +110,7 @@ def test_hub_loaders_need_datasets(cache: Path, monkeypatch: pytest.MonkeyPatch)
 def test_names_and_errors(tmp_path: Path, cache: Path) -> None:
     assert benchmark_named("vqa_rad").name == "VQA-RAD"
     assert benchmark_named("MedQA").name == "MedQA-USMLE"
-    assert len({b.name for b in BENCHMARKS}) == 15
+    assert len({b.name for b in BENCHMARKS}) == 17
     with pytest.raises(InputError, match="unknown benchmark"):
         benchmark_named("imagenet")
     with pytest.raises(InputError, match="no MedQA-USMLE files"):

@@ -33,13 +33,20 @@ def _split(values: list[str]) -> list[str]:
 
 class AgentAnswerer:
     """The runner's ``Answerer`` on top of ``SuwenAgent`` (agent or adaptive mode, no session
-    thread)."""
+    thread; report questions through ``suwen report``'s path)."""
 
     def __init__(self, agent: SuwenAgent, mode: Literal["agent", "adaptive"] = "agent") -> None:
         self.agent = agent
         self.mode = mode
 
     async def __call__(self, question: Question) -> AgentResult:
+        if question.answer_format.kind == "report":
+            # A report benchmark is answered as `suwen report` drafts (adaptive mode has no
+            # report route of its own: it drafts as the agent does).
+            from suwen.agent.report import as_agent_result, draft_report
+
+            drafted = await draft_report(self.agent, question, plain=False)
+            return as_agent_result(drafted, question)
         return await self.agent.run(question, mode=self.mode)
 
 

@@ -22,12 +22,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from suwen.agent.prompts import REPORT_TASK
 from suwen.errors import InputError, SuwenError
 from suwen.evaluate import prompts
 from suwen.types import AnswerFormat, Question
 
 Kind = Literal["choice", "yes_no", "closed", "open", "report"]
-PromptStyle = Literal["medevalkit", "mmmu"]
+PromptStyle = Literal["medevalkit", "mmmu", "mimic"]
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -74,12 +75,16 @@ class Sample(BaseModel):
             return prompts.closed_prompt(self.question, self.lang)
         if self.kind == "open":
             return prompts.open_prompt(self.question, self.lang)
+        if self.prompt_style == "mimic":
+            return prompts.mimic_report_prompt()
         return prompts.report_prompt()
 
     def to_question(self, *, guard: bool = True) -> Question:
         """The agent's view: the question (with PubMedQA's context), its answer form, and what
         retrieval must not see unless the leakage guard is off."""
-        text = self.question if self.kind != "report" else prompts.report_prompt()
+        # A report question is the agent's own report task (as `suwen report` asks it); any
+        # other text would reach the report prompt as a clinical indication.
+        text = self.question if self.kind != "report" else REPORT_TASK
         if self.context is not None:
             text = f"Context: {self.context}\n\n{text}"
         return Question(
@@ -755,6 +760,219 @@ def load_iu_xray(ctx: LoadContext) -> list[Sample]:
 
 
 # --------------------------------------------------------------------------------------------
+# MIMIC-CXR and CheXpert Plus report generation: MedEvalKit's preprocessed layout (test.json +
+# images/, as its MIMIC_CXR and CheXpert_Plus loaders read it) or the datasets' own public
+# layouts (MIMIC-CXR-JPG with the MIMIC-CXR reports; CheXpert Plus's report CSV and PNGs).
+
+MIMIC_SPLIT_FILES = ("mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-split.csv.gz")
+CHEXPERT_PLUS_CSV = "df_chexpert_plus_240401.csv"
+# The reference of one study, as MedEvalKit's report script builds it from the two fields.
+_REPORT_SECTION = re.compile(r"^\s*([A-Z][A-Z /&]+):", re.MULTILINE)
+
+
+def report_gold(findings: str, impression: str) -> str:
+    return f"Findings: {findings} Impression: {impression}."
+
+
+def _report_sample(
+    benchmark: str,
+    sample_id: str,
+    images: list[Path],
+    findings: str,
+    impression: str,
+    *,
+    labels: bool,
+    style: PromptStyle = "medevalkit",
+) -> Sample | None:
+    """One study to report on, or None when it has neither findings nor impression (MedEvalKit
+    skips those)."""
+    if not findings.strip() and not impression.strip():
+        return None
+    return Sample(
+        id=sample_id,
+        benchmark=benchmark,
+        question="",
+        images=[str(p) for p in images],
+        image_labels=labels,
+        gold=report_gold(findings, impression),
+        kind="report",
+        modality="x-ray",
+        body_part="chest",
+        prompt_style=style,
+        exclude_image_sha256=[sha256_file(p) for p in images if p.is_file()],
+    )
+
+
+def _medevalkit_reports(
+    test: Path, benchmark: str, prefix: str, *, many: bool, style: PromptStyle
+) -> list[Sample]:
+    """MedEvalKit's test.json: rows of ``image`` (a list of names when ``many``, else one name,
+    under images/), ``findings`` and ``impression``."""
+    rows = _read_json(test)
+    if not isinstance(rows, list):
+        raise InputError(f"{test}: expected a JSON list of studies")
+    samples = []
+    for index, row in enumerate(rows):
+        names = row.get("image", [])
+        names = [names] if isinstance(names, str) else list(names)
+        if not many and len(names) != 1:
+            raise InputError(f"{test}: study {index}: expected one image, found {len(names)}")
+        found = _report_sample(
+            benchmark,
+            f"{prefix}-{row.get('id', index)}",
+            [test.parent / "images" / _relative(str(name), test) for name in names],
+            str(row.get("findings") or ""),
+            str(row.get("impression") or ""),
+            labels=many,  # MIMIC_CXR sends its 'images' layout, CheXpert_Plus its 'image' one
+            style=style,
+        )
+        if found is not None:
+            samples.append(found)
+    return samples
+
+
+def _relative(name: str, where: Path) -> Path:
+    """A file name from a benchmark file, as a path inside its folder: an absolute path or one
+    climbing out with '..' is refused (a file we did not write names no file of ours)."""
+    path = Path(name)
+    if not name.strip() or path.is_absolute() or ".." in path.parts:
+        raise InputError(f"{where}: image path {name!r} is not inside the dataset folder")
+    return path
+
+
+def report_sections(text: str) -> dict[str, str]:
+    """A MIMIC-CXR free-text report's sections by upper-case heading ('FINDINGS:',
+    'IMPRESSION:'), each flattened to one line; text before the first heading is dropped."""
+    sections: dict[str, str] = {}
+    matches = list(_REPORT_SECTION.finditer(text))
+    for number, match in enumerate(matches):
+        end = matches[number + 1].start() if number + 1 < len(matches) else len(text)
+        body = " ".join(text[match.end() : end].split())
+        name = " ".join(match.group(1).split()).lower()
+        sections[name] = f"{sections[name]} {body}".strip() if name in sections else body
+    return sections
+
+
+def _csv_rows(path: Path, *columns: str) -> Iterator[dict[str, str]]:
+    """The rows of a (possibly gzipped) CSV table, read as they stream (CheXpert Plus's report
+    table is hundreds of MB), after checking its header names ``columns``."""
+    import gzip
+
+    try:
+        with (
+            gzip.open(path, "rt", encoding="utf-8", newline="")
+            if path.suffix == ".gz"
+            else path.open(encoding="utf-8", newline="")
+        ) as handle:
+            reader = csv.DictReader(handle)
+            missing = [name for name in columns if name not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: not the expected table (no column {', '.join(missing)})")
+            for row in reader:
+                yield {key: value or "" for key, value in row.items() if key is not None}
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError) as exc:
+        raise InputError(f"{path}: cannot read benchmark file: {exc}") from exc
+
+
+def _mimic_public(data: Path) -> list[Sample]:
+    """MIMIC-CXR-JPG's test split: the split CSV's test rows grouped by study, each study's
+    JPGs (files/pNN/pSUBJECT/sSTUDY/DICOM.jpg) and its report (files/pNN/pSUBJECT/sSTUDY.txt,
+    in the same tree or under mimic-cxr-reports/), findings and impression read from the
+    report's sections."""
+    split = _require(data, "MIMIC-CXR", *MIMIC_SPLIT_FILES)
+    studies: dict[tuple[str, str], list[str]] = {}
+    for row in _csv_rows(split, "dicom_id", "study_id", "subject_id", "split"):
+        if row["split"] == "test":
+            studies.setdefault((row["subject_id"], row["study_id"]), []).append(row["dicom_id"])
+    samples = []
+    for (subject, study), dicoms in studies.items():
+        folder = Path("files") / f"p{subject[:2]}" / f"p{subject}"
+        report = _find(
+            split.parent, str(folder / f"s{study}.txt"), f"mimic-cxr-reports/{folder}/s{study}.txt"
+        )
+        if report is None:
+            raise InputError(f"{split.parent}: no report for study s{study} (looked in files/)")
+        sections = report_sections(_read_text(report))
+        images = [split.parent / folder / f"s{study}" / f"{dicom}.jpg" for dicom in dicoms]
+        found = _report_sample(
+            "MIMIC-CXR",
+            f"mimic-cxr-s{study}",
+            images,
+            sections.get("findings", ""),
+            sections.get("impression", ""),
+            labels=True,
+            style="mimic",
+        )
+        if found is not None:
+            samples.append(found)
+    return samples
+
+
+def _read_text(path: Path, limit: int = 1 << 20) -> str:
+    try:
+        if path.stat().st_size > limit:
+            raise InputError(f"{path}: {path.stat().st_size} bytes, too large for a report")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read report: {exc}") from exc
+
+
+def load_mimic_cxr(ctx: LoadContext) -> list[Sample]:
+    if ctx.data is None:
+        raise InputError(
+            "MIMIC-CXR: no hub dataset (PhysioNet credentialed access); pass --data with "
+            "MedEvalKit's MIMIC_CXR folder (test.json + images/) or MIMIC-CXR-JPG with its "
+            "split CSV, files/ and the reports"
+        )
+    test = _find(ctx.data, "test.json", "MIMIC_CXR/test.json", "mimic_cxr/test.json")
+    if test is not None:
+        return _medevalkit_reports(test, "MIMIC-CXR", "mimic-cxr", many=True, style="mimic")
+    return _mimic_public(ctx.data)
+
+
+def _chexpert_plus_public(data: Path) -> list[Sample]:
+    """CheXpert Plus's report table (df_chexpert_plus_240401.csv): the rows of its ``valid``
+    split with their findings and impression sections; ``path_to_image`` (a .jpg path) is read
+    as given, or as the PNG release stores it (PNG/... .png)."""
+    table = _require(data, "CheXpert-Plus", CHEXPERT_PLUS_CSV)
+    columns = ("path_to_image", "section_findings", "section_impression", "split")
+    samples = []
+    for row in _csv_rows(table, *columns):
+        if row["split"] != "valid":
+            continue
+        given = _relative(row["path_to_image"], table)
+        image = _find(table.parent, str(given), str(Path("PNG") / given.with_suffix(".png")))
+        if image is None:
+            raise InputError(f"{table.parent}: no image {given} (nor PNG/ of it)")
+        found = _report_sample(
+            "CheXpert-Plus",
+            "chexpert-plus-" + given.with_suffix("").as_posix().replace("/", "-"),
+            [image],
+            row["section_findings"],
+            row["section_impression"],
+            labels=False,
+        )
+        if found is not None:
+            samples.append(found)
+    return samples
+
+
+def load_chexpert_plus(ctx: LoadContext) -> list[Sample]:
+    if ctx.data is None:
+        raise InputError(
+            "CheXpert-Plus: no hub dataset (Stanford AIMI download); pass --data with "
+            "MedEvalKit's CheXpert_Plus folder (test.json + images/) or CheXpert Plus with "
+            f"{CHEXPERT_PLUS_CSV} and its images"
+        )
+    test = _find(ctx.data, "test.json", "CheXpert_Plus/test.json", "chexpert_plus/test.json")
+    if test is not None:
+        return _medevalkit_reports(
+            test, "CheXpert-Plus", "chexpert-plus", many=False, style="medevalkit"
+        )
+    return _chexpert_plus_public(ctx.data)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -799,6 +1017,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark("Medbullets-op5", load_medbullets_op5, "LangAGI-Lab/medbullets_op5", "choice", None),
     Benchmark("IU-Xray", load_iu_xray, "IU_XRAY (MedEvalKit datas/)", "report", None),
+    Benchmark("MIMIC-CXR", load_mimic_cxr, "MIMIC-CXR (PhysioNet, local)", "report", None),
+    Benchmark("CheXpert-Plus", load_chexpert_plus, "CheXpert Plus (local)", "report", None),
 )
 
 
@@ -815,6 +1035,8 @@ _ALIASES = {
     "mmmumedicalval": "mmmumed",
     "medbullets": "medbulletsop5",
     "medxpertqa": "medxpertqamm",
+    "mimiccxrjpg": "mimiccxr",
+    "chexpert": "chexpertplus",
 }
 _BY_KEY.update({alias: _BY_KEY[target] for alias, target in _ALIASES.items()})
 

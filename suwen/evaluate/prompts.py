@@ -64,6 +64,17 @@ def report_prompt() -> str:
     return REPORT_PROMPT
 
 
+# MedEvalKit's MIMIC_CXR loader writes the same words inline as an indented triple-quoted
+# string: the line breaks and the eight spaces before the text and the closing quotes are part
+# of what the model is sent.
+MIMIC_REPORT_PROMPT = "\n        " + REPORT_PROMPT + "\n        "
+
+
+def mimic_report_prompt() -> str:
+    """``MIMIC_CXR.construct_messages``'s prompt, whitespace included."""
+    return MIMIC_REPORT_PROMPT
+
+
 def mmmu_choice_prompt(question: str, options: Sequence[str]) -> str:
     """MMMU's own multiple-choice layout as MedEvalKit builds it: '(A) option' lines between
     blank lines, then eight spaces of indentation before the instruction."""

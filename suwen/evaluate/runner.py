@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Protocol, get_args
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from suwen.agent.report import parse_report
 from suwen.errors import InputError, ModelError, SuwenError
 from suwen.evaluate import prompts
 from suwen.evaluate import scoring as suwen_scoring
@@ -282,10 +283,30 @@ def plain_responder(
     return respond
 
 
+# Citation marks as the agent writes them: [1], [2, 3], [1-2].
+_CITATION_MARK = re.compile(r"[ \t]*\[\d+(?:\s*[,;–-]\s*\d+)*\]")
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
+
+
+def scored_report(report: str) -> str:
+    """A drafted report in the form of the benchmark's reference, which MedEvalKit writes as
+    'Findings: ... Impression: ....': the findings and impression sections on one line each,
+    without citation marks or list bullets (technique and comparison are not in the
+    reference). Empty when the draft has neither section."""
+    sections = parse_report(_BULLET.sub("", _CITATION_MARK.sub("", report)))
+    findings = " ".join(sections.get("findings", "").split())
+    impression = " ".join(sections.get("impression", "").split())
+    if not findings and not impression:
+        return ""
+    return f"Findings: {findings} Impression: {impression}."
+
+
 def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
     """Agent (or adaptive) mode: the question (leakage guard on unless ``guard`` is False);
     the agent's ``short_answer`` is scored, its citations, evidence and confidence kept (the
-    benchmark's own calibration map applies: the question names it as its family)."""
+    benchmark's own calibration map applies: the question names it as its family). A report
+    question is answered on ``suwen report``'s path (the answerer's job); its findings and
+    impression are scored (``scored_report``)."""
 
     async def respond(sample: Sample) -> Reply:
         question = sample.to_question(guard=guard).model_copy(update={"family": sample.benchmark})
@@ -294,8 +315,12 @@ def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
         refused = model_refusal(result, log.records)
         if refused is not None:
             raise ModelError(f"{sample.id}: the agent got no answer from the model: {refused}")
+        if sample.kind == "report":
+            response = scored_report(result.answer)
+        else:
+            response = result.short_answer if result.short_answer is not None else ""
         return Reply(
-            response=result.short_answer if result.short_answer is not None else "",
+            response=response,
             full_answer=result.answer,
             citations=[c.model_dump(mode="json") for c in result.citations],
             evidence_ids=[e.key for e in result.evidence if e.kept],
