@@ -98,7 +98,7 @@ def mode_run_of(key: str) -> ModeRun:
     mode, mark, count = key.partition(EXAMPLES_MARK)
     if mode not in MODES or (mark and not count.isdigit()):
         raise InputError(f"no mode {key!r}")
-    return ModeRun(mode, int(count) if mark else None)  # type: ignore[arg-type]
+    return ModeRun(mode, int(count) if mark else None)
 
 
 def mode_runs(modes: Sequence[EvalMode], case_examples: Sequence[int]) -> list[ModeRun]:
