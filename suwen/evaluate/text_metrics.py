@@ -145,9 +145,13 @@ def _green(predictions: Sequence[str], references: Sequence[str]) -> float:
 def model_based(
     predictions: Sequence[str], references: Sequence[str]
 ) -> dict[str, float | NotComputed]:
-    """RaTE and GREEN when their packages and (local) models are there, else why not."""
+    """RaTE and GREEN when their packages and (local) models are there, else why not. The
+    hub stays offline while they load (a model not on disk fails, it is never fetched)."""
     import importlib.util
 
+    from suwen.privacy import enforce
+
+    enforce()
     computed: dict[str, float | NotComputed] = {}
     compute = {"RaTE": _rate, "GREEN": _green}
     for name, (package, needs) in MODEL_BASED.items():
