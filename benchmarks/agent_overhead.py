@@ -60,7 +60,7 @@ from suwen.evaluate.benchmarks import LoadContext, Sample, load_pubmedqa, load_v
 from suwen.llm.base import ChatReply, LogprobRequest, Message, VisionLanguageModel
 from suwen.tools.cases import ImageSearch
 from suwen.tools.pubmed import TextSearch
-from suwen.types import AgentResult, Hit, TextMethod
+from suwen.types import AgentResult, ImageHit, TextHit, TextMethod
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "agent_overhead.json"
@@ -175,7 +175,7 @@ class TimedText:
         *,
         method: TextMethod = "hybrid",
         exclude_pmids: Collection[str] = (),
-    ) -> list[Hit]:
+    ) -> list[TextHit]:
         with self.clock.timing("search"):
             return self.inner.search(query, k, method=method, exclude_pmids=exclude_pmids)
 
@@ -186,7 +186,7 @@ class TimedImages:
 
     def search_image(
         self, image: Image.Image, k: int = 5, *, exclude_sha256: Collection[str] = ()
-    ) -> list[Hit]:
+    ) -> list[ImageHit]:
         with self.clock.timing("search"):
             return self.inner.search_image(image, k, exclude_sha256=exclude_sha256)
 

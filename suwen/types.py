@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    computed_field,
+    model_serializer,
+)
 
 # How PubMed is searched: dense + BM25 fused (the default), or one of them alone.
 TextMethod = Literal["hybrid", "dense", "bm25"]
@@ -48,41 +54,74 @@ class ImageCase(BaseModel):
     frame: str | None = Field(None, description="Slice/frame label for volumes and series")
 
 
-class Hit(BaseModel):
-    """One search result, text or image, with its provenance."""
+# Every key a hit had in JSON before text and image hits were told apart, in that order. A
+# dumped hit still carries them all (null where they do not apply to its kind), so what batch
+# results, --json output and saved conversations hold keeps its shape.
+_HIT_JSON_KEYS = (
+    *("key", "score", "kind", "index", "source", "text"),
+    *("pmid", "chunk_id", "title", "year", "journal", "page"),
+    *("case_id", "path", "caption", "modality", "body_part", "methods", "found_by"),
+)
+
+
+class HitBase(BaseModel):
+    """What every search result has: its evidence key, score and provenance."""
 
     key: str = Field(description="Evidence key: 'pmid:<PMID>#<chunk>' or 'case:<id>'")
     score: float
-    kind: Literal["text", "image"]
     index: str = Field(description="Index the hit came from")
     source: str = Field("", description="Source file the item was ingested from")
-    text: str = ""
-    # Text hits.
-    pmid: str | None = None
-    chunk_id: str | None = None
-    title: str | None = None
-    year: int | None = None
-    journal: str | None = None
-    page: int | None = None
-    # Image hits.
-    case_id: str | None = None
-    path: str | None = None
-    caption: str | None = None
-    modality: str | None = None
-    body_part: str | None = None
+    text: str = Field("", description="The passage, or the case's caption or report")
     # Which retrievers found it (dense, bm25, image, ...), for the trace.
     methods: list[str] = Field(default_factory=list)
     # Which agent searches found it (a PubMed query, or the image it resembles): provenance.
     found_by: list[str] = Field(default_factory=list)
 
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        row: dict[str, Any] = handler(self)
+        return {key: row.get(key) for key in _HIT_JSON_KEYS}
+
+
+class TextHit(HitBase):
+    """A passage of an article (or a page of a PDF) from a PubMed text index."""
+
+    kind: Literal["text"] = "text"
+    pmid: str
+    chunk_id: str = Field(description="'<PMID>#<chunk>'")
+    title: str | None = None
+    year: int | None = None
+    journal: str | None = None
+    page: int | None = None
+
     def as_search_json(self) -> dict[str, object]:
         """The shape `suwen search ... --json` prints."""
         row: dict[str, object] = {"id": self.key, "score": self.score, "source": self.source}
-        if self.kind == "text":
-            row.update(pmid=self.pmid, title=self.title, text=self.text, page=self.page)
-        else:
-            row.update(path=self.path, caption=self.caption, text=self.text)
-        return row
+        return row | {"pmid": self.pmid, "title": self.title, "text": self.text, "page": self.page}
+
+
+class ImageHit(HitBase):
+    """A similar case from an image index; its ``text`` is the case's caption or report."""
+
+    kind: Literal["image"] = "image"
+    case_id: str
+    path: str = Field(description="The case's image file")
+    modality: str | None = None
+    body_part: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def caption(self) -> str:
+        return self.text
+
+    def as_search_json(self) -> dict[str, object]:
+        """The shape `suwen image search ... --json` prints."""
+        row: dict[str, object] = {"id": self.key, "score": self.score, "source": self.source}
+        return row | {"path": self.path, "caption": self.caption, "text": self.text}
+
+
+# One search result: a passage or a similar case, told apart by ``kind``.
+Hit = Annotated[TextHit | ImageHit, Field(discriminator="kind")]
 
 
 ChangeKind = Literal["new", "resolved", "larger", "smaller", "stable"]
@@ -117,6 +156,20 @@ class Evidence(BaseModel):
     relevance: float = Field(ge=0, le=1)
     quote: str = ""
     kept: bool = True
+
+    def citation(self, number: int) -> Citation:
+        """This evidence cited as ``[number]``."""
+        hit = self.hit
+        text = hit if isinstance(hit, TextHit) else None
+        return Citation(
+            number=number,
+            key=self.key,
+            pmid=text.pmid if text else None,
+            case_id=hit.case_id if isinstance(hit, ImageHit) else None,
+            title=text.title if text else None,
+            quote=self.quote,
+            page=text.page if text else None,
+        )
 
 
 class Citation(BaseModel):

@@ -9,8 +9,8 @@ Knobs (environment, read here only, never by Suwen itself):
     SUWEN_FAKE_TOKEN_DELAY  seconds between streamed answer words (default 0)
     SUWEN_FAKE_NO_INDEXES   "1": both indexes are missing (the agent runs without its tools)
     SUWEN_FAKE_CALL_LOG     file to which one JSON line per streamed answer is appended
-    SUWEN_FAKE_CORPUS       JSON file {"passages": [Hit...], "cases": [[Hit, sha256]...]} served
-                            instead of the built-in corpus (hostile titles, captions, ids)
+    SUWEN_FAKE_CORPUS       JSON file {"passages": [TextHit...], "cases": [[ImageHit, sha256]...]}
+                            served instead of the built-in corpus (hostile titles, captions, ids)
     SUWEN_FAKE_ANSWER       the text every answer is (what a model could write)
 """
 
@@ -27,7 +27,7 @@ from suwen.config import Settings
 from suwen.errors import IndexMissingError
 from suwen.llm.base import Message
 from suwen.runtime import Backends, install_backends
-from suwen.types import Hit
+from suwen.types import ImageHit, TextHit
 from tests.agent_helpers import cases, corpus
 from tests.fake_model import FakeModel
 from tests.fake_search import FakeImageSearch, FakeTextSearch
@@ -69,13 +69,13 @@ def _seconds(name: str) -> float:
     return float(os.environ.get(name, "0") or 0)
 
 
-def _corpus() -> tuple[list[Hit], list[tuple[Hit, str]]]:
+def _corpus() -> tuple[list[TextHit], list[tuple[ImageHit, str]]]:
     path = os.environ.get("SUWEN_FAKE_CORPUS")
     if not path:
         return corpus(), cases()
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    passages = [Hit.model_validate(hit) for hit in data.get("passages", [])]
-    similar = [(Hit.model_validate(hit), str(sha)) for hit, sha in data.get("cases", [])]
+    passages = [TextHit.model_validate(hit) for hit in data.get("passages", [])]
+    similar = [(ImageHit.model_validate(hit), str(sha)) for hit, sha in data.get("cases", [])]
     return passages, similar
 
 

@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from suwen.errors import SuwenError
-from suwen.types import Hit, TextMethod
+from suwen.types import ImageHit, TextHit, TextMethod
 
 
-def text_hit(pmid: str, title: str, text: str, chunk: int = 0, year: int | None = 2020) -> Hit:
-    return Hit(
+def text_hit(pmid: str, title: str, text: str, chunk: int = 0, year: int | None = 2020) -> TextHit:
+    return TextHit(
         key=f"pmid:{pmid}#{chunk}",
         score=0.0,
-        kind="text",
         index="pubmed",
         source="fake.txt",
         text=text,
@@ -28,15 +27,13 @@ def text_hit(pmid: str, title: str, text: str, chunk: int = 0, year: int | None 
     )
 
 
-def case_hit(case_id: str, caption: str) -> Hit:
-    return Hit(
+def case_hit(case_id: str, caption: str) -> ImageHit:
+    return ImageHit(
         key=f"case:{case_id}",
         score=0.0,
-        kind="image",
         index="images",
         text=caption,
         case_id=case_id,
-        caption=caption,
         path=f"/cases/{case_id}.jpg",
         modality="CT",
         body_part="chest",
@@ -52,7 +49,7 @@ def _words(text: str) -> set[str]:
 class FakeTextSearch:
     """Scores passages by words shared with the query; records every call (thread-safe)."""
 
-    passages: list[Hit]
+    passages: list[TextHit]
     fail: SuwenError | None = None
     calls: list[tuple[str, int, str, frozenset[str]]] = field(default_factory=list)
     threads: set[int] = field(default_factory=set)
@@ -65,7 +62,7 @@ class FakeTextSearch:
         *,
         method: TextMethod = "hybrid",
         exclude_pmids: Collection[str] = (),
-    ) -> list[Hit]:
+    ) -> list[TextHit]:
         with self._lock:
             self.calls.append((query, k, method, frozenset(exclude_pmids)))
             self.threads.add(threading.get_ident())
@@ -92,12 +89,12 @@ class FakeTextSearch:
 class FakeImageSearch:
     """Returns its cases in order, skipping those whose image hash is excluded."""
 
-    cases: list[tuple[Hit, str]]  # (hit, sha256 of the case image)
+    cases: list[tuple[ImageHit, str]]  # (hit, sha256 of the case image)
     calls: list[tuple[tuple[int, int], int, frozenset[str]]] = field(default_factory=list)
 
     def search_image(
         self, image: Image.Image, k: int = 5, *, exclude_sha256: Collection[str] = ()
-    ) -> list[Hit]:
+    ) -> list[ImageHit]:
         self.calls.append((image.size, k, frozenset(exclude_sha256)))
         kept = [hit for hit, sha in self.cases if sha not in exclude_sha256]
         return [hit.model_copy(update={"score": 1.0 - i / 10}) for i, hit in enumerate(kept[:k])]

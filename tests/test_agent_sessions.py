@@ -8,13 +8,16 @@ import json
 import logging
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from suwen.agent.graph import SuwenAgent
-from suwen.agent.sessions import open_sessions
+from suwen.agent.sessions import open_sessions, saved_conversations
+from suwen.config import Settings
 from suwen.errors import InputError
-from suwen.types import AgentEvent
+from suwen.types import AgentEvent, ImageHit, TextHit
 from tests.agent_helpers import NODES, QUESTION, corpus, question, settings
 from tests.fake_model import FakeModel
 from tests.fake_search import FakeTextSearch
@@ -72,6 +75,90 @@ def test_chat_resumes_from_disk_in_a_new_agent(
     assert after == [QUESTION, FOLLOW_UP, "Thanks, one last question?"]
     # Our types are on the serializer's allow-list: nothing revived with a warning.
     assert "unregistered type" not in caplog.text and "Blocked" not in caplog.text
+
+
+class _FlatHit(BaseModel):
+    """``suwen.types.Hit`` as conversations saved before text and image hits were told apart
+    hold it: one flat model for both kinds."""
+
+    key: str
+    score: float
+    kind: str
+    index: str
+    text: str = ""
+    pmid: str | None = None
+    chunk_id: str | None = None
+    title: str | None = None
+    case_id: str | None = None
+    path: str | None = None
+    caption: str | None = None
+
+
+class _FlatEvidence(BaseModel):
+    key: str
+    hit: _FlatHit
+    relevance: float
+    quote: str = ""
+    kept: bool = True
+
+
+for _legacy, _name in ((_FlatHit, "Hit"), (_FlatEvidence, "Evidence")):
+    _legacy.__module__, _legacy.__name__, _legacy.__qualname__ = "suwen.types", _name, _name
+
+FLAT_PASSAGE = _FlatHit(
+    key="pmid:111#0", score=0.5, kind="text", index="pubmed", pmid="111", chunk_id="111#0"
+)
+FLAT_CASE = _FlatHit(
+    key="case:c1",
+    score=0.9,
+    kind="image",
+    index="images",
+    text="A case.",
+    case_id="c1",
+    path="/cases/c1.png",
+    caption="A case.",
+)
+
+
+async def _save_flat_hits(config: Settings, thread_id: str) -> None:
+    """Rewrite the thread's checkpoint as a version with one flat Hit type would have saved it
+    (an interrupted run leaves un-reread hits behind)."""
+    async with open_sessions(config) as saver:
+        where: Any = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        saved = await saver.aget_tuple(where)
+        assert saved is not None
+        values = saved.checkpoint["channel_values"]
+        values["evidence"] = [
+            _FlatEvidence(key=hit.key, hit=hit, relevance=0.8) for hit in (FLAT_PASSAGE, FLAT_CASE)
+        ]
+        values["hits"] = [FLAT_PASSAGE]
+        await saver.aput(where, saved.checkpoint, saved.metadata, {})
+
+
+def test_conversation_saved_with_flat_hits_still_loads_and_continues(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = settings(tmp_path)
+
+    async def go() -> tuple[list[Any], list[str], str]:
+        async with open_sessions(config) as saver:
+            await SuwenAgent(config, FakeModel(), None, None, saver).run(question(), thread_id="t")
+        await _save_flat_hits(config, "t")
+        async with open_sessions(config) as saver:
+            agent = SuwenAgent(config, FakeModel(), None, None, saver)
+            state = await agent.graph.aget_state({"configurable": {"thread_id": "t"}})
+            evidence = [item.hit for item in state.values["evidence"]]
+            result = await agent.run(question(FOLLOW_UP), thread_id="t")
+            return evidence, [t.question for t in await agent.history("t")], result.answer
+
+    with caplog.at_level(logging.WARNING):
+        evidence, turns, answer = asyncio.run(go())
+    passage, case = evidence
+    assert isinstance(passage, TextHit) and passage.pmid == "111"
+    assert isinstance(case, ImageHit) and (case.case_id, case.caption) == ("c1", "A case.")
+    assert turns == [QUESTION, FOLLOW_UP] and answer
+    assert [c.first_question for c in asyncio.run(saved_conversations(config))] == [QUESTION]
+    assert "Blocked" not in caplog.text and "reconstruct" not in caplog.text
 
 
 def test_threads_do_not_share_history(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from suwen.tools.cases import similar_cases
 from suwen.tools.pubmed import search_pubmed
-from suwen.types import Hit
+from suwen.types import TextHit
 from tests.agent_helpers import cases, corpus
 from tests.fake_search import FakeImageSearch, FakeTextSearch
 
@@ -26,7 +26,7 @@ def test_search_pubmed_runs_hybrid_in_a_worker_thread() -> None:
 def test_search_pubmed_queries_run_concurrently() -> None:
     searcher = FakeTextSearch(corpus())
 
-    async def three() -> list[list[Hit]]:
+    async def three() -> list[list[TextHit]]:
         queries = ("tension", "chest tube", "diabetes")
         return list(await asyncio.gather(*(search_pubmed(searcher, q, k=2) for q in queries)))
 

@@ -23,7 +23,7 @@ from suwen.evaluate.runner import (
     run_evaluation,
     samples_path,
 )
-from suwen.types import AgentResult, Citation, Evidence, Hit, Question, Route
+from suwen.types import AgentResult, Citation, Evidence, Question, Route, TextHit
 from tests.fake_model import FakeCall, FakeModel, Probs
 
 ABSTAIN = 0.35
@@ -99,7 +99,7 @@ class ScriptedAgent:
                 plain_answer=_wrong(sample),
                 changed=changed if right else None,
             )
-        hit = Hit(key="pmid:1#0", score=1.0, kind="text", index="pubmed", pmid="1")
+        hit = TextHit(key="pmid:1#0", score=1.0, index="pubmed", pmid="1", chunk_id="1#0")
         return AgentResult(
             question=question.text,
             mode="adaptive" if self.adaptive else "agent",

@@ -28,7 +28,7 @@ from suwen.evaluate.runner import (
     samples_path,
 )
 from suwen.llm.base import CallRecord, ChatReply, Message, record_call
-from suwen.types import AgentResult, Citation, Evidence, Hit, Question, TokenUsage
+from suwen.types import AgentResult, Citation, Evidence, Question, TextHit, TokenUsage
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -208,7 +208,7 @@ class FakeAnswerer:
 
     async def __call__(self, question: Question) -> AgentResult:
         self.questions.append(question)
-        hit = Hit(key="pmid:123#0", score=0.9, kind="text", index="pubmed", pmid="123")
+        hit = TextHit(key="pmid:123#0", score=0.9, index="pubmed", pmid="123", chunk_id="123#0")
         return AgentResult(
             question=question.text,
             answer=f"Full answer [1]. {self.short(question)}",

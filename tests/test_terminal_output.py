@@ -38,7 +38,7 @@ from suwen.commands.text_cmds import _print_hits
 from suwen.config import Settings
 from suwen.indexes import store
 from suwen.sanitize import for_terminal
-from suwen.types import AgentResult, Hit
+from suwen.types import AgentResult, ImageHit, TextHit
 from tests.conftest import REPO
 from tests.fake_search import FakeImageSearch, FakeTextSearch, case_hit, text_hit
 from tests.test_ask import Opened
@@ -57,14 +57,14 @@ QUESTION = "Does aspirin help after an ischaemic stroke?"
 SGR = re.compile(r"\x1b\[[0-9;]*m")  # colours and bold: what rich itself writes
 
 
-def hostile_passages() -> list[Hit]:
+def hostile_passages() -> list[TextHit]:
     return [
         text_hit("101", f"{RETRACTED} {MARKUP}", f"Aspirin after ischaemic stroke. {ESCAPES}"),
         text_hit("[/]102", "Ischaemic stroke aspirin [bold red]trial", "Aspirin stroke trial."),
     ]
 
 
-def hostile_cases() -> list[tuple[Hit, str]]:
+def hostile_cases() -> list[tuple[ImageHit, str]]:
     case = case_hit("case[/]7", f"Ischaemic stroke aspirin {MARKUP} {ESCAPES}")
     case = case.model_copy(update={"modality": "[bold red]CT\x1b[31m", "body_part": "[/]head"})
     return [(case, "d" * 64)]

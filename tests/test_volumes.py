@@ -14,7 +14,7 @@ from PIL import Image
 from suwen.errors import InputError
 from suwen.medimage import dicom_series_headers, dicom_slice_values
 from suwen.tools.cases import similar_cases
-from suwen.types import Hit
+from suwen.types import ImageHit
 from suwen.volumes import CT_WINDOWS, ct_window_for, label_of, question_views, source_of
 from tests.agent_helpers import ask, make_agent, question
 from tests.fake_model import FakeModel
@@ -135,7 +135,7 @@ class ViewSearch:
 
     def search_image(
         self, image: Image.Image, k: int = 4, *, exclude_sha256: Collection[str] = ()
-    ) -> list[Hit]:
+    ) -> list[ImageHit]:
         self.seen.append(label_of(image))
         step = len(self.seen)
         return [

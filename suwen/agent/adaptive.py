@@ -82,10 +82,7 @@ def explain_change(question: Question, plain: AgentResult, agent: AgentResult) -
         return None
     answer_text = question.answer_format.options.get(after, after)
     relevance = {item.key: item.relevance for item in agent.evidence}
-    texts = {
-        item.key: f"{item.quote} {item.hit.text or item.hit.caption or ''}"
-        for item in agent.evidence
-    }
+    texts = {item.key: f"{item.quote} {item.hit.text}" for item in agent.evidence}
     ranked = sorted(
         agent.citations,
         key=lambda c: (_mentions(texts.get(c.key, c.quote), answer_text), relevance.get(c.key, 0)),

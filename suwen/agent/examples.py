@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from suwen.errors import InputError
-from suwen.types import Evidence
+from suwen.types import Evidence, ImageHit
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def example_candidates(
     cases = [
         (number, item)
         for number, item in enumerate(numbered, start=1)
-        if item.kept and item.hit.kind == "image" and item.hit.path
+        if item.kept and isinstance(item.hit, ImageHit) and item.hit.path
     ]
     best = sorted(cases, key=lambda pair: pair[1].relevance, reverse=True)[:room]
     return best[::-1]
@@ -48,11 +48,14 @@ def _load(candidates: list[tuple[int, Evidence]]) -> list[CaseExample]:
 
     examples = []
     for number, item in candidates:
+        case = item.hit
+        if not isinstance(case, ImageHit):
+            continue
         try:
-            image = load_image(Path(item.hit.path or ""))
+            image = load_image(Path(case.path))
         except InputError:
             continue  # a case image moved or broken since indexing: its caption still counts
-        examples.append(CaseExample(number, item.hit.case_id or item.key, image))
+        examples.append(CaseExample(number, case.case_id, image))
     return examples
 
 

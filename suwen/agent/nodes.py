@@ -42,7 +42,7 @@ from suwen.models import local_copy
 from suwen.sanitize import register_model
 from suwen.tools.cases import ImageSearch, similar_cases
 from suwen.tools.pubmed import TextSearch, search_pubmed
-from suwen.types import AgentEvent, Citation, Evidence, Findings, Hit, Question
+from suwen.types import AgentEvent, Evidence, Findings, Hit, Question
 
 Emit = Callable[[AgentEvent], None]
 NodeName = Literal["look", "plan", "retrieve", "reread", "decide", "answer", "verify", "assess"]
@@ -180,10 +180,10 @@ class AgentNodes:
 
     def _searches(
         self, state: AgentState, context: RunContext, queries: list[str]
-    ) -> tuple[list[Awaitable[list[Hit]]], list[str]]:
+    ) -> tuple[list[Awaitable[Sequence[Hit]]], list[str]]:
         """The searches this round runs, and notes on the tools that are absent."""
         question: Question = state["question"]
-        searches: list[Awaitable[list[Hit]]] = []
+        searches: list[Awaitable[Sequence[Hit]]] = []
         notes: list[str] = []
         first_round = state.get("round", 0) == 0
         if context.images and first_round:
@@ -219,7 +219,7 @@ class AgentNodes:
         queries = [q for q in state.get("queries", []) if q not in searched]
         searches, notes = self._searches(state, context, queries)
         results = await asyncio.gather(*searches, return_exceptions=True)
-        batches: list[list[Hit]] = []
+        batches: list[Sequence[Hit]] = []
         failures: list[str] = []
         for result in results:
             if isinstance(result, SEARCH_FAILURES):
@@ -251,7 +251,7 @@ class AgentNodes:
         except ModelError:
             return None
         kept = reply.relevance >= self.settings.relevance_threshold
-        quote = grounded_quote(reply.quote, hit.text or hit.caption or "")
+        quote = grounded_quote(reply.quote, hit.text)
         return Evidence(key=hit.key, hit=hit, relevance=reply.relevance, quote=quote, kept=kept)
 
     async def reread(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
@@ -374,7 +374,7 @@ class AgentNodes:
         numbered = state.get("numbered", [])
         by_key = {item.key: item for item in state.get("evidence", [])}
         checked = check_citations(state.get("draft", ""), len(numbered))
-        citations = [_citation(n, by_key[numbered[n - 1]]) for n in checked.cited]
+        citations = [by_key[numbered[n - 1]].citation(n) for n in checked.cited]
         unsupported = uncited_claims(checked.text)
         supported = bool(citations) and not unsupported
         question = state["question"]
@@ -420,19 +420,6 @@ class AgentNodes:
             return Step({"confidence": measured}, f"confidence unknown: {measured.note}", True)
         message = f"confidence {measured.value:.2f} ({measured.source}, uncalibrated)"
         return Step({"confidence": measured}, message)
-
-
-def _citation(number: int, item: Evidence) -> Citation:
-    hit = item.hit
-    return Citation(
-        number=number,
-        key=item.key,
-        pmid=hit.pmid,
-        case_id=hit.case_id,
-        title=hit.title,
-        quote=item.quote,
-        page=hit.page,
-    )
 
 
 # -- routing ------------------------------------------------------------------------------

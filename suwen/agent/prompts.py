@@ -190,7 +190,7 @@ def describe_hit(hit: Hit) -> str:
 
 
 def hit_body(hit: Hit) -> str:
-    return _clip(for_prompt(hit.text or hit.caption or ""), MAX_PASSAGE_CHARS)
+    return _clip(for_prompt(hit.text), MAX_PASSAGE_CHARS)
 
 
 def evidence_block(items: Sequence[tuple[str, Hit]], fence: Fence | None = None) -> str:

@@ -32,7 +32,6 @@ from suwen.privacy import no_tracing
 from suwen.types import (
     AgentEvent,
     AgentResult,
-    Citation,
     DraftReport,
     Evidence,
     Question,
@@ -186,26 +185,13 @@ async def _write(
         findings=region_findings(sections.get("findings", "")),
         impression=sections.get("impression", ""),
         text=checked.text,
-        citations=[_cited(n, numbered[n - 1]) for n in checked.cited],
+        citations=[numbered[n - 1].citation(n) for n in checked.cited],
         evidence=state.get("evidence", []),
         unsupported_sentences=uncited_claims(claims),
         removed_citations=checked.removed,
         reading=state.get("findings"),
         trace=trace,
         degraded=any(event.degraded for event in trace),
-    )
-
-
-def _cited(number: int, item: Evidence) -> Citation:
-    hit = item.hit
-    return Citation(
-        number=number,
-        key=item.key,
-        pmid=hit.pmid,
-        case_id=hit.case_id,
-        title=hit.title,
-        quote=item.quote,
-        page=hit.page,
     )
 
 

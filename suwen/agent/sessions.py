@@ -44,9 +44,17 @@ CREATE TABLE IF NOT EXISTS suwen_transcripts (
 )"""
 
 
+# Conversations saved before text and image hits were told apart hold ``suwen.types.Hit``
+# objects (one flat model, now the TextHit | ImageHit union). Allowed here, they come back as
+# the data they were saved as, without a warning (the union cannot be called to rebuild one):
+# inside evidence that data validates into a TextHit or an ImageHit; a bare list of them is
+# per-question scratch that the next question resets (tests/test_agent_sessions.py).
+_SAVED_BEFORE_HIT_KINDS = ("suwen.types", "Hit")
+
+
 def session_serializer() -> JsonPlusSerializer:
     """Checkpoint serde that revives only the agent's own types (and never unpickles)."""
-    return JsonPlusSerializer(allowed_msgpack_modules=list(CHECKPOINT_TYPES))
+    return JsonPlusSerializer(allowed_msgpack_modules=[*CHECKPOINT_TYPES, _SAVED_BEFORE_HIT_KINDS])
 
 
 @asynccontextmanager

@@ -22,7 +22,9 @@ from suwen.types import (
     Findings,
     GraphMode,
     Hit,
+    ImageHit,
     Question,
+    TextHit,
     TraceEvent,
 )
 
@@ -91,7 +93,8 @@ CHECKPOINT_TYPES: tuple[type[BaseModel], ...] = (
     Question,
     Turn,
     Findings,
-    Hit,
+    TextHit,
+    ImageHit,
     Evidence,
     Citation,
     TraceEvent,

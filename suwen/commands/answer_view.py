@@ -31,7 +31,7 @@ from suwen.commands.common import (
 from suwen.commands.comparison_view import comparison_lines, comparison_table
 from suwen.commands.confidence_view import abstention_notice, confidence_line, route_lines
 from suwen.sanitize import for_terminal
-from suwen.types import AgentResult, Citation, Evidence, Hit
+from suwen.types import AgentResult, Citation, Evidence, Hit, ImageHit, TextHit
 
 QUOTE_PREVIEW = 160
 
@@ -49,29 +49,38 @@ class EvidenceEntry:
     citation: Citation | None = None
 
     @property
+    def passage(self) -> TextHit | None:
+        return self.hit if isinstance(self.hit, TextHit) else None
+
+    @property
+    def case(self) -> ImageHit | None:
+        return self.hit if isinstance(self.hit, ImageHit) else None
+
+    @property
     def is_case(self) -> bool:
-        return (self.hit is not None and self.hit.kind == "image") or self.key.startswith("case:")
+        return self.case is not None or self.key.startswith("case:")
 
     @property
     def source_label(self) -> str:
-        hit, citation = self.hit, self.citation
+        passage, case, citation = self.passage, self.case, self.citation
         if self.is_case:
-            case_id = (hit and hit.case_id) or (citation and citation.case_id) or self.key
+            case_id = (case and case.case_id) or (citation and citation.case_id) or self.key
             return f"case {case_id}"
-        pmid = (hit and hit.pmid) or (citation and citation.pmid)
-        page = (hit and hit.page) or (citation and citation.page)
+        pmid = (passage and passage.pmid) or (citation and citation.pmid)
+        page = (passage and passage.page) or (citation and citation.page)
         label = f"PMID {pmid}" if pmid else self.key
         return f"{label} p.{page}" if page else label
 
     @property
     def title(self) -> str:
+        passage, citation = self.passage, self.citation
         if self.is_case:
-            return (self.hit and self.hit.caption) or ""
-        return (self.hit and self.hit.title) or (self.citation and self.citation.title) or ""
+            return (self.case and self.case.caption) or ""
+        return (passage and passage.title) or (citation and citation.title) or ""
 
     @property
     def year(self) -> int | None:
-        return self.hit.year if self.hit else None
+        return self.passage.year if self.passage else None
 
 
 def numbered_evidence(result: AgentResult) -> list[EvidenceEntry]:
@@ -156,7 +165,7 @@ def evidence_table(entries: list[EvidenceEntry], *, title: str = "Evidence") -> 
 
 
 def similar_cases_table(entries: list[EvidenceEntry]) -> Table | None:
-    cases = [entry for entry in entries if entry.is_case and entry.hit is not None]
+    cases = [(entry.number, entry.case) for entry in entries if entry.case is not None]
     if not cases:
         return None
     table = Table(title="Similar cases", title_justify="left", expand=True)
@@ -164,16 +173,22 @@ def similar_cases_table(entries: list[EvidenceEntry]) -> Table | None:
     table.add_column("case", no_wrap=True)
     table.add_column("caption", ratio=3, overflow="fold")
     table.add_column("modality", no_wrap=True)
-    for entry in cases:
-        hit = entry.hit
-        assert hit is not None
+    for number, case in cases:
         table.add_row(
-            str(entry.number),
-            literal_line(hit.case_id or entry.key),
-            literal_line(hit.caption or ""),
-            literal_line(hit.modality or ""),
+            str(number),
+            literal_line(case.case_id),
+            literal_line(case.caption),
+            literal_line(case.modality or ""),
         )
     return table
+
+
+def _hit_details(hit: Hit) -> list[tuple[str, object]]:
+    if isinstance(hit, TextHit):
+        own: list[tuple[str, object]] = [("year", hit.year), ("journal", hit.journal)]
+    else:
+        own = [("modality", hit.modality), ("body part", hit.body_part), ("image", hit.path)]
+    return [*own, ("index", hit.index), ("file", hit.source)]
 
 
 def evidence_detail(entry: EvidenceEntry) -> Panel:
@@ -187,15 +202,7 @@ def evidence_detail(entry: EvidenceEntry) -> Panel:
     if entry.title:
         rows.add_row("caption" if entry.is_case else "title", literal_line(entry.title))
     if hit is not None:
-        for label, value in (
-            ("year", hit.year),
-            ("journal", hit.journal),
-            ("modality", hit.modality),
-            ("body part", hit.body_part),
-            ("image", hit.path),
-            ("index", hit.index),
-            ("file", hit.source),
-        ):
+        for label, value in _hit_details(hit):
             if value:
                 rows.add_row(label, literal_line(value))
     if entry.relevance is not None:

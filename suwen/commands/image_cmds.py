@@ -24,7 +24,7 @@ from suwen.commands.common import (
 )
 from suwen.commands.index import index_app, search_app
 from suwen.errors import IndexDamagedError, SuwenError
-from suwen.types import Hit
+from suwen.types import ImageHit
 
 if TYPE_CHECKING:
     from suwen.indexes import image_sources
@@ -153,7 +153,7 @@ def search_image(
     _print_cases(path, searcher.name, hits)
 
 
-def _print_cases(path: Path, index: str, hits: list[Hit]) -> None:
+def _print_cases(path: Path, index: str, hits: list[ImageHit]) -> None:
     table = Table(title=literal_line(f"cases like {path.name} in {index}"))
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
@@ -161,13 +161,13 @@ def _print_cases(path: Path, index: str, hits: list[Hit]) -> None:
     table.add_column("caption")
     table.add_column("path", overflow="fold")
     for rank, hit in enumerate(hits, start=1):
-        caption = hit.caption or ""
+        caption = hit.caption
         table.add_row(
             str(rank),
             f"{hit.score:.3f}",
-            literal_line(hit.case_id or ""),
+            literal_line(hit.case_id),
             literal_line(caption if len(caption) <= 120 else caption[:117] + "..."),
-            literal_line(hit.path or ""),
+            literal_line(hit.path),
         )
     console.print(table)
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from suwen.indexes.text_index import IngestProgress, IngestReport
     from suwen.indexes.text_sources import SourceFormat
     from suwen.retrieval.text import Method
-    from suwen.types import Hit
+    from suwen.types import TextHit
 
 FORMATS = ("pubmed-xml", "pubtator", "jsonl", "pubmedqa", "pdf")
 
@@ -161,7 +161,7 @@ def search_text(
     _print_hits(query, hits)
 
 
-def _print_hits(query: str, hits: list[Hit]) -> None:
+def _print_hits(query: str, hits: list[TextHit]) -> None:
     if not hits:
         console.print(literal_line(f"no hits for {query!r}"))
         return
@@ -177,7 +177,7 @@ def _print_hits(query: str, hits: list[Hit]) -> None:
         table.add_row(
             str(rank),
             f"{hit.score:.3f}",
-            literal_line(hit.pmid or ""),
+            literal_line(hit.pmid),
             str(hit.year or ""),
             Text.assemble(literal_line(hit.title or "", "bold"), page, "\n", literal_line(snippet)),
         )

@@ -19,7 +19,7 @@ from suwen.indexes import store, vectors
 from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
 from suwen.indexes.image_store import ImageRow, ImageStore
 from suwen.models import resolve_query_encoder
-from suwen.types import Hit
+from suwen.types import ImageHit
 
 
 class ImageSearcher:
@@ -57,13 +57,13 @@ class ImageSearcher:
 
     def search_image(
         self, image: Image.Image, k: int = 5, *, exclude_sha256: Collection[str] = ()
-    ) -> list[Hit]:
+    ) -> list[ImageHit]:
         """The ``k`` cases most similar to ``image``, best first, one hit per case; cases whose
         file hash is in ``exclude_sha256`` (e.g. the query image itself) are left out."""
         query = self.encoder.encode_images([image])
         return self._search(query, k, frozenset(exclude_sha256), method="image")
 
-    def search_text(self, query: str, k: int = 5) -> list[Hit]:
+    def search_text(self, query: str, k: int = 5) -> list[ImageHit]:
         """The ``k`` cases whose images best match ``query`` through the CLIP text tower."""
         if not query.strip():
             raise InputError("empty query: give words to search the images with")
@@ -76,7 +76,7 @@ class ImageSearcher:
 
     def _search(
         self, query: vectors.FloatArray, k: int, exclude: frozenset[str], method: str
-    ) -> list[Hit]:
+    ) -> list[ImageHit]:
         if k <= 0 or self.size == 0:
             return []
         # Several frames per case and excluded files take slots: fetch more until k cases.
@@ -89,10 +89,10 @@ class ImageSearcher:
 
     def _collect(
         self, query: vectors.FloatArray, fetch: int, k: int, exclude: frozenset[str], method: str
-    ) -> list[Hit]:
+    ) -> list[ImageHit]:
         scores, ids = self._store.vectors.search(query, fetch)
         rows = self._rows([int(i) for i in ids[0] if i >= 0])
-        hits: dict[str, Hit] = {}
+        hits: dict[str, ImageHit] = {}
         for score, vector_id in zip(scores[0], ids[0], strict=True):
             row = rows.get(int(vector_id))
             if row is None or row.sha256 in exclude or row.case_id in hits:
@@ -106,17 +106,15 @@ class ImageSearcher:
         with self._db_lock:
             return self._store.rows(ids)
 
-    def _hit(self, row: ImageRow, score: float, method: str) -> Hit:
-        return Hit(
+    def _hit(self, row: ImageRow, score: float, method: str) -> ImageHit:
+        return ImageHit(
             key=f"case:{row.case_id}",
             score=score,
-            kind="image",
             index=self.name,
             source=row.source or "",
             text=row.caption,
             case_id=row.case_id,
             path=row.path,
-            caption=row.caption,
             modality=row.modality,
             body_part=row.body_part,
             methods=[method],

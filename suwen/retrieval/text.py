@@ -27,7 +27,7 @@ from suwen.indexes.text_store import ChunkRow, TextStore
 from suwen.models import resolve_query_encoder
 from suwen.retrieval.bm25 import STOPWORDS, Bm25Searcher, query_words
 from suwen.retrieval.fusion import Normaliser, linear_fusion, reciprocal_rank_fusion
-from suwen.types import Hit, TextMethod
+from suwen.types import TextHit, TextMethod
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -169,7 +169,7 @@ class TextSearcher:
         *,
         method: Method = "hybrid",
         exclude_pmids: Collection[str] = (),
-    ) -> list[Hit]:
+    ) -> list[TextHit]:
         """The ``k`` best articles for ``query``, one hit (best chunk) each.
 
         ``exclude_pmids`` are never returned (benchmarks exclude the question's own source).
@@ -202,7 +202,7 @@ class TextSearcher:
 
     def _hits(
         self, ranked: Sequence[tuple[int, float]], lists: dict[str, list[Candidate]]
-    ) -> list[Hit]:
+    ) -> list[TextHit]:
         rows = self._rows([chunk_id for chunk_id, _ in ranked])
         members = {name: {c.chunk_id for c in found} for name, found in lists.items()}
         return [
@@ -226,7 +226,7 @@ class TextSearcher:
 
     # -- reranking ----------------------------------------------------------------------------
 
-    def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+    def _rerank(self, query: str, hits: list[TextHit]) -> list[TextHit]:
         if not hits:
             return hits
         pairs = [(query, embedding_text(hit.title or "", hit.text)) for hit in hits]
@@ -274,11 +274,10 @@ def _best_chunk_per_article(
     return best
 
 
-def _hit(row: ChunkRow, score: float, index: str, methods: list[str]) -> Hit:
-    return Hit(
+def _hit(row: ChunkRow, score: float, index: str, methods: list[str]) -> TextHit:
+    return TextHit(
         key=f"pmid:{row.pmid}#{row.chunk_no}",
         score=score,
-        kind="text",
         index=index,
         source=row.source,
         text=row.text,

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from suwen.types import Hit
+from suwen.types import ImageHit
 
 
 class ImageSearch(Protocol):
@@ -20,7 +20,7 @@ class ImageSearch(Protocol):
 
     def search_image(
         self, image: Image.Image, k: int = ..., *, exclude_sha256: Collection[str] = ...
-    ) -> list[Hit]: ...
+    ) -> list[ImageHit]: ...
 
 
 def _search_each(
@@ -28,13 +28,13 @@ def _search_each(
     images: Sequence[tuple[str, Image.Image]],
     k: int,
     exclude_sha256: frozenset[str],
-) -> list[Hit]:
+) -> list[ImageHit]:
     """Each source's best ``k`` cases: a volume's views are searched one by one and a case
     scores its best match over them (suwen.volumes labels a view with its source file)."""
     from suwen.studies import role_of
     from suwen.volumes import source_of
 
-    groups: dict[str, dict[str, Hit]] = {}
+    groups: dict[str, dict[str, ImageHit]] = {}
     for label, image in images:
         if role_of(image) == "prior":
             continue  # similar cases are sought for the study being read now
@@ -42,7 +42,7 @@ def _search_each(
         for hit in searcher.search_image(image, k, exclude_sha256=exclude_sha256):
             if hit.key not in best or hit.score > best[hit.key].score:
                 best[hit.key] = hit.model_copy(update={"found_by": [f"similar to {label}"]})
-    hits: list[Hit] = []
+    hits: list[ImageHit] = []
     for best in groups.values():
         hits.extend(sorted(best.values(), key=lambda hit: hit.score, reverse=True)[:k])
     return hits
@@ -54,7 +54,7 @@ async def similar_cases(
     *,
     k: int,
     exclude_sha256: Collection[str] = (),
-) -> list[Hit]:
+) -> list[ImageHit]:
     """Indexed cases that look like each ``(label, image)``; hits carry ``found_by``."""
     if not images or k <= 0:
         return []

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Collection
 from typing import Protocol
 
-from suwen.types import Hit, TextMethod
+from suwen.types import TextHit, TextMethod
 
 
 class TextSearch(Protocol):
@@ -24,7 +24,7 @@ class TextSearch(Protocol):
         *,
         method: TextMethod = ...,
         exclude_pmids: Collection[str] = ...,
-    ) -> list[Hit]: ...
+    ) -> list[TextHit]: ...
 
 
 async def search_pubmed(
@@ -34,7 +34,7 @@ async def search_pubmed(
     k: int,
     exclude_pmids: Collection[str] = (),
     method: TextMethod = "hybrid",
-) -> list[Hit]:
+) -> list[TextHit]:
     """Search for ``query`` (hybrid dense + BM25 unless told); hits carry ``found_by=[query]``."""
     excluded = frozenset(exclude_pmids)
     hits = await asyncio.to_thread(searcher.search, query, k, method=method, exclude_pmids=excluded)
