@@ -9,7 +9,6 @@ saved conversations is ``suwen.agent.sessions``'s business.
 
 from __future__ import annotations
 
-import os
 import shlex
 import uuid
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Protocol
 from suwen.agent.sessions import record_transcript
 from suwen.agent.state import Turn
 from suwen.errors import InputError
+from suwen.files import atomic_write_text
 from suwen.medimage import load_image
 from suwen.types import AgentEvent, AgentResult, Mode, Question
 
@@ -168,16 +168,8 @@ def write_atomically(path: Path, text: str) -> Path:
         raise InputError(f"{path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise InputError(f"{path.parent}: no such folder")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        # Owner-only from the start: a transcript holds what was asked about a patient.
-        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        atomic_write_text(path, text)  # owner-only: a transcript holds what was asked
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     return path

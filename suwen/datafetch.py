@@ -26,6 +26,7 @@ from urllib.parse import urljoin
 import httpx
 
 from suwen.errors import SuwenError
+from suwen.files import atomic_write_json, fsync_dir
 
 MEDCPT_URL = "https://ftp.ncbi.nlm.nih.gov/pub/lu/MedCPT/pubmed_embeddings/"
 BASELINE_URL = "https://ftp.ncbi.nlm.nih.gov/pubmed/baseline/"
@@ -180,6 +181,7 @@ def _download(
                 raise DataFetchError(f"{item.url}: {_one_line(exc)} ({RETRIES} retries)") from exc
     _verify_part(item, part)
     part.replace(final)
+    fsync_dir(folder)
     status: Status = "refetched" if refetch else "resumed" if resumed else "fetched"
     return FileResult(item.name, status, item.size, _checked_by(item))
 
@@ -261,10 +263,7 @@ def _load_state(folder: Path) -> dict[str, dict[str, object]]:
 
 
 def _save_state(folder: Path, state: dict[str, dict[str, object]]) -> None:
-    path = folder / STATE_FILE
-    staging = path.with_name(f"{STATE_FILE}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    staging.replace(path)
+    atomic_write_json(folder / STATE_FILE, state, indent=1)
 
 
 def _part_size(folder: Path, item: RemoteFile) -> int:

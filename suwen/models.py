@@ -33,6 +33,7 @@ from suwen.config import (
     Settings,
 )
 from suwen.errors import IndexMismatchError, SuwenError
+from suwen.files import atomic_write_text
 from suwen.indexes.store import IndexManifest
 
 LINGSHU_32B = "lingshu-medical-mllm/Lingshu-32B"
@@ -328,13 +329,7 @@ def _missing_bytes(target: Path, files: list[str], sizes: dict[str, int]) -> int
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    staging.replace(path)
+    atomic_write_text(path, text)
 
 
 def _human(size: float) -> str:

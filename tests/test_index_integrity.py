@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from suwen import files
 from suwen.indexes import store
 from suwen.indexes.compressed import EXACT_FILE
 from suwen.indexes.image_store import IMAGES_DB
@@ -314,7 +315,7 @@ def test_publishing_fsyncs_the_version_and_its_parent_around_current(
     version = root / "v000001"
     version.mkdir(parents=True)
     synced: list[str] = []
-    real_fsync_dir = store._fsync_dir
+    real_fsync_dir = files.fsync_dir
     real_replace = Path.replace
 
     def fsync_dir(path: Path) -> None:
@@ -326,7 +327,8 @@ def test_publishing_fsyncs_the_version_and_its_parent_around_current(
             synced.append("CURRENT moves")
         return real_replace(self, target)
 
-    monkeypatch.setattr(store, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(store, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)  # the rename of CURRENT is one write
     monkeypatch.setattr(Path, "replace", replace)
     store.publish(root, version)
     assert synced == ["v000001", "idx", "CURRENT moves", "idx"]

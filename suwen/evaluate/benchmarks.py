@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from suwen.agent.prompts import REPORT_TASK
 from suwen.errors import InputError, SuwenError
 from suwen.evaluate import prompts
+from suwen.files import atomic_write_bytes
 from suwen.types import AnswerFormat, Question
 
 Kind = Literal["choice", "yes_no", "closed", "open", "report"]
@@ -212,9 +213,7 @@ def _store_image(value: Any, cache: Path) -> tuple[str, str]:
     target = cache / f"{digest}{suffix}"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        atomic_write_bytes(target, data)
     return str(target), digest
 
 

@@ -18,9 +18,7 @@ model id and Suwen version they belong to; a file for another model is not appli
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from suwen import __version__
 from suwen.errors import InputError
+from suwen.files import atomic_write_json
 
 ECE_BINS = 15
 COVERAGES = (0.8, 0.9, 0.95)
@@ -335,12 +334,5 @@ def save_calibration(home: Path, calibration: CalibrationFile) -> Path:
     """Write the file privately (0600) and atomically."""
     path = calibration_path(home)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(calibration.model_dump(mode="json"), indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    atomic_write_json(path, calibration.model_dump(mode="json"))
     return path

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from suwen.files import atomic_path
+
 MARKER_AREA = 400.0  # marker area of a bin holding every answer
 
 
@@ -24,11 +26,10 @@ def _slug(name: str) -> str:
 def _save(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".part")
     figure.tight_layout()
-    figure.savefig(tmp, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
-    tmp.replace(path)
 
 
 def reliability_diagram(name: str, modes: dict[str, Any], path: Path) -> None:

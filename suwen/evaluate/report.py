@@ -42,6 +42,7 @@ from suwen.evaluate.runner import (
     samples_path,
 )
 from suwen.evaluate.stats import compare
+from suwen.files import atomic_path, atomic_write_json, atomic_write_text
 
 # Lingshu-7B's published plain-model accuracies (%), as the MedEvalKit README shows them
 # (assets/mm_eval.png and assets/text_eval.png, updated 2025-08-18; README at commit 9b12e3b).
@@ -978,17 +979,10 @@ def render_chart(metrics: dict[str, Any], path: Path) -> bool:
     axes.set_ylim(0, 100)
     axes.legend()
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".part")
-    figure.savefig(tmp, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
-    tmp.replace(path)
     return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def write_report(out: Path) -> dict[str, Any]:
@@ -996,7 +990,7 @@ def write_report(out: Path) -> dict[str, Any]:
     metrics = build_metrics(out)
     chart = "chart.png" if render_chart(metrics, out / "chart.png") else None
     plots = confidence_plots(metrics, out)
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out / "report.md", render_markdown(metrics, chart, plots))
-    _write_atomic(out / "report.html", render_html(metrics, chart, plots))
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "report.md", render_markdown(metrics, chart, plots))
+    atomic_write_text(out / "report.html", render_html(metrics, chart, plots))
     return metrics

@@ -42,6 +42,7 @@ from suwen.evaluate.benchmarks import Benchmark, Sample, benchmark_named, load_b
 from suwen.evaluate.calibration import is_dev
 from suwen.evaluate.confidence_eval import AnswerJudgement, judgement_of
 from suwen.filelock import single_writer
+from suwen.files import atomic_path, atomic_write_json
 from suwen.llm.base import CallRecord, Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
 from suwen.medimage import load_image, sha256_of
@@ -367,9 +368,8 @@ def blank_image_file(path: str, folder: Path) -> str:
     if not target.exists():
         size = load_image(source).size
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        Image.new("RGB", size, (0, 0, 0)).save(tmp, format="PNG")
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            Image.new("RGB", size, (0, 0, 0)).save(tmp, format="PNG")
     return str(target)
 
 
@@ -866,12 +866,6 @@ SCORING_OPTIONS = (
 )
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def _option_value(config: EvalConfig, option: str) -> Any:
     value = getattr(config, option)
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
@@ -905,7 +899,7 @@ def record_run(
         "selections": selections,
         "provenance": provenance or {},
     }
-    _write_json_atomic(path, record)
+    atomic_write_json(path, record)
 
 
 def load_selected(config: EvalConfig, cache_dir: Path) -> dict[str, list[Sample]]:

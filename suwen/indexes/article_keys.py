@@ -10,7 +10,6 @@ read from SQLite only for the ``k`` hits that are shown.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from suwen.errors import IndexDamagedError
+from suwen.files import atomic_path
 from suwen.indexes import file_checks
 
 if TYPE_CHECKING:
@@ -46,12 +46,8 @@ def compute(text_rows: TextRows) -> KeyArray:
 def write(text_rows: TextRows, directory: Path) -> None:
     """Write the keys of the version's chunks into the version being built (atomically)."""
     keys = compute(text_rows)
-    partial = directory / f".{ARTICLE_KEYS}.partial"
-    with partial.open("wb") as handle:
+    with atomic_path(directory / ARTICLE_KEYS) as partial, partial.open("wb") as handle:
         np.save(handle, keys, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(directory / ARTICLE_KEYS)
 
 
 def load(directory: Path, chunks: int) -> KeyArray:

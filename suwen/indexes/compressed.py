@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from suwen.errors import IndexDamagedError, IndexMismatchError, InputError, SuwenError
+from suwen.files import atomic_path, atomic_write_json
 from suwen.indexes import file_checks, vectors
 from suwen.indexes.vectors import FloatArray, IdArray, normalise
 
@@ -280,7 +281,7 @@ class CompressedParams:
         return params
 
     def write(self, path: Path) -> None:
-        _atomic_write_text(path, json.dumps(asdict(self), indent=2))
+        atomic_write_json(path, asdict(self))
 
 
 def _pq_m(dim: int) -> int:
@@ -947,17 +948,5 @@ class AppendableArray:
 
 
 def _write_faiss(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from suwen.errors import InputError
+from suwen.files import atomic_path, atomic_write_bytes
 from suwen.medimage import is_image_path
 
 DATASET_SUFFIXES = (".parquet", ".arrow")
@@ -88,19 +88,14 @@ def extract_dataset(
     returns the manifest and how many rows it names. Rows are read ``BATCH_ROWS`` at a time."""
     target.mkdir(parents=True, exist_ok=True)
     manifest = target / MANIFEST_NAME
-    staging = target / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     written = 0
-    try:
-        with staging.open("w", encoding="utf-8") as out:
-            for file in dataset_files(source):
-                for number, row in _rows(file, columns):
-                    line = _manifest_row(file, number, row, columns, target, warn)
-                    if line is not None:
-                        out.write(json.dumps(line) + "\n")
-                        written += 1
-        staging.replace(manifest)
-    finally:
-        staging.unlink(missing_ok=True)  # only left when the run failed
+    with atomic_path(manifest) as staging, staging.open("w", encoding="utf-8") as out:
+        for file in dataset_files(source):
+            for number, row in _rows(file, columns):
+                line = _manifest_row(file, number, row, columns, target, warn)
+                if line is not None:
+                    out.write(json.dumps(line) + "\n")
+                    written += 1
     if not written:
         raise InputError(f"{source}: no row holds a usable image in column {columns.image!r}")
     return manifest, written
@@ -208,9 +203,7 @@ def _image_file(cell: Any, base: Path, target: Path, where: str, warn: WarnFn) -
     path = target / "images" / digest[:2] / f"{digest}{suffix}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_bytes(data)
-        staging.replace(path)
+        atomic_write_bytes(path, data)
     return path
 
 

@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from suwen.config import MEDCPT_ARTICLE, QUERY_ENCODER_OF, Settings
 from suwen.errors import IndexMismatchError, InputError, SuwenError
+from suwen.files import atomic_write_json
 from suwen.indexes import bm25, compressed, store
 from suwen.indexes.compressed import CompressedStore, VectorStore
 from suwen.indexes.text_index import finish_rows
@@ -354,7 +355,7 @@ class _Import:
         return data
 
     def _write_plan(self, data: dict[str, Any]) -> None:
-        store.dump_json(self.staging / PLAN_FILE, data)
+        atomic_write_json(self.staging / PLAN_FILE, data)
 
     def _prepare_staging(self) -> None:
         """Resume the staging directory, or start one (from the live version, if any)."""
@@ -384,7 +385,7 @@ class _Import:
         else:
             fresh.mkdir(parents=True)
         TextRows.create(fresh, medcpt_progress=True).close()
-        store.dump_json(fresh / PLAN_FILE, fresh_plan)
+        atomic_write_json(fresh / PLAN_FILE, fresh_plan)
         fresh.rename(self.staging)  # the staging exists only once it is complete
 
     def _check_live(self, manifest: store.IndexManifest) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from suwen.errors import IndexDamagedError, IndexMissingError, InputError
+from suwen.files import atomic_write_text, fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -264,24 +264,6 @@ def build_lock(indexes_dir: Path, name: str) -> Iterator[None]:
         yield
 
 
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")):
-        if item.is_file():
-            with item.open("rb") as handle:
-                os.fsync(handle.fileno())
-        elif item.is_dir():
-            _fsync_dir(item)
-    _fsync_dir(path)
-
-
 def _next_version_name(root: Path) -> str:
     numbers = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
     return f"v{max(numbers, default=0) + 1:06d}"
@@ -337,7 +319,7 @@ def publish_staging(root: Path, staging: Path) -> Path:
     """Seal a finished staging directory, make it durable, rename it to the next version and
     make that the live one; the version's path."""
     seal(staging)
-    _fsync_tree(staging)
+    fsync_tree(staging)
     final = root / _next_version_name(root)
     staging.rename(final)
     publish(root, final)
@@ -349,14 +331,9 @@ def publish(root: Path, version: Path) -> None:
 
     The version and the index directory are fsynced before ``CURRENT`` moves (so the renamed
     version is on disk before anything points at it) and after (so the new pointer is)."""
-    _fsync_dir(version)
-    _fsync_dir(root)
-    pointer = root / f".{CURRENT}.tmp-{os.getpid()}"
-    pointer.write_text(version.name + "\n", encoding="utf-8")
-    with pointer.open("rb") as handle:
-        os.fsync(handle.fileno())
-    pointer.replace(root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(version)
+    fsync_dir(root)
+    atomic_write_text(root / CURRENT, version.name + "\n")  # fsyncs root again after the rename
     log.info("index %s: published %s", root.name, version.name)
     for old in root.glob("v[0-9]*"):
         if old != version:
@@ -364,13 +341,4 @@ def publish(root: Path, version: Path) -> None:
 
 
 def write_manifest(version: Path, manifest: IndexManifest) -> None:
-    tmp = version / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
-    tmp.replace(version / MANIFEST)
-
-
-def dump_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(version / MANIFEST, manifest.model_dump_json(indent=2))

@@ -19,7 +19,6 @@ it cannot be made, queries use PyTorch with the frozen trace below.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 
 from suwen.config import Settings
 from suwen.errors import ModelError
+from suwen.files import atomic_write_text
 from suwen.indexes import onnx_encoder
 from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder
 from suwen.indexes.vectors import FloatArray, normalise
@@ -344,6 +344,4 @@ def onnx_query_encoder(settings: Settings) -> OnnxQueryEncoder | None:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    atomic_write_text(path, text)

@@ -34,6 +34,7 @@ import httpx
 from suwen import privacy
 from suwen.config import Settings, refused_vllm_flag
 from suwen.errors import InputError, ServerError
+from suwen.files import atomic_write_json
 from suwen.llm.client import VLLMClient
 
 VLLM_ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
@@ -650,11 +651,7 @@ def write_server_record(settings: Settings, pid: int, command: list[str]) -> Pat
         "command": command,
     }
     path = run_dir / f"vllm-{pid}.json"
-    partial = path.with_suffix(".json.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
-    partial.replace(path)
+    atomic_write_json(path, record)
     return path
 
 

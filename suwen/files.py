@@ -1,0 +1,90 @@
+"""Whole-file writes, the one way Suwen writes a file a user or another process reads.
+
+A file is written to a temporary name beside its target, flushed and fsynced, renamed over the
+target, and the directory fsynced: a reader never sees half a file, a crash or a kill at any
+moment leaves the previous file or the new one, never a mix. Every file is owner-only (0600)
+from its first byte, whatever the umask: what Suwen writes can describe a patient.
+
+Directory publishing (an index version, an exported encoder, a model folder) renames a whole
+staging directory instead; its owners fsync it with :func:`fsync_tree` before the rename and the
+parent with :func:`fsync_dir` after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PRIVATE_FILE_MODE = 0o600
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk (any descriptor of the file will do on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable: a rename is on disk only after this."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Every file and directory under ``path``, then ``path`` itself (before it is renamed into
+    place, so nothing it holds is still only in the page cache when a reader can see it)."""
+    for item in sorted(path.rglob("*")):
+        if item.is_symlink():
+            continue
+        if item.is_file():
+            fsync_file(item)
+        elif item.is_dir():
+            fsync_dir(item)
+    fsync_dir(path)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A private temporary file beside ``path`` for the block to write (for writers that want a
+    file name: FAISS, PIL, matplotlib, numpy); when the block ends it is made owner-only,
+    fsynced and renamed over ``path``, and the directory fsynced. If the block raises, ``path``
+    is untouched and the temporary file removed. The parent directory must exist."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)  # created 0600; writers that reopen it by name keep that mode
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(PRIVATE_FILE_MODE)  # in case a writer replaced the file instead
+        fsync_file(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in UTF-8 (see :func:`atomic_path`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any, *, indent: int = 2) -> None:
+    """Replace ``path`` with ``data`` as indented UTF-8 JSON ending in a newline."""
+    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
