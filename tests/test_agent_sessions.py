@@ -17,7 +17,7 @@ from suwen.agent.graph import SuwenAgent
 from suwen.agent.sessions import open_sessions, saved_conversations
 from suwen.config import Settings
 from suwen.errors import InputError
-from suwen.types import AgentEvent, ImageHit, TextHit
+from suwen.types import AgentEvent, AgentResult, ImageHit, TextHit
 from tests.agent_helpers import NODES, QUESTION, corpus, question, settings
 from tests.fake_model import FakeModel
 from tests.fake_search import FakeTextSearch
@@ -52,6 +52,29 @@ def test_follow_up_sees_the_conversation(tmp_path: Path) -> None:
         assert earlier == first_answer.replace(" [1]", "").replace(" [2]", "")
     # The first question's prompts saw no history.
     assert all(m.role != "assistant" for m in model.calls[0].messages)
+
+
+def test_a_follow_up_starts_with_its_own_trace_evidence_and_searches(tmp_path: Path) -> None:
+    """Trace, evidence and searched queries are appended to within a question and start empty
+    for the next one in the thread; history keeps growing."""
+    config = settings(tmp_path)
+
+    async def go() -> tuple[AgentResult, AgentResult, dict[str, Any]]:
+        async with open_sessions(config) as saver:
+            model = FakeModel().script("plan", PLAN)
+            agent = SuwenAgent(config, model, FakeTextSearch(corpus()), None, saver)
+            first = await agent.run(question(), thread_id="t")
+            second = await agent.run(question(FOLLOW_UP), thread_id="t")
+            state = await agent.graph.aget_state({"configurable": {"thread_id": "t"}})
+            return first, second, state.values
+
+    first, second, state = asyncio.run(go())
+    assert [event.node for event in second.trace] == NODES
+    keys = [item.key for item in first.evidence]
+    assert keys and [item.key for item in second.evidence] == keys  # searched afresh, not "known"
+    assert second.rounds == first.rounds == 1
+    assert state["searched"] == json.loads(PLAN)["queries"]
+    assert [turn.question for turn in state["history"]] == [QUESTION, FOLLOW_UP]
 
 
 def test_chat_resumes_from_disk_in_a_new_agent(

@@ -35,7 +35,7 @@ from suwen.agent.nodes import (
     search_again_or_answer,
     start_message,
 )
-from suwen.agent.state import AgentState, RunContext, Turn
+from suwen.agent.state import AgentState, RunContext, Turn, graph_input
 from suwen.agent.state import fresh_question_state as fresh_state
 from suwen.config import Settings
 from suwen.errors import InputError
@@ -84,9 +84,7 @@ def _traced(name: NodeName, step: StepFunction) -> Callable[..., Awaitable[Agent
             seconds=time.perf_counter() - started,
             degraded=done.degraded,
         )
-        update = done.update
-        update["trace"] = [*state.get("trace", []), event]
-        return update
+        return {**done.update, "trace": [event]}
 
     node.__name__ = name
     return node
@@ -239,9 +237,9 @@ class SuwenAgent:
             start = fresh_state(question, paths, mode)
             if history is not None:
                 start["history"] = history
-            final = await self._stream(start, context, thread_id, on_event)
+            final = await self._stream(graph_input(start), context, thread_id, on_event)
         result = _result(question, mode, final, log, time.perf_counter() - started, thread_id)
-        return self.judged(result, question, final.get("confidence"))
+        return self.judged(result, question, final["confidence"])
 
     def judged(
         self, result: AgentResult, question: Question, measured: Confidence | None
@@ -301,7 +299,7 @@ def _result(
     seconds: float,
     thread_id: str | None,
 ) -> AgentResult:
-    trace = state.get("trace", [])
+    trace = state["trace"]
     timings: dict[str, float] = {}
     for event in trace:
         timings[event.node] = timings.get(event.node, 0.0) + event.seconds
@@ -309,18 +307,18 @@ def _result(
     return AgentResult(
         question=question.text,
         mode=mode,
-        answer=state.get("answer", ""),
-        short_answer=state.get("short_answer"),
-        citations=state.get("citations", []),
-        evidence=state.get("evidence", []),
-        findings=state.get("findings"),
-        rounds=state.get("round", 0),
+        answer=state["answer"],
+        short_answer=state["short_answer"],
+        citations=state["citations"],
+        evidence=state["evidence"],
+        findings=state["findings"],
+        rounds=state["round"],
         model_calls=log.calls,
         tokens=TokenUsage(prompt=log.prompt_tokens, completion=log.completion_tokens),
         timings=timings,
-        supported=state.get("supported", False),
-        unsupported_sentences=state.get("unsupported_sentences", []),
-        removed_citations=state.get("removed_citations", []),
+        supported=state["supported"],
+        unsupported_sentences=state["unsupported_sentences"],
+        removed_citations=state["removed_citations"],
         trace=trace,
         thread_id=thread_id,
     )

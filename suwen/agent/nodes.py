@@ -94,7 +94,7 @@ def _merge_hits(known: set[str], batches: Sequence[Sequence[Hit]]) -> list[Hit]:
 
 
 def kept_evidence(state: AgentState) -> list[Evidence]:
-    return [item for item in state.get("evidence", []) if item.kept]
+    return [item for item in state["evidence"] if item.kept]
 
 
 def start_message(node: NodeName, state: AgentState, context: RunContext) -> str:
@@ -102,13 +102,13 @@ def start_message(node: NodeName, state: AgentState, context: RunContext) -> str
     if node == "look":
         return "looking at the image" if context.images else "reading the question"
     if node == "retrieve":
-        queries = state.get("queries", [])
-        cases = bool(context.images) and state.get("round", 0) == 0
+        queries = state["queries"]
+        cases = bool(context.images) and state["round"] == 0
         if not queries:
             return "searching similar cases" if cases else "nothing to search"
         return f"searching PubMed: {_short(queries)}" + (" and similar cases" if cases else "")
     if node == "reread":
-        return f"rereading {len(state.get('hits', []))} passages"
+        return f"rereading {len(state['hits'])} passages"
     return {
         "plan": "planning searches",
         "decide": "checking whether the evidence is enough",
@@ -137,7 +137,7 @@ class AgentNodes:
         register_model(local_copy(settings.vlm, settings, "text") or settings.vlm)
 
     def _history(self, state: AgentState) -> list[Message]:
-        return prompts.history_messages(state.get("history", []), self.settings.history_turns)
+        return prompts.history_messages(state["history"], self.settings.history_turns)
 
     # -- look -----------------------------------------------------------------------------
 
@@ -160,7 +160,7 @@ class AgentNodes:
             return Step({"queries": []}, "no PubMed index: PubMed search is not available")
         question = state["question"]
         messages = prompts.plan_messages(
-            question, state.get("findings"), self._history(state), self.settings.max_queries
+            question, state["findings"], self._history(state), self.settings.max_queries
         )
         limit = self.settings.max_queries
         try:
@@ -185,7 +185,7 @@ class AgentNodes:
         question: Question = state["question"]
         searches: list[Awaitable[Sequence[Hit]]] = []
         notes: list[str] = []
-        first_round = state.get("round", 0) == 0
+        first_round = state["round"] == 0
         if context.images and first_round:
             if self.image_search is None:
                 notes.append("no image index: similar cases not searched")
@@ -215,8 +215,8 @@ class AgentNodes:
         return searches, notes
 
     async def retrieve(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
-        searched = state.get("searched", [])
-        queries = [q for q in state.get("queries", []) if q not in searched]
+        searched = state["searched"]
+        queries = [q for q in state["queries"] if q not in searched]
         searches, notes = self._searches(state, context, queries)
         results = await asyncio.gather(*searches, return_exceptions=True)
         batches: list[Sequence[Hit]] = []
@@ -228,14 +228,12 @@ class AgentNodes:
                 raise result  # a bug, not a missing or broken index: let it surface
             else:
                 batches.append(result)
-        known = {item.key for item in state.get("evidence", [])}
+        known = {item.key for item in state["evidence"]}
         hits = _merge_hits(known, batches)
         cases = sum(hit.kind == "image" for hit in hits)
         summary = f"{len(hits) - cases} new passages from {len(queries)} queries, {cases} cases"
         message = "; ".join([summary, *notes, *(f"search failed: {f}" for f in failures)])
-        update = AgentState(
-            hits=hits, searched=[*searched, *queries], queries=[], round=state.get("round", 0) + 1
-        )
+        update = AgentState(hits=hits, searched=queries, queries=[], round=state["round"] + 1)
         return Step(update, message, bool(failures))
 
     # -- reread ---------------------------------------------------------------------------
@@ -255,11 +253,11 @@ class AgentNodes:
         return Evidence(key=hit.key, hit=hit, relevance=reply.relevance, quote=quote, kept=kept)
 
     async def reread(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
-        hits = state.get("hits", [])
+        hits = state["hits"]
         if not hits:
             return Step({"hits": []}, "nothing new to reread")
         prefix = prompts.reread_prefix(
-            state["question"], _images(context), state.get("findings"), self._history(state)
+            state["question"], _images(context), state["findings"], self._history(state)
         )
         # The first request alone fills the server's prefix cache; the rest then share it.
         first = await self._judge(prefix, hits[0])
@@ -276,22 +274,21 @@ class AgentNodes:
         message = f"kept {kept} of {len(hits)} (relevance >= {self.settings.relevance_threshold})"
         if failed:
             message += f"; judging failed for {failed}, left out"
-        evidence = [*state.get("evidence", []), *judged]
-        return Step({"evidence": evidence, "hits": []}, message, failed > 0)
+        return Step({"evidence": judged, "hits": []}, message, failed > 0)
 
     # -- decide ---------------------------------------------------------------------------
 
     async def decide(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
-        done, budget = state.get("round", 0), self.settings.rounds
+        done, budget = state["round"], self.settings.rounds
         kept = kept_evidence(state)
         if done >= budget:
             return Step({"queries": []}, f"round budget reached ({done}/{budget}); answering")
         if self.text_search is None:
             return Step({"queries": []}, "nothing more to search; answering")
-        searched = state.get("searched", [])
+        searched = state["searched"]
         messages = prompts.decide_messages(
             state["question"],
-            state.get("findings"),
+            state["findings"],
             searched,
             [(item.hit, item.quote) for item in kept],
             self._history(state),
@@ -331,7 +328,7 @@ class AgentNodes:
 
     async def answer(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
         question = state["question"]
-        plain = state.get("mode") == "plain"
+        plain = state["mode"] == "plain"
         ranked = sorted(kept_evidence(state), key=lambda item: item.relevance, reverse=True)
         numbered = [] if plain else ranked[: self.settings.answer_evidence]
         examples = await load_examples(
@@ -345,7 +342,7 @@ class AgentNodes:
         messages = prompts.answer_messages(
             question,
             _images(context),
-            state.get("findings"),
+            state["findings"],
             [item.hit for item in numbered],
             self._history(state),
             plain=plain,
@@ -371,9 +368,9 @@ class AgentNodes:
     # -- verify ---------------------------------------------------------------------------
 
     async def verify(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
-        numbered = state.get("numbered", [])
-        by_key = {item.key: item for item in state.get("evidence", [])}
-        checked = check_citations(state.get("draft", ""), len(numbered))
+        numbered = state["numbered"]
+        by_key = {item.key: item for item in state["evidence"]}
+        checked = check_citations(state["draft"], len(numbered))
         citations = [by_key[numbered[n - 1]].citation(n) for n in checked.cited]
         unsupported = uncited_claims(checked.text)
         supported = bool(citations) and not unsupported
@@ -381,8 +378,8 @@ class AgentNodes:
         turn = Turn(
             question=question.text,
             answer=checked.text,
-            short_answer=state.get("short_answer"),
-            images=state.get("images", []),
+            short_answer=state["short_answer"],
+            images=state["images"],
         )
         update = AgentState(
             answer=checked.text,
@@ -390,7 +387,7 @@ class AgentNodes:
             supported=supported,
             unsupported_sentences=unsupported,
             removed_citations=checked.removed,
-            history=[*state.get("history", []), turn],
+            history=[turn],
         )
         message = f"{len(citations)} citations valid, {len(checked.removed)} removed, "
         message += f"{len(unsupported)} sentences uncited; supported={supported}"
@@ -403,17 +400,17 @@ class AgentNodes:
         if not self.settings.confidence:
             return Step({"confidence": None}, "confidence not measured (setting confidence off)")
         question = state["question"]
-        if not state.get("answer") and not state.get("short_answer"):
+        if not state["answer"] and not state["short_answer"]:
             return Step({"confidence": None}, "no answer to weigh")
         measured = await answer_confidence(
             self.model,
             messages=context.written.messages,
             reply=context.written.text,
-            short=state.get("short_answer"),
+            short=state["short_answer"],
             answer_format=question.answer_format,
             question=question.text,
             images=_images(context),
-            answer=state.get("answer", ""),
+            answer=state["answer"],
             history=self._history(state),
         )
         if measured.value is None:
@@ -427,12 +424,12 @@ class AgentNodes:
 
 def look_or_answer_plainly(state: AgentState) -> Literal["look", "answer"]:
     """Agent mode starts by looking; plain mode (the baseline) answers straight away."""
-    return "answer" if state.get("mode") == "plain" else "look"
+    return "answer" if state["mode"] == "plain" else "look"
 
 
 def search_again_or_answer(state: AgentState) -> Literal["retrieve", "answer"]:
     """decide leaves new queries only when the evidence is short and the budget allows."""
-    return "retrieve" if state.get("queries") else "answer"
+    return "retrieve" if state["queries"] else "answer"
 
 
 async def stream_text(

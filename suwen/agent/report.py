@@ -26,7 +26,7 @@ from suwen.agent.graph import (
     load_question_images,
 )
 from suwen.agent.nodes import Step, kept_evidence, stream_text
-from suwen.agent.state import AgentState, RunContext, fresh_question_state
+from suwen.agent.state import AgentState, RunContext, fresh_question_state, merged_state
 from suwen.llm.base import recording
 from suwen.privacy import no_tracing
 from suwen.types import (
@@ -105,6 +105,7 @@ async def draft_report(
     check_image_budget(images, settings.vllm_max_images)
     context = RunContext(images=images)
     state = fresh_question_state(question, list(question.images), "plain" if plain else "agent")
+    state["history"] = []  # a report is not part of a conversation
     with recording() as log, no_tracing():
         if not plain:
             nodes = agent.nodes
@@ -138,9 +139,7 @@ async def _run(
         degraded=done.degraded,
     )
     notify(AgentEvent(kind="node_end", node=name, message=done.message))
-    merged = AgentState(**{**state, **done.update})
-    merged["trace"] = [*state.get("trace", []), event]
-    return merged
+    return merged_state(state, {**done.update, "trace": [event]})
 
 
 async def _write(
@@ -153,7 +152,7 @@ async def _write(
     numbered = [] if plain else references(kept_evidence(state), agent.settings.answer_evidence)
     messages = prompts.report_messages(
         [image for _, image in context.images],
-        state.get("findings"),
+        state["findings"],
         [item.hit for item in numbered],
         plain=plain,
         indication=_indication(state["question"]),
@@ -168,7 +167,7 @@ async def _write(
     if failure:
         message += f"; report broke off: {failure}"
     trace = [
-        *state.get("trace", []),
+        *state["trace"],
         TraceEvent(
             node="report",
             message=message,
@@ -186,10 +185,10 @@ async def _write(
         impression=sections.get("impression", ""),
         text=checked.text,
         citations=[numbered[n - 1].citation(n) for n in checked.cited],
-        evidence=state.get("evidence", []),
+        evidence=state["evidence"],
         unsupported_sentences=uncited_claims(claims),
         removed_citations=checked.removed,
-        reading=state.get("findings"),
+        reading=state["findings"],
         trace=trace,
         degraded=any(event.degraded for event in trace),
     )

@@ -4,13 +4,20 @@
 images live in ``RunContext``, which is never persisted). ``history`` outlives a question, so a
 follow-up in the same thread sees the conversation; every other field is reset when a new
 question starts (see ``fresh_question_state``).
+
+A step returns a partial update. Fields annotated with ``operator.add`` (LangGraph's reducer
+convention) are appended to: a step returns only its new items, and starting a question
+replaces them (``graph_input``) instead of appending the new question's empty lists.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Annotated, Any, TypedDict, cast, get_args, get_origin, get_type_hints
 
+from langgraph.types import Overwrite
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -38,16 +45,21 @@ class Turn(BaseModel):
     images: list[str] = Field(default_factory=list)
 
 
+# total=False so that a step's partial update is an AgentState too. A running graph's state
+# has every field: a question starts with all of them (fresh_question_state), and the
+# appended ones (history included) start as empty lists. Steps read them with state[...].
 class AgentState(TypedDict, total=False):
     mode: GraphMode
     question: Question
     images: list[str]  # image paths in effect: this question's, else the conversation's
-    history: list[Turn]  # earlier turns of this thread (persisted across questions)
+    # Earlier turns of this thread (persisted across questions).
+    history: Annotated[list[Turn], operator.add]
     findings: Findings | None  # what look read off the image(s) and question
     queries: list[str]  # queries the next retrieval runs
-    searched: list[str]  # every query already run for this question
+    searched: Annotated[list[str], operator.add]  # every query already run for this question
     hits: list[Hit]  # hits of the latest retrieval, not yet reread
-    evidence: list[Evidence]  # every reread item, kept or dropped, with its score
+    # Every reread item, kept or dropped, with its score.
+    evidence: Annotated[list[Evidence], operator.add]
     round: int  # retrieval rounds done (bounded by settings.rounds)
     missing: list[str]  # what decide said the evidence still lacks
     numbered: list[str]  # evidence keys as numbered [1], [2] ... in the answer prompt
@@ -59,11 +71,45 @@ class AgentState(TypedDict, total=False):
     unsupported_sentences: list[str]
     removed_citations: list[str]
     confidence: Confidence | None  # how sure the model is of this answer (uncalibrated)
-    trace: list[TraceEvent]
+    trace: Annotated[list[TraceEvent], operator.add]  # one event per step run
+
+
+def _reducers() -> dict[str, Callable[[Any, Any], Any]]:
+    """The fields LangGraph appends to, with their reducer, as AgentState declares them."""
+    hints = get_type_hints(AgentState, include_extras=True)
+    return {
+        name: get_args(hint)[1]
+        for name, hint in hints.items()
+        if get_origin(hint) is Annotated and callable(get_args(hint)[1])
+    }
+
+
+APPENDED = _reducers()
+
+
+def merged_state(state: AgentState, update: AgentState) -> AgentState:
+    """``update`` applied to ``state`` as the graph applies it (appended fields reduced), for
+    code that runs steps outside the graph (the report draft)."""
+    result: dict[str, Any] = dict(state)
+    for name, value in update.items():
+        reduce = APPENDED.get(name)
+        result[name] = reduce(result[name], value) if reduce and name in result else value
+    return cast(AgentState, result)
+
+
+def graph_input(state: AgentState) -> AgentState:
+    """``state`` as the input of a run: its appended fields replace the thread's instead of
+    being appended to them (LangGraph's ``Overwrite`` bypasses the reducer)."""
+    start: dict[str, Any] = {
+        name: Overwrite(value) if name in APPENDED else value for name, value in state.items()
+    }
+    return cast(AgentState, start)
 
 
 def fresh_question_state(question: Question, images: list[str], mode: GraphMode) -> AgentState:
-    """Input for a new question: every per-question field reset, ``history`` left alone."""
+    """The state a new question starts from: every per-question field empty (given to the graph
+    through ``graph_input``, so the empty lists replace what the last question left), and
+    ``history`` left to the thread."""
     return AgentState(
         mode=mode,
         question=question,
