@@ -6,10 +6,10 @@ used (missing or unreadable image, a path leaving FOLDER, empty question, malfor
 non-UTF-8 text, duplicate id) becomes an item that carries its error, so it is reported in the
 output instead of stopping the run.
 
-The output is append-only JSONL with one line per question id. Each line is written with one
-``write`` on an ``O_APPEND`` descriptor and fsynced before the question counts as done, so a
-process killed at any moment (SIGKILL included) leaves at most one torn final line; the next run
-drops that line, skips every id already answered, and retries the ids that recorded an error.
+The output is suwen/jsonl_log.py's append-only log with one line per question id, on disk
+before the question counts as done, so a process killed at any moment (SIGKILL included) leaves
+at most one torn final line; the next run drops that line, skips every id already answered, and
+retries the ids that recorded an error.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import csv
 import json
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from suwen.errors import InputError, SuwenError
-from suwen.filelock import single_writer
+from suwen.jsonl_log import AppendLog, LogContents, open_append_log, split_log
 from suwen.medimage import IMAGE_SUFFIXES, is_dicom_series_dir, is_image_path, load_image
 from suwen.types import AgentResult, AnswerFormat, Question
 
@@ -528,48 +527,37 @@ class PriorOutput:
 class AnswerLog:
     """The output JSONL, locked for this run. ``append`` returns once the line is on disk."""
 
-    def __init__(self, path: Path, prior: PriorOutput, fd: int) -> None:
-        self.path = path
+    def __init__(self, log: AppendLog, prior: PriorOutput) -> None:
+        self.path = log.path
         self.prior = prior
-        self._fd = fd
-        self._lock = threading.Lock()
+        self._log = log
 
     def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            view = memoryview(line)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fsync(self._fd)
+        self._log.append(json.dumps(record, ensure_ascii=False))
 
 
 @contextmanager
 def open_answer_log(path: Path) -> Iterator[AnswerLog]:
     """Lock ``path`` against a second writer, read what it holds, drop its torn final line and
     its error lines (those ids are asked again), then open it for appending."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with single_writer(path, "suwen batch"):
-        prior = _compact(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            yield AnswerLog(path, prior, fd)
-        finally:
-            os.close(fd)
+    with open_append_log(path, "suwen batch") as log:
+        prior, keep = classify_prior_output(log.found)
+        if keep != log.found.lines:
+            log.rewrite(keep)
+        yield AnswerLog(log, prior)
 
 
 def read_prior_output(data: bytes) -> tuple[PriorOutput, list[bytes]]:
     """Classify the lines of an existing output file; returns the lines worth keeping."""
-    prior = PriorOutput()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif lines:
-        # No newline at the end: the last write was cut short. Its id is asked again.
-        lines.pop()
-        prior.torn_tail = True
+    return classify_prior_output(split_log(data))
+
+
+def classify_prior_output(found: LogContents) -> tuple[PriorOutput, list[bytes]]:
+    """What the output's lines say (a torn final line's id is asked again); the lines worth
+    keeping: answers, and lines that are not ours to delete."""
+    prior = PriorOutput(torn_tail=found.torn_tail)
     keep: list[bytes] = []
-    for line in lines:
+    for line in found.lines:
         record = _parse_output_line(line)
         if record is None:
             if line.strip():
@@ -594,32 +582,6 @@ def _parse_output_line(line: bytes) -> tuple[str, bool] | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
         return None
     return obj["id"], "error" in obj
-
-
-def _compact(path: Path) -> PriorOutput:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return PriorOutput()
-    prior, keep = read_prior_output(data)
-    new_data = b"".join(line + b"\n" for line in keep)
-    if new_data != data:
-        _replace_atomically(path, new_data)
-    return prior
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import time
@@ -41,8 +40,8 @@ from suwen.evaluate import scoring_medevalkit as mek
 from suwen.evaluate.benchmarks import Benchmark, Sample, benchmark_named, load_benchmark
 from suwen.evaluate.calibration import is_dev
 from suwen.evaluate.confidence_eval import AnswerJudgement, judgement_of
-from suwen.filelock import single_writer
 from suwen.files import atomic_path, atomic_write_json
+from suwen.jsonl_log import AppendLog, LogContents, open_append_log, read_log
 from suwen.llm.base import CallRecord, Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
 from suwen.medimage import load_image, sha256_of
@@ -568,7 +567,7 @@ def not_asked_record(
 
 
 # --------------------------------------------------------------------------------------------
-# Samples files: append + fsync per record, read back tolerating a torn last line
+# Samples files: suwen/jsonl_log.py's append-only log, one SampleRecord a line
 
 
 def samples_path(out: Path, benchmark: str, mode: str) -> Path:
@@ -577,19 +576,14 @@ def samples_path(out: Path, benchmark: str, mode: str) -> Path:
 
 
 def read_records(path: Path) -> list[SampleRecord]:
-    """The finished records of a samples file. A last line cut off by a kill is dropped (and
-    trimmed from the file, so the next append starts on a clean line)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    complete_end = raw.rfind(b"\n") + 1
-    if complete_end < len(raw):
-        with path.open("r+b") as handle:
-            handle.truncate(complete_end)
-            handle.flush()
-            os.fsync(handle.fileno())
+    """The finished records of a samples file (a last line cut off by a kill is left out; the
+    next run's writer drops it from the file)."""
+    return _parse_records(path, read_log(path))
+
+
+def _parse_records(path: Path, found: LogContents) -> list[SampleRecord]:
     records = []
-    for number, line in enumerate(raw[:complete_end].decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(found.lines, 1):
         if not line.strip():
             continue
         try:
@@ -597,26 +591,6 @@ def read_records(path: Path) -> list[SampleRecord]:
         except ValidationError as exc:
             raise InputError(f"{path}:{number}: not a sample record: {exc}") from exc
     return records
-
-
-class _Appender:
-    """One writer per file: whole lines, flushed and fsynced before the next one starts."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.lock = asyncio.Lock()
-
-    async def append(self, record: SampleRecord) -> None:
-        line = record.model_dump_json() + "\n"
-        async with self.lock:
-            await asyncio.to_thread(self._write, line)
-
-    def _write(self, line: str) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 class ModeSummary(BaseModel):
@@ -683,13 +657,13 @@ async def run_mode(
     """Answer and score every sample not yet in the mode run's samples file (see
     :func:`_answer_pending`), the file locked against a second writer for the whole run."""
     path = samples_path(out, benchmark.name, ModeRun(mode, case_examples).key)
-    with single_writer(path, "suwen eval"):
+    with open_append_log(path, "suwen eval") as log:
         return await _answer_pending(
             benchmark,
             samples,
             ModeRun(mode, case_examples),
             respond,
-            out,
+            log,
             concurrency=concurrency,
             judge=judge,
             guard=guard,
@@ -704,7 +678,7 @@ async def _answer_pending(
     samples: Sequence[Sample],
     run: ModeRun,
     respond: Responder,
-    out: Path,
+    log: AppendLog,
     *,
     concurrency: int = 4,
     judge: Judge | None = None,
@@ -718,8 +692,7 @@ async def _answer_pending(
     images) is recorded as such; one whose model call fails otherwise (a SuwenError) is
     reported and left for the next run; anything else stops the run, keeping what finished."""
     mode = run.mode
-    path = samples_path(out, benchmark.name, run.key)
-    finished = {record.id for record in read_records(path)}
+    finished = {record.id for record in _parse_records(log.path, log.found)}
     pending = [s for s in samples if s.id not in finished]
     summary = ModeSummary(
         benchmark=benchmark.name,
@@ -729,7 +702,6 @@ async def _answer_pending(
         already_done=len(samples) - len(pending),
         done_now=0,
     )
-    appender = _Appender(path)
     gate = asyncio.Semaphore(max(1, concurrency))
     streak = _FailureStreak(benchmark.name, run.label)
 
@@ -767,7 +739,7 @@ async def _answer_pending(
                 summary.not_asked += 1
             streak.answered()
             record.case_examples = run.case_examples
-            await appender.append(record)
+            await asyncio.to_thread(log.append, record.model_dump_json())  # fsync off the loop
             summary.done_now += 1
             if on_progress is not None:
                 on_progress(
