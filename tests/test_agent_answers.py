@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from suwen.agent.answers import (
+    answer_sentences,
     check_citations,
     clean_queries,
     grounded_quote,
     normalize_short_answer,
     short_answer_of,
-    split_sentences,
     uncited_claims,
 )
 from suwen.agent.prompts import EVIDENCE_BLOCK, evidence_block, history_messages
@@ -43,7 +43,7 @@ def test_bracketed_years_and_words_are_not_citations() -> None:
 
 def test_sentences_keep_citations_written_after_the_stop() -> None:
     text = "Needle decompression comes first. [1] A chest tube follows.[2]\n- Listed item here [3]"
-    assert split_sentences(text) == [
+    assert answer_sentences(text) == [
         "Needle decompression comes first. [1]",
         "A chest tube follows.[2]",
         "Listed item here [3]",

@@ -6,7 +6,8 @@ import itertools
 import json
 from pathlib import Path
 
-from suwen.indexes.chunking import approx_tokens, chunk_document, split_sentences
+from suwen.indexes.chunking import approx_tokens, chunk_document
+from suwen.sentences import split_sentences
 from suwen.types import Document
 
 

@@ -10,13 +10,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from suwen.sentences import CITATION, split_sentences
 from suwen.types import AnswerFormat
 
-# [1], [2, 3], [1-3], [2;4]: up to three digits, so a bracketed year like [2019] is not one.
-_CITATION = re.compile(r"\[\s*(\d{1,3}(?:\s*[,;–-]\s*\d{1,3})*)\s*\]")
-_CITATION_RUN = r"(?:\s*\[\s*\d{1,3}(?:\s*[,;–-]\s*\d{1,3})*\s*\])*"
-# A sentence ends at . ! or ? (plus any citations written after the stop) before a new one.
-_SENTENCE_END = re.compile(r"[.!?](" + _CITATION_RUN + r")\s+(?=[A-Z(\"'*])")
+_CITATION = re.compile(CITATION)
+_LIST_MARKER = re.compile(r"^[ \t]*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 _SHORT_LINE = re.compile(
     r"(?:^|(?<=\s))[*_>#-]*\bshort[ -]answer[\s*_]*[:：][ \t*_]*(?P<value>.*?)[\s*_.]*$",
     re.IGNORECASE | re.MULTILINE,
@@ -70,19 +68,10 @@ def cited_numbers(sentence: str) -> list[int]:
     return [n for match in _CITATION.finditer(sentence) for n in _numbers(match.group(1))]
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of an answer; citations written after the full stop stay with their sentence."""
-    sentences: list[str] = []
-    for block in re.split(r"\n+", text):
-        block = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", block).strip()
-        start = 0
-        for match in _SENTENCE_END.finditer(block):
-            cut = match.start() + 1 + len(match.group(1))
-            sentences.append(block[start:cut].strip())
-            start = match.end()
-        if block[start:].strip():
-            sentences.append(block[start:].strip())
-    return [s for s in sentences if s]
+def answer_sentences(text: str) -> list[str]:
+    """Sentences of an answer (suwen.sentences' rule), list markers ("- ", "2. ") removed;
+    citations written after the full stop stay with their sentence."""
+    return split_sentences(_LIST_MARKER.sub("", text))
 
 
 def is_claim(sentence: str) -> bool:
@@ -92,7 +81,7 @@ def is_claim(sentence: str) -> bool:
 
 
 def uncited_claims(text: str) -> list[str]:
-    return [s for s in split_sentences(text) if is_claim(s) and not cited_numbers(s)]
+    return [s for s in answer_sentences(text) if is_claim(s) and not cited_numbers(s)]
 
 
 def split_short_answer(text: str) -> tuple[str, str | None]:
@@ -163,7 +152,7 @@ def grounded_quote(quote: str, passage: str) -> str:
         return flat_quote
     wanted = _words(flat_quote)
     best, best_overlap = "", 0.0
-    for sentence in split_sentences(passage):
+    for sentence in answer_sentences(passage):
         have = _words(sentence)
         overlap = len(wanted & have) / len(wanted | have) if have else 0.0
         if overlap > best_overlap:

@@ -9,20 +9,12 @@ names the page it came from.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 
+from suwen.sentences import split_sentences
 from suwen.types import Chunk, Document
 
 TokenCounter = Callable[[str], int]
-
-# A sentence ends at . ! ? followed by space and an upper-case letter, digit or opening bracket;
-# the look-behinds keep common abbreviations ("e.g.", "Fig.", "et al.") from ending one.
-_SENTENCE_END = re.compile(
-    r"(?<=[.!?])(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bet al\.)(?<!\bFig\.)(?<!\bvs\.)(?<!\bDr\.)"
-    r"\s+(?=[A-Z0-9(\[])"
-)
-_SECTION_BREAK = re.compile(r"\n\s*\n|\n(?=[A-Z][A-Z /&-]{2,40}:)|\n")
 
 
 def embedding_text(title: str, text: str) -> str:
@@ -34,16 +26,6 @@ def embedding_text(title: str, text: str) -> str:
 def approx_tokens(text: str) -> int:
     """A tokenizer-free estimate (about 1.3 word-piece tokens per word) for callers without one."""
     return int(len(text.split()) * 1.3) + 2
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a text, sections first (a section break always ends a sentence)."""
-    sentences: list[str] = []
-    for section in _SECTION_BREAK.split(text):
-        section = section.strip()
-        if section:
-            sentences.extend(s.strip() for s in _SENTENCE_END.split(section) if s.strip())
-    return sentences
 
 
 def chunk_document(
