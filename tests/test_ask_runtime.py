@@ -142,3 +142,27 @@ def test_real_searchers_are_closed_when_they_can_be() -> None:
     assert searcher.closed == 1
     with _Closing(object()):  # nothing to close: nothing happens
         pass
+
+
+def test_what_an_open_agent_loaded_is_kept_out_of_full_collections_until_it_closes(
+    tmp_path: Path,
+) -> None:
+    """Encoders and indexes live as long as the agent: the cyclic collector does not walk
+    them on every full collection, and gets them back when the last agent closes."""
+    import gc
+
+    recorder = Recorder()
+    frozen_before = gc.get_freeze_count()
+    seen: list[int] = []
+
+    async def run() -> None:
+        async with open_agent(_settings(tmp_path), backends=recorder.backends()) as outer:
+            seen.append(gc.get_freeze_count())
+            async with open_agent(_settings(tmp_path), backends=recorder.backends()):
+                pass
+            seen.append(gc.get_freeze_count())  # the inner agent closing thaws nothing
+            assert (await outer.run(question())).citations
+
+    asyncio.run(run())
+    assert seen[0] > frozen_before and seen[1] >= seen[0]
+    assert gc.get_freeze_count() == 0

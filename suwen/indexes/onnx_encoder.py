@@ -388,10 +388,12 @@ def _quantise(source: Path, target: Path) -> None:
     import logging
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+
+    with _root_logging_kept():  # importing the quantiser calls logging.basicConfig(INFO)
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
 
     config = DefaultWeightOnlyQuantConfig(
         block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, bits=8
@@ -405,6 +407,24 @@ def _quantise(source: Path, target: Path) -> None:
         quantiser.model.save_model_to_file(str(target), use_external_data_format=False)
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """The root logger's handlers and level as they were: a library that configures logging
+    on import would otherwise make every later INFO record of the process (one per HTTP
+    request to the model server) print on stderr."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @contextlib.contextmanager

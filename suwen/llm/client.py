@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -117,7 +118,14 @@ def schema_name(schema: type[BaseModel]) -> str:
 
 
 def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:
-    """The ``response_format`` vLLM turns into a JSON-schema grammar for ``schema``."""
+    """The ``response_format`` vLLM turns into a JSON-schema grammar for ``schema``. Built
+    once per schema (pydantic takes milliseconds to generate one, and every structured call
+    sends it); the payload holds it read-only, as the request body's encoder only reads it."""
+    return _response_format(schema)
+
+
+@functools.cache
+def _response_format(schema: type[BaseModel]) -> dict[str, Any]:
     return {
         "type": "json_schema",
         "json_schema": {
