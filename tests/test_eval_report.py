@@ -12,12 +12,15 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from pydantic import TypeAdapter
 from typer.testing import CliRunner
 
+from suwen.evaluate import scoring_medevalkit as mek
 from suwen.evaluate.benchmarks import Sample, load_benchmark
+from suwen.evaluate.metric_types import MedEvalKitScore, Metrics, Paired
 from suwen.evaluate.report import PUBLISHED_LINGSHU_7B, pct, signed_pct, write_report
 from suwen.evaluate.runner import EvalConfig, read_records, run_evaluation, samples_path
-from suwen.evaluate.stats import bootstrap_delta_ci, compare, mcnemar_exact
+from suwen.evaluate.stats import PairedComparison, bootstrap_delta_ci, compare, mcnemar_exact
 from suwen.types import Question
 from tests.test_eval_runner import FakeAnswerer, FakeModel, gold_of
 
@@ -129,6 +132,20 @@ def test_report_rebuilds_identically(finished_run: Path) -> None:
     before = (finished_run / "metrics.json").read_text()
     write_report(finished_run)
     assert (finished_run / "metrics.json").read_text() == before
+
+
+def test_metrics_json_has_exactly_the_declared_shape(finished_run: Path) -> None:
+    """Every key metrics.json holds is declared in suwen/evaluate/metric_types.py, with its
+    type: validating against the TypedDicts and writing back gives the file's content."""
+    raw = json.loads((finished_run / "metrics.json").read_text())
+    shape = TypeAdapter(Metrics)
+    assert shape.dump_python(shape.validate_python(raw, strict=False), mode="json") == raw
+    assert all(m["signals"] for e in raw["benchmarks"].values() for m in e["modes"].values())
+
+
+def test_metric_types_mirror_the_models_they_dump() -> None:
+    assert list(MedEvalKitScore.__annotations__) == list(mek.MekMetrics.model_fields)
+    assert list(Paired.__annotations__) == list(PairedComparison.model_fields)
 
 
 def test_paired_statistics() -> None:

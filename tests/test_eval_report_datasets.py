@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
 from suwen.commands.eval_cmd import AgentAnswerer
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError
 from suwen.evaluate import prompts
 from suwen.evaluate.benchmarks import load_benchmark, report_sections
+from suwen.evaluate.metric_types import Metrics
 from suwen.evaluate.report import write_report
 from suwen.evaluate.runner import (
     EvalConfig,
@@ -249,6 +251,9 @@ def test_plain_mimic_cxr_run_sends_medevalkits_prompt_and_scores_reports(
     values = metrics["benchmarks"]["MIMIC-CXR"]["modes"]["plain"]["report_metrics"]["values"]
     assert 0 < values["bleu1"] < 1 and 0 < values["rougeL"] < 1
     assert "## Report generation" in (out / "report.md").read_text()
+    shape = TypeAdapter(Metrics)  # report metrics are declared too (metric_types.py)
+    raw = json.loads((out / "metrics.json").read_text())
+    assert shape.dump_python(shape.validate_python(raw), mode="json") == raw
 
 
 DRAFT = """TECHNIQUE: PA chest radiograph.

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from suwen import __version__
 from suwen.errors import InputError
+from suwen.evaluate.metric_types import Calibration
 from suwen.files import atomic_write_json
 
 ECE_BINS = 15
@@ -131,7 +132,7 @@ def accuracy_at_coverage(
     return float(right[order].mean())
 
 
-def calibration_metrics(confidence: Sequence[float], correct: Sequence[bool]) -> dict[str, object]:
+def calibration_metrics(confidence: Sequence[float], correct: Sequence[bool]) -> Calibration:
     """Every calibration number the report shows, under stable keys."""
     if not len(confidence):
         return {"n": 0, "ece": None, "brier": None, "aurc": None, "acc_at_coverage": {}}

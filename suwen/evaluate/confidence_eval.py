@@ -15,7 +15,6 @@ probe the agent's assess step makes); the agent and adaptive modes carry their r
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +24,18 @@ from suwen.agent.answers import short_answer_of
 from suwen.agent.confidence import answer_confidence
 from suwen.evaluate.calibration import (
     CalibrationFile,
+    ReliabilityBin,
     calibration_metrics,
     is_dev,
     reliability,
     risk_coverage,
+)
+from suwen.evaluate.metric_types import (
+    ConfidenceScores,
+    FlipExample,
+    Flips,
+    Metrics,
+    ReliabilityRow,
 )
 from suwen.llm.base import Message, VisionLanguageModel
 from suwen.types import AgentResult
@@ -121,7 +128,7 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def confidence_metrics(benchmark: str, records: Sequence[SampleRecord]) -> dict[str, Any]:
+def confidence_metrics(benchmark: str, records: Sequence[SampleRecord]) -> ConfidenceScores:
     """The stable keys of metrics.json for one benchmark and mode."""
     scored = [
         r
@@ -146,8 +153,18 @@ def confidence_metrics(benchmark: str, records: Sequence[SampleRecord]) -> dict[
         ),
         "calls_per_question": _mean([float(r.model_calls) for r in records]),
         "tokens_per_question": _mean([float(sum(r.tokens.values())) for r in records]),
-        "reliability": [asdict(b) for b in reliability(confidence, correct)] if scored else [],
+        "reliability": [_bin(b) for b in reliability(confidence, correct)] if scored else [],
         "risk_coverage": {"coverage": coverage[::step], "risk": risk[::step]},
+    }
+
+
+def _bin(found: ReliabilityBin) -> ReliabilityRow:
+    return {
+        "low": found.low,
+        "high": found.high,
+        "count": found.count,
+        "confidence": found.confidence,
+        "accuracy": found.accuracy,
     }
 
 
@@ -199,7 +216,7 @@ def _clip(text: str) -> str:
 
 def flips(
     plain: Sequence[SampleRecord], other: Sequence[SampleRecord], order: Sequence[str]
-) -> dict[str, Any]:
+) -> Flips:
     """Answers right in plain mode and wrong in ``other``, and the reverse (abstentions and
     unscored answers are left out), with a few examples of each."""
     before = {r.id: r for r in plain if r.correct is not None and not r.abstained}
@@ -208,7 +225,7 @@ def flips(
     right_to_wrong = [i for i in paired if before[i].correct and not after[i].correct]
     wrong_to_right = [i for i in paired if not before[i].correct and after[i].correct]
 
-    def example(sample_id: str) -> dict[str, Any]:
+    def example(sample_id: str) -> FlipExample:
         was, now = before[sample_id], after[sample_id]
         route = now.route or {}
         return {
@@ -231,7 +248,7 @@ def flips(
     }
 
 
-def flips_by_mode(by_mode: dict[str, list[SampleRecord]], order: Sequence[str]) -> dict[str, Any]:
+def flips_by_mode(by_mode: dict[str, list[SampleRecord]], order: Sequence[str]) -> dict[str, Flips]:
     if "plain" not in by_mode:
         return {}
     return {
@@ -267,7 +284,7 @@ CONFIDENCE_HEADERS = (
 )
 
 
-def confidence_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def confidence_rows(metrics: Metrics) -> list[list[str]]:
     rows = []
     for name, entry in metrics["benchmarks"].items():
         for mode, m in entry["modes"].items():
@@ -307,7 +324,7 @@ SIGNAL_HEADERS = (
 SIGNALS = ("confidence", "cited_relevance", "all_claims_cited", "agrees_with_plain")
 
 
-def signal_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def signal_rows(metrics: Metrics) -> list[list[str]]:
     """AUROC of each signal for a right answer, per benchmark and mode."""
     rows = []
     for name, entry in metrics["benchmarks"].items():
@@ -317,16 +334,17 @@ def signal_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def flip_lines(metrics: dict[str, Any]) -> list[str]:
+def flip_lines(metrics: Metrics) -> list[str]:
     """A few flipped answers per benchmark and mode, one line each."""
     lines = []
     for name, entry in metrics["benchmarks"].items():
         for mode, flip in entry.get("flips", {}).items():
-            for kind, label in (
-                ("right_to_wrong", "right→wrong"),
-                ("wrong_to_right", "wrong→right"),
+            examples = flip["examples"]
+            for label, shown in (
+                ("right→wrong", examples["right_to_wrong"]),
+                ("wrong→right", examples["wrong_to_right"]),
             ):
-                for ex in flip["examples"][kind]:
+                for ex in shown:
                     why = f" ({ex['changed']})" if ex.get("changed") else ""
                     lines.append(
                         f"{name} {mode} {label} {ex['id']}: plain {ex['plain']!r}, "

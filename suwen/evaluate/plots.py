@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from suwen.evaluate.metric_types import Metrics, ModeMetrics
 from suwen.files import atomic_path
 
 MARKER_AREA = 400.0  # marker area of a bin holding every answer
@@ -32,7 +33,7 @@ def _save(figure: Any, path: Path) -> None:
     plt.close(figure)
 
 
-def reliability_diagram(name: str, modes: dict[str, Any], path: Path) -> None:
+def reliability_diagram(name: str, modes: dict[str, ModeMetrics], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5.0, 4.6))
@@ -58,7 +59,7 @@ def reliability_diagram(name: str, modes: dict[str, Any], path: Path) -> None:
     _save(figure, path)
 
 
-def risk_coverage_plot(name: str, modes: dict[str, Any], path: Path) -> None:
+def risk_coverage_plot(name: str, modes: dict[str, ModeMetrics], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5.0, 4.6))
@@ -78,7 +79,7 @@ def risk_coverage_plot(name: str, modes: dict[str, Any], path: Path) -> None:
     _save(figure, path)
 
 
-def confidence_plots(metrics: dict[str, Any], out: Path) -> dict[str, list[str]]:
+def confidence_plots(metrics: Metrics, out: Path) -> dict[str, list[str]]:
     """Write both plots for every benchmark with measured confidences; benchmark -> file names
     (relative to ``out``)."""
     written: dict[str, list[str]] = {}

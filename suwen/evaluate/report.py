@@ -9,9 +9,9 @@ from __future__ import annotations
 import html
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Literal, cast
 
 from suwen.errors import InputError
 from suwen.evaluate import scoring_medevalkit as mek
@@ -27,6 +27,22 @@ from suwen.evaluate.confidence_eval import (
     signal_aurocs,
     signal_rows,
 )
+from suwen.evaluate.metric_types import (
+    Accuracy,
+    BenchmarkMetrics,
+    ByType,
+    CaseExampleEffect,
+    Comparisons,
+    ImageBaseline,
+    MedEvalKitScore,
+    Metrics,
+    ModeExtras,
+    ModeMetrics,
+    NotComputed,
+    Paired,
+    ReportScores,
+    RunInfo,
+)
 from suwen.evaluate.plots import confidence_plots
 from suwen.evaluate.runner import (
     MODES,
@@ -41,7 +57,7 @@ from suwen.evaluate.runner import (
     read_records,
     samples_path,
 )
-from suwen.evaluate.stats import compare
+from suwen.evaluate.stats import PairedComparison, compare
 from suwen.files import atomic_path, atomic_write_json, atomic_write_text
 
 # Lingshu-7B's published plain-model accuracies (%), as the MedEvalKit README shows them
@@ -106,7 +122,7 @@ def _group_value(record: SampleRecord, grouping: str) -> str | None:
     return None if value is None else str(value)
 
 
-def _accuracy(records: Sequence[SampleRecord]) -> dict[str, Any]:
+def _accuracy(records: Sequence[SampleRecord]) -> Accuracy:
     """Accuracy over the questions asked; those that could not be asked are counted apart
     (``not_asked``) and shown next to it, never silently dropped. An abstention is its own
     outcome, neither right nor wrong."""
@@ -124,6 +140,16 @@ def _accuracy(records: Sequence[SampleRecord]) -> dict[str, Any]:
     }
 
 
+def _medevalkit_score(score: mek.MekMetrics) -> MedEvalKitScore:
+    # The model's dump has exactly MedEvalKitScore's keys (tests/test_eval_report.py checks).
+    return cast(MedEvalKitScore, score.model_dump())
+
+
+def _paired_dump(comparison: PairedComparison) -> Paired:
+    # The model's dump has exactly Paired's keys (tests/test_eval_report.py checks).
+    return cast(Paired, comparison.model_dump())
+
+
 def _means(rows: Iterable[dict[str, float]]) -> dict[str, float]:
     sums: dict[str, float] = defaultdict(float)
     count = 0
@@ -134,7 +160,7 @@ def _means(rows: Iterable[dict[str, float]]) -> dict[str, float]:
     return {key: value / count for key, value in sums.items()} if count else {}
 
 
-def mode_metrics(benchmark: str, records: Sequence[SampleRecord], judge_on: bool) -> dict[str, Any]:
+def mode_metrics(benchmark: str, records: Sequence[SampleRecord], judge_on: bool) -> ModeMetrics:
     family = benchmark_named(benchmark).medevalkit_family
     asked = [r for r in records if r.asked]
     mek_records = [
@@ -143,19 +169,18 @@ def mode_metrics(benchmark: str, records: Sequence[SampleRecord], judge_on: bool
         )
         for r in asked
     ]
-    result = {
-        "suwen": _accuracy(records),
-        "medevalkit": mek.aggregate(family, mek_records, judge_on).model_dump(),
-        "open_metrics": _means(r.metrics for r in asked if r.kind == "open"),
-        "latency_mean": _means({"s": r.latency} for r in records).get("s"),
-        "tokens_mean": _means({k: float(v) for k, v in r.tokens.items()} for r in records),
-        "with_citations": sum(1 for r in records if r.citations),
+    extras: ModeExtras = {"report_metrics": report_metrics(asked)} if family == "report" else {}
+    return ModeMetrics(
+        suwen=_accuracy(records),
+        medevalkit=_medevalkit_score(mek.aggregate(family, mek_records, judge_on)),
+        open_metrics=_means(r.metrics for r in asked if r.kind == "open"),
+        latency_mean=_means({"s": r.latency} for r in records).get("s"),
+        tokens_mean=_means({k: float(v) for k, v in r.tokens.items()} for r in records),
+        with_citations=sum(1 for r in records if r.citations),
         **confidence_metrics(benchmark, records),
-        "not_asked_reasons": _reasons(records),
-    }
-    if family == "report":
-        result["report_metrics"] = report_metrics(asked)
-    return result
+        not_asked_reasons=_reasons(records),
+        **extras,
+    )
 
 
 REPORT_METRICS = (
@@ -181,7 +206,7 @@ def _rouge_package_l(prediction: str, reference: str) -> float:
         return 0.0
 
 
-def report_metrics(records: Sequence[SampleRecord]) -> dict[str, Any]:
+def report_metrics(records: Sequence[SampleRecord]) -> ReportScores:
     """The report-generation metrics MedEvalKit's report script computes, from the libraries
     that define them: sentence BLEU-1..4 and ROUGE-L averaged over the reports (an empty report
     scores 0 and stays in the denominator, as in that script), corpus METEOR and CIDEr, and the
@@ -190,7 +215,9 @@ def report_metrics(records: Sequence[SampleRecord]) -> dict[str, Any]:
     predictions = [r.response for r in records]
     references = [r.gold for r in records]
     means = _means(r.metrics for r in records)
-    values: dict[str, Any] = {key: means.get(key) for key in ("bleu1", "bleu2", "bleu3", "bleu4")}
+    values: dict[str, float | NotComputed | None] = {
+        key: means.get(key) for key in ("bleu1", "bleu2", "bleu3", "bleu4")
+    }
     values["rougeL"] = means.get("rougeL")
     values["rougeL_rouge_package"] = (
         sum(_rouge_package_l(p, g) for p, g in zip(predictions, references, strict=True))
@@ -221,10 +248,10 @@ def _reasons(records: Sequence[SampleRecord]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
-def _by_type(by_mode: dict[str, list[SampleRecord]]) -> dict[str, Any]:
-    groups: dict[str, Any] = {}
+def _by_type(by_mode: dict[str, list[SampleRecord]]) -> ByType:
+    groups: ByType = {}
     for grouping in GROUPINGS:
-        table: dict[str, dict[str, Any]] = defaultdict(dict)
+        table: dict[str, dict[str, Accuracy]] = defaultdict(dict)
         for mode, records in by_mode.items():
             buckets: dict[str, list[SampleRecord]] = defaultdict(list)
             for record in records:
@@ -246,7 +273,7 @@ def benchmark_metrics(
     judge_on: bool,
     seed: int = 0,
     case_examples: Sequence[int] = (),
-) -> dict[str, Any]:
+) -> BenchmarkMetrics:
     """One benchmark's metrics, keyed by mode run (``agent``, or ``agent@examples2`` when
     case-example counts are compared)."""
     wanted = set(selection)
@@ -256,37 +283,52 @@ def benchmark_metrics(
         if condition_of(run.mode) != "real" and not path.exists():
             continue  # an image baseline skipped for a benchmark without images
         by_mode[run.key] = [r for r in read_records(path) if r.id in wanted]
-    entry: dict[str, Any] = {
-        "expected": len(selection),
-        "finished": {mode: len(records) for mode, records in by_mode.items()},
-        "modes": {
-            mode: mode_metrics(benchmark, records, judge_on) for mode, records in by_mode.items()
-        },
-        "by_type": _by_type(by_mode),
-        "flips": flips_by_mode(by_mode, selection),
+    per_mode = {
+        mode: mode_metrics(benchmark, records, judge_on) for mode, records in by_mode.items()
     }
     for mode, records in by_mode.items():
         against = by_mode.get("plain") if mode != "plain" else None
-        entry["modes"][mode]["signals"] = signal_aurocs(records, against)
-    entry["vs_plain"] = {
+        per_mode[mode]["signals"] = signal_aurocs(records, against)
+    vs_plain = {
         key: found
         for key in agent_keys(by_mode)
         if (found := _paired(by_mode.get("plain"), by_mode[key], selection, seed)) is not None
     }
-    if "agent" in entry["vs_plain"]:
-        entry["paired"] = entry["vs_plain"]["agent"]
+    key = benchmark_named(benchmark).published_key
+    return {
+        "expected": len(selection),
+        "finished": {mode: len(records) for mode, records in by_mode.items()},
+        "modes": per_mode,
+        "by_type": _by_type(by_mode),
+        "flips": flips_by_mode(by_mode, selection),
+        "vs_plain": vs_plain,
+        **_comparisons(by_mode, vs_plain, selection, case_examples, seed),
+        "published_lingshu_7b": PUBLISHED_LINGSHU_7B.get(key) if key else None,
+    }
+
+
+def _comparisons(
+    by_mode: dict[str, list[SampleRecord]],
+    vs_plain: dict[str, Paired],
+    selection: Sequence[str],
+    case_examples: Sequence[int],
+    seed: int,
+) -> Comparisons:
+    """The paired comparisons a run has: agent against plain, the image baselines, and the
+    case-example counts against the first."""
+    found: Comparisons = {}
+    if "agent" in vs_plain:
+        found["paired"] = vs_plain["agent"]
     baselines = image_baselines(by_mode, selection, seed)
     if baselines:
-        entry["image_baselines"] = baselines
+        found["image_baselines"] = baselines
     examples = case_example_effects(by_mode, selection, case_examples, seed)
     if examples:
-        entry["case_examples"] = examples
-    key = benchmark_named(benchmark).published_key
-    entry["published_lingshu_7b"] = PUBLISHED_LINGSHU_7B.get(key) if key else None
-    return entry
+        found["case_examples"] = examples
+    return found
 
 
-def agent_keys(by_mode: dict[str, Any]) -> list[str]:
+def agent_keys(by_mode: Mapping[str, object]) -> list[str]:
     """The agent's runs with the questions' own images: ``agent``, or one per case-example
     count compared (``agent@examples0``, ``agent@examples2``)."""
     return [key for key in by_mode if answerer_of(key) == "agent" and condition_of(key) == "real"]
@@ -297,7 +339,7 @@ def _paired(
     after: Sequence[SampleRecord],
     selection: Sequence[str],
     seed: int,
-) -> dict[str, Any] | None:
+) -> Paired | None:
     """``after`` against ``before`` on the questions both scored: Δ, bootstrap CI, McNemar,
     fixed and broken (``plain_*`` fields are ``before``'s, ``agent_*`` ``after``'s)."""
     if before is None:
@@ -312,7 +354,7 @@ def _paired(
         [bool(then[i].correct) for i in paired],
         seed=seed,
     )
-    return comparison.model_dump()
+    return _paired_dump(comparison)
 
 
 def case_example_effects(
@@ -320,11 +362,11 @@ def case_example_effects(
     selection: Sequence[str],
     counts: Sequence[int],
     seed: int,
-) -> dict[str, Any]:
+) -> dict[str, dict[str, CaseExampleEffect]]:
     """For each mode the agent answered with several case-example counts: every other count
     against the first one listed (``--case-examples 0,2``: 2 against 0), paired on the same
     questions, as the plain-vs-agent comparison is."""
-    result: dict[str, Any] = {}
+    result: dict[str, dict[str, CaseExampleEffect]] = {}
     if len(counts) < 2:
         return result
     for mode in MODES:
@@ -349,11 +391,11 @@ def _correct_by_id(records: Sequence[SampleRecord]) -> dict[str, bool]:
 
 def image_baselines(
     by_mode: dict[str, list[SampleRecord]], selection: Sequence[str], seed: int
-) -> dict[str, Any]:
+) -> dict[str, dict[str, ImageBaseline]]:
     """For each answerer run with its real images and a baseline: the baseline's accuracy and
     how many points the real image adds (real - baseline, paired on the questions both
     asked, with its bootstrap interval and McNemar p)."""
-    result: dict[str, Any] = {}
+    result: dict[str, dict[str, ImageBaseline]] = {}
     for answerer in [k for k in by_mode if k == "plain" or k in agent_keys(by_mode)]:
         real = _correct_by_id(by_mode[answerer])
         run = mode_run_of(answerer)
@@ -382,13 +424,13 @@ def image_baselines(
     return result
 
 
-def build_metrics(out: Path) -> dict[str, Any]:
+def build_metrics(out: Path) -> Metrics:
     run_file = out / RUN_FILE
     if not run_file.is_file():
         raise InputError(f"{out}: no {RUN_FILE} here (not an evaluation output directory)")
     run = json.loads(run_file.read_text(encoding="utf-8"))
     config = run["config"]
-    modes = [m for m in MODES if m in config["modes"]]
+    modes: list[str] = [m for m in MODES if m in config["modes"]]
     return {
         "run": {
             "model": config.get("model", ""),
@@ -433,25 +475,36 @@ def signed_pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}"
 
 
-def _mode_acc(entry: dict[str, Any], mode: str, scorer: str) -> float | None:
+Scorer = Literal["suwen", "medevalkit"]
+
+
+def _scored(metrics: ModeMetrics, scorer: Scorer) -> tuple[float | None, int | None, int]:
+    """(accuracy, right, total) by Suwen's scorer or by MedEvalKit's rules."""
+    if scorer == "suwen":
+        ours = metrics["suwen"]
+        return ours["accuracy"], ours["correct"], ours["total"]
+    theirs = metrics["medevalkit"]
+    return theirs["accuracy"], theirs["right"], theirs["total"]
+
+
+def _mode_acc(entry: BenchmarkMetrics, mode: str, scorer: Scorer) -> float | None:
     metrics = entry["modes"].get(mode)
     if metrics is None:
         return None
-    value = metrics[scorer]["accuracy"]
+    value = _scored(metrics, scorer)[0]
     return None if value is None else float(value)
 
 
-def acc_cell(entry: dict[str, Any], mode: str, scorer: str) -> str:
+def acc_cell(entry: BenchmarkMetrics, mode: str, scorer: Scorer) -> str:
     """Accuracy with its denominator, and the questions that could not be asked beside it:
     "62.5 (10/16; 2 not asked)"."""
     metrics = entry["modes"].get(mode)
     if metrics is None:
         return "–"
-    value = metrics[scorer]
-    if value.get("accuracy") is None:
+    accuracy, right, total = _scored(metrics, scorer)
+    if accuracy is None:
         return "–"
-    right = value["correct"] if scorer == "suwen" else value["right"]
-    cell = f"{pct(value['accuracy'])} ({right}/{value['total']}"
+    cell = f"{pct(accuracy)} ({right}/{total}"
     not_asked = metrics["suwen"]["not_asked"]
     return cell + (f"; {not_asked} not asked)" if not_asked else ")")
 
@@ -472,7 +525,7 @@ HEADERS = (
 )
 
 
-def _agent_columns(entry: dict[str, Any]) -> list[str]:
+def _agent_columns(entry: BenchmarkMetrics) -> list[str]:
     """The agent runs the main table shows against plain: one row each (``agent`` when no
     case-example counts are compared)."""
     return agent_keys(entry["modes"]) or ["agent"]
@@ -483,7 +536,7 @@ def _row_name(name: str, key: str) -> str:
     return name if count is None else f"{name}, {count} case examples"
 
 
-def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def table_rows(metrics: Metrics) -> list[list[str]]:
     rows = []
     for name, entry in metrics["benchmarks"].items():
         for agent in _agent_columns(entry):
@@ -491,7 +544,7 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _table_row(name: str, entry: dict[str, Any], agent: str) -> list[str]:
+def _table_row(name: str, entry: BenchmarkMetrics, agent: str) -> list[str]:
     """Plain against one agent run on one benchmark."""
     paired = entry.get("vs_plain", {}).get(agent) or (
         entry.get("paired") if agent == "agent" else None
@@ -514,7 +567,7 @@ def _table_row(name: str, entry: dict[str, Any], agent: str) -> list[str]:
     ]
 
 
-def type_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def type_rows(metrics: Metrics) -> list[list[str]]:
     rows = []
     for name, entry in metrics["benchmarks"].items():
         for key in _agent_columns(entry):
@@ -522,12 +575,13 @@ def type_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _type_rows(name: str, entry: dict[str, Any], agent_key: str) -> list[list[str]]:
+def _type_rows(name: str, entry: BenchmarkMetrics, agent_key: str) -> list[list[str]]:
     rows = []
     for grouping, table in entry["by_type"].items():
         for value, per_mode in table.items():
             plain, agent = per_mode.get("plain"), per_mode.get(agent_key)
-            n = (plain or agent or {}).get("total", 0)
+            either = plain or agent
+            n = either["total"] if either else 0
             rows.append(
                 [
                     name,
@@ -553,27 +607,27 @@ BASELINE_HEADERS = (
 )
 
 
-def _gain(row: dict[str, Any] | None) -> str:
+def _gain(row: ImageBaseline | None) -> str:
     if row is None:
         return "–"
     low, high = row["ci95"]
     return f"{signed_pct(row['image_adds'])} [{signed_pct(low)}, {signed_pct(high)}]"
 
 
-def baseline_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def baseline_rows(metrics: Metrics) -> list[list[str]]:
     """Per benchmark and answerer: accuracy with the real image, a blank one and another
     question's image, and how many points the real image adds (paired)."""
     rows = []
     for name, entry in metrics["benchmarks"].items():
         for answerer, by_condition in entry.get("image_baselines", {}).items():
             blank, shuffled = by_condition.get("blank"), by_condition.get("shuffled")
-            first = blank or shuffled or {}
+            first = blank or shuffled
             rows.append(
                 [
                     name,
                     answerer,
                     "/".join(str(c["n"]) for c in (blank, shuffled) if c),
-                    pct(first.get("real_accuracy")),
+                    pct(first["real_accuracy"] if first else None),
                     pct(blank["baseline_accuracy"]) if blank else "–",
                     _gain(blank),
                     pct(shuffled["baseline_accuracy"]) if shuffled else "–",
@@ -597,7 +651,7 @@ CASE_EXAMPLE_HEADERS = (
 )
 
 
-def case_example_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def case_example_rows(metrics: Metrics) -> list[list[str]]:
     """Per benchmark and mode: each case-example count against the first one listed."""
     rows = []
     for name, entry in metrics["benchmarks"].items():
@@ -624,7 +678,7 @@ def case_example_rows(metrics: dict[str, Any]) -> list[list[str]]:
 REPORT_HEADERS = ("Benchmark", "mode", "n", *(label for _, label in REPORT_METRICS))
 
 
-def _metric_cell(value: Any) -> str:
+def _metric_cell(value: float | NotComputed | None) -> str:
     if value is None:
         return "–"
     if isinstance(value, dict):
@@ -632,7 +686,7 @@ def _metric_cell(value: Any) -> str:
     return f"{100 * float(value):.1f}"
 
 
-def report_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def report_rows(metrics: Metrics) -> list[list[str]]:
     """Report-generation scores (×100) per mode, with Lingshu's published row when known."""
     rows = []
     for name, entry in metrics["benchmarks"].items():
@@ -649,7 +703,7 @@ def report_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def not_computed_notes(metrics: dict[str, Any]) -> list[str]:
+def not_computed_notes(metrics: Metrics) -> list[str]:
     lines = []
     for name, entry in metrics["benchmarks"].items():
         seen: set[str] = set()
@@ -668,11 +722,11 @@ def not_computed_notes(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _kinds(entry: dict[str, Any]) -> set[str]:
+def _kinds(entry: BenchmarkMetrics) -> set[str]:
     return set(entry["by_type"].get("kind", {}))
 
 
-def notes(metrics: dict[str, Any]) -> list[str]:
+def notes(metrics: Metrics) -> list[str]:
     lines = []
     lang = metrics["run"].get("lang")
     if lang:
@@ -702,7 +756,7 @@ def notes(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _run_line(run: dict[str, Any]) -> str:
+def _run_line(run: RunInfo) -> str:
     guard = (
         "on: retrieval excluded each question's own source (PubMedQA's abstract, the test image)"
         if run["leakage_guard"]
@@ -721,7 +775,7 @@ def _run_line(run: dict[str, Any]) -> str:
     )
 
 
-def _setup_line(run: dict[str, Any]) -> str:
+def _setup_line(run: RunInfo) -> str:
     """Sampling, images, model revision and server version: what the answers came from."""
     parts = []
     sampling = run.get("sampling")
@@ -756,7 +810,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_markdown(
-    metrics: dict[str, Any], chart: str | None, plots: dict[str, list[str]] | None = None
+    metrics: Metrics, chart: str | None, plots: dict[str, list[str]] | None = None
 ) -> str:
     parts = [
         "# Suwen evaluation: plain model vs agent",
@@ -807,7 +861,7 @@ SIGNALS_INTRO = (
 )
 
 
-def _confidence_markdown(metrics: dict[str, Any], plots: dict[str, list[str]]) -> list[str]:
+def _confidence_markdown(metrics: Metrics, plots: dict[str, list[str]]) -> list[str]:
     parts = [
         "## Confidence, calibration and cost",
         "",
@@ -825,7 +879,7 @@ def _confidence_markdown(metrics: dict[str, Any], plots: dict[str, list[str]]) -
     return parts
 
 
-def _confidence_html(metrics: dict[str, Any], plots: dict[str, list[str]]) -> list[str]:
+def _confidence_html(metrics: Metrics, plots: dict[str, list[str]]) -> list[str]:
     parts = [
         "<h2>Confidence, calibration and cost</h2>",
         f"<p>{html.escape(CONFIDENCE_INTRO)}</p>",
@@ -845,7 +899,7 @@ def _confidence_html(metrics: dict[str, Any], plots: dict[str, list[str]]) -> li
 Table = tuple[str, str, Sequence[str], list[list[str]]]
 
 
-def extra_tables(metrics: dict[str, Any]) -> list[Table]:
+def extra_tables(metrics: Metrics) -> list[Table]:
     """The image-baseline and report-generation tables, when the run has them."""
     tables: list[Table] = []
     baselines = baseline_rows(metrics)
@@ -899,7 +953,7 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_html(
-    metrics: dict[str, Any], chart: str | None, plots: dict[str, list[str]] | None = None
+    metrics: Metrics, chart: str | None, plots: dict[str, list[str]] | None = None
 ) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
@@ -938,13 +992,13 @@ def render_html(
     return "\n".join(parts)
 
 
-def _chart_acc(entry: dict[str, Any], mode: str) -> float | None:
+def _chart_acc(entry: BenchmarkMetrics, mode: str) -> float | None:
     """Plain's accuracy, or the agent's (with the most case examples compared, listed last)."""
     key = mode if mode == "plain" else _agent_columns(entry)[-1]
     return _mode_acc(entry, key, "suwen")
 
 
-def render_chart(metrics: dict[str, Any], path: Path) -> bool:
+def render_chart(metrics: Metrics, path: Path) -> bool:
     """Grouped bars of plain vs agent accuracy per benchmark (published Lingshu-7B as ticks)."""
     names = [
         n
@@ -985,7 +1039,7 @@ def render_chart(metrics: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(out: Path) -> dict[str, Any]:
+def write_report(out: Path) -> Metrics:
     """(Re)build metrics.json, report.md, report.html and chart.png in ``out``."""
     metrics = build_metrics(out)
     chart = "chart.png" if render_chart(metrics, out / "chart.png") else None
