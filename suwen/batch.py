@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from suwen.errors import InputError, SuwenError
+from suwen.errors import InputError, ModelError, SuwenError
 from suwen.jsonl_log import AppendLog, LogContents, open_append_log, split_log
 from suwen.medimage import IMAGE_SUFFIXES, is_dicom_series_dir, is_image_path, load_image
 from suwen.types import AgentResult, AnswerFormat, Question
@@ -646,6 +646,23 @@ async def run_batch(
 def pending(questions: QuestionSet, log: AnswerLog) -> list[BatchItem]:
     """The questions the output does not answer yet, in input order."""
     return [item for item in questions.items if item.id not in log.prior.answered]
+
+
+def needs_model(questions: QuestionSet, log: AnswerLog) -> bool:
+    """Whether a pending question can be asked; when none can (all answered, or only unusable
+    items left), ``record_unaskable`` finishes the run without starting a model."""
+    return any(item.question is not None for item in pending(questions, log))
+
+
+async def record_unaskable(
+    questions: QuestionSet, log: AnswerLog, *, concurrency: int = DEFAULT_CONCURRENCY
+) -> BatchSummary:
+    """A run that needs no model: the pending unusable items are recorded with their errors."""
+    return await answer_pending(questions, log, _no_model, concurrency=concurrency)
+
+
+async def _no_model(question: Question) -> AgentResult:
+    raise ModelError("no model was started for this run")
 
 
 async def answer_pending(

@@ -25,7 +25,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from suwen.errors import SuwenError
+from suwen.errors import DownloadError
 from suwen.files import atomic_write_json, fsync_dir
 
 MEDCPT_URL = "https://ftp.ncbi.nlm.nih.gov/pub/lu/MedCPT/pubmed_embeddings/"
@@ -40,7 +40,7 @@ RETRIES = 5  # dropped connections resumed per file before giving up
 TIMEOUT = httpx.Timeout(30.0, read=120.0)
 
 
-class DataFetchError(SuwenError):
+class DataFetchError(DownloadError):
     """A file could not be fetched or verified (one line, naming the file or URL)."""
 
 

@@ -38,6 +38,13 @@ def bundled_sample_data() -> Path:
     return Path(__file__).resolve().parent / "sample_data"
 
 
+def demo_settings(settings: Settings, offline: bool) -> Settings:
+    """The demo's settings: its own index names and, when ``offline``, the stand-in models."""
+    if offline:
+        settings = offline_settings(settings, settings.home / "demo" / "models")
+    return settings.model_copy(update={"text_index": TEXT_INDEX, "image_index": IMAGE_INDEX})
+
+
 def sample_paths(data: Path) -> tuple[Path, Path]:
     """PubMedQA's abstracts and VQA-RAD's folder inside the sample data, or a clear error."""
     pubmedqa = data / "pubmedqa" / "ori_pqal.json"
@@ -52,11 +59,13 @@ def sample_paths(data: Path) -> tuple[Path, Path]:
 
 
 def ensure_indexes(
-    settings: Settings, data: Path, on_step: Callable[[str], None] = lambda step: None
+    settings: Settings, data: Path | None, on_step: Callable[[str], None] = lambda step: None
 ) -> DemoQuestion:
-    """Build the demo's PubMed and case indexes from ``data`` unless they exist, and return the
-    demo question. ``on_step`` hears a short description of each build before it starts."""
-    pubmedqa, vqa_rad = sample_paths(data)
+    """Build the demo's PubMed and case indexes from ``data`` (default: the bundled sample data)
+    unless they exist, and return the demo question. ``on_step`` hears a short description of
+    each build before it starts."""
+    folder = bundled_sample_data() if data is None else data.expanduser().resolve()
+    pubmedqa, vqa_rad = sample_paths(folder)
     if not _exists(settings, settings.text_index):
         on_step(f"indexing the PubMedQA abstracts in {pubmedqa.name}")
         build_demo_text_index(settings, pubmedqa)

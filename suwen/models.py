@@ -32,7 +32,7 @@ from suwen.config import (
     MEDCPT_QUERY,
     Settings,
 )
-from suwen.errors import IndexMismatchError, SuwenError
+from suwen.errors import DownloadError, IndexMismatchError, SuwenError
 from suwen.files import atomic_write_text
 from suwen.indexes.store import IndexManifest
 
@@ -47,7 +47,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 METADATA_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".tiktoken")
 
 
-class ModelFetchError(SuwenError):
+class ModelFetchError(DownloadError):
     """A model could not be fetched (unknown name, hub error, no space)."""
 
 

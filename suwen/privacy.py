@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from suwen.errors import SuwenError
+from suwen.errors import InputError
 
 # Values forced in Suwen's own environment and every child's.
 HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -68,7 +68,7 @@ PRIVATE_DIR_MODE = 0o700
 _network_allowed = False
 
 
-class RemoteServerError(SuwenError):
+class RemoteServerError(InputError):
     """A model server outside this machine was configured without ``allow_remote_vllm``."""
 
 

@@ -21,11 +21,12 @@ from contextlib import (
     contextmanager,
 )
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from suwen import privacy
 from suwen.config import Settings
-from suwen.errors import IndexMissingError
+from suwen.errors import IndexMissingError, InputError
 from suwen.llm.base import VisionLanguageModel
 from suwen.models import encoder_notice
 from suwen.tools.cases import ImageSearch
@@ -33,6 +34,8 @@ from suwen.tools.pubmed import TextSearch
 
 if TYPE_CHECKING:
     from suwen.agent.graph import SuwenAgent
+    from suwen.batch import Answerer
+    from suwen.types import AgentResult, Mode, Question
 
 T = TypeVar("T")
 Managed = AbstractContextManager[T] | AbstractAsyncContextManager[T]
@@ -190,3 +193,89 @@ class _Closing(AbstractContextManager[T]):
         close = getattr(self.searcher, "close", None)
         if callable(close):
             close()
+
+
+def agent_answerer(agent: SuwenAgent, mode: Mode, *, report: bool = False) -> Answerer:
+    """What a batch run asks of each question: the agent's answer in ``mode``, or with
+    ``report`` a draft report of the question's images (its text is the indication)."""
+
+    async def answer(question: Question) -> AgentResult:
+        if report:
+            from suwen.agent.report import as_agent_result, draft_report
+
+            drafted = await draft_report(agent, question, plain=mode == "plain")
+            return as_agent_result(drafted, question)
+        return await agent.run(question, mode=mode)
+
+    return answer
+
+
+# -- what ask, report, chat and batch check before a model server is started ------------------
+
+
+def checked_question(text: str, max_chars: int, where: str) -> str:
+    """The question without surrounding blanks; an empty or too long one is refused."""
+    from suwen.batch import question_length_error
+
+    question = text.strip()
+    if not question:
+        raise InputError("question: empty question")
+    too_long = question_length_error(question, max_chars, where)
+    if too_long is not None:
+        raise InputError(too_long)
+    return question
+
+
+def answer_settings(
+    settings: Settings, abstain_below: float | None, slices: int | None = None
+) -> Settings:
+    """The settings with ``--abstain-below`` and ``--slices`` applied (validated like the
+    settings themselves)."""
+    if slices is not None and slices < 1:
+        raise InputError(f"--slices {slices}: must be at least 1")
+    if slices is not None:
+        settings = settings.model_copy(update={"volume_slices": slices})
+    if abstain_below is None:
+        return settings
+    try:
+        return Settings.model_validate({**settings.model_dump(), "abstain_below": abstain_below})
+    except ValueError as exc:
+        raise InputError(f"--abstain-below {abstain_below}: must be between 0 and 1") from exc
+
+
+def answer_mode(plain: bool, adaptive: bool) -> Mode:
+    """The mode the ``--plain`` and ``--adaptive`` flags choose (at most one of them)."""
+    if plain and adaptive:
+        raise InputError("--plain and --adaptive: choose one")
+    return "plain" if plain else "adaptive" if adaptive else "agent"
+
+
+def checked_images(paths: list[Path], slices: int = 1) -> list[str]:
+    """Decode every image given on the command line now (a volume's views too), before a model
+    server is started, so a bad file costs the user a second, not a server start-up."""
+    from suwen.volumes import question_views
+
+    checked = []
+    for path in paths:
+        question_views(path, slices)
+        checked.append(str(path.expanduser().resolve()))
+    return checked
+
+
+def checked_priors(paths: list[Path], images: list[str], slices: int = 1) -> list[str]:
+    """``--prior`` images, checked like ``--image``; a prior needs a current study."""
+    if paths and not images:
+        raise InputError("--prior: give the current study with --image as well")
+    return checked_images(paths, slices)
+
+
+def command_line_dates(
+    images: list[str], dates: list[str], priors: list[str], prior_dates: list[str]
+) -> dict[str, str]:
+    """``--date`` and ``--prior-date``, checked and paired with the images they date."""
+    from suwen.studies import given_dates
+
+    return {
+        **given_dates(priors, prior_dates, "--prior-date", "--prior"),
+        **given_dates(images, dates, "--date", "--image"),
+    }

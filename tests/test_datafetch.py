@@ -224,7 +224,7 @@ def test_a_published_md5_that_does_not_match_is_one_line_and_keeps_nothing(
     target = tmp_path / "baseline"
     with serve_ncbi(ncbi) as url:
         done = suwen("data", "fetch", "pubmed-baseline", str(target), "--base-url", url + BASELINE)
-    assert done.exit_code == 2
+    assert done.exit_code == 5  # a download error
     assert "pubmed25n0002.xml.gz: md5 mismatch" in done.output
     assert not (target / "pubmed25n0002.xml.gz").exists()
     assert not (target / "pubmed25n0002.xml.gz.part").exists()
@@ -247,7 +247,7 @@ def test_a_missing_url_and_a_full_disk_are_one_line(
             "--base-url",
             url + "nowhere/",
         )
-        assert missing.exit_code == 2
+        assert missing.exit_code == 5
         assert "embeds_chunk_0.npy: not found (404)" in missing.output
 
         usage = shutil.disk_usage(tmp_path)
@@ -262,6 +262,6 @@ def test_a_missing_url_and_a_full_disk_are_one_line(
             "--base-url",
             url + MEDCPT,
         )
-        assert full.exit_code == 2 and "only 0.00 GB free" in full.output
+        assert full.exit_code == 5 and "only 0.00 GB free" in full.output
         assert not any((tmp_path / "b").iterdir())
         assert not ncbi.served

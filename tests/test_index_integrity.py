@@ -62,7 +62,7 @@ def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str, int]:
     return child.returncode, child.stdout, child.stderr, peak_kb * 1024
 
 
-def assert_refused(result: tuple[int, str, str, int], *named: str, code: int = 2) -> None:
+def assert_refused(result: tuple[int, str, str, int], *named: str, code: int = 3) -> None:
     exit_code, out, err, peak = result
     assert exit_code == code, (exit_code, out, err)
     assert "Traceback" not in out + err
@@ -290,7 +290,7 @@ def test_two_concurrent_image_builds_lose_no_cases(
     landed = [key for key, result in results.items() if result[0] == 0]
     for result in results.values():
         if result[0] != 0:
-            assert_refused(result, "'shared'", "being built by another process", code=1)
+            assert_refused(result, "'shared'", "being built by another process", code=2)
     assert landed, results
     assert cases == sum(len(batches[key]) for key in landed)
 
@@ -303,7 +303,7 @@ def test_a_second_builder_is_refused_while_the_lock_is_held(
     manifest = _manifest(image_corpus, tmp_path / "m", image_corpus.case_ids[:2])
     with store.build_lock(suwen_home / "indexes", "held"):
         refused = run_cli(env, "index", "images", "--name", "held", str(manifest))
-    assert_refused(refused, "'held'", "being built by another process", code=1)
+    assert_refused(refused, "'held'", "being built by another process", code=2)
     code, _, err, _ = run_cli(env, "index", "images", "--name", "held", str(manifest))
     assert code == 0, err
 

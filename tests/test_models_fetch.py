@@ -195,7 +195,7 @@ def test_an_interrupted_fetch_resumes_without_refetching(hub: HubState, tmp_path
 def test_a_missing_repository_is_one_line(hub: HubState, tmp_path: Path):
     del hub.repos[LINGSHU_7B]
     done = suwen(tmp_path / "home", "models", "fetch", "lingshu-7b")
-    assert done.exit_code == 2
+    assert done.exit_code == 5  # a download error
     lines = [line for line in done.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "lingshu-medical-mllm/Lingshu-7B@main" in lines[0]
 
@@ -208,7 +208,7 @@ def test_the_fetch_refuses_when_the_disk_is_too_small(
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(models.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     done = suwen(tmp_path / "home", "models", "fetch", "lingshu-7b")
-    assert done.exit_code == 2 and "only 1000 B free" in done.output
+    assert done.exit_code == 5 and "only 1000 B free" in done.output
     assert not any((tmp_path / "home" / "models").glob("lingshu-7b/*.safetensors"))
 
 

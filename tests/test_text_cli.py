@@ -108,7 +108,7 @@ def test_index_then_add_then_list_and_info(
     assert code == 0 and info["count"] >= 2 and str(good) in info["sources"]
     # info opens the index's files too: a manifest without an images database is refused.
     code, _, err = run("index", "info", "pics")
-    assert code == 2 and "'pics'" in err and "images.sqlite" in err
+    assert code == 3 and "'pics'" in err and "images.sqlite" in err  # an index error
 
 
 def test_nothing_ingested_exits_non_zero(
@@ -135,7 +135,7 @@ def test_console_script_errors_are_one_line(
         [str(SUWEN), "search", "text", "anything", "--index", "nope"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert missing.returncode == 2
+    assert missing.returncode == 3  # an index error
     assert missing.stderr.strip().count("\n") == 0
     assert "index 'nope' not found" in missing.stderr
 
@@ -159,7 +159,7 @@ def test_console_script_errors_are_one_line(
         [str(SUWEN), "search", "text", "anything", "--index", TEXT_INDEX, "--json"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert mismatch.returncode == 2
+    assert mismatch.returncode == 3
     assert mismatch.stderr.strip().count("\n") == 0
     assert "was built with text encoder someone/elsewhere" in mismatch.stderr
     assert "not on this machine" in mismatch.stderr

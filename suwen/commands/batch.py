@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -29,24 +29,25 @@ from suwen.batch import (
     QuestionSet,
     answer_pending,
     load_questions,
+    needs_model,
     open_answer_log,
-    pending,
+    record_unaskable,
 )
-from suwen.commands.ask import (
-    ABSTAIN_HELP,
-    ADAPTIVE_HELP,
-    VLLM_URL_HELP,
-    answer_settings,
-    mode_of,
-    warn,
+from suwen.commands.answering import (
+    ABSTAIN_BELOW_OPTION,
+    ADAPTIVE_OPTION,
+    IMAGE_INDEX_OPTION,
+    TEXT_INDEX_OPTION,
+    VLLM_URL_OPTION,
+    started_agent,
 )
-from suwen.commands.common import console, fail, literal_line, settings_of
+from suwen.commands.common import console, literal_line, settings_of
 from suwen.config import Settings
-from suwen.errors import InputError, ModelError
-from suwen.types import AgentResult, Mode, Question
+from suwen.errors import InputError, InterruptedRunError, NotDoneError
+from suwen.types import Mode
 
 ERRORS_SHOWN = 20
-
+TASKS = ("answer", "report")
 
 TASK_HELP = (
     "answer: answer each question; report: draft a radiology report of each line's images "
@@ -65,54 +66,43 @@ def batch(
         None, "--concurrency", "-c", help="Questions answered at once (default: setting, 8)."
     ),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
-    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
-    abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
+    adaptive: bool = ADAPTIVE_OPTION,
+    abstain_below: float | None = ABSTAIN_BELOW_OPTION,
     task: str = typer.Option("answer", "--task", help=TASK_HELP),
-    vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
-    text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
-    image_index: str | None = typer.Option(
-        None, "--image-index", help="Image index (default: setting)."
-    ),
+    vllm_url: list[str] = VLLM_URL_OPTION,
+    text_index: str | None = TEXT_INDEX_OPTION,
+    image_index: str | None = IMAGE_INDEX_OPTION,
 ) -> None:
-    """Answer every question in FOLDER (questions.jsonl, questions.csv, or a .txt beside each
-    image); one JSON line per question id in --out. Re-run the same command to finish an
-    interrupted run: answered ids are skipped, failed ones retried."""
+    """Answer every question in FOLDER, one JSON line per question id in --out.
+
+    FOLDER holds questions.jsonl, questions.csv, or a .txt beside each image. Re-run the same
+    command to finish an interrupted run: answered ids are skipped, failed ones retried.
+    """
+    from suwen.runtime import answer_mode, answer_settings
+
     settings = settings_of(ctx)
     workers = concurrency if concurrency is not None else settings.concurrency
+    if workers < 1:
+        raise InputError(f"--concurrency {workers}: must be at least 1")
+    mode = answer_mode(plain, adaptive)
+    if task not in TASKS or (task == "report" and adaptive):
+        raise InputError(f"--task {task}: 'answer', or 'report' (with or without --plain)")
+    settings = answer_settings(settings, abstain_below)
+    question_set = load_questions(folder, questions, settings.max_question_chars)
+    _refuse_overwriting_input(out, question_set.file)
+    run = BatchRun(settings, workers, mode, vllm_url, text_index, image_index, task == "report")
     try:
-        if workers < 1:
-            raise InputError(f"--concurrency {workers}: must be at least 1")
-        mode = mode_of(plain, adaptive)
-        if task not in ("answer", "report") or (task == "report" and adaptive):
-            raise InputError(f"--task {task}: 'answer', or 'report' (with or without --plain)")
-        settings = answer_settings(settings, abstain_below)
-        question_set = load_questions(folder, questions, settings.max_question_chars)
-        _refuse_overwriting_input(out, question_set.file)
         with open_answer_log(out) as log:
-            summary = asyncio.run(
-                _run(
-                    settings,
-                    question_set,
-                    log,
-                    workers,
-                    mode,
-                    vllm_url,
-                    text_index,
-                    image_index,
-                    task == "report",
-                )
-            )
-    except InputError as exc:
-        fail(str(exc))
+            summary = asyncio.run(run.answer_all(question_set, log))
     except KeyboardInterrupt:
-        fail(
+        raise InterruptedRunError(
             f"interrupted: every answer so far is saved in {out}; "
-            "run the same command again to finish",
-            code=130,
-        )
+            "run the same command again to finish"
+        ) from None
     _print_summary(summary, out)
     if not summary.complete:
-        raise typer.Exit(1)
+        left = summary.questions - summary.skipped - summary.answered - len(summary.errors)
+        raise NotDoneError(f"{left} question(s) not reached; run the same command to finish")
 
 
 def _refuse_overwriting_input(out: Path, questions_file: Path | None) -> None:
@@ -120,52 +110,34 @@ def _refuse_overwriting_input(out: Path, questions_file: Path | None) -> None:
         raise InputError(f"--out {out}: is the questions file; choose another output")
 
 
-async def _run(
-    settings: Settings,
-    questions: QuestionSet,
-    log: AnswerLog,
-    concurrency: int,
-    mode: Mode,
-    vllm_urls: list[str],
-    text_index: str | None,
-    image_index: str | None,
-    report: bool = False,
-) -> BatchSummary:
-    from suwen.runtime import open_agent
+@dataclass(frozen=True)
+class BatchRun:
+    """How the questions are answered: the settings, the model and indexes, the task."""
 
-    todo = pending(questions, log)
-    if not any(item.question is not None for item in todo):
-        # Nothing for a model to do (all answered, or only unusable items): start no server.
-        return await answer_pending(questions, log, _no_model, concurrency=concurrency)
-    async with AsyncExitStack() as stack:
-        with console.status("starting the model"):
-            agent = await stack.enter_async_context(
-                open_agent(
-                    settings,
-                    vllm_urls,
-                    text_index=text_index,
-                    image_index=image_index,
-                    sessions=False,
-                    on_notice=warn,
+    settings: Settings
+    concurrency: int
+    mode: Mode
+    vllm_urls: list[str]
+    text_index: str | None
+    image_index: str | None
+    report: bool
+
+    async def answer_all(self, questions: QuestionSet, log: AnswerLog) -> BatchSummary:
+        from suwen.runtime import agent_answerer
+
+        if not needs_model(questions, log):
+            return await record_unaskable(questions, log, concurrency=self.concurrency)
+        async with started_agent(
+            self.settings,
+            self.vllm_urls,
+            text_index=self.text_index,
+            image_index=self.image_index,
+        ) as agent:
+            answer = agent_answerer(agent, self.mode, report=self.report)
+            with BatchBar(len(questions.items)) as bar:
+                return await answer_pending(
+                    questions, log, answer, concurrency=self.concurrency, on_progress=bar.update
                 )
-            )
-
-        async def answer(question: Question) -> AgentResult:
-            if report:  # the line's question is the indication of the study
-                from suwen.agent.report import as_agent_result, draft_report
-
-                drafted = await draft_report(agent, question, plain=mode == "plain")
-                return as_agent_result(drafted, question)
-            return await agent.run(question, mode=mode)
-
-        with BatchBar(len(questions.items)) as bar:
-            return await answer_pending(
-                questions, log, answer, concurrency=concurrency, on_progress=bar.update
-            )
-
-
-async def _no_model(question: Question) -> AgentResult:
-    raise ModelError("no model was started for this run")
 
 
 class RateColumn(ProgressColumn):

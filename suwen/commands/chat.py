@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 from collections.abc import Iterable, Iterator
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,25 +38,23 @@ from suwen.commands.answer_view import (
     plain_result,
     transcript_markdown,
 )
-from suwen.commands.ask import (
-    ABSTAIN_HELP,
-    ADAPTIVE_HELP,
-    DATE_HELP,
-    IMAGE_OPTION_HELP,
-    PRIOR_DATE_HELP,
-    PRIOR_HELP,
-    VLLM_URL_HELP,
-    answer_settings,
-    checked_images,
-    command_line_dates,
-    mode_of,
-    warn,
+from suwen.commands.answering import (
+    ABSTAIN_BELOW_OPTION,
+    ADAPTIVE_OPTION,
+    DATE_OPTION,
+    IMAGE_INDEX_OPTION,
+    IMAGE_OPTION,
+    PRIOR_DATE_OPTION,
+    PRIOR_OPTION,
+    TEXT_INDEX_OPTION,
+    VLLM_URL_OPTION,
+    started_agent,
 )
 from suwen.commands.common import (
     console,
-    fail,
     labelled,
     literal_line,
+    print_note,
     print_or_plain,
     safe_markdown,
     settings_of,
@@ -84,35 +81,32 @@ HISTORY_FILE = "chat_history"
 
 def chat(
     ctx: typer.Context,
-    image: list[Path] = typer.Option([], "--image", "-i", help=IMAGE_OPTION_HELP),
-    prior: list[Path] = typer.Option([], "--prior", help=PRIOR_HELP),
-    date: list[str] = typer.Option([], "--date", help=DATE_HELP),
-    prior_date: list[str] = typer.Option([], "--prior-date", help=PRIOR_DATE_HELP),
+    image: list[Path] = IMAGE_OPTION,
+    prior: list[Path] = PRIOR_OPTION,
+    date: list[str] = DATE_OPTION,
+    prior_date: list[str] = PRIOR_DATE_OPTION,
     resume: str | None = typer.Option(None, "--resume", help="Continue a saved conversation."),
     plain: bool = typer.Option(False, "--plain", help="Start in plain mode (no retrieval)."),
-    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
-    abstain_below: float | None = typer.Option(None, "--abstain-below", help=ABSTAIN_HELP),
-    vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
-    text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
-    image_index: str | None = typer.Option(
-        None, "--image-index", help="Image index (default: setting)."
-    ),
+    adaptive: bool = ADAPTIVE_OPTION,
+    abstain_below: float | None = ABSTAIN_BELOW_OPTION,
+    vllm_url: list[str] = VLLM_URL_OPTION,
+    text_index: str | None = TEXT_INDEX_OPTION,
+    image_index: str | None = IMAGE_INDEX_OPTION,
 ) -> None:
     """Talk with Suwen about images and medical questions; /help inside lists the commands."""
+    from suwen.runtime import answer_mode, answer_settings, checked_images, command_line_dates
+
     settings = settings_of(ctx)
-    try:
-        images = checked_images(image)
-        priors = checked_images(prior)  # may wait for an /image (the current study)
-        dates = command_line_dates(images, date, priors, prior_date)
-        mode_of(plain, adaptive)  # refuses both
-        settings = answer_settings(settings, abstain_below)
-        if resume is not None and not asyncio.run(conversation_exists(settings, resume)):
-            raise InputError(
-                f"--resume {resume}: no saved conversation with that id in "
-                f"{settings.sessions_db} (list them with /sessions)"
-            )
-    except InputError as exc:
-        fail(str(exc))
+    images = checked_images(image)
+    priors = checked_images(prior)  # may wait for an /image (the current study)
+    dates = command_line_dates(images, date, priors, prior_date)
+    answer_mode(plain, adaptive)  # refuses both
+    settings = answer_settings(settings, abstain_below)
+    if resume is not None and not asyncio.run(conversation_exists(settings, resume)):
+        raise InputError(
+            f"--resume {resume}: no saved conversation with that id in "
+            f"{settings.sessions_db} (list them with /sessions)"
+        )
     options = ChatOptions(
         images, resume, plain, vllm_url, text_index, image_index, adaptive, priors, dates
     )
@@ -133,21 +127,15 @@ class ChatOptions:
 
 
 async def _chat(settings: Settings, options: ChatOptions) -> None:
-    from suwen.runtime import open_agent
-
     console.print(Text("Suwen chat", style="bold"), Text("-- /help lists the commands", "dim"))
     console.print(notice())
-    async with AsyncExitStack() as stack:
-        with console.status("starting the model"):
-            agent = await stack.enter_async_context(
-                open_agent(
-                    settings,
-                    options.vllm_urls,
-                    text_index=options.text_index,
-                    image_index=options.image_index,
-                    on_notice=warn,
-                )
-            )
+    async with started_agent(
+        settings,
+        options.vllm_urls,
+        text_index=options.text_index,
+        image_index=options.image_index,
+        sessions=True,
+    ) as agent:
         session = ChatSession(agent, thread_id=options.resume or new_thread_id())
         session.plain = options.plain
         session.adaptive = options.adaptive
@@ -158,7 +146,7 @@ async def _chat(settings: Settings, options: ChatOptions) -> None:
             try:
                 session.attach(path, options.dates.get(path))
             except InputError as exc:
-                warn(f"{exc} (attached earlier in this conversation; left out)")
+                print_note(f"{exc} (attached earlier in this conversation; left out)")
         for path in options.priors:
             session.attach_prior(path, options.dates.get(path))
         screen = ChatScreen(settings, session, earlier)

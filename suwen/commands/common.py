@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import NoReturn, Self
+from typing import Self
 
 import typer
 from rich.console import Console, RenderableType
@@ -96,12 +96,6 @@ def print_error(message: str) -> None:
     # Errors name inputs (files, indexes, servers, settings), never a question or an answer.
     log.warning("error: %s", line_for_terminal(message))
     err_console.print(labelled("error: ", message, "bold red"), highlight=False, soft_wrap=True)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print a one-line error and exit (inside a command)."""
-    print_error(message)
-    raise typer.Exit(code)
 
 
 MAX_ERRORS_SHOWN = 20

@@ -18,9 +18,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from suwen.commands.common import console, err_console, fail
+from suwen.commands.common import console, err_console
 from suwen.datafetch import BASELINE_URL, MEDCPT_URL, FetchProgress, FileResult
-from suwen.errors import SuwenError
 
 if TYPE_CHECKING:
     import httpx
@@ -96,14 +95,11 @@ def _run(directory: Path, plan: Callable[[httpx.Client], list[RemoteFile]]) -> N
 
     folder = directory.expanduser().resolve()
     bars = DownloadBars()
-    try:
-        with datafetch.open_client() as client:
-            with err_console.status("reading the file list"):
-                remote = plan(client)
-            with bars.progress:
-                results = datafetch.fetch_files(client, remote, folder, bars)
-    except SuwenError as exc:
-        fail(str(exc))
+    with datafetch.open_client() as client:
+        with err_console.status("reading the file list"):
+            remote = plan(client)
+        with bars.progress:
+            results = datafetch.fetch_files(client, remote, folder, bars)
     summary = ", ".join(f"{count} {status}" for status, count in datafetch.iter_statuses(results))
     total = sum(result.size for result in results)
     console.print(f"{escape(str(folder))}: {len(results)} files, {total / 1e9:.2f} GB ({summary})")

@@ -7,6 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from suwen.commands.common import console, settings_of
+from suwen.errors import NotDoneError
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
@@ -32,7 +33,7 @@ def doctor(
         console.print(table)
         console.print("* needed by `suwen ask`")
     if not checks_module.ask_ready(checks):
-        raise typer.Exit(1)
+        raise NotDoneError("something `suwen ask` needs is missing: see the fixes above")
 
 
 def register(app: typer.Typer) -> None:

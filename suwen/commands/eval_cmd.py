@@ -12,13 +12,12 @@ import typer
 from suwen.commands.common import (
     console,
     err_console,
-    fail,
     literal_line,
     print_note,
     settings_of,
 )
 from suwen.config import Settings
-from suwen.errors import SuwenError
+from suwen.errors import InputError, NotDoneError
 
 if TYPE_CHECKING:
     from suwen.agent.graph import SuwenAgent
@@ -124,15 +123,12 @@ def eval_command(
 
     settings = settings_of(ctx)
     if abstain_below is not None and not 0 <= abstain_below <= 1:
-        fail(f"--abstain-below {abstain_below}: must be between 0 and 1")
+        raise InputError(f"--abstain-below {abstain_below}: must be between 0 and 1")
     if lang not in (None, "en", "zh"):
-        fail(f"--lang {lang!r}: expected en or zh")
-    try:
-        chosen = parse_modes(modes)
-        names = [benchmark_named(name).name for name in _split(benchmark)]
-        counts = parse_case_examples(case_examples) if case_examples is not None else []
-    except SuwenError as exc:
-        fail(str(exc))
+        raise InputError(f"--lang {lang!r}: expected en or zh")
+    chosen = parse_modes(modes)
+    names = [benchmark_named(name).name for name in _split(benchmark)]
+    counts = parse_case_examples(case_examples) if case_examples is not None else []
     config = EvalConfig(
         benchmarks=names,
         data=data,
@@ -156,23 +152,18 @@ def eval_command(
         abstain_below=abstain_below if abstain_below is not None else settings.abstain_below,
         case_examples=counts,
     )
-    try:
-        summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
-        from suwen.evaluate.report import write_report
+    summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
+    from suwen.evaluate.report import write_report
 
-        write_report(out)
-        if calibrate:
-            _store_calibration(settings, out)
-    except SuwenError as exc:
-        fail(str(exc))
+    write_report(out)
+    if calibrate:
+        _store_calibration(settings, out)
     _print_summary(summaries, out)
 
 
 def parse_case_examples(text: str) -> list[int]:
     """``--case-examples 0,2``: distinct whole numbers, in the order given (the first is the
     baseline the others are compared with)."""
-    from suwen.errors import InputError
-
     parts = _split([text])
     if not parts or not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
         raise InputError(
@@ -278,7 +269,7 @@ def _print_summary(summaries: list[ModeSummary], out: Path) -> None:
     report = f"report: {out / 'report.md'}  ({out / 'report.html'}, {out / 'metrics.json'})"
     console.print(literal_line(report), highlight=False)
     if failed:
-        fail(f"{failed} question(s) failed; run the same command again to retry them", code=1)
+        raise NotDoneError(f"{failed} question(s) failed; run the same command again to retry them")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,22 +15,18 @@ from rich.text import Text
 from suwen.commands.common import (
     console,
     err_console,
-    fail,
     labelled,
     literal_line,
     note_index_encoder,
     progress_bars,
     settings_of,
 )
-from suwen.commands.index import index_app, search_app
-from suwen.errors import IndexDamagedError, SuwenError
 from suwen.types import ImageHit
 
 if TYPE_CHECKING:
     from suwen.indexes import image_sources
 
 
-@index_app.command("images")
 def index_images(
     ctx: typer.Context,
     source: Path = typer.Argument(
@@ -73,18 +69,14 @@ def index_images(
                 labelled("skipped: ", message, "yellow"), highlight=False, soft_wrap=True
             )
 
-        try:
-            summary = build_image_index(
-                settings,
-                index_name,
-                source,
-                progress=on_progress,
-                warn=on_skip,
-                max_frames=max_frames,
-            )
-        except SuwenError as exc:
-            progress.stop()
-            fail(str(exc), code=2 if isinstance(exc, IndexDamagedError) else 1)
+        summary = build_image_index(
+            settings,
+            index_name,
+            source,
+            progress=on_progress,
+            warn=on_skip,
+            max_frames=max_frames,
+        )
     console.print(
         Text.assemble(
             "index ",
@@ -115,15 +107,11 @@ def _extract_dataset(home: Path, source: Path, columns: image_sources.DatasetCol
         def on_skip(message: str) -> None:
             status.console.print(labelled("skipped: ", message, "yellow"), highlight=False)
 
-        try:
-            manifest, rows = image_sources.extract_dataset(source, target, columns, on_skip)
-        except SuwenError as exc:
-            fail(str(exc), code=1)
+        manifest, rows = image_sources.extract_dataset(source, target, columns, on_skip)
     err_console.print(f"{rows} rows of {escape(str(source))} written to {escape(str(target))}")
     return manifest
 
 
-@search_app.command("image")
 def search_image(
     ctx: typer.Context,
     path: Path = typer.Argument(..., help="Query image (PNG, JPEG, TIFF, DICOM, NIfTI)."),
@@ -139,14 +127,11 @@ def search_image(
     from suwen.retrieval.images import ImageSearcher
 
     settings = settings_of(ctx)
-    try:
-        image = load_image(path)
-        exclude = (sha256_of(path),) if exclude_self else ()
-        note_index_encoder(settings, index or settings.image_index)
-        searcher = ImageSearcher.open(settings, index)
-        hits = searcher.search_image(image, k, exclude_sha256=exclude)
-    except SuwenError as exc:
-        fail(str(exc), code=2 if isinstance(exc, IndexDamagedError) else 1)
+    image = load_image(path)
+    exclude = (sha256_of(path),) if exclude_self else ()
+    note_index_encoder(settings, index or settings.image_index)
+    searcher = ImageSearcher.open(settings, index)
+    hits = searcher.search_image(image, k, exclude_sha256=exclude)
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], indent=2))
         return
@@ -174,3 +159,8 @@ def _print_cases(path: Path, index: str, hits: list[ImageHit]) -> None:
 
 def _progress() -> Progress:
     return progress_bars(transient=True)
+
+
+def register(index_app: typer.Typer, search_app: typer.Typer) -> None:
+    index_app.command("images")(index_images)
+    search_app.command("image")(search_image)

@@ -8,8 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from suwen.commands.common import console, err_console, fail, settings_of
-from suwen.errors import SuwenError
+from suwen.commands.common import console, err_console, settings_of
 
 models_app = typer.Typer(
     help="Fetch the real models once; list what is on disk.", no_args_is_help=True
@@ -32,12 +31,9 @@ def fetch(
     from suwen import models
 
     settings = settings_of(ctx)
-    try:
-        fetched = models.fetch_models(
-            settings, names, revision, on_step=lambda line: err_console.print(escape(line))
-        )
-    except SuwenError as exc:
-        fail(str(exc))
+    fetched = models.fetch_models(
+        settings, names, revision, on_step=lambda line: err_console.print(escape(line))
+    )
     for record in fetched:
         console.print(
             f"{escape(record.repo_id)} @ {record.commit[:12]}: {len(record.files)} files in "
@@ -55,10 +51,7 @@ def list_(
     """Show the fetched models: folder, size on disk, revision and commit."""
     from suwen import models
 
-    try:
-        local = models.list_models(settings_of(ctx))
-    except SuwenError as exc:
-        fail(str(exc))
+    local = models.list_models(settings_of(ctx))
     if as_json:
         for item in local:
             row = item.record.model_dump() | {

@@ -12,20 +12,18 @@ from suwen.commands.common import (
     LiveBars,
     console,
     detail_column,
-    fail,
     literal_line,
     print_errors,
     progress_bars,
     settings_of,
 )
-from suwen.commands.index import index_app
 from suwen.config import MEDCPT_ARTICLE
+from suwen.errors import NotDoneError
 
 if TYPE_CHECKING:
     from suwen.indexes.medcpt_import import ImportProgress, ImportReport
 
 
-@index_app.command("pubmed-medcpt")
 def index_pubmed_medcpt(
     ctx: typer.Context,
     directory: Path = typer.Argument(
@@ -44,29 +42,25 @@ def index_pubmed_medcpt(
 ) -> None:
     """Import NCBI's precomputed MedCPT embeddings of PubMed, chunk by chunk; rerun the same
     command to resume after an interruption."""
-    from suwen.errors import SuwenError
     from suwen.indexes.medcpt_import import import_medcpt
 
     settings = settings_of(ctx)
     index_name = name or settings.text_index
-    try:
-        with _ImportBars() as bars:
-            report = import_medcpt(
-                settings,
-                directory,
-                index_name,
-                encoder=encoder,
-                query_encoder=query_encoder,
-                progress=bars.update,
-            )
-    except SuwenError as exc:
-        fail(str(exc))
+    with _ImportBars() as bars:
+        report = import_medcpt(
+            settings,
+            directory,
+            index_name,
+            encoder=encoder,
+            query_encoder=query_encoder,
+            progress=bars.update,
+        )
     _print_import(report)
     if report.up_to_date:
         done = f"index {index_name!r} already holds every chunk in {directory}"
         console.print(literal_line(done), highlight=False)
     elif not report.published:
-        fail(f"nothing could be imported into index {index_name!r} from {directory}", code=1)
+        raise NotDoneError(f"nothing could be imported into index {index_name!r} from {directory}")
 
 
 class _ImportBars(LiveBars):
@@ -110,3 +104,7 @@ def _print_import(report: ImportReport) -> None:
     for field, value in rows:
         table.add_row(field, literal_line(value))
     console.print(table)
+
+
+def register(index_app: typer.Typer) -> None:
+    index_app.command("pubmed-medcpt")(index_pubmed_medcpt)

@@ -11,21 +11,18 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from suwen.commands.ask import (
-    DATE_HELP,
-    PRIOR_DATE_HELP,
-    SLICES_HELP,
-    VLLM_URL_HELP,
-    answer_settings,
-    checked_images,
-    checked_priors,
-    command_line_dates,
-    warn,
+from suwen.commands.answering import (
+    DATE_OPTION,
+    IMAGE_INDEX_OPTION,
+    PRIOR_DATE_OPTION,
+    SLICES_OPTION,
+    TEXT_INDEX_OPTION,
+    VLLM_URL_OPTION,
+    started_agent,
 )
 from suwen.commands.common import (
     NOT_MEDICAL_ADVICE,
     err_console,
-    fail,
     labelled,
     literal,
     literal_line,
@@ -34,7 +31,7 @@ from suwen.commands.common import (
 )
 from suwen.commands.comparison_view import comparison_table
 from suwen.config import Settings
-from suwen.errors import InputError
+from suwen.errors import NotDoneError
 from suwen.types import DraftReport, Question
 
 REPORT_PRIOR_HELP = "Image of an earlier study to compare with (repeatable)."
@@ -45,28 +42,23 @@ def report(
     ctx: typer.Context,
     image: list[Path] = typer.Argument(..., help="Image file(s) or DICOM series of the study."),
     prior: list[Path] = typer.Option([], "--prior", help=REPORT_PRIOR_HELP),
-    date: list[str] = typer.Option([], "--date", help=DATE_HELP),
-    prior_date: list[str] = typer.Option([], "--prior-date", help=PRIOR_DATE_HELP),
+    date: list[str] = DATE_OPTION,
+    prior_date: list[str] = PRIOR_DATE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: no reference cases."),
-    slices: int | None = typer.Option(None, "--slices", help=SLICES_HELP),
-    vllm_url: list[str] = typer.Option([], "--vllm-url", help=VLLM_URL_HELP),
-    text_index: str | None = typer.Option(None, "--index", help="Text index (default: setting)."),
-    image_index: str | None = typer.Option(
-        None, "--image-index", help="Image index (default: setting)."
-    ),
+    slices: int | None = SLICES_OPTION,
+    vllm_url: list[str] = VLLM_URL_OPTION,
+    text_index: str | None = TEXT_INDEX_OPTION,
+    image_index: str | None = IMAGE_INDEX_OPTION,
 ) -> None:
     """Draft a structured radiology report, citing the similar cases it borrows from."""
-    settings = settings_of(ctx)
-    try:
-        settings = answer_settings(settings, None, slices)
-        images = checked_images(image, settings.volume_slices)
-        priors = checked_priors(prior, images, settings.volume_slices)
-        dates = command_line_dates(images, date, priors, prior_date)
-    except InputError as exc:
-        fail(str(exc))
     from suwen.agent.prompts import REPORT_TASK
+    from suwen.runtime import answer_settings, checked_images, checked_priors, command_line_dates
 
+    settings = answer_settings(settings_of(ctx), None, slices)
+    images = checked_images(image, settings.volume_slices)
+    priors = checked_priors(prior, images, settings.volume_slices)
+    dates = command_line_dates(images, date, priors, prior_date)
     request = Question(text=REPORT_TASK, images=images, prior_images=priors, image_dates=dates)
     drafted = asyncio.run(_draft(settings, request, plain, vllm_url, text_index, image_index))
     if as_json:
@@ -74,9 +66,9 @@ def report(
     elif drafted.text.strip():
         print_or_plain(lambda: report_view(drafted), plain_report(drafted))
     if not drafted.text.strip():
-        fail("no report: the model wrote nothing (see --json for the trace)", code=1)
+        raise NotDoneError("no report: the model wrote nothing (see --json for the trace)")
     if drafted.degraded:
-        fail("the report is incomplete: a step failed (see --json for the trace)", code=1)
+        raise NotDoneError("the report is incomplete: a step failed (see --json for the trace)")
 
 
 async def _draft(
@@ -88,18 +80,11 @@ async def _draft(
     image_index: str | None,
 ) -> DraftReport:
     from suwen.agent.report import draft_report
-    from suwen.runtime import open_agent
 
-    with err_console.status("starting the model") as status:
-        async with open_agent(
-            settings,
-            urls,
-            text_index=text_index,
-            image_index=image_index,
-            sessions=False,
-            on_notice=warn,
-        ) as agent:
-            status.update("reading the study")
+    async with started_agent(
+        settings, urls, text_index=text_index, image_index=image_index
+    ) as agent:
+        with err_console.status("reading the study") as status:
             return await draft_report(
                 agent,
                 question,

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from suwen.commands.common import console, fail, settings_of
+from suwen.commands.common import console, settings_of
 
 POLL_SECONDS = 1.0
 
@@ -23,6 +23,7 @@ def serve(
     """Start vLLM's OpenAI-compatible server for the VLM and keep it up until Ctrl-C.
 
     Other commands use it with --vllm-url URL (several servers: repeat the option)."""
+    from suwen.errors import ServerError
     from suwen.llm.server import ManagedServer
 
     settings = settings_of(ctx)
@@ -35,7 +36,7 @@ def serve(
         console.print(f"log: {server.log_path}   stop: Ctrl-C", highlight=False)
         while server.failure is None:
             time.sleep(POLL_SECONDS)
-        fail(server.failure)
+        raise ServerError(server.failure)
     except KeyboardInterrupt:
         console.print("stopping vLLM ...")
     finally:

@@ -9,9 +9,9 @@ from rich.table import Table
 from rich.text import Text
 
 from suwen.agent.sessions import Removed, conversation_store, purge_all, saved_conversations
-from suwen.commands.common import console, fail, literal_line, settings_of
+from suwen.commands.common import console, literal_line, settings_of
 from suwen.config import Settings
-from suwen.errors import InputError
+from suwen.errors import InputError, NotDoneError
 
 sessions_app = typer.Typer(
     help="List and delete saved chat conversations (and the transcripts /save wrote).",
@@ -23,10 +23,7 @@ sessions_app = typer.Typer(
 def list_sessions(ctx: typer.Context) -> None:
     """List saved conversations, most recently active first."""
     settings = settings_of(ctx)
-    try:
-        conversations = asyncio.run(saved_conversations(settings))
-    except InputError as exc:
-        fail(str(exc))
+    conversations = asyncio.run(saved_conversations(settings))
     if not conversations:
         console.print(Text(f"no saved conversations in {settings.sessions_db}"))
         return
@@ -52,10 +49,7 @@ def delete(
 ) -> None:
     """Delete one conversation: its checkpoints and the transcripts /save wrote of it."""
     settings = settings_of(ctx)
-    try:
-        removed = asyncio.run(_delete(settings, thread_id))
-    except InputError as exc:
-        fail(str(exc))
+    removed = asyncio.run(_delete(settings, thread_id))
     _report(removed, settings)
 
 
@@ -74,11 +68,8 @@ def purge(
     """Delete every saved conversation, every transcript /save wrote, and chat's input history."""
     settings = settings_of(ctx)
     if not yes and not typer.confirm("Delete every saved conversation?", default=False):
-        raise typer.Exit(1)
-    try:
-        removed = asyncio.run(purge_all(settings))
-    except InputError as exc:
-        fail(str(exc))
+        raise NotDoneError("purge not confirmed: nothing was deleted")
+    removed = asyncio.run(purge_all(settings))
     _report(removed, settings)
 
 

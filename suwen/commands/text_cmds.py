@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -16,15 +14,13 @@ from suwen.commands.common import (
     LiveBars,
     console,
     detail_column,
-    fail,
     literal_line,
     note_index_encoder,
     print_errors,
     progress_bars,
     settings_of,
 )
-from suwen.commands.index import index_app, search_app
-from suwen.errors import SuwenError
+from suwen.errors import InputError, NotDoneError
 from suwen.indexes import store
 
 if TYPE_CHECKING:
@@ -36,17 +32,6 @@ if TYPE_CHECKING:
 FORMATS = ("pubmed-xml", "pubtator", "jsonl", "pubmedqa", "pdf")
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """A SuwenError becomes a one-line message and a non-zero exit, inside the command (where
-    typer turns the exit into a status code)."""
-    try:
-        yield
-    except SuwenError as exc:
-        fail(str(exc))
-
-
-@index_app.command("text")
 def index_text(
     ctx: typer.Context,
     sources: list[Path] = typer.Argument(
@@ -64,9 +49,9 @@ def index_text(
 
     settings = settings_of(ctx)
     if fmt is not None and fmt not in FORMATS:
-        fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     index_name = name or settings.text_index
-    with user_errors(), _IngestBars() as bars:
+    with _IngestBars() as bars:
         report = build_text_index(
             settings,
             index_name,
@@ -76,7 +61,7 @@ def index_text(
         )
     _print_report(report)
     if not report.ingested_anything:
-        fail(f"nothing could be ingested into index {index_name!r}", code=1)
+        raise NotDoneError(f"nothing could be ingested into index {index_name!r}")
 
 
 class _IngestBars(LiveBars):
@@ -133,7 +118,6 @@ def _print_report(report: IngestReport) -> None:
     )
 
 
-@search_app.command("text")
 def search_text(
     ctx: typer.Context,
     query: str = typer.Argument(..., help="What to look for, in plain words."),
@@ -151,9 +135,9 @@ def search_text(
     settings = settings_of(ctx)
     method = method or settings.text_method
     if method not in ("hybrid", "dense", "bm25"):
-        fail(f"--method {method!r}: choose hybrid, dense or bm25")
+        raise InputError(f"--method {method!r}: choose hybrid, dense or bm25")
     note_index_encoder(settings, index or settings.text_index)
-    with user_errors(), TextSearcher.open(settings, index) as searcher:
+    with TextSearcher.open(settings, index) as searcher:
         hits = searcher.search(query, k, method=cast("Method", method), exclude_pmids=exclude)
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], ensure_ascii=False, indent=2))
@@ -184,15 +168,13 @@ def _print_hits(query: str, hits: list[TextHit]) -> None:
     console.print(table)
 
 
-@index_app.command("list")
 def list_indexes(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the text and image indexes in the data home."""
     settings = settings_of(ctx)
-    with user_errors():
-        manifests = store.list_indexes(settings.indexes_dir)
+    manifests = store.list_indexes(settings.indexes_dir)
     if as_json:
         typer.echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
         return
@@ -209,7 +191,6 @@ def list_indexes(
     console.print(table)
 
 
-@index_app.command("info")
 def index_info(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Index name."),
@@ -219,8 +200,7 @@ def index_info(
     from suwen.indexes.catalog import open_checked
 
     settings = settings_of(ctx)
-    with user_errors():
-        version, manifest = open_checked(settings.indexes_dir, name)
+    version, manifest = open_checked(settings.indexes_dir, name)
     if as_json:
         typer.echo(
             json.dumps({"version": str(version), **manifest.model_dump(mode="json")}, indent=2)
@@ -237,3 +217,10 @@ def index_info(
     sources = Text("\n").join(literal_line(source) for source in manifest.sources)
     table.add_row("sources", sources or "-")
     console.print(table)
+
+
+def register(index_app: typer.Typer, search_app: typer.Typer) -> None:
+    index_app.command("text")(index_text)
+    search_app.command("text")(search_text)
+    index_app.command("list")(list_indexes)
+    index_app.command("info")(index_info)
