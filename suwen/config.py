@@ -215,10 +215,10 @@ class Settings(BaseSettings):
     text_k: int = Field(5, ge=1, description="Text hits per query")
     image_k: int = Field(4, ge=0, description="Similar cases per image")
     case_examples: int = Field(
-        0,
+        2,
         ge=0,
-        description="Kept similar cases shown as worked examples in the answer (0: off; each "
-        "adds an image's tokens, so raise vllm_max_model_len to fit)",
+        description="Kept similar cases shown as worked examples in the answer (0: off; left "
+        "out, least relevant first, when the prompt would not fit the model length)",
     )
     volume_slices: int = Field(
         6, ge=1, description="Slices shown of a 3-D volume in its acquisition plane (--slices)"

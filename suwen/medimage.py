@@ -775,6 +775,100 @@ def dicom_slice_values(path: Path) -> tuple[npt.NDArray[np.float32], Any]:
     return guarded(path, read)
 
 
+def is_multiframe_dicom(path: Path) -> bool:
+    """A DICOM file whose header says it holds several frames (read without its pixel data;
+    a file whose header cannot be read is left to the loader to report)."""
+    if path.is_dir() or not _is_dicom_file(path):
+        return False
+    try:
+        return dicom_frame_count(read_dicom_header(path)) > 1
+    except InputError:
+        return False
+
+
+def dicom_frame_count(header: Any) -> int:
+    """NumberOfFrames as a number (1 when absent or not a number)."""
+    try:
+        return max(1, int(str(header.get("NumberOfFrames") or 1)))
+    except ValueError:
+        return 1
+
+
+def dicom_frames_values(path: Path) -> tuple[npt.NDArray[np.float32], Any]:
+    """Every frame of one multi-frame grayscale DICOM file in its modality's units (each
+    frame's own rescale from the functional groups of an enhanced file), and its header. The
+    header's sizes, native data's length and the whole float32 volume pass the budget before
+    anything is allocated; each frame's codestream is checked before it is decoded. Raises
+    InputError naming the file."""
+
+    def read() -> tuple[npt.NDArray[np.float32], Any]:
+        dataset = _read_dicom(path)
+        count = _checked_frame_count(path, dataset)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        if int(dataset.get("SamplesPerPixel") or 1) != 1:
+            raise InputError(f"{path}: the frames of a volume must be grayscale")
+        _refuse_volume(path, f"{count} frames of {columns}x{rows}", count * rows * columns * 4)
+        values = np.empty((count, rows, columns), dtype=np.float32)
+        for index in range(count):
+            frame = _decode_dicom_frame(path, dataset, index, count)
+            values[index] = _frame_modality_values(frame, dataset, index)
+        return values, dataset
+
+    return guarded(path, read)
+
+
+def _frame_modality_values(frame: Any, dataset: Any, index: int) -> Any:
+    from pydicom.pixels.processing import apply_modality_lut
+
+    rescale = dicom_frame_attributes(dataset, index, ("RescaleSlope", "RescaleIntercept"))
+    if len(rescale) == 2:
+        values = np.asarray(frame, dtype=np.float64) * float(rescale["RescaleSlope"])
+        values += float(rescale["RescaleIntercept"])
+    else:
+        values = np.asarray(apply_modality_lut(frame, dataset), dtype=np.float64)
+    if "DoseGridScaling" in dataset:  # RT dose grids: stored integers x scaling = Gy
+        values *= float(dataset.DoseGridScaling)
+    return values
+
+
+# Where an enhanced multi-frame file keeps each attribute: the functional group sequence
+# (per frame, else shared by all frames) holding it.
+_FUNCTIONAL_GROUP_OF = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "SliceThickness": "PixelMeasuresSequence",
+    "SpacingBetweenSlices": "PixelMeasuresSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+}
+
+
+def dicom_frame_attributes(header: Any, index: int, names: Sequence[str]) -> dict[str, Any]:
+    """The ``names`` that apply to frame ``index``: from its per-frame functional group, else
+    the shared one, else the top-level header (classic files); absent ones are left out."""
+    found: dict[str, Any] = {}
+    for name in names:
+        for item in _frame_group_items(header, index, _FUNCTIONAL_GROUP_OF.get(name, "")):
+            value = item.get(name)
+            if value is not None and value != "":
+                found[name] = value
+                break
+    return found
+
+
+def _frame_group_items(header: Any, index: int, group: str) -> list[Any]:
+    items: list[Any] = []
+    per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
+    shared = header.get("SharedFunctionalGroupsSequence") or []
+    for groups in ([per_frame[index]] if index < len(per_frame) else [], shared[:1]):
+        for item in groups:
+            sequence = item.get(group) if group else None
+            if sequence:
+                items.append(sequence[0])
+    return [*items, header]
+
+
 def nifti_volume(path: Path) -> tuple[Any, npt.NDArray[np.float32]]:
     """A 3-D NIfTI volume as ``(image, voxels as float32)`` in its stored orientation, after its
     header's sizes (and the float copy's) passed the budget. Raises InputError naming the file;

@@ -30,13 +30,18 @@ from suwen.errors import InputError
 from suwen.medimage import (
     MAX_VOLUME_BYTES,
     NIFTI_SUFFIXES,
+    dicom_frame_attributes,
+    dicom_frames_values,
     dicom_position_mm,
     dicom_series_headers,
     dicom_slice_values,
     is_dicom_series_dir,
+    is_multiframe_dicom,
+    load_frames,
     load_image,
     nifti_volume,
     pick_indices,
+    read_dicom_header,
 )
 
 VolumeArray = npt.NDArray[np.float32]
@@ -69,7 +74,10 @@ class Window:
     @property
     def label(self) -> str:
         if not self.preset:
-            return f"window {self.name} ({self.low:.0f} to {self.high:.0f})"
+            # Whole numbers for wide ranges (MR signal); significant digits for narrow ones
+            # (an RT dose grid in Gy), where whole numbers would all read the same.
+            digits = ".0f" if self.high - self.low >= 10 else ".3g"
+            return f"window {self.name} ({self.low:{digits}} to {self.high:{digits}})"
         width, level = self.high - self.low, (self.high + self.low) / 2
         return f"window {self.name} (W {width:.0f}, L {level:.0f})"
 
@@ -128,6 +136,12 @@ class Volume:
     modality: str  # "CT", "MR", ... ("" unknown)
     body_part: str = ""
 
+    @property
+    def slice_name(self) -> str:
+        """What one index along the first axis is called: a slice in its plane, or a frame
+        when the header places the frames nowhere (a cine loop, a frame series)."""
+        return f"{self.plane} slice" if self.plane else "frame"
+
 
 @dataclass(frozen=True)
 class View:
@@ -136,10 +150,11 @@ class View:
 
 
 def is_volume_path(path: Path) -> bool:
-    """A NIfTI file or a folder holding a DICOM series (a single file is not a volume)."""
+    """A NIfTI file, a folder holding a DICOM series or a multi-frame DICOM file (a single
+    frame is not a volume)."""
     if path.is_dir():
         return is_dicom_series_dir(path)
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+    return path.name.lower().endswith(NIFTI_SUFFIXES) or is_multiframe_dicom(path)
 
 
 def question_views(path: Path, slices: int, question: str = "") -> list[View]:
@@ -147,16 +162,36 @@ def question_views(path: Path, slices: int, question: str = "") -> list[View]:
     path = Path(path)
     if slices < 1:
         raise InputError(f"--slices {slices}: must be at least 1")
+    if is_volume_path(path) and not path.is_dir() and _colour_frames(path):
+        return _frame_views(path, slices)
     volume = read_volume(path) if is_volume_path(path) else None
     if volume is None:
         return [View(load_image(path), "")]
     return volume_views(volume, slices, question)
 
 
+def _colour_frames(path: Path) -> bool:
+    """A multi-frame DICOM of colour frames (an ultrasound or endoscopy loop)."""
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return False
+    return int(read_dicom_header(path).get("SamplesPerPixel") or 1) > 1
+
+
+def _frame_views(path: Path, slices: int) -> list[View]:
+    """Evenly spaced frames of a colour loop as they are stored (no window to choose)."""
+    views = []
+    for frame in load_frames(path, max_frames=slices):
+        label = f"{path.name}: {frame.label}" if frame.label else path.name
+        views.append(View(labelled(frame.image, label, path.name), label))
+    return views
+
+
 def read_volume(path: Path) -> Volume | None:
     """The volume in ``path`` (None when it holds one 2-D image only)."""
     if path.is_dir():
         return _dicom_series_volume(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _dicom_multiframe_volume(path)
     try:
         image, voxels = nifti_volume(path)
     except InputError:
@@ -203,9 +238,9 @@ def volume_views(volume: Volume, slices: int, question: str = "") -> list[View]:
     for offset in pick_indices(last - first + 1, slices):
         index = first + offset
         where = _position_text(volume, 0, index)
-        label = f"{volume.plane} slice {index + 1}/{count}{where}, {window.label}"
+        label = f"{volume.slice_name} {index + 1}/{count}{where}, {window.label}"
         views.append(_view(volume, volume.voxels[index], window, label))
-    if _isotropic(volume.spacing):
+    if volume.plane and _isotropic(volume.spacing):
         views.extend(_reformats(volume, mask, window))
     return views
 
@@ -358,6 +393,59 @@ def _dicom_series_volume(folder: Path) -> Volume | None:
         modality=str(first.get("Modality", "") or ""),
         body_part=str(first.get("BodyPartExamined", "") or ""),
     )
+
+
+_FRAME_GEOMETRY = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+)
+
+
+def _dicom_multiframe_volume(path: Path) -> Volume:
+    """One file of several grayscale frames, read as a series of its frames: each frame's
+    position from its functional groups (enhanced CT/MR) or the grid offsets (RT dose),
+    frames ordered along the normal when every one is placed, else kept in stored order and
+    named frames (no plane, no reformats)."""
+    values, header = dicom_frames_values(path)
+    count, rows, columns = values.shape
+    frames = [_frame_geometry(header, index, count) for index in range(count)]
+    known = [p for p in (dicom_position_mm(frame) for frame in frames) if p is not None]
+    # Placed: every frame somewhere else along the normal (frames at one place are a loop).
+    placed = len(set(known)) == count and bool(frames[0].get("ImageOrientationPatient"))
+    order = list(range(count))
+    ordered: list[float] | None = None
+    if placed:
+        order.sort(key=lambda i: known[i])
+        ordered = [known[i] for i in order]
+    first = frames[order[0]]
+    in_plane = _dicom_in_plane(first, rows, columns)
+    return Volume(
+        name=path.name,
+        voxels=np.ascontiguousarray(values[order]),
+        plane=_dicom_plane(first) if placed else "",
+        positions=(ordered, in_plane[0][1], in_plane[1][1]),
+        axis_letters=(_dicom_axis_letter(first), in_plane[0][0], in_plane[1][0]),
+        spacing=_dicom_spacing(first, ordered),
+        modality=str(header.get("Modality", "") or ""),
+        body_part=str(header.get("BodyPartExamined", "") or ""),
+    )
+
+
+def _frame_geometry(header: Any, index: int, count: int) -> dict[str, Any]:
+    """Frame ``index``'s position, orientation and spacing as a classic slice header has them
+    (RT dose: the first frame's position moved along the normal by its grid offset)."""
+    geometry = dicom_frame_attributes(header, index, _FRAME_GEOMETRY)
+    offsets = header.get("GridFrameOffsetVector") or []
+    normal, origin = _dicom_normal(geometry), geometry.get("ImagePositionPatient")
+    graded = "PerFrameFunctionalGroupsSequence" not in header and len(offsets) == count
+    if graded and normal is not None and origin:
+        moved = float(offsets[index]) - float(offsets[0])
+        moved_origin = np.asarray([float(v) for v in origin]) + moved * normal
+        geometry["ImagePositionPatient"] = [float(v) for v in moved_origin]
+    return geometry
 
 
 def _dicom_normal(header: Any) -> npt.NDArray[np.float64] | None:

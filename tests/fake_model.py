@@ -33,6 +33,7 @@ from suwen.llm.base import (
     ChatReply,
     LogprobRequest,
     Message,
+    PromptSize,
     TokenLogprobs,
     record_call,
 )
@@ -218,7 +219,15 @@ def _tokens(text: str) -> int:
 class FakeModel:
     """Scripted VisionLanguageModel. ``delay(prompt_tokens, completion_tokens)`` -> seconds."""
 
-    def __init__(self, *, delay: Callable[[int, int], float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        delay: Callable[[int, int], float] | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        """``context_length``: the model length ``prompt_size`` reports (None: unknown)."""
+        self.context_length = context_length
+        self.measured: list[int] = []  # the size of every prompt measured, in order
         self.rules: list[Rule] = []
         self.calls: list[FakeCall] = []
         self.delay = delay
@@ -326,6 +335,13 @@ class FakeModel:
             yield word if index == 0 else " " + word
         if isinstance(reply, Fail):
             raise reply.error
+
+    async def prompt_size(self, messages: list[Message]) -> PromptSize:
+        """Tokens counted as the call records count them (words, IMAGE_TOKENS per image)."""
+        images = sum(len(m.images) for m in messages)
+        tokens = sum(_tokens(m.text) for m in messages) + IMAGE_TOKENS * images
+        self.measured.append(tokens)
+        return PromptSize(tokens=tokens, limit=self.context_length)
 
     async def structured(
         self,

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from suwen.agent.prompts import EXAMPLES_NOTE
+from suwen.config import Settings
 from suwen.medimage import load_image
+from suwen.types import AgentResult
 from tests.agent_helpers import ask, make_agent, question
 from tests.fake_model import FakeCall, FakeModel, evidence_items
 from tests.fake_search import FakeImageSearch, case_hit
@@ -39,14 +41,23 @@ def search(jpegs: list[str], missing: Path | None = None) -> FakeImageSearch:
     return FakeImageSearch([(hit, f"{i}" * 64) for i, hit in enumerate(hits)])
 
 
-def answer_call(tmp_path: Path, jpegs: list[str], **overrides: Any) -> FakeCall:
+def answer_run(
+    tmp_path: Path, jpegs: list[str], context_length: int | None = None, **overrides: Any
+) -> tuple[FakeModel, AgentResult]:
     missing = overrides.pop("missing", None)
     plain = overrides.pop("plain", False)
-    model = FakeModel().script("reread", judge)
-    overrides.setdefault("case_examples", 2)  # off by default: these tests turn it on
+    model = FakeModel(context_length=context_length).script("reread", judge)
     agent = make_agent(tmp_path, model, images=search(jpegs, missing), **overrides)
-    ask(agent, question("What is shown?", images=[jpegs[0]]), mode="plain" if plain else "agent")
-    return model.calls_for("answer")[0]
+    q = question("What is shown?", images=[jpegs[0]])
+    return model, ask(agent, q, mode="plain" if plain else "agent")
+
+
+def answer_call(tmp_path: Path, jpegs: list[str], **overrides: Any) -> FakeCall:
+    return answer_run(tmp_path, jpegs, **overrides)[0].calls_for("answer")[0]
+
+
+def answer_trace(result: AgentResult) -> str:
+    return next(event.message for event in result.trace if event.node == "answer")
 
 
 def test_kept_cases_come_first_most_relevant_last(tmp_path: Path, jpegs: list[str]) -> None:
@@ -86,3 +97,37 @@ def test_a_missing_case_image_is_skipped(tmp_path: Path, jpegs: list[str]) -> No
 def test_plain_mode_shows_no_examples(tmp_path: Path, jpegs: list[str]) -> None:
     user = answer_call(tmp_path, jpegs, plain=True).messages[-1]
     assert len(user.images) == 1 and user.image_labels == []
+
+
+def test_two_examples_are_the_default() -> None:
+    assert Settings.model_fields["case_examples"].default == 2
+
+
+def test_examples_then_evidence_are_left_out_until_the_prompt_fits(
+    tmp_path: Path, jpegs: list[str]
+) -> None:
+    """The model length minus the answer's max_tokens bounds the prompt: the least relevant
+    example goes first, then the other, then the least relevant evidence; the trace says so."""
+    answer_tokens = Settings(home=tmp_path).max_tokens
+    model, _ = answer_run(tmp_path / "full", jpegs)
+    full = model.measured[0]  # two examples, two evidence items, nothing left out
+
+    model, result = answer_run(tmp_path / "one", jpegs, context_length=full - 1 + answer_tokens)
+    user = model.calls_for("answer")[0].messages[-1]
+    assert len(user.images) == 2 and "(c-strong)" in user.image_labels[0]
+    assert model.measured[-1] <= full - 1
+    assert "1 case example(s) left out to fit the model length" in answer_trace(result)
+
+    model, result = answer_run(tmp_path / "bare", jpegs, context_length=50)
+    # Measured in turn: full, one example, none, no example and [1] only, nothing.
+    assert len(model.measured) == 5 and model.measured[0] == full
+    assert "does not fit the model length (50 tokens" in answer_trace(result)
+    assert model.calls_for("answer")  # sent all the same: the server has the last word
+    limit = model.measured[3] + answer_tokens
+    model, result = answer_run(tmp_path / "trim", jpegs, context_length=limit)
+    user = model.calls_for("answer")[0].messages[-1]
+    assert len(user.images) == 1 and user.image_labels == []
+    trace = answer_trace(result)
+    assert "2 case example(s) and 1 evidence item(s) left out" in trace, trace
+    assert [label for label, _ in evidence_items(user.text)] == ["[1]"]
+    assert result.citations and all(c.number == 1 for c in result.citations)

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -146,12 +147,19 @@ def test_ask_prior_without_a_current_study_is_refused(
     assert result.exit_code == 2 and "--prior: give the current study with --image" in result.output
 
 
-def test_batch_lines_name_priors_by_field_or_by_role(tmp_path: Path, jpeg: str) -> None:
+def batch_items(folder: Path, jpeg: str, rows: list[dict[str, object]]) -> dict[str, Any]:
+    """The batch items of ``rows`` written as a questions file in ``folder``, where copies of
+    ``jpeg`` named old.jpg, new.jpg and older.jpg are the images, by id."""
     from suwen.batch import load_questions
 
     for name in ("old.jpg", "new.jpg", "older.jpg"):
-        (tmp_path / name).write_bytes(Path(jpeg).read_bytes())
-    rows = [
+        (folder / name).write_bytes(Path(jpeg).read_bytes())
+    (folder / "questions.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    return {item.id: item for item in load_questions(folder).items}
+
+
+def test_batch_lines_name_priors_by_field_or_by_role(tmp_path: Path, jpeg: str) -> None:
+    rows: list[dict[str, object]] = [
         {"id": "a", "image": "new.jpg", "prior": "old.jpg", "question": "Changed?"},
         {
             "id": "b",
@@ -164,8 +172,7 @@ def test_batch_lines_name_priors_by_field_or_by_role(tmp_path: Path, jpeg: str) 
         {"id": "c", "images": [{"path": "new.jpg", "role": "earlier"}], "question": "?"},
         {"id": "d", "images": [{"path": "new.jpg", "date": "last week"}], "question": "?"},
     ]
-    (tmp_path / "questions.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
-    items = {item.id: item for item in load_questions(tmp_path).items}
+    items = batch_items(tmp_path, jpeg, rows)
     root = tmp_path.resolve()
     a = items["a"].question
     assert a is not None and a.images == [str(root / "new.jpg")]
@@ -242,18 +249,13 @@ def test_ask_bad_dates_are_refused_in_one_line_naming_the_flag(
 
 
 def test_batch_line_dates_date_the_studies_of_plain_fields(tmp_path: Path, jpeg: str) -> None:
-    from suwen.batch import load_questions
-
-    for name in ("old.jpg", "new.jpg"):
-        (tmp_path / name).write_bytes(Path(jpeg).read_bytes())
     line = {"image": "new.jpg", "prior": "old.jpg", "question": "Changed?"}
-    rows = [
+    rows: list[dict[str, object]] = [
         {"id": "a", **line, "study_date": "2021-02-03", "prior_date": "20190101"},
         {"id": "b", **line, "prior_date": "2019-02-29"},
         {"id": "c", "image": "new.jpg", "question": "?", "prior_date": "2019-01-01"},
     ]
-    (tmp_path / "questions.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
-    items = {item.id: item for item in load_questions(tmp_path).items}
+    items = batch_items(tmp_path, jpeg, rows)
     root = tmp_path.resolve()
     a = items["a"].question
     assert a is not None and a.image_dates == {

@@ -24,8 +24,9 @@ from suwen.agent.answers import (
     short_answer_of,
     uncited_claims,
 )
+from suwen.agent.budget import FittedPrompt, fit_answer_prompt
 from suwen.agent.confidence import answer_confidence
-from suwen.agent.examples import example_candidates, load_examples
+from suwen.agent.examples import CaseExample, example_candidates, load_examples
 from suwen.agent.state import (
     AgentState,
     DecideReply,
@@ -326,9 +327,11 @@ class AgentNodes:
             return None
         return normalize_short_answer(reply.answer, question.answer_format)
 
-    async def answer(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
-        question = state["question"]
-        plain = state["mode"] == "plain"
+    async def _answer_prompt(
+        self, state: AgentState, context: RunContext, plain: bool
+    ) -> FittedPrompt:
+        """The answer prompt: the most relevant kept evidence and, before the question's own
+        images, the kept cases as worked examples; fitted to the model length."""
         ranked = sorted(kept_evidence(state), key=lambda item: item.relevance, reverse=True)
         numbered = [] if plain else ranked[: self.settings.answer_evidence]
         examples = await load_examples(
@@ -339,21 +342,34 @@ class AgentNodes:
                 self.settings.vllm_max_images,
             )
         )
-        messages = prompts.answer_messages(
-            question,
-            _images(context),
-            state["findings"],
-            [item.hit for item in numbered],
-            self._history(state),
-            plain=plain,
-            examples=[(e.number, e.case_id, e.image) for e in examples],
+
+        def build(shown: list[CaseExample], evidence: list[Evidence]) -> list[Message]:
+            return prompts.answer_messages(
+                state["question"],
+                _images(context),
+                state["findings"],
+                [item.hit for item in evidence],
+                self._history(state),
+                plain=plain,
+                examples=[(e.number, e.case_id, e.image) for e in shown],
+            )
+
+        return await fit_answer_prompt(
+            self.model, build, examples, numbered, self.settings.max_tokens
         )
+
+    async def answer(self, state: AgentState, context: RunContext, emit: Emit) -> Step:
+        question = state["question"]
+        fitted = await self._answer_prompt(state, context, state["mode"] == "plain")
+        messages, examples, numbered = fitted.messages, fitted.examples, fitted.numbered
         text, failure = await self._stream(messages, emit)
         context.written.messages, context.written.text = messages, text
         explanation, short = short_answer_of(text, question.answer_format)
         notes = [f"{len(text.split())} words, {len(numbered)} numbered sources"]
         if examples:
             notes.append(f"{len(examples)} similar cases shown as worked examples")
+        if fitted.note:
+            notes.append(fitted.note)
         if failure:
             notes.append(f"answer broke off: {failure}")
         if question.answer_format.kind != "free" and short is None:

@@ -80,6 +80,13 @@ class ChatReply(BaseModel):
     )
 
 
+class PromptSize(BaseModel):
+    """How many tokens a prompt takes on the server, and how many the served model admits."""
+
+    tokens: int
+    limit: int | None = Field(None, description="The served model's max_model_len (None: unknown)")
+
+
 class CallLog:
     """Collects the CallRecords of the calls made while it is active (see ``recording``)."""
 
@@ -168,3 +175,11 @@ class VisionLanguageModel(Protocol):
         """Reply validated against ``schema``; one bounded repair attempt on invalid or
         truncated JSON, then ``suwen.errors.StructuredOutputError``."""
         ...
+
+
+@runtime_checkable
+class PromptMeasure(Protocol):
+    """A model that can say how long a prompt is before it is sent (the answer prompt is fitted
+    to the model length with it; a model without it is sent the prompt as built)."""
+
+    async def prompt_size(self, messages: list[Message]) -> PromptSize: ...

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import httpx
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -53,10 +54,11 @@ from suwen.llm.base import (
     ChatReply,
     LogprobRequest,
     Message,
+    PromptSize,
     TokenLogprobs,
     record_call,
 )
-from suwen.llm.images import ImageEncoder
+from suwen.llm.images import ImageEncoder, visual_tokens
 from suwen.privacy import is_loopback_url, local_api_key
 from suwen.sanitize import for_prompt
 
@@ -108,6 +110,17 @@ def to_openai_messages(
                 parts.append({"type": "text", "text": labels[index]})
             parts.append({"type": "image_url", "image_url": {"url": encoder.data_url(image)}})
         parts.append({"type": "text", "text": message.text})
+        converted.append({"role": message.role, "content": parts})
+    return converted
+
+
+def text_only_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The messages as ``to_openai_messages`` sends them with every image left out (its label
+    kept): what the server's tokenizer counts as the prompt's text."""
+    converted: list[dict[str, Any]] = []
+    for message in messages:
+        texts = [*message.image_labels, message.text] if message.images else [message.text]
+        parts = [{"type": "text", "text": text} for text in texts]
         converted.append({"role": message.role, "content": parts})
     return converted
 
@@ -290,6 +303,11 @@ class _Tokenized(_Reply):
     tokens: list[int]
 
 
+class _Counted(_Reply):
+    count: int
+    max_model_len: int | None = None
+
+
 def _token_id(token: str) -> int | None:
     """The id in a ``token_id:N`` token (``return_tokens_as_token_ids``)."""
     match = _TOKEN_ID.match(token)
@@ -431,6 +449,39 @@ class VLLMClient:
         except ValidationError as exc:
             raise ModelError(f"vLLM at {endpoint.url}: unexpected /tokenize reply") from exc
         return tokens[0] if tokens else -1
+
+    async def prompt_size(self, messages: list[Message]) -> PromptSize:
+        """The prompt's tokens as the server will count them, and its model length: the text
+        through the server's own chat template and tokenizer (``/tokenize``, images left out,
+        so no image is sent or processed twice), plus each image's visual tokens for the size
+        it is sent at (``suwen.llm.images.visual_tokens``). Exact while the server resizes
+        within the same pixel budget as this client, as a managed server does (its
+        ``--mm-processor-kwargs`` come from the same settings)."""
+        body: dict[str, Any] = {
+            "messages": text_only_messages(messages),
+            "add_generation_prompt": True,
+        }
+
+        async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+            response = await http.post(f"{url}/tokenize", json={"model": model, **body})
+            if response.status_code >= 400:
+                raise ServerReplyError(response.status_code, error_message(response))
+            return response
+
+        # Counting is not a model call: its record is not logged.
+        response, endpoint = await self._send(CallRecord(kind="chat"), post, keep_busy=False)
+        try:
+            counted = _Counted.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ModelError(f"vLLM at {endpoint.url}: unexpected /tokenize reply") from exc
+        visual = sum(self._visual_tokens(image) for m in messages for image in m.images)
+        return PromptSize(tokens=counted.count + visual, limit=counted.max_model_len)
+
+    def _visual_tokens(self, image: Image.Image) -> int:
+        try:
+            return visual_tokens(image, self._images.min_pixels, self._images.max_pixels)
+        except ValueError:
+            return 0  # an image Qwen cannot take: the request itself reports it
 
     async def stream(
         self,

@@ -56,6 +56,13 @@ def fit_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple
     return new_h, new_w
 
 
+def visual_tokens(image: Image.Image, min_pixels: int, max_pixels: int) -> int:
+    """The prompt tokens one image takes in Qwen2.5-VL once resized within the pixel limits:
+    one per 28x28 cell, plus the vision start and end markers around them."""
+    height, width = fit_size(image.height, image.width, min_pixels, max_pixels)
+    return (height // FACTOR) * (width // FACTOR) + 2
+
+
 def prepare_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """Decode (PIL opens files lazily), convert to RGB and resize to Qwen's grid.
 
