@@ -9,6 +9,7 @@ saved conversations is ``suwen.agent.sessions``'s business.
 
 from __future__ import annotations
 
+import re
 import shlex
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from suwen.agent.state import Turn
 from suwen.errors import InputError
 from suwen.files import atomic_write_text
 from suwen.medimage import load_image
+from suwen.studies import normalise_date
 from suwen.types import AgentEvent, AgentResult, Mode, Question
 
 ImageCheck = Callable[[Path], object]
@@ -71,9 +73,12 @@ class ChatSession:
 
     def attach(self, raw_path: str, date: str | None = None) -> Path:
         """Attach an image for this and every later question; decoded now so a bad file is
-        reported at once, not after a model call. ``date`` (checked): its study date."""
+        reported at once, not after a model call. Its study date: ``date`` (checked), or
+        typed after the path as ``--date YYYY-MM-DD``."""
+        raw_path, typed = _path_and_date(raw_path, "/image")
         if not raw_path.strip():
             raise InputError("/image needs a path")
+        date = date or typed
         path = Path(_unquote(raw_path)).expanduser().resolve()
         self.check_image(path)
         if path not in self.images:
@@ -84,8 +89,10 @@ class ChatSession:
 
     def attach_prior(self, raw_path: str, date: str | None = None) -> Path:
         """Attach an earlier study to compare the attached images (the current study) with."""
+        raw_path, typed = _path_and_date(raw_path, "/prior")
         if not raw_path.strip():
             raise InputError("/prior needs a path")
+        date = date or typed
         path = Path(_unquote(raw_path)).expanduser().resolve()
         self.check_image(path)
         if path not in self.priors:
@@ -143,6 +150,17 @@ class ChatSession:
         written = write_atomically(path, text)
         record_transcript(sessions_db, self.thread_id, written)
         return written
+
+
+_DATE_OPTION = re.compile(r"(?:^|\s)--date\s+(\S+)\s*$")
+
+
+def _path_and_date(raw: str, command: str) -> tuple[str, str | None]:
+    """``PATH [--date YYYY-MM-DD]`` as typed after /image or /prior (the date checked)."""
+    match = _DATE_OPTION.search(raw)
+    if match is None:
+        return raw, None
+    return raw[: match.start()], normalise_date(match.group(1), f"{command} --date")
 
 
 def _unquote(raw: str) -> str:

@@ -200,3 +200,21 @@ def test_batch_task_report_drafts_one_report_per_line(
     assert "Clinical indication: Dyspnoea after a fall." in prompt.last
     bad = CliRunner().invoke(app, ["batch", str(folder), "--out", str(out), "--task", "summary"])
     assert bad.exit_code == 2 and "--task summary" in bad.output
+
+
+def test_references_that_would_overflow_the_model_length_are_left_out(
+    tmp_path: Path, jpeg: str
+) -> None:
+    question = Question(text=REPORT_TASK, images=[jpeg])
+    full = scripted()
+    run(tmp_path / "full", full, question)
+    with_reference = full.measured[0]  # the kept case as reference [1]
+    max_tokens = make_agent(tmp_path, full).settings.max_tokens
+    model = scripted()
+    model.context_length = with_reference - 1 + max_tokens
+    drafted = run(tmp_path / "tight", model, question)
+    report = model.calls_for("report")[0]
+    assert evidence_items(report.last) == [] and drafted.citations == []
+    assert model.measured[-1] < with_reference
+    trace = next(event.message for event in drafted.trace if event.node == "report")
+    assert "1 evidence item(s) left out to fit the model length" in trace

@@ -266,7 +266,7 @@ def test_batch_line_dates_date_the_studies_of_plain_fields(tmp_path: Path, jpeg:
     assert "'prior_date' given without the images it dates" in (items["c"].error or "")
 
 
-def test_chat_dates_given_at_start_label_the_studies(tmp_path: Path, jpeg: str) -> None:
+def test_chat_dates_given_at_start_or_typed_label_the_studies(tmp_path: Path, jpeg: str) -> None:
     from suwen.chat_session import ChatSession
 
     model = FakeModel().script("look", json.dumps(CHANGES))
@@ -274,7 +274,9 @@ def test_chat_dates_given_at_start_label_the_studies(tmp_path: Path, jpeg: str) 
     old = tmp_path / "old.jpg"
     old.write_bytes(Path(jpeg).read_bytes())
     session.attach_prior(str(old), "2019-01-01")
-    session.attach(jpeg, "2021-02-03")
+    session.attach(f"{jpeg} --date 20210203")  # as typed after /image
+    with pytest.raises(InputError, match="/prior --date: date 'yesterday' is not YYYY-MM-DD"):
+        session.attach_prior(f"{old} --date yesterday")
     asyncio.run(session.ask("What changed?"))
     labels = model.calls_for("look")[0].messages[-1].image_labels
     assert [label.split(": ", 2)[1] for label in labels] == [

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 
 from suwen.agent import prompts
 from suwen.agent.answers import check_citations, uncited_claims
+from suwen.agent.budget import FittedPrompt, fit_answer_prompt
+from suwen.agent.examples import CaseExample
 from suwen.agent.graph import (
     EventHandler,
     SuwenAgent,
@@ -27,7 +29,7 @@ from suwen.agent.graph import (
 )
 from suwen.agent.nodes import Step, kept_evidence, stream_text
 from suwen.agent.state import AgentState, RunContext, fresh_question_state, merged_state
-from suwen.llm.base import recording
+from suwen.llm.base import Message, recording
 from suwen.privacy import no_tracing
 from suwen.types import (
     AgentEvent,
@@ -149,21 +151,17 @@ async def _write(
     plain: bool,
     notify: EventHandler,
 ) -> DraftReport:
-    numbered = [] if plain else references(kept_evidence(state), agent.settings.answer_evidence)
-    messages = prompts.report_messages(
-        [image for _, image in context.images],
-        state["findings"],
-        [item.hit for item in numbered],
-        plain=plain,
-        indication=_indication(state["question"]),
-    )
     notify(AgentEvent(kind="node_start", node="report", message="writing the report"))
     started = time.perf_counter()
+    fitted = await _report_prompt(agent, state, context, plain)
+    messages, numbered = fitted.messages, fitted.numbered
     text, failure = await stream_text(agent.model, agent.settings, messages, "report", notify)
     checked = check_citations(text, len(numbered))
     sections = parse_report(checked.text)
     claims = "\n".join([sections.get("findings", ""), sections.get("impression", "")])
     message = f"{len(checked.cited)} references cited, {len(checked.removed)} removed"
+    if fitted.note:
+        message += f"; {fitted.note}"
     if failure:
         message += f"; report broke off: {failure}"
     trace = [
@@ -192,6 +190,25 @@ async def _write(
         trace=trace,
         degraded=any(event.degraded for event in trace),
     )
+
+
+async def _report_prompt(
+    agent: SuwenAgent, state: AgentState, context: RunContext, plain: bool
+) -> FittedPrompt:
+    """The report prompt with as many references (least relevant left out first) as fit the
+    model length beside the report's max_tokens."""
+    numbered = [] if plain else references(kept_evidence(state), agent.settings.answer_evidence)
+
+    def build(_: list[CaseExample], shown: list[Evidence]) -> list[Message]:
+        return prompts.report_messages(
+            [image for _, image in context.images],
+            state["findings"],
+            [item.hit for item in shown],
+            plain=plain,
+            indication=_indication(state["question"]),
+        )
+
+    return await fit_answer_prompt(agent.model, build, [], numbered, agent.settings.max_tokens)
 
 
 def _indication(question: Question) -> str:

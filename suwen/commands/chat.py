@@ -65,8 +65,8 @@ from suwen.privacy import private_dir
 from suwen.types import AgentEvent, AgentResult
 
 COMMANDS: dict[str, str] = {
-    "/image": "PATH   attach an image (repeat for prior and current study); alone: list them",
-    "/prior": "PATH   attach an earlier study to compare the /image (current study) with",
+    "/image": "PATH   attach an image (PATH --date YYYY-MM-DD: its study date); alone: list them",
+    "/prior": "PATH   attach an earlier study to compare the /image with (--date as for /image)",
     "/evidence": "N    show evidence item N of the last answer in full",
     "/plain": "        toggle plain mode (the model alone, no retrieval: the baseline)",
     "/adaptive": "     toggle adaptive mode (retrieve only when the plain answer is unsure)",
