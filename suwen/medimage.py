@@ -22,7 +22,6 @@ weaken Suwen's.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -91,23 +90,6 @@ def load_frames(path: Path, max_frames: int = 3) -> list[Frame]:
         raise InputError(f"{path}: no such file")
     reader = _reader_for(path)
     return _guard(path, lambda: reader(path, max_frames))
-
-
-def sha256_of(path: Path) -> str:
-    """Content hash of an image file, or of a series folder (its files' names and bytes)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    try:
-        for file in files:
-            if path.is_dir():
-                digest.update(file.name.encode() + b"\0")
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {_one_line(exc)}") from exc
-    return digest.hexdigest()
 
 
 def is_image_path(path: Path) -> bool:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from suwen.config import BIOMEDCLIP, Settings, load_settings
+from suwen.digests import sha256_of
 from suwen.errors import IndexMismatchError, InputError, ModelError
 from suwen.indexes import store
 from suwen.indexes.image_encoder import encoder_id, load_image_encoder
 from suwen.indexes.image_index import build_image_index
 from suwen.indexes.image_store import IMAGES_DB as DB_FILE
-from suwen.medimage import load_image, sha256_of
+from suwen.medimage import load_image
 from suwen.retrieval.images import ImageSearcher
 from tests.fixtures_images import ImageCorpus, image_settings_for
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 import struct
@@ -18,7 +17,7 @@ import tifffile
 from PIL import Image
 
 from suwen.errors import InputError
-from suwen.medimage import load_frames, load_image, sha256_of
+from suwen.medimage import load_frames, load_image
 
 nib: Any = nibabel  # nibabel ships no type hints
 
@@ -202,13 +201,6 @@ def test_vqa_rad_jpeg_loads_as_rgb(shared_data: Path):
     with Image.open(path) as original:
         size = original.size
     assert_rgb_image(load_image(path), size)
-
-
-def test_sha256_of_is_the_file_hash(shared_data: Path):
-    path = dicom_dir(shared_data) / "CT_small.dcm"
-    assert sha256_of(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    series = dicom_dir(shared_data) / "monai_ct_series"
-    assert len(sha256_of(series)) == 64
 
 
 # --- bad input --------------------------------------------------------------------------------

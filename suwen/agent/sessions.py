@@ -14,7 +14,6 @@ and every deletion ends with ``VACUUM`` and a truncating WAL checkpoint, so neit
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from suwen.agent.state import CHECKPOINT_TYPES
 from suwen.config import Settings
+from suwen.digests import sha256_of
 from suwen.errors import InputError
 
 # The file prompt_toolkit keeps chat's typed lines in (inside the data home), when it does.
@@ -258,6 +258,6 @@ def record_transcript(sessions_db: Path, thread_id: str, path: Path) -> None:
 
 def _sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        return sha256_of(path)
+    except InputError:
         return None

@@ -123,7 +123,8 @@ def search_image(
     ),
 ) -> None:
     """Find indexed cases whose images look like PATH."""
-    from suwen.medimage import load_image, sha256_of
+    from suwen.digests import sha256_of
+    from suwen.medimage import load_image
     from suwen.retrieval.images import ImageSearcher
 
     settings = settings_of(ctx)

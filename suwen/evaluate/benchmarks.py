@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from suwen.agent.prompts import REPORT_TASK
+from suwen.digests import sha256_of
 from suwen.errors import InputError, SuwenError
 from suwen.evaluate import prompts
 from suwen.files import atomic_write_bytes
@@ -111,14 +112,6 @@ class LoadContext:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def letter_choices(options: dict[str, str], sep: str) -> list[str]:
@@ -245,7 +238,7 @@ def _vqa_rad_local(data: Path) -> list[Sample]:
                 question_type=row.get("question_type"),
                 modality="radiology",
                 body_part=row.get("image_organ"),
-                exclude_image_sha256=[sha256_file(image)],
+                exclude_image_sha256=[sha256_of(image)],
             )
         )
     return samples
@@ -313,7 +306,7 @@ def load_slake(ctx: LoadContext) -> list[Sample]:
                 question_type=answer_type,
                 modality=row.get("modality"),
                 body_part=row.get("location"),
-                exclude_image_sha256=[sha256_file(image)] if image.is_file() else [],
+                exclude_image_sha256=[sha256_of(image)] if image.exists() else [],
                 lang="zh" if lang == "zh" else "en",
             )
         )
@@ -373,7 +366,7 @@ def load_pmc_vqa(ctx: LoadContext) -> list[Sample]:
                     choices=choices,
                     gold=answer.strip(),
                     kind="choice",
-                    exclude_image_sha256=[sha256_file(image)] if image.is_file() else [],
+                    exclude_image_sha256=[sha256_of(image)] if image.exists() else [],
                 )
             )
     return samples
@@ -424,7 +417,7 @@ def load_omnimedvqa(ctx: LoadContext) -> list[Sample]:
                     kind="choice",
                     question_type=row.get("question_type"),
                     modality=row.get("modality_type"),
-                    exclude_image_sha256=[sha256_file(image)] if image.is_file() else [],
+                    exclude_image_sha256=[sha256_of(image)] if image.exists() else [],
                 )
             )
     return samples
@@ -512,7 +505,7 @@ def _medxpertqa(split: Literal["MM", "Text"], ctx: LoadContext) -> list[Sample]:
                 kind="choice",
                 question_type=row.get("question_type"),
                 body_part=row.get("body_system"),
-                exclude_image_sha256=[sha256_file(Path(p)) for p in images if Path(p).is_file()],
+                exclude_image_sha256=[sha256_of(Path(p)) for p in images if Path(p).exists()],
             )
         )
     return samples
@@ -752,7 +745,7 @@ def load_iu_xray(ctx: LoadContext) -> list[Sample]:
                 kind="report",
                 modality="x-ray",
                 body_part="chest",
-                exclude_image_sha256=[sha256_file(p) for p in images if p.is_file()],
+                exclude_image_sha256=[sha256_of(p) for p in images if p.exists()],
             )
         )
     return samples
@@ -798,7 +791,7 @@ def _report_sample(
         modality="x-ray",
         body_part="chest",
         prompt_style=style,
-        exclude_image_sha256=[sha256_file(p) for p in images if p.is_file()],
+        exclude_image_sha256=[sha256_of(p) for p in images if p.exists()],
     )
 
 

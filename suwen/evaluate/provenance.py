@@ -9,7 +9,6 @@ version is what each server's ``/version`` endpoint says.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,13 +16,16 @@ from typing import Any
 
 import httpx
 
+from suwen.digests import sha256_of
+from suwen.errors import InputError
+
 VERSION_TIMEOUT = 5.0
 
 
 def _sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        return sha256_of(path)
+    except InputError:
         return None
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from suwen.agent.report import parse_report
+from suwen.digests import sha256_of
 from suwen.errors import InputError, ModelError, SuwenError
 from suwen.evaluate import prompts
 from suwen.evaluate import scoring as suwen_scoring
@@ -44,7 +45,7 @@ from suwen.files import atomic_path, atomic_write_json
 from suwen.jsonl_log import AppendLog, LogContents, open_append_log, read_log
 from suwen.llm.base import CallRecord, Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
-from suwen.medimage import load_image, sha256_of
+from suwen.medimage import load_image
 from suwen.sanitize import OPEN_LOOKALIKE, for_prompt
 from suwen.types import AgentResult, Mode, Question
 

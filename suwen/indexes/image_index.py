@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from suwen.config import Settings
+from suwen.digests import sha256_of
 from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
 from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
@@ -40,7 +41,6 @@ from suwen.medimage import (
     is_dicom_series_dir,
     is_image_path,
     load_frames,
-    sha256_of,
 )
 
 DEFAULT_MAX_FRAMES = 3
