@@ -1,8 +1,9 @@
 """Which article each chunk belongs to, as an array the searcher keeps in RAM.
 
 Search needs a chunk's article for every candidate (one hit per article, excluded PMIDs), and
-asking SQLite for 200 random chunk rows per query cost 17 ms at 1M chunks once those pages had
-left the OS cache, more than the vector search itself. A build therefore writes
+asking SQLite for a few hundred random chunk rows per query, once those pages have left the OS
+cache, costs more than the vector search itself on a large index (the README gives the
+figure). A build therefore writes
 ``article_keys.npy`` beside the vectors: ``keys[chunk_id]`` is a small integer naming the chunk's
 article (equal keys, same article; -1 for ids no chunk has), 4 bytes per chunk id. PMIDs are
 read from SQLite only for the ``k`` hits that are shown.

@@ -812,7 +812,7 @@ def faiss_threads(count: int) -> Iterator[None]:
     """Run FAISS with ``count`` OpenMP threads inside the block.
 
     PQ training runs thousands of tiny k-means whose OpenMP barriers spin: on a machine whose
-    cores are busy with other work, two threads measured 10-20x slower than one.
+    cores are busy with other work, more threads are many times slower than one.
     """
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(count)

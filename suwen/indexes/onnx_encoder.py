@@ -1,7 +1,7 @@
 """The query encoder as an ONNX Runtime model: one query without PyTorch in the process.
 
 Search encodes one short text per query. Through PyTorch that costs the framework's per-call
-overhead on every small matrix product and keeps about 1 GB of PyTorch resident in every search
+overhead on every small matrix product and keeps PyTorch's memory resident in every search
 process. So the first time a query encoder is needed (an index build or the first search) its
 transformer is exported once to ONNX, checked against the eager model on probe texts, and cached
 in the data home (``encoders/<fingerprint>/``: the graph, the tokenizer as ``tokenizer.json``
@@ -171,7 +171,8 @@ class OnnxQueryEncoder:
         buckets: Sequence[int] = (),
     ) -> None:
         """``buckets``: pad a query to the smallest of these lengths that holds it (none: run it
-        at its own length, which measured faster; kept so the benchmark can compare)."""
+        at its own length, the faster way in ``benchmarks/query_encoder.py``; kept so the
+        benchmark can compare)."""
         from tokenizers import Tokenizer
 
         ort = _runtime()

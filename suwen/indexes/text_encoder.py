@@ -102,9 +102,8 @@ class TextEncoder:
 
         On the CPU the transformer runs as a frozen TorchScript trace when that gives the same
         vector (checked once against the eager model): a short query is many small matrix
-        products whose per-call overhead dominates, and the frozen path took MiniLM's PubMedQA
-        questions (about 22 tokens) from 13.3 to 10.1 ms p50 on 2 cores, vectors within 1.6e-7
-        of the eager ones."""
+        products whose per-call overhead dominates, and freezing removes part of that overhead
+        (``benchmarks/query_encoder.py`` measures it; the README has the numbers)."""
         with self._lock:
             if self._fast_query is None:
 

@@ -41,15 +41,16 @@ QUERY_CACHE_SIZE = 2048
 class FusionConfig:
     """How hybrid search mixes its two lists.
 
-    Chosen with ``benchmarks/retrieval.py`` (MiniLM, 3,292 abstracts, 1000 PubMedQA questions
-    and 50 paraphrases): z-score linear fusion. Each list's top ``depth`` chunk scores are
-    standardised by their own mean and spread, then mixed 0.8 dense + 0.2 BM25. Naive RRF
-    ranks the gold abstract first more often than dense alone but loses at recall@10, because
-    it treats a clear dense winner and a near-tie alike; z-scores keep that confidence, and
-    BM25 then only breaks near-ties with exact-term evidence (drug names, gene symbols).
-    Every dense weight from 0.6 to 0.8 met the target on both halves of PubMedQA (official
-    test split and the rest); 0.8 also keeps hybrid ahead of dense on the paraphrases, where
-    BM25 is weak by construction. Fixed, not tuned per query.
+    Chosen with ``benchmarks/retrieval.py`` (MiniLM over PubMedQA's abstracts, its questions
+    and paraphrases of them; the README has the table): z-score linear fusion. Each list's
+    top ``depth`` chunk scores are standardised by their own mean and spread, then mixed 0.8
+    dense + 0.2 BM25. Naive RRF ranks the gold abstract first more often than dense alone but
+    loses at recall@10, because it treats a clear dense winner and a near-tie alike; z-scores
+    keep that confidence, and BM25 then only breaks near-ties with exact-term evidence (drug
+    names, gene symbols).
+    The dense weight was chosen where it met the target on both halves of PubMedQA (official
+    test split and the rest) and kept hybrid ahead of dense on the paraphrases, where BM25 is
+    weak by construction. Fixed, not tuned per query.
     """
 
     kind: Literal["linear", "rrf"] = "linear"
