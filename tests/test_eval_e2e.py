@@ -70,12 +70,13 @@ def eval_env(
     }
 
 
+def _cli(*options: str) -> list[str]:
+    """``suwen eval`` with ``options``, as a user runs it."""
+    return [sys.executable, "-c", "from suwen.cli import main; main()", "eval", *options]
+
+
 def _eval_args(shared_data: Path, out: Path, url: str) -> list[str]:
-    return [
-        sys.executable,
-        "-c",
-        "from suwen.cli import main; main()",
-        "eval",
+    return _cli(
         "--benchmark",
         ",".join(BENCHMARKS),
         "--data",
@@ -90,7 +91,7 @@ def _eval_args(shared_data: Path, out: Path, url: str) -> list[str]:
         "4",
         "--vllm-url",
         url,
-    ]
+    )
 
 
 def _lines(path: Path) -> list[str]:
@@ -206,11 +207,7 @@ def test_iu_xray_reports_with_labelled_images_and_a_blank_baseline_through_real_
     blank-image modes, and the report-generation table with every metric accounted for."""
     iu_xray = lay_out_iu_xray(shared_data, tmp_path / "IU_XRAY")
     out = tmp_path / "reports"
-    args = [
-        sys.executable,
-        "-c",
-        "from suwen.cli import main; main()",
-        "eval",
+    args = _cli(
         "--benchmark",
         "IU-Xray",
         "--data",
@@ -221,7 +218,7 @@ def test_iu_xray_reports_with_labelled_images_and_a_blank_baseline_through_real_
         str(out),
         "--vllm-url",
         vllm_url,
-    ]
+    )
     done = subprocess.run(args, cwd=REPO, env=eval_env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "IU-Xray plain: 3/3 done (3 now)" in done.stdout
@@ -239,3 +236,55 @@ def test_iu_xray_reports_with_labelled_images_and_a_blank_baseline_through_real_
     run = json.loads((out / "run.json").read_text("utf-8"))
     assert run["provenance"]["vllm_version"][vllm_url]  # the server said its version
     assert "## Report generation" in (out / "report.md").read_text("utf-8")
+
+
+def test_case_example_counts_compared_through_the_real_cli(
+    eval_env: dict[str, str], vllm_url: str, shared_data: Path, tmp_path: Path
+) -> None:
+    """`--case-examples 0,2` through the real CLI and server: the agent runs once per count
+    into its own samples file, the report compares them, and a second run resumes both."""
+    out = tmp_path / "examples"
+    args = _cli(
+        "--benchmark",
+        "VQA-RAD",
+        "--data",
+        str(shared_data),
+        "--modes",
+        "plain,agent",
+        "--case-examples",
+        "0,2",
+        "--out",
+        str(out),
+        "--limit",
+        "3",
+        "--vllm-url",
+        vllm_url,
+    )
+    done = subprocess.run(args, cwd=REPO, env=eval_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for count in (0, 2):
+        assert f"VQA-RAD agent ({count} case examples): 3/3 done (3 now)" in done.stdout
+        rows = [
+            json.loads(line) for line in _lines(out / "VQA-RAD" / f"agent@examples{count}.jsonl")
+        ]
+        assert len(rows) == 3 and {row["case_examples"] for row in rows} == {count}
+    metrics = json.loads((out / "metrics.json").read_text("utf-8"))
+    entry = metrics["benchmarks"]["VQA-RAD"]
+    assert set(entry["modes"]) == {"plain", "agent@examples0", "agent@examples2"}
+    scored = {
+        key: {
+            r["id"]
+            for r in map(json.loads, _lines(out / "VQA-RAD" / f"{key}.jsonl"))
+            if r["correct"] is not None
+        }
+        for key in ("agent@examples0", "agent@examples2")
+    }
+    paired = scored["agent@examples0"] & scored["agent@examples2"]
+    # A question whose prompt the tiny server refuses (too long with two example images) is
+    # recorded as not asked, not scored: the comparison covers the questions both counts scored.
+    if paired:
+        assert entry["case_examples"]["agent"]["0->2"]["n"] == len(paired)
+        assert "## Similar cases as worked examples" in (out / "report.md").read_text("utf-8")
+    again = subprocess.run(args, cwd=REPO, env=eval_env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "VQA-RAD agent (2 case examples): 3/3 done (0 now)" in again.stdout
