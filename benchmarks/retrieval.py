@@ -39,7 +39,8 @@ from rich.table import Table
 from benchmarks.common import minilm_or_exit, portable, shared_data_default, write_json
 from suwen.config import Settings, load_settings
 from suwen.indexes.text_index import IngestReport, ProgressCallback, build_text_index
-from suwen.retrieval.text import FusionConfig, Method, TextSearcher
+from suwen.retrieval.text import FusionConfig, TextSearcher
+from suwen.types import TextMethod
 
 HERE = Path(__file__).resolve().parent
 KS = (1, 5, 10)
@@ -49,7 +50,7 @@ CORPUS_GLOBS = (
     "abstracts/ncbi_disease/*.txt",
     "abstracts/bc5cdr/*.PubTator.txt",
 )
-METHODS: tuple[Method, ...] = ("dense", "bm25", "hybrid")
+METHODS: tuple[TextMethod, ...] = ("dense", "bm25", "hybrid")
 # Alternatives to the chosen hybrid, measured alongside it (see FusionConfig for the choice).
 VARIANTS: dict[str, FusionConfig] = {
     "rrf": FusionConfig(kind="rrf", weights={"dense": 1.0, "bm25": 1.0}),
@@ -100,7 +101,7 @@ def metrics_of(ranks: list[int | None]) -> dict[str, float]:
 def gold_ranks(
     searcher: TextSearcher,
     queries: Mapping[str, str],
-    method: Method,
+    method: TextMethod,
     *,
     label: str = "",
     progress: QueryProgress | None = None,

@@ -17,7 +17,7 @@ from platformdirs import user_data_dir
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from suwen.types import TextMethod
+from suwen.types import TextMethod, TextPooling
 
 LINGSHU_7B = "lingshu-medical-mllm/Lingshu-7B"
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     text_query_encoder: str | None = Field(
         None, description="Text encoder for queries (default: the article encoder's pair)"
     )
-    text_pooling: Literal["auto", "cls", "mean"] = Field(
+    text_pooling: TextPooling = Field(
         "auto", description="Pooling for encoders without a sentence-transformers config"
     )
     image_encoder: str = Field(BIOMEDCLIP, description="open_clip image/text encoder")

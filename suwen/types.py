@@ -19,6 +19,8 @@ TextMethod = Literal["hybrid", "dense", "bm25"]
 Mode = Literal["agent", "plain", "adaptive"]
 # What one pass of the agent's graph runs as; adaptive mode chooses one of them per question.
 GraphMode = Literal["agent", "plain"]
+# How a text encoder without a sentence-transformers config pools token vectors (auto: by model).
+TextPooling = Literal["auto", "cls", "mean"]
 
 
 class Document(BaseModel):

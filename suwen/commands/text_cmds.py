@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, cast, get_args
 
 import typer
 from rich.table import Table
@@ -22,11 +22,11 @@ from suwen.commands.common import (
 )
 from suwen.errors import InputError, NotDoneError
 from suwen.indexes import store
+from suwen.types import TextMethod
 
 if TYPE_CHECKING:
     from suwen.indexes.text_index import IngestProgress, IngestReport
     from suwen.indexes.text_sources import SourceFormat
-    from suwen.retrieval.text import Method
     from suwen.types import TextHit
 
 FORMATS = ("pubmed-xml", "pubtator", "jsonl", "pubmedqa", "pdf")
@@ -134,11 +134,11 @@ def search_text(
 
     settings = settings_of(ctx)
     method = method or settings.text_method
-    if method not in ("hybrid", "dense", "bm25"):
+    if method not in get_args(TextMethod):
         raise InputError(f"--method {method!r}: choose hybrid, dense or bm25")
     note_index_encoder(settings, index or settings.text_index)
     with TextSearcher.open(settings, index) as searcher:
-        hits = searcher.search(query, k, method=cast("Method", method), exclude_pmids=exclude)
+        hits = searcher.search(query, k, method=cast("TextMethod", method), exclude_pmids=exclude)
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], ensure_ascii=False, indent=2))
         return

@@ -26,6 +26,7 @@ from suwen.agent.prompts import REPORT_TASK
 from suwen.digests import sha256_of
 from suwen.errors import InputError, SuwenError
 from suwen.evaluate import prompts
+from suwen.evaluate.scoring_medevalkit import Family
 from suwen.files import atomic_write_bytes
 from suwen.types import AnswerFormat, Question
 
@@ -973,7 +974,7 @@ class Benchmark:
     name: str
     load: Callable[[LoadContext], list[Sample]]
     hub_id: str
-    medevalkit_family: Literal["choice", "vqa", "slake", "pathvqa", "mmmu", "report"]
+    medevalkit_family: Family
     published_key: str | None  # column in Lingshu's published table
     # MedEvalKit's PMC-VQA scorer alone skips the `<answer>` tag extraction.
     extract_answer_tag: bool = True

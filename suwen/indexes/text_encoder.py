@@ -34,11 +34,11 @@ from suwen.indexes import onnx_encoder
 from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder
 from suwen.indexes.vectors import FloatArray, normalise
 from suwen.privacy import missing_model_message
+from suwen.types import TextPooling
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-Pooling = Literal["auto", "cls", "mean"]
 EncodeProgress = Callable[[int, int], None]  # (texts done, texts total)
 
 # Tokenizers report a huge sentinel when a model sets no limit; BERT-style encoders take 512.
@@ -238,7 +238,7 @@ def _has_sentence_transformers_config(model: str) -> bool:
     return is_sentence_transformer_model(model)
 
 
-def _build_model(model: str, pooling: Pooling, device: str) -> tuple[SentenceTransformer, str]:
+def _build_model(model: str, pooling: TextPooling, device: str) -> tuple[SentenceTransformer, str]:
     from sentence_transformers import SentenceTransformer
 
     try:
@@ -260,7 +260,7 @@ def _build_model(model: str, pooling: Pooling, device: str) -> tuple[SentenceTra
 
 
 def load_text_encoder(
-    model: str, *, pooling: Pooling = "auto", device: str = "auto"
+    model: str, *, pooling: TextPooling = "auto", device: str = "auto"
 ) -> TextEncoder:
     """The encoder for ``model`` (hub id or local directory), loaded once per process."""
     device = resolve_device(device)

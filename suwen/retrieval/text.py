@@ -32,7 +32,6 @@ from suwen.types import TextHit, TextMethod
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
 
-Method = TextMethod
 
 QUERY_CACHE_SIZE = 2048
 
@@ -168,7 +167,7 @@ class TextSearcher:
         query: str,
         k: int = 10,
         *,
-        method: Method = "hybrid",
+        method: TextMethod = "hybrid",
         exclude_pmids: Collection[str] = (),
     ) -> list[TextHit]:
         """The ``k`` best articles for ``query``, one hit (best chunk) each.
