@@ -30,10 +30,11 @@ from suwen.agent.nodes import (
     AgentNodes,
     Emit,
     NodeName,
-    Step,
+    StepFunction,
     look_or_answer_plainly,
     search_again_or_answer,
     start_message,
+    traced_update,
 )
 from suwen.agent.state import AgentState, RunContext, Turn, graph_input
 from suwen.agent.state import fresh_question_state as fresh_state
@@ -57,7 +58,6 @@ from suwen.types import (
 
 log = logging.getLogger(__name__)
 
-StepFunction = Callable[[AgentState, RunContext, Emit], Awaitable[Step]]
 Graph = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
 EventHandler = Callable[[AgentEvent], None]
 
@@ -76,15 +76,7 @@ def _traced(name: NodeName, step: StepFunction) -> Callable[..., Awaitable[Agent
         emit: Emit = runtime.stream_writer
         context = runtime.context
         emit(AgentEvent(kind="node_start", node=name, message=start_message(name, state, context)))
-        started = time.perf_counter()
-        done = await step(state, context, emit)
-        event = TraceEvent(
-            node=name,
-            message=done.message,
-            seconds=time.perf_counter() - started,
-            degraded=done.degraded,
-        )
-        return {**done.update, "trace": [event]}
+        return await traced_update(name, step, state, context, emit)
 
     node.__name__ = name
     return node

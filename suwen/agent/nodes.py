@@ -9,6 +9,7 @@ functions are named for the decision they make.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -43,7 +44,7 @@ from suwen.models import local_copy
 from suwen.sanitize import register_model
 from suwen.tools.cases import ImageSearch, similar_cases
 from suwen.tools.pubmed import TextSearch, search_pubmed
-from suwen.types import AgentEvent, Evidence, Findings, Hit, Question
+from suwen.types import AgentEvent, Evidence, Findings, Hit, Question, TraceEvent
 
 Emit = Callable[[AgentEvent], None]
 NodeName = Literal["look", "plan", "retrieve", "reread", "decide", "answer", "verify", "assess"]
@@ -56,6 +57,20 @@ class Step:
     update: AgentState
     message: str
     degraded: bool = False
+
+
+StepFunction = Callable[[AgentState, RunContext, Emit], Awaitable[Step]]
+
+
+async def traced_update(
+    name: str, step: StepFunction, state: AgentState, context: RunContext, emit: Emit
+) -> AgentState:
+    """Run one step, timed: its update with its trace event (which the reducer appends)."""
+    started = time.perf_counter()
+    done = await step(state, context, emit)
+    seconds = time.perf_counter() - started
+    event = TraceEvent(node=name, message=done.message, seconds=seconds, degraded=done.degraded)
+    return {**done.update, "trace": [event]}
 
 
 def _images(context: RunContext) -> list[Image.Image]:

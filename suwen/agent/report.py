@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
 
 from suwen.agent import prompts
 from suwen.agent.answers import check_citations, uncited_claims
@@ -27,7 +26,7 @@ from suwen.agent.graph import (
     check_image_budget,
     load_question_images,
 )
-from suwen.agent.nodes import Step, kept_evidence, stream_text
+from suwen.agent.nodes import StepFunction, kept_evidence, stream_text, traced_update
 from suwen.agent.state import AgentState, RunContext, fresh_question_state, merged_state
 from suwen.llm.base import Message, recording
 from suwen.privacy import no_tracing
@@ -42,7 +41,6 @@ from suwen.types import (
     TraceEvent,
 )
 
-StepFn = Callable[[AgentState, RunContext, Callable[[AgentEvent], None]], Awaitable[Step]]
 _HEADING = re.compile(
     r"^[\s#*_]*(" + "|".join(prompts.REPORT_SECTIONS) + r")\b[\s*_]*:?[\s*_]*(.*)$",
     re.IGNORECASE,
@@ -126,22 +124,15 @@ async def draft_report(
 
 async def _run(
     name: str,
-    step: StepFn,
+    step: StepFunction,
     state: AgentState,
     context: RunContext,
     notify: EventHandler,
 ) -> AgentState:
     notify(AgentEvent(kind="node_start", node=name, message=name))
-    started = time.perf_counter()
-    done = await step(state, context, notify)
-    event = TraceEvent(
-        node=name,
-        message=done.message,
-        seconds=time.perf_counter() - started,
-        degraded=done.degraded,
-    )
-    notify(AgentEvent(kind="node_end", node=name, message=done.message))
-    return merged_state(state, {**done.update, "trace": [event]})
+    update = await traced_update(name, step, state, context, notify)
+    notify(AgentEvent(kind="node_end", node=name, message=update["trace"][0].message))
+    return merged_state(state, update)
 
 
 async def _write(
