@@ -19,6 +19,7 @@ from pathlib import Path
 
 from suwen.config import Settings
 from suwen.errors import InputError
+from suwen.files import publish_dir
 from suwen.indexes import store
 from suwen.models import bundled_minilm
 
@@ -147,7 +148,7 @@ def write_case_folder(vqa_rad: Path, target: Path, limit: int = DEMO_CASES) -> P
         caption = f"{_organ(train, name)} radiograph. " + " ".join(captions[name][:4])
         (staging / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
     shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    publish_dir(staging, target)
     return target
 
 

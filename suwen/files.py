@@ -5,9 +5,10 @@ target, and the directory fsynced: a reader never sees half a file, a crash or a
 moment leaves the previous file or the new one, never a mix. Every file is owner-only (0600)
 from its first byte, whatever the umask: what Suwen writes can describe a patient.
 
-Directory publishing (an index version, an exported encoder, a model folder) renames a whole
-staging directory instead; its owners fsync it with :func:`fsync_tree` before the rename and the
-parent with :func:`fsync_dir` after it.
+A folder written as a whole (an exported encoder, the demo's cases, a tiny model) is built in a
+staging folder beside its target and published with :func:`publish_dir`. Index versions are
+published by ``suwen.indexes.store`` (a ``CURRENT`` pointer besides the rename) with the same
+fsync helpers.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def fsync_tree(path: Path) -> None:
         elif item.is_dir():
             fsync_dir(item)
     fsync_dir(path)
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Rename a finished staging folder (beside ``target``, which must not exist or be an empty
+    folder) to ``target``, durably: its contents are fsynced before the rename, the parent
+    after it, so a crash leaves the staging folder or the complete target, never a partial
+    one under the target's name."""
+    fsync_tree(staging)
+    staging.rename(target)
+    fsync_dir(target.parent)
 
 
 @contextmanager

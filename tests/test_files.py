@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from suwen.files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from suwen.files import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    publish_dir,
+)
 
 
 def test_written_files_are_owner_only_even_under_a_permissive_umask(tmp_path: Path) -> None:
@@ -49,3 +55,18 @@ def test_the_temporary_is_beside_the_target_and_hidden(tmp_path: Path) -> None:
         assert not (tmp_path / "out.json").exists()  # nothing at the target until done
         tmp.write_text("{}", encoding="utf-8")
     assert (tmp_path / "out.json").read_text(encoding="utf-8") == "{}"
+
+
+def test_a_published_folder_appears_whole_under_its_name(tmp_path: Path) -> None:
+    staging = tmp_path / ".model.staging"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "sub" / "weights.bin").write_bytes(b"w")
+    target = tmp_path / "model"
+    publish_dir(staging, target)
+    assert (target / "sub" / "weights.bin").read_bytes() == b"w" and not staging.exists()
+    again = tmp_path / ".again"
+    again.mkdir()
+    (again / "x").write_bytes(b"x")
+    with pytest.raises(OSError):  # never merged into, nor replacing, a published folder
+        publish_dir(again, target)
+    assert sorted(p.name for p in target.iterdir()) == ["sub"]

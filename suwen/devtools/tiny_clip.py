@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from suwen.errors import InputError
+from suwen.files import publish_dir
 
 TEXT_TOWER_DIR = "text_tower"  # the BERT config; resolved against the model directory
 CONTEXT_LENGTH = 64
@@ -65,7 +66,7 @@ def write_tiny_clip(directory: Path) -> None:
         _make_readable(staging)
         if directory.exists():
             directory.rmdir()
-        staging.rename(directory)
+        publish_dir(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

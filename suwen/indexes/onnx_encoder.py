@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from suwen.files import publish_dir
 from suwen.indexes.vectors import FloatArray, normalise
 
 if TYPE_CHECKING:
@@ -275,7 +276,7 @@ def export(
         for file in staging.iterdir():
             file.chmod(0o600)
         with contextlib.suppress(OSError):  # another process may have published it meanwhile
-            staging.rename(target)
+            publish_dir(staging, target)
         return read_record(target)
     except Exception:  # an exporter or quantiser failure means: queries stay on PyTorch
         return None
@@ -370,7 +371,7 @@ def _export_graph(model: SentenceTransformer, path: Path) -> tuple[str, ...]:
             return output.last_hidden_state  # type: ignore[no-any-return]
 
     axes = {name: {0: "batch", 1: "tokens"} for name in (*names, "last_hidden_state")}
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_tracing():
         torch.onnx.export(
             LastHidden().eval(),
             tuple(features[name] for name in names),
@@ -429,8 +430,9 @@ def _root_logging_kept() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter warns about every traced branch; the probes check the result."""
+def quiet_tracing() -> Iterator[None]:
+    """Silence the warnings tracing and exporting give for every traced branch, and
+    transformers' log lines: the probes check the result instead."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

@@ -18,10 +18,8 @@ it cannot be made, queries use PyTorch with the frozen trace below.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +29,7 @@ from suwen.config import Settings
 from suwen.errors import ModelError
 from suwen.files import atomic_write_text
 from suwen.indexes import onnx_encoder
-from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder
+from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder, quiet_tracing
 from suwen.indexes.vectors import FloatArray, normalise
 from suwen.privacy import missing_model_message
 from suwen.types import TextPooling
@@ -167,7 +165,7 @@ class _FrozenQueryPath:
         try:
             example = _tensors(model.preprocess([cls.PROBES[0]]))
             transformer: Any = model[0].auto_model
-            with torch.inference_mode(False), torch.no_grad(), _quiet():
+            with torch.inference_mode(False), torch.no_grad(), quiet_tracing():
                 traced: Any = torch.jit.trace(  # type: ignore[no-untyped-call]
                     transformer.eval(), example_kwarg_inputs=example, strict=False
                 )
@@ -190,21 +188,6 @@ class _FrozenQueryPath:
                 features = module(features)
             vector = features["sentence_embedding"]
         return np.asarray(vector.float().numpy(), dtype=np.float32).reshape(1, -1)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence tracing's warnings and transformers' log lines (the probes check the result)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def _tensors(features: dict[str, Any]) -> dict[str, Any]:
