@@ -251,7 +251,7 @@ class AgentResult(BaseModel):
     # model, answer family and mode was found, else the raw value, labelled uncalibrated.
     confidence: float | None = Field(None, ge=0, le=1, description="None: not measured")
     confidence_raw: float | None = Field(None, ge=0, le=1)
-    confidence_source: str = "none"
+    confidence_source: ConfidenceSource = "none"
     calibrated: bool = False
     answer_probabilities: dict[str, float] = Field(
         default_factory=dict, description="Each allowed answer's probability (closed forms)"

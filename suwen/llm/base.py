@@ -33,10 +33,15 @@ class Message(BaseModel):
     )
 
 
+# What a request to the model server was: a reply, a streamed reply, a structured reply, or
+# the one repair attempt after a structured reply that did not validate.
+CallKind = Literal["chat", "stream", "structured", "repair"]
+
+
 class CallRecord(BaseModel):
     """Accounting for one model request."""
 
-    kind: Literal["chat", "stream", "structured", "repair"]
+    kind: CallKind
     purpose: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0

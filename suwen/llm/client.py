@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from PIL import Image
@@ -49,6 +49,7 @@ from suwen.agent.prompts import REPAIR_INSTRUCTION
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError, StructuredOutputError
 from suwen.llm.base import (
+    CallKind,
     CallRecord,
     CandidateLogprob,
     ChatReply,
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
-CallKind = Literal["chat", "stream", "structured", "repair"]
 
 CONNECT_TIMEOUT = 10.0
 BACKOFF_SECONDS = 0.5  # first retry after 0.5 s, then 1, 2, ... (capped below)
