@@ -53,6 +53,7 @@ class RemoteFile:
 
 
 Status = Literal["verified", "fetched", "resumed", "refetched"]
+CheckedBy = Literal["md5", "size"]  # what a fetched file was checked against
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class FileResult:
     name: str
     status: Status
     size: int
-    checked_by: Literal["md5", "size"]
+    checked_by: CheckedBy
 
 
 class FetchProgress:
@@ -272,7 +273,7 @@ def _part_size(folder: Path, item: RemoteFile) -> int:
     return size if size <= item.size else 0
 
 
-def _checked_by(item: RemoteFile) -> Literal["md5", "size"]:
+def _checked_by(item: RemoteFile) -> CheckedBy:
     return "md5" if item.md5 else "size"
 
 
