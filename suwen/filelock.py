@@ -1,5 +1,7 @@
-"""One writer per output file: the lock `suwen batch` and `suwen eval` take on the JSONL files
-they append to, so a second run on the same file is refused instead of interleaving lines."""
+"""The one lock Suwen takes against a second process doing the same work: a non-blocking
+``flock`` on a lock file, refused in one line. `suwen batch` and `suwen eval` hold it on the JSONL
+files they append to (:func:`single_writer`), index builds on their index (``store.build_lock``).
+The kernel drops the lock when its holder dies, however it dies, so nothing stale is left."""
 
 from __future__ import annotations
 
@@ -13,17 +15,25 @@ from suwen.errors import InputError
 
 
 @contextmanager
-def single_writer(path: Path, command: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (through ``path.lock``) for the block; another
-    process already holding it is refused in one line naming the file and ``command``. The
-    kernel drops the lock when its holder dies, however it dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+def exclusive(lock_file: Path, refusal: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created owner-only) for the block; when another
+    process holds it, raise :class:`InputError` with ``refusal`` instead of waiting."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(f"{path}: another {command} is writing this file") from None
+            raise InputError(refusal) from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def single_writer(path: Path, command: str) -> Iterator[None]:
+    """One writer for ``path`` (locked through ``path.lock``) for the block; another process
+    already writing it is refused in one line naming the file and ``command``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    refusal = f"{path}: another {command} is writing this file"
+    with exclusive(path.with_name(path.name + ".lock"), refusal):
+        yield

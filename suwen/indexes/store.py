@@ -19,7 +19,6 @@ no record to check against and are refused with a request to rebuild.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from suwen.errors import IndexDamagedError, IndexMissingError, InputError
+from suwen.filelock import exclusive
 from suwen.files import atomic_write_text, fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
@@ -256,11 +256,7 @@ def build_lock(indexes_dir: Path, name: str) -> Iterator[None]:
     refused in one line instead of waiting behind a build that can take hours."""
     root = index_root(indexes_dir, name)
     root.mkdir(parents=True, exist_ok=True)
-    with (root / BUILD_LOCK).open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise InputError(f"index {name!r} is being built by another process") from exc
+    with exclusive(root / BUILD_LOCK, f"index {name!r} is being built by another process"):
         yield
 
 
