@@ -75,8 +75,8 @@ def batch(
 ) -> None:
     """Answer every question in FOLDER, one JSON line per question id in --out.
 
-    FOLDER holds questions.jsonl, questions.csv, or a .txt beside each image. Re-run the same
-    command to finish an interrupted run: answered ids are skipped, failed ones retried.
+    FOLDER holds questions.jsonl, questions.csv, or a .txt file beside each image.
+    Run the same command again to resume: answered ids are skipped, failed ones retried.
     """
     from suwen.runtime import answer_mode, answer_settings
 

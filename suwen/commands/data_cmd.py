@@ -68,8 +68,10 @@ def fetch_medcpt(
     ),
     base_url: str = typer.Option(MEDCPT_URL, "--base-url", help="Where the chunks are published."),
 ) -> None:
-    """NCBI's MedCPT embeddings of PubMed (embeds/pmids/pubmed_chunk_N), for
-    `suwen index pubmed-medcpt DIR`."""
+    """NCBI's MedCPT embeddings of PubMed (embeds, pmids and pubmed_chunk_N files).
+
+    Import them with `suwen index pubmed-medcpt DIR`.
+    """
     from suwen import datafetch
 
     _run(directory, lambda client: datafetch.plan_medcpt(client, base_url, chunks))
@@ -83,8 +85,10 @@ def fetch_baseline(
     ),
     base_url: str = typer.Option(BASELINE_URL, "--base-url", help="The baseline's listing URL."),
 ) -> None:
-    """The PubMed baseline (pubmedNNnNNNN.xml.gz, each checked against its published .md5), for
-    `suwen index text DIR/*.xml.gz`."""
+    """The PubMed baseline (pubmedNNnNNNN.xml.gz), each file checked against its published .md5.
+
+    Index it with `suwen index text DIR/*.xml.gz`.
+    """
     from suwen import datafetch
 
     _run(directory, lambda client: datafetch.plan_baseline(client, base_url, files))

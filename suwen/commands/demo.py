@@ -38,8 +38,8 @@ def demo(
 ) -> None:
     """Index sample abstracts and images, then answer a VQA-RAD question about an image.
 
-    PubMedQA abstracts make the text index and VQA-RAD training images the similar-case index;
-    the question comes from VQA-RAD's test split, so it never finds its own image.
+    PubMedQA abstracts make the text index; VQA-RAD training images make the case index.
+    The question comes from VQA-RAD's test split, so it never finds its own image.
     """
     from suwen import demo as prepare
 

@@ -15,8 +15,10 @@ dev_app = typer.Typer(help="Developer tools: tiny offline models for tests.", no
 def tiny_clip(
     directory: Path = typer.Argument(..., help="Directory to write the model to."),
 ) -> None:
-    """Write a tiny random open_clip model with BiomedCLIP's kinds of towers
-    (load it with SUWEN_IMAGE_ENCODER=DIR)."""
+    """Write a tiny random open_clip model with BiomedCLIP's kinds of towers.
+
+    Load it with SUWEN_IMAGE_ENCODER=DIR.
+    """
     from suwen.devtools.tiny_clip import write_tiny_clip
 
     write_tiny_clip(directory)
@@ -27,8 +29,10 @@ def tiny_clip(
 def tiny_model(
     directory: Path = typer.Argument(..., help="Directory to write the model to."),
 ) -> None:
-    """Write a tiny random Qwen2.5-VL (Lingshu architecture) checkpoint (serve it with
-    SUWEN_VLM=DIR)."""
+    """Write a tiny random Qwen2.5-VL checkpoint (Lingshu's architecture).
+
+    Serve it with SUWEN_VLM=DIR.
+    """
     from suwen.devtools.tiny_qwen import write_tiny_model
 
     write_tiny_model(directory)

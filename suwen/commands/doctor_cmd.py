@@ -16,8 +16,11 @@ def doctor(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
-    """Check Python and packages, GPU, the vLLM build, models, indexes, the data home, disk and
-    vLLM servers; exit 1 when something `suwen ask` needs is missing."""
+    """Check what Suwen needs, each check with its fix; exit 1 when `suwen ask` cannot run.
+
+    Checked: Python and packages, GPU, the vLLM build, models, indexes, the data home, disk space.
+    Configured vLLM servers are checked too.
+    """
     from suwen import doctor as checks_module
 
     checks = checks_module.run_checks(settings_of(ctx))

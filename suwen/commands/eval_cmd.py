@@ -116,8 +116,10 @@ def eval_command(
         "(default: once, with the case_examples setting).",
     ),
 ) -> None:
-    """Score plain Lingshu and the Suwen agent on the same questions, with MedEvalKit's
-    prompts; writes per-question JSONL, metrics.json, report.md/html and a chart."""
+    """Score plain Lingshu and the Suwen agent on the same questions, with MedEvalKit's prompts.
+
+    Writes per-question JSONL, metrics.json, report.md, report.html and a chart into --out.
+    """
     from suwen.evaluate.benchmarks import benchmark_named
     from suwen.evaluate.runner import MEDEVALKIT_SAMPLING, EvalConfig, ImagePolicy, parse_modes
 

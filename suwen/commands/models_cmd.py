@@ -26,8 +26,11 @@ def fetch(
         None, "--revision", help="Branch, tag or commit of the model's repository (default: main)."
     ),
 ) -> None:
-    """Download models into the data home's models/ (resumable; honours HF_ENDPOINT) and point
-    the data home's suwen.toml at them, so every later command runs offline."""
+    """Download models into the data home's models/ folder and point suwen.toml at them.
+
+    The download resumes where it stopped and honours HF_ENDPOINT.
+    Every later command then runs offline.
+    """
     from suwen import models
 
     settings = settings_of(ctx)

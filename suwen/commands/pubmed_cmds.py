@@ -40,8 +40,10 @@ def index_pubmed_medcpt(
         None, "--query-encoder", help="Model for queries (default: the encoder's query pair)."
     ),
 ) -> None:
-    """Import NCBI's precomputed MedCPT embeddings of PubMed, chunk by chunk; rerun the same
-    command to resume after an interruption."""
+    """Import NCBI's precomputed MedCPT embeddings of PubMed, chunk by chunk.
+
+    Run the same command again to resume after an interruption.
+    """
     from suwen.indexes.medcpt_import import import_medcpt
 
     settings = settings_of(ctx)
