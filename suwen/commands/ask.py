@@ -9,20 +9,8 @@ from pathlib import Path
 import typer
 
 from suwen.batch import answer_failure
+from suwen.commands import answering
 from suwen.commands.answer_view import plain_result, result_view
-from suwen.commands.answering import (
-    ABSTAIN_BELOW_OPTION,
-    ADAPTIVE_OPTION,
-    DATE_OPTION,
-    IMAGE_INDEX_OPTION,
-    IMAGE_OPTION,
-    PRIOR_DATE_OPTION,
-    PRIOR_OPTION,
-    SLICES_OPTION,
-    TEXT_INDEX_OPTION,
-    VLLM_URL_OPTION,
-    answer_question,
-)
 from suwen.commands.common import print_or_plain, settings_of
 from suwen.errors import NotDoneError
 from suwen.types import Question
@@ -31,18 +19,18 @@ from suwen.types import Question
 def ask(
     ctx: typer.Context,
     question: str = typer.Argument(..., help="The question, in quotes."),
-    image: list[Path] = IMAGE_OPTION,
-    prior: list[Path] = PRIOR_OPTION,
-    date: list[str] = DATE_OPTION,
-    prior_date: list[str] = PRIOR_DATE_OPTION,
+    image: list[Path] = answering.IMAGE_OPTION,
+    prior: list[Path] = answering.PRIOR_OPTION,
+    date: list[str] = answering.DATE_OPTION,
+    prior_date: list[str] = answering.PRIOR_DATE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
-    adaptive: bool = ADAPTIVE_OPTION,
-    abstain_below: float | None = ABSTAIN_BELOW_OPTION,
-    slices: int | None = SLICES_OPTION,
-    vllm_url: list[str] = VLLM_URL_OPTION,
-    text_index: str | None = TEXT_INDEX_OPTION,
-    image_index: str | None = IMAGE_INDEX_OPTION,
+    adaptive: bool = answering.ADAPTIVE_OPTION,
+    abstain_below: float | None = answering.ABSTAIN_BELOW_OPTION,
+    slices: int | None = answering.SLICES_OPTION,
+    vllm_url: list[str] = answering.VLLM_URL_OPTION,
+    text_index: str | None = answering.TEXT_INDEX_OPTION,
+    image_index: str | None = answering.IMAGE_INDEX_OPTION,
 ) -> None:
     """Answer one question about medical images or medicine, with citations."""
     from suwen.runtime import (
@@ -63,7 +51,7 @@ def ask(
     mode = answer_mode(plain, adaptive)
     request = Question(text=text, images=images, prior_images=priors, image_dates=dates)
     result = asyncio.run(
-        answer_question(
+        answering.answer_question(
             settings, request, vllm_url, mode, text_index=text_index, image_index=image_index
         )
     )

@@ -33,14 +33,7 @@ from suwen.batch import (
     open_answer_log,
     record_unaskable,
 )
-from suwen.commands.answering import (
-    ABSTAIN_BELOW_OPTION,
-    ADAPTIVE_OPTION,
-    IMAGE_INDEX_OPTION,
-    TEXT_INDEX_OPTION,
-    VLLM_URL_OPTION,
-    started_agent,
-)
+from suwen.commands import answering
 from suwen.commands.common import console, literal_line, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError, InterruptedRunError, NotDoneError
@@ -66,12 +59,12 @@ def batch(
         None, "--concurrency", "-c", help="Questions answered at once (default: setting, 8)."
     ),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
-    adaptive: bool = ADAPTIVE_OPTION,
-    abstain_below: float | None = ABSTAIN_BELOW_OPTION,
+    adaptive: bool = answering.ADAPTIVE_OPTION,
+    abstain_below: float | None = answering.ABSTAIN_BELOW_OPTION,
     task: str = typer.Option("answer", "--task", help=TASK_HELP),
-    vllm_url: list[str] = VLLM_URL_OPTION,
-    text_index: str | None = TEXT_INDEX_OPTION,
-    image_index: str | None = IMAGE_INDEX_OPTION,
+    vllm_url: list[str] = answering.VLLM_URL_OPTION,
+    text_index: str | None = answering.TEXT_INDEX_OPTION,
+    image_index: str | None = answering.IMAGE_INDEX_OPTION,
 ) -> None:
     """Answer every question in FOLDER, one JSON line per question id in --out.
 
@@ -127,7 +120,7 @@ class BatchRun:
 
         if not needs_model(questions, log):
             return await record_unaskable(questions, log, concurrency=self.concurrency)
-        async with started_agent(
+        async with answering.started_agent(
             self.settings,
             self.vllm_urls,
             text_index=self.text_index,

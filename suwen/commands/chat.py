@@ -29,6 +29,7 @@ from suwen.agent.sessions import conversation_exists, saved_conversations
 from suwen.agent.state import Turn
 from suwen.batch import question_length_error
 from suwen.chat_session import ChatSession, new_thread_id
+from suwen.commands import answering
 from suwen.commands.answer_view import (
     answer_view,
     evidence_detail,
@@ -37,18 +38,6 @@ from suwen.commands.answer_view import (
     numbered_evidence,
     plain_result,
     transcript_markdown,
-)
-from suwen.commands.answering import (
-    ABSTAIN_BELOW_OPTION,
-    ADAPTIVE_OPTION,
-    DATE_OPTION,
-    IMAGE_INDEX_OPTION,
-    IMAGE_OPTION,
-    PRIOR_DATE_OPTION,
-    PRIOR_OPTION,
-    TEXT_INDEX_OPTION,
-    VLLM_URL_OPTION,
-    started_agent,
 )
 from suwen.commands.common import (
     console,
@@ -81,17 +70,17 @@ HISTORY_FILE = "chat_history"
 
 def chat(
     ctx: typer.Context,
-    image: list[Path] = IMAGE_OPTION,
-    prior: list[Path] = PRIOR_OPTION,
-    date: list[str] = DATE_OPTION,
-    prior_date: list[str] = PRIOR_DATE_OPTION,
+    image: list[Path] = answering.IMAGE_OPTION,
+    prior: list[Path] = answering.PRIOR_OPTION,
+    date: list[str] = answering.DATE_OPTION,
+    prior_date: list[str] = answering.PRIOR_DATE_OPTION,
     resume: str | None = typer.Option(None, "--resume", help="Continue a saved conversation."),
     plain: bool = typer.Option(False, "--plain", help="Start in plain mode (no retrieval)."),
-    adaptive: bool = ADAPTIVE_OPTION,
-    abstain_below: float | None = ABSTAIN_BELOW_OPTION,
-    vllm_url: list[str] = VLLM_URL_OPTION,
-    text_index: str | None = TEXT_INDEX_OPTION,
-    image_index: str | None = IMAGE_INDEX_OPTION,
+    adaptive: bool = answering.ADAPTIVE_OPTION,
+    abstain_below: float | None = answering.ABSTAIN_BELOW_OPTION,
+    vllm_url: list[str] = answering.VLLM_URL_OPTION,
+    text_index: str | None = answering.TEXT_INDEX_OPTION,
+    image_index: str | None = answering.IMAGE_INDEX_OPTION,
 ) -> None:
     """Talk with Suwen about images and medical questions; /help inside lists the commands."""
     from suwen.runtime import answer_mode, answer_settings, checked_images, command_line_dates
@@ -129,7 +118,7 @@ class ChatOptions:
 async def _chat(settings: Settings, options: ChatOptions) -> None:
     console.print(Text("Suwen chat", style="bold"), Text("-- /help lists the commands", "dim"))
     console.print(notice())
-    async with started_agent(
+    async with answering.started_agent(
         settings,
         options.vllm_urls,
         text_index=options.text_index,

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from suwen.batch import answer_failure
+from suwen.commands import answering
 from suwen.commands.answer_view import result_view
-from suwen.commands.answering import VLLM_URL_OPTION, answer_question
 from suwen.commands.common import console, err_console, settings_of
 from suwen.errors import NotDoneError
 from suwen.types import Question
@@ -34,7 +34,7 @@ def demo(
         "--offline/--real-models",
         help="Tiny offline stand-ins, or the real models (default: real only with a GPU).",
     ),
-    vllm_url: list[str] = VLLM_URL_OPTION,
+    vllm_url: list[str] = answering.VLLM_URL_OPTION,
 ) -> None:
     """Index sample abstracts and images, then answer a VQA-RAD question about an image.
 
@@ -56,7 +56,7 @@ def demo(
         f"VQA-RAD's answer: {escape(sample.gold)})[/]"
     )
     question = Question(text=sample.text, images=[str(sample.image)])
-    result = asyncio.run(answer_question(settings, question, vllm_url, "agent"))
+    result = asyncio.run(answering.answer_question(settings, question, vllm_url, "agent"))
     console.print(result_view(result))
     err_console.print(
         "[dim]The demo's indexes stay in the data home: try "

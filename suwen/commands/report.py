@@ -11,15 +11,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from suwen.commands.answering import (
-    DATE_OPTION,
-    IMAGE_INDEX_OPTION,
-    PRIOR_DATE_OPTION,
-    SLICES_OPTION,
-    TEXT_INDEX_OPTION,
-    VLLM_URL_OPTION,
-    started_agent,
-)
+from suwen.commands import answering
 from suwen.commands.common import (
     NOT_MEDICAL_ADVICE,
     err_console,
@@ -42,14 +34,14 @@ def report(
     ctx: typer.Context,
     image: list[Path] = typer.Argument(..., help="Image file(s) or DICOM series of the study."),
     prior: list[Path] = typer.Option([], "--prior", help=REPORT_PRIOR_HELP),
-    date: list[str] = DATE_OPTION,
-    prior_date: list[str] = PRIOR_DATE_OPTION,
+    date: list[str] = answering.DATE_OPTION,
+    prior_date: list[str] = answering.PRIOR_DATE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plain: bool = typer.Option(False, "--plain", help="Baseline: no reference cases."),
-    slices: int | None = SLICES_OPTION,
-    vllm_url: list[str] = VLLM_URL_OPTION,
-    text_index: str | None = TEXT_INDEX_OPTION,
-    image_index: str | None = IMAGE_INDEX_OPTION,
+    slices: int | None = answering.SLICES_OPTION,
+    vllm_url: list[str] = answering.VLLM_URL_OPTION,
+    text_index: str | None = answering.TEXT_INDEX_OPTION,
+    image_index: str | None = answering.IMAGE_INDEX_OPTION,
 ) -> None:
     """Draft a structured radiology report, citing the similar cases it borrows from."""
     from suwen.agent.prompts import REPORT_TASK
@@ -81,7 +73,7 @@ async def _draft(
 ) -> DraftReport:
     from suwen.agent.report import draft_report
 
-    async with started_agent(
+    async with answering.started_agent(
         settings, urls, text_index=text_index, image_index=image_index
     ) as agent:
         with err_console.status("reading the study") as status:
