@@ -60,6 +60,7 @@ from suwen.llm.base import (
     record_call,
 )
 from suwen.llm.images import ImageEncoder, visual_tokens
+from suwen.llm.transport import AiohttpTransport
 from suwen.privacy import is_loopback_url, local_api_key
 from suwen.sanitize import for_prompt
 
@@ -348,6 +349,7 @@ class _LoopState:
     loop: asyncio.AbstractEventLoop
     semaphore: asyncio.Semaphore
     http: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport
 
 
 Send = Callable[[httpx.AsyncClient, str, str], Awaitable[R]]
@@ -537,8 +539,10 @@ class VLLMClient:
     async def aclose(self) -> None:
         """Close the connection pool of the current event loop."""
         state, self._state = self._state, None
-        if state is not None:
+        if state is not None and state.loop is asyncio.get_running_loop():
             await state.http.aclose()
+        elif state is not None:
+            self._abandon(state)
 
     async def __aenter__(self) -> VLLMClient:
         return self
@@ -795,19 +799,27 @@ class VLLMClient:
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
-            self._state = _LoopState(
-                loop, asyncio.Semaphore(self.settings.concurrency), self._http()
-            )
+            if self._state is not None:
+                self._abandon(self._state)
+            # aiohttp's connection pool: httpx's own costs CPU per request in flight.
+            transport = self._transport or AiohttpTransport()
+            semaphore = asyncio.Semaphore(self.settings.concurrency)
+            self._state = _LoopState(loop, semaphore, self._http(transport), transport)
         return self._state
 
-    def _http(self) -> httpx.AsyncClient:
+    @staticmethod
+    def _abandon(state: _LoopState) -> None:
+        """The pool of a loop this client is no longer used from."""
+        if isinstance(state.transport, AiohttpTransport) and state.loop.is_closed():
+            state.transport.abandon()
+
+    def _http(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            transport=self._transport,
+            transport=transport,
             # vLLM started with --api-key checks it; otherwise any value is accepted.
             headers={"Authorization": f"Bearer {self._api_key}"},
             timeout=httpx.Timeout(self.settings.request_timeout, connect=CONNECT_TIMEOUT),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             # Prompts and images go to the configured servers only, never through a proxy
-            # picked up from the environment.
+            # picked up from the environment (the aiohttp transport reads none either).
             trust_env=False,
         )
