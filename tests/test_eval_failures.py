@@ -6,6 +6,7 @@ degraded agent answers as wrong. The model is a scripted vLLM behind the real cl
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,47 @@ def test_a_degraded_answer_is_still_an_answer_but_no_answer_is_a_failure() -> No
     # Not one call succeeded.
     assert model_refusal(_result("", "no findings (401)", "x"), [failed, failed]) == "x"
     assert model_refusal(_result(None), []) is None
+
+
+def test_the_cli_stops_in_one_line_and_still_reports_what_finished(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import contextmanager
+
+    from typer.testing import CliRunner
+
+    from suwen import runtime
+    from suwen.cli import app
+    from suwen.errors import IndexMissingError, ModelError
+    from suwen.llm.base import Message
+    from tests.test_eval_runner import FakeModel
+
+    answered: list[str] = []
+
+    def reply(messages: list[Message]) -> str:
+        if len(answered) >= 3:
+            raise ModelError("vLLM at http://127.0.0.1:8000 answered 401: Unauthorized")
+        answered.append(messages[-1].text)
+        return "A"
+
+    @contextmanager
+    def open_model(settings: Any, urls: Any) -> Any:
+        yield FakeModel(reply)
+
+    def no_index(settings: Any, name: str) -> Any:
+        raise IndexMissingError(f"index {name!r} not built")
+
+    monkeypatch.setenv("SUWEN_HOME", str(tmp_path / "home"))
+    previous = runtime.install_backends(runtime.Backends(open_model, no_index, no_index))
+    try:
+        out = tmp_path / "out"
+        args = ["eval", "-b", "pubmedqa", "--data", str(shared_data), "--modes", "plain"]
+        args += ["--limit", "12", "--concurrency", "1", "--out", str(out)]
+        result = CliRunner().invoke(app, args)
+    finally:
+        runtime.install_backends(previous)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if "in a row failed" in line]
+    assert len(errors) == 1 and "PubMedQA plain" in errors[0] and "401" in errors[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["benchmarks"]["PubMedQA"]["finished"] == {"plain": 3}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -17,7 +18,7 @@ from suwen.commands.common import (
     settings_of,
 )
 from suwen.config import Settings
-from suwen.errors import InputError, NotDoneError
+from suwen.errors import InputError, NotDoneError, SuwenError
 
 if TYPE_CHECKING:
     from suwen.agent.graph import SuwenAgent
@@ -154,9 +155,16 @@ def eval_command(
         abstain_below=abstain_below if abstain_below is not None else settings.abstain_below,
         case_examples=counts,
     )
-    summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
     from suwen.evaluate.report import write_report
+    from suwen.evaluate.runner import ModeFailedError
 
+    try:
+        summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
+    except ModeFailedError:
+        # The model stopped answering: the report still shows what finished before it did.
+        with contextlib.suppress(SuwenError):
+            write_report(out)
+        raise
     write_report(out)
     if calibrate:
         _store_calibration(settings, out)
