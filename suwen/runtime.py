@@ -34,7 +34,6 @@ from suwen.tools.pubmed import TextSearch
 
 if TYPE_CHECKING:
     from suwen.agent.graph import SuwenAgent
-    from suwen.batch import Answerer
     from suwen.types import AgentResult, Mode, Question
 
 T = TypeVar("T")
@@ -195,19 +194,46 @@ class _Closing(AbstractContextManager[T]):
             close()
 
 
-def agent_answerer(agent: SuwenAgent, mode: Mode, *, report: bool = False) -> Answerer:
-    """What a batch run asks of each question: the agent's answer in ``mode``, or with
-    ``report`` a draft report of the question's images (its text is the indication)."""
+class AgentAnswerer:
+    """What batch and eval ask of each question, on top of ``SuwenAgent`` (no session thread):
+    the answer in ``mode``, or a draft report as ``suwen report`` drafts it, for a report
+    question or, with ``report``, for every question (its text is the clinical indication)."""
 
-    async def answer(question: Question) -> AgentResult:
-        if report:
+    def __init__(self, agent: SuwenAgent, mode: Mode = "agent", *, report: bool = False) -> None:
+        self.agent = agent
+        self.mode = mode
+        self.report = report
+
+    async def __call__(self, question: Question) -> AgentResult:
+        if self.report or question.answer_format.kind == "report":
+            # Adaptive mode has no report route of its own: it drafts as the agent does.
             from suwen.agent.report import as_agent_result, draft_report
 
-            drafted = await draft_report(agent, question, plain=mode == "plain")
+            drafted = await draft_report(self.agent, question, plain=self.mode == "plain")
             return as_agent_result(drafted, question)
-        return await agent.run(question, mode=mode)
+        return await self.agent.run(question, mode=self.mode)
 
-    return answer
+
+class ExampleVariants:
+    """The eval runner's ``ExampleAnswerers``: the same agent (model, indexes) showing another
+    number of case examples, one agent per count, made when first asked for."""
+
+    def __init__(self, agent: SuwenAgent) -> None:
+        self.agent = agent
+        self.made: dict[int, SuwenAgent] = {}
+
+    def __call__(self, mode: Mode, count: int) -> AgentAnswerer | None:
+        if mode == "plain":
+            return None
+        if count not in self.made:
+            from suwen.agent.graph import SuwenAgent
+
+            nodes = self.agent.nodes
+            settings = self.agent.settings.model_copy(update={"case_examples": count})
+            self.made[count] = SuwenAgent(
+                settings, nodes.model, nodes.text_search, nodes.image_search
+            )
+        return AgentAnswerer(self.made[count], mode)
 
 
 # -- what ask, report, chat and batch check before a model server is started ------------------

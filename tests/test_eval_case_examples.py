@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from suwen.commands.eval_cmd import AgentAnswerer, ExampleVariants, parse_case_examples
+from suwen.commands.eval_cmd import parse_case_examples
 from suwen.errors import InputError
 from suwen.evaluate.benchmarks import Sample, load_benchmark
 from suwen.evaluate.report import write_report
@@ -25,6 +25,7 @@ from suwen.evaluate.runner import (
     run_evaluation,
     samples_path,
 )
+from suwen.runtime import AgentAnswerer, ExampleVariants
 from tests.agent_helpers import make_agent
 from tests.fake_model import FakeCall, FakeModel
 from tests.fake_search import FakeImageSearch, case_hit

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from suwen.agent.graph import SuwenAgent
-from suwen.commands.eval_cmd import AgentAnswerer
 from suwen.config import Settings
 from suwen.evaluate import prompts
 from suwen.evaluate.benchmarks import Sample, load_benchmark
@@ -29,6 +28,7 @@ from suwen.evaluate.runner import (
     samples_path,
 )
 from suwen.llm.base import CallRecord
+from suwen.runtime import AgentAnswerer
 from suwen.sanitize import neutralised_tokens
 from suwen.types import AgentResult, TraceEvent
 from tests.agent_helpers import cases, corpus

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from suwen.commands.eval_cmd import AgentAnswerer
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError
 from suwen.evaluate import prompts
@@ -32,6 +31,7 @@ from suwen.evaluate.runner import (
     samples_path,
     scored_report,
 )
+from suwen.runtime import AgentAnswerer
 from tests.agent_helpers import make_agent
 from tests.fake_model import Fail, FakeModel
 from tests.fake_search import FakeImageSearch, case_hit

@@ -116,7 +116,7 @@ class BatchRun:
     report: bool
 
     async def answer_all(self, questions: QuestionSet, log: AnswerLog) -> BatchSummary:
-        from suwen.runtime import agent_answerer
+        from suwen.runtime import AgentAnswerer
 
         if not needs_model(questions, log):
             return await record_unaskable(questions, log, concurrency=self.concurrency)
@@ -126,7 +126,7 @@ class BatchRun:
             text_index=self.text_index,
             image_index=self.image_index,
         ) as agent:
-            answer = agent_answerer(agent, self.mode, report=self.report)
+            answer = AgentAnswerer(agent, self.mode, report=self.report)
             with BatchBar(len(questions.items)) as bar:
                 return await answer_pending(
                     questions, log, answer, concurrency=self.concurrency, on_progress=bar.update

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import typer
 
@@ -21,55 +21,12 @@ from suwen.config import Settings
 from suwen.errors import InputError, NotDoneError, SuwenError
 
 if TYPE_CHECKING:
-    from suwen.agent.graph import SuwenAgent
     from suwen.evaluate.prompts import Lang
     from suwen.evaluate.runner import EvalConfig, ModeSummary
-    from suwen.types import AgentResult, Mode, Question
 
 
 def _split(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
-class AgentAnswerer:
-    """The runner's ``Answerer`` on top of ``SuwenAgent`` (agent or adaptive mode, no session
-    thread; report questions through ``suwen report``'s path)."""
-
-    def __init__(self, agent: SuwenAgent, mode: Literal["agent", "adaptive"] = "agent") -> None:
-        self.agent = agent
-        self.mode = mode
-
-    async def __call__(self, question: Question) -> AgentResult:
-        if question.answer_format.kind == "report":
-            # A report benchmark is answered as `suwen report` drafts (adaptive mode has no
-            # report route of its own: it drafts as the agent does).
-            from suwen.agent.report import as_agent_result, draft_report
-
-            drafted = await draft_report(self.agent, question, plain=False)
-            return as_agent_result(drafted, question)
-        return await self.agent.run(question, mode=self.mode)
-
-
-class ExampleVariants:
-    """The runner's ``ExampleAnswerers``: the same agent (model, indexes) showing another number
-    of case examples, one agent per count, made when first asked for."""
-
-    def __init__(self, agent: SuwenAgent) -> None:
-        self.agent = agent
-        self.made: dict[int, SuwenAgent] = {}
-
-    def __call__(self, mode: Mode, count: int) -> AgentAnswerer | None:
-        if mode == "plain":
-            return None
-        if count not in self.made:
-            from suwen.agent.graph import SuwenAgent
-
-            nodes = self.agent.nodes
-            settings = self.agent.settings.model_copy(update={"case_examples": count})
-            self.made[count] = SuwenAgent(
-                settings, nodes.model, nodes.text_search, nodes.image_search
-            )
-        return AgentAnswerer(self.made[count], mode)
 
 
 def eval_command(
@@ -219,7 +176,7 @@ def eval_settings(settings: Settings, config: EvalConfig) -> Settings:
 async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> list[ModeSummary]:
     from suwen.evaluate.provenance import provenance
     from suwen.evaluate.runner import answerer_of, load_selected, run_evaluation
-    from suwen.runtime import open_agent
+    from suwen.runtime import AgentAnswerer, ExampleVariants, open_agent
 
     samples = await asyncio.to_thread(load_selected, config, settings.home / "eval_cache")
     # Answers record abstentions by this run's threshold.
