@@ -7,15 +7,15 @@ from typing import ClassVar
 
 
 class ExitCode(IntEnum):
-    """How ``suwen`` ends: one code per kind of outcome (listed in ``suwen --help``)."""
+    """How ``suwen`` ends: one code per kind of outcome (meanings below, in ``suwen --help``)."""
 
     OK = 0
-    FAILED = 1  # the command ran and its job is not done: no answer, inputs that failed, ...
-    INPUT = 2  # a command-line value, file, image, question or setting that cannot be used
-    INDEX = 3  # an index is missing, built with another encoder, or damaged
-    MODEL = 4  # a model could not be loaded, or its server failed or replied unusably
-    DOWNLOAD = 5  # fetching models or data failed
-    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+    FAILED = 1
+    INPUT = 2
+    INDEX = 3
+    MODEL = 4
+    DOWNLOAD = 5
+    INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
