@@ -108,3 +108,22 @@ def test_ctrl_c_is_one_line_with_code_130(tmp_path: Path, monkeypatch: pytest.Mo
     code, lines = run(tmp_path / "home", "index", "list")
     assert code == ExitCode.INTERRUPTED == 130
     assert lines == ["error: interrupted"]
+
+
+def test_ctrl_c_in_a_batch_says_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from suwen.commands import batch
+
+    async def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch.BatchRun, "answer_all", interrupted)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "questions.jsonl").write_text('{"id": "q1", "question": "Is this asthma?"}\n')
+    out = tmp_path / "answers.jsonl"
+    code, lines = run(tmp_path / "home", "batch", str(folder), "--out", str(out))
+    assert code == 130 and len(lines) == 1
+    assert lines[0].startswith("error: interrupted: every answer so far is saved in ")
+    assert lines[0].endswith("run the same command again to finish")
