@@ -49,6 +49,7 @@ RESULT = HERE / "results" / "coordinator.json"
 HOST = "127.0.0.1"
 MODEL_NAME = "stand-in"
 TARGET_QPS = 50.0
+MODEL_LEN = 32768  # the stand-in's model length: every answer prompt fits
 IMAGE_CASES = 200
 
 # -- the stand-in server ---------------------------------------------------------------------
@@ -84,6 +85,15 @@ def _messages(body: dict[str, Any]) -> list[_Said]:
 
 def token_id(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest()[:6], 16)
+
+
+def tokenized(request: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's /tokenize reply: a prompt's first token (the confidence probe's candidates), or
+    a chat's token count and the model length (the answer prompt fitted to the model)."""
+    if "prompt" in request:
+        return {"count": 1, "tokens": [token_id(request["prompt"])], "max_model_len": MODEL_LEN}
+    text = " ".join(said.text for said in _messages(request))
+    return {"count": len(text) // 4, "tokens": [], "max_model_len": MODEL_LEN}
 
 
 def reply_for(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
@@ -133,18 +143,20 @@ def streamed(content: str) -> bytes:
     return "".join(lines).encode()
 
 
+SERVED = {"requests": 0}  # in the stand-in's process
+
+
 def respond(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+    if method == "GET" and path.startswith("/served"):
+        return 200, "application/json", json.dumps(SERVED).encode()
+    SERVED["requests"] += 1
     if method == "GET" and path.startswith("/v1/models"):
         return 200, "application/json", json.dumps({"data": [{"id": MODEL_NAME}]}).encode()
     if method == "GET" and path.startswith("/health"):
         return 200, "application/json", b"{}"
     request = json.loads(body or b"{}")
     if path.startswith("/tokenize"):
-        return (
-            200,
-            "application/json",
-            json.dumps({"tokens": [token_id(request["prompt"])]}).encode(),
-        )
+        return 200, "application/json", json.dumps(tokenized(request)).encode()
     if path.startswith("/v1/chat/completions"):
         content, logprobs = reply_for(request)
         if request.get("stream"):
@@ -288,6 +300,12 @@ class CollectorTime:
             gc.callbacks.remove(self)
 
 
+def served_requests(url: str) -> int:
+    import httpx
+
+    return int(httpx.get(f"{url}/served", timeout=10).json()["requests"])
+
+
 async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, url: str) -> Any:
     from suwen.config import Settings
     from suwen.evaluate.benchmarks import LoadContext, load_pubmedqa, load_vqa_rad
@@ -316,6 +334,7 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         # Warm-up: imports, the query encoder, the first connections; not measured.
         await asyncio.gather(*(one(s) for s in samples[: args.concurrency]))
         profiler = cProfile.Profile() if args.profile else None
+        served = served_requests(url)
         cpu, started = cpu_seconds(), time.perf_counter()
         with recording() as log, CollectorTime().installed() as collector:
             if profiler:
@@ -324,6 +343,7 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
             if profiler:
                 profiler.disable()
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+        served = served_requests(url) - served
     result: dict[str, Any] = {
         "questions": len(samples),
         "concurrency": args.concurrency,
@@ -332,6 +352,8 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "model_calls": len(log.records),
         "model_calls_per_question": round(sum(calls) / len(samples), 2),
         "model_calls_per_s": round(len(log.records) / wall, 1),
+        # Model calls plus what is not one: /tokenize (answer prompt length, probe tokens).
+        "http_requests_per_question": round(served / len(samples), 2),
         "cpu_s_per_question": round(cpu / len(samples), 4),
         "cpu_share_of_wall": round(cpu / wall, 2),
         "gc_runs_by_generation": collector.runs,
