@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import tempfile
@@ -51,7 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import shared_data_default
+from benchmarks.common import cpu_seconds, shared_data_default
 from suwen.agent import prompts
 from suwen.agent.graph import SuwenAgent
 from suwen.batch import answer_failure, load_questions, run_batch
@@ -115,11 +114,6 @@ def write_question_folder(data: Path, count: int, folder: Path) -> Path:
 
 
 # -- the three ways -----------------------------------------------------------------------------
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def timed(method: str, count: int, work: Callable[[], Awaitable[list[str]]]) -> Pass:

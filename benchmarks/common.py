@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,10 @@ def portable(value: str | Path) -> str:
     if path.is_relative_to(REPO):
         return str(path.relative_to(REPO))
     return without_machine_paths(text)
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far (user + system, every thread): on shared cores the
+    measure of what code costs that wall-clock time is not."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import pstats
-import resource
 import shutil
 import socket
 import subprocess
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import minilm_or_exit, shared_data_default, write_json
+from benchmarks.common import cpu_seconds, minilm_or_exit, shared_data_default, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "coordinator.json"
@@ -266,11 +265,6 @@ def build_indexes(home: Path, data: Path, work: Path) -> dict[str, str]:
 
 
 # -- the measurement ---------------------------------------------------------------------------
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class CollectorTime:
