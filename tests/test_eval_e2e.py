@@ -288,3 +288,26 @@ def test_case_example_counts_compared_through_the_real_cli(
     again = subprocess.run(args, cwd=REPO, env=eval_env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "VQA-RAD agent (2 case examples): 3/3 done (0 now)" in again.stdout
+
+
+def test_report_benchmark_in_agent_mode_drafts_through_the_real_server(
+    eval_env: dict[str, str], vllm_url: str, shared_data: Path, tmp_path: Path
+) -> None:
+    """Agent mode on a report benchmark takes `suwen report`'s path to the real server (look,
+    plan, retrieve, reread, report): every study asked with its images, the draft kept as the
+    full answer, and report metrics computed for the agent as for plain mode."""
+    iu_xray = lay_out_iu_xray(shared_data, tmp_path / "IU_XRAY")
+    out = tmp_path / "agent-reports"
+    args = _cli(
+        "--benchmark", "IU-Xray", "--data", str(iu_xray), "--modes", "agent", "--out", str(out),
+        "--vllm-url", vllm_url,
+    )  # fmt: skip
+    done = subprocess.run(args, cwd=REPO, env=eval_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "IU-Xray agent: 3/3 done (3 now)" in done.stdout
+    rows = [json.loads(line) for line in _lines(out / "IU-Xray" / "agent.jsonl")]
+    assert all(row["asked"] and row["model_calls"] >= 2 for row in rows)
+    assert all(row["tokens"]["prompt"] > 0 and row["full_answer"] for row in rows)
+    metrics = json.loads((out / "metrics.json").read_text("utf-8"))
+    report = metrics["benchmarks"]["IU-Xray"]["modes"]["agent"]["report_metrics"]
+    assert report["n"] == 3 and isinstance(report["values"]["bleu1"], float)
