@@ -79,7 +79,7 @@ def client(url: str, tmp_path: Path, **values: object) -> VLLMClient:
     return VLLMClient([url], settings, model="m", api_key="k")
 
 
-ASK = [Message(role="user", text="Is the lung clear?")]
+ASK = [Message(role="user", text="Is the lung clear? (\u80ba, \u00e9panchement \u2264 5 mm)")]
 
 
 def test_replies_and_streams_arrive_whole_over_one_kept_connection(tmp_path: Path) -> None:
@@ -88,14 +88,17 @@ def test_replies_and_streams_arrive_whole_over_one_kept_connection(tmp_path: Pat
         writer.write(stream_reply(["no ", "effusion"]) if request.get("stream") else reply("yes"))
         return True
 
-    async def run() -> tuple[list[str], list[str], int]:
+    async def run() -> tuple[list[str], list[str], list[bytes]]:
         async with server(answer) as (url, bodies), client(url, tmp_path) as model:
             texts = [(await model.chat(ASK)).text for _ in range(3)]
             pieces = [piece async for piece in model.stream(ASK)]
-            return texts, pieces, len(bodies)
+            return texts, pieces, bodies
 
-    texts, pieces, requests = asyncio.run(run())
-    assert texts == ["yes"] * 3 and "".join(pieces) == "no effusion" and requests == 4
+    texts, pieces, bodies = asyncio.run(run())
+    assert texts == ["yes"] * 3 and "".join(pieces) == "no effusion" and len(bodies) == 4
+    sent = [json.loads(body) for body in bodies]  # the question arrives as written
+    assert all(s["messages"] == [{"role": "user", "content": ASK[0].text}] for s in sent)
+    assert [s["model"] for s in sent] == ["m"] * 4 and sent[-1]["stream"] is True
 
 
 def test_a_refused_connection_names_the_server(tmp_path: Path) -> None:

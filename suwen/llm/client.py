@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tenacity import (
@@ -124,6 +125,16 @@ def text_only_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         parts = [{"type": "text", "text": text} for text in texts]
         converted.append({"role": message.role, "content": parts})
     return converted
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def json_body(model: str, payload: dict[str, Any]) -> bytes:
+    """A chat request's body. orjson, not the standard library: a request that carries an
+    image is a few hundred kB of base64, which ``json.dumps`` scans for characters to escape
+    at about half a millisecond per request; orjson writes it in a hundredth of that."""
+    return orjson.dumps({"model": model, **payload})
 
 
 def schema_name(schema: type[BaseModel]) -> str:
@@ -612,7 +623,7 @@ class VLLMClient:
 
         async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
             response = await http.post(
-                f"{url}/v1/chat/completions", json={"model": model, **payload}
+                f"{url}/v1/chat/completions", content=json_body(model, payload), headers=JSON
             )
             if response.status_code >= 400:
                 raise ServerReplyError(response.status_code, error_message(response))
@@ -649,7 +660,10 @@ class VLLMClient:
     ) -> AsyncGenerator[str, None]:
         async def open_stream(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
             request = http.build_request(
-                "POST", f"{url}/v1/chat/completions", json={"model": model, **payload}
+                "POST",
+                f"{url}/v1/chat/completions",
+                content=json_body(model, payload),
+                headers=JSON,
             )
             response = await http.send(request, stream=True)
             if response.status_code >= 400:
