@@ -159,3 +159,12 @@ def test_changed_model_files_change_the_fingerprint(tmp_path: Path, minilm_path:
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
     assert onnx_encoder.fingerprint(str(model), "auto") != before
     assert onnx_encoder.fingerprint(str(tmp_path / "absent"), "auto") is None
+
+
+def test_query_sessions_do_not_spin_waiting_threads(exported_home: Path, minilm_path: Path) -> None:
+    """Waiting intra-op threads sleep: spinning ones would take cores the event loop and the
+    model server share."""
+    fast = query_encoder(onnx_settings(exported_home, minilm_path))
+    assert isinstance(fast, OnnxQueryEncoder)
+    options = fast._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

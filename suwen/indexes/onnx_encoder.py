@@ -244,6 +244,10 @@ def _session(path: Path, threads: int, ort: Any) -> onnxruntime.InferenceSession
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads  # 0: one per core
     options.inter_op_num_threads = 1
+    # Idle intra-op workers wait without spinning: a spinning worker burns a core between
+    # operators, and a search process shares its cores with the agent's event loop, other
+    # searches and often the model server (two spinning threads doubled the CPU per query).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
