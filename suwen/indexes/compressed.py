@@ -915,7 +915,9 @@ class AppendableArray:
         except (OSError, ValueError) as exc:
             raise IndexDamagedError(f"{self.path}: not a readable .npy array ({exc})") from exc
         if array.dtype != self.dtype or len(array) < rows:
-            raise SuwenError(f"{self.path}: holds {len(array)} rows of {array.dtype}, need {rows}")
+            raise IndexDamagedError(
+                f"{self.path}: holds {len(array)} rows of {array.dtype}, need {rows}"
+            )
         view: npt.NDArray[Any] = array[:rows]
         return view
 

@@ -40,7 +40,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, Field
 
 from suwen.config import MEDCPT_ARTICLE, QUERY_ENCODER_OF, Settings
-from suwen.errors import IndexMismatchError, InputError, SuwenError
+from suwen.errors import IndexDamagedError, IndexMismatchError, InputError
 from suwen.files import atomic_write_json
 from suwen.indexes import bm25, compressed, store
 from suwen.indexes.compressed import CompressedStore, VectorStore
@@ -493,7 +493,7 @@ class _Import:
     def _finish(self, db: TextRows, vector_store: VectorStore) -> None:
         documents, chunks = db.counts()
         if vector_store.count != chunks:
-            raise SuwenError(
+            raise IndexDamagedError(
                 f"{self.staging}: {vector_store.count} vectors for {chunks} articles; "
                 "refusing to publish an inconsistent index (rerun to resume)"
             )

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from suwen.config import Settings
-from suwen.errors import IndexMismatchError, SuwenError
+from suwen.errors import IndexDamagedError, IndexMismatchError, SuwenError
 from suwen.indexes import article_keys, bm25, compressed, store, vectors
 from suwen.indexes.chunking import chunk_document, embedding_text
 from suwen.indexes.text_encoder import TextEncoder, article_encoder, query_encoder
@@ -217,7 +217,7 @@ class TextIndexWriter:
         self.flush()
         documents, chunks = self.rows.counts()
         if self.index.count != chunks:
-            raise SuwenError(
+            raise IndexDamagedError(
                 f"index {manifest.name!r}: {self.index.count} vectors for {chunks} chunks; "
                 "refusing to publish an inconsistent index"
             )
