@@ -7,7 +7,9 @@ misread result fails here."""
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,15 +50,22 @@ class GREEN:
 """
 
 
+STAND_INS = {"RaTEScore": RATESCORE, "green_score": GREEN_SCORE}
+
+
 @pytest.fixture()
-def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for package, source in (("RaTEScore", RATESCORE), ("green_score", GREEN_SCORE)):
+def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    for package, source in STAND_INS.items():
         folder = tmp_path / package
         folder.mkdir()
         (folder / "__init__.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    return tmp_path
+    yield tmp_path
+    # Imported stand-ins stay in sys.modules (where find_spec looks first) after sys.path is
+    # restored: later tests of the same process must see the packages as not installed.
+    for package in STAND_INS:
+        sys.modules.pop(package, None)
 
 
 def test_rate_and_green_are_computed_when_their_packages_and_models_are_here(
