@@ -17,7 +17,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from suwen.commands.eval_cmd import eval_settings
 from suwen.config import Settings
 from suwen.errors import InputError
 from suwen.evaluate.benchmarks import Sample, load_benchmark
@@ -32,6 +31,7 @@ from suwen.evaluate.runner import (
     samples_path,
     shuffled_donors,
 )
+from suwen.evaluate.session import eval_settings
 from suwen.types import AgentResult, Question, TokenUsage
 from tests.test_llm_client import FakeVLLM, completion
 

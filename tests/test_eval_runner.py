@@ -19,6 +19,8 @@ from suwen.errors import InputError, ModelError
 from suwen.evaluate.benchmarks import Sample, benchmark_named, load_benchmark
 from suwen.evaluate.runner import (
     EvalConfig,
+    ModeRun,
+    RunOptions,
     agent_responder,
     plain_responder,
     read_records,
@@ -117,10 +119,10 @@ def test_plain_mode_writes_one_scored_record_per_question(
         run_mode(
             benchmark_named("VQA-RAD"),
             vqa_rad,
-            "plain",
+            ModeRun("plain"),
             plain_responder(model),
             tmp_path,
-            concurrency=4,
+            RunOptions(concurrency=4),
         )
     )
     assert summary.done_now == 12 and not summary.failed
@@ -154,7 +156,14 @@ def test_a_run_killed_halfway_resumes_without_redoing_finished_questions(
     dying = FakeModel(gold_of(vqa_rad), die_after=5)
     with pytest.raises(RuntimeError, match="killed"):
         asyncio.run(
-            run_mode(benchmark, vqa_rad, "plain", plain_responder(dying), tmp_path, concurrency=1)
+            run_mode(
+                benchmark,
+                vqa_rad,
+                ModeRun("plain"),
+                plain_responder(dying),
+                tmp_path,
+                RunOptions(concurrency=1),
+            )
         )
     path = samples_path(tmp_path, "VQA-RAD", "plain")
     finished = [r.id for r in read_records(path)]
@@ -164,7 +173,14 @@ def test_a_run_killed_halfway_resumes_without_redoing_finished_questions(
         handle.write('{"id": "vqa-rad-torn", "benchm')
     fresh = FakeModel(gold_of(vqa_rad))
     summary = asyncio.run(
-        run_mode(benchmark, vqa_rad, "plain", plain_responder(fresh), tmp_path, concurrency=3)
+        run_mode(
+            benchmark,
+            vqa_rad,
+            ModeRun("plain"),
+            plain_responder(fresh),
+            tmp_path,
+            RunOptions(concurrency=3),
+        )
     )
     assert summary.already_done == 5 and summary.done_now == 7
     asked = set(fresh.prompts)
@@ -173,7 +189,7 @@ def test_a_run_killed_halfway_resumes_without_redoing_finished_questions(
     assert sorted(ids) == sorted(s.id for s in vqa_rad) and len(ids) == len(set(ids))
     # A third run has nothing left to ask.
     idle = FakeModel(gold_of(vqa_rad))
-    asyncio.run(run_mode(benchmark, vqa_rad, "plain", plain_responder(idle), tmp_path))
+    asyncio.run(run_mode(benchmark, vqa_rad, ModeRun("plain"), plain_responder(idle), tmp_path))
     assert idle.prompts == []
 
 
@@ -189,12 +205,12 @@ def test_model_errors_are_reported_and_retried_next_run(
 
     benchmark = benchmark_named("VQA-RAD")
     summary = asyncio.run(
-        run_mode(benchmark, vqa_rad, "plain", plain_responder(FakeModel(reply)), tmp_path)
+        run_mode(benchmark, vqa_rad, ModeRun("plain"), plain_responder(FakeModel(reply)), tmp_path)
     )
     assert [i for i, _ in summary.failed] == [vqa_rad[0].id] and summary.done_now == 11
     flaky_ids.clear()
     again = asyncio.run(
-        run_mode(benchmark, vqa_rad, "plain", plain_responder(FakeModel(reply)), tmp_path)
+        run_mode(benchmark, vqa_rad, ModeRun("plain"), plain_responder(FakeModel(reply)), tmp_path)
     )
     assert again.done_now == 1 and not again.failed
 
@@ -234,14 +250,20 @@ def test_agent_mode_scores_the_short_answer_and_keeps_citations(
     samples = load_benchmark("PubMedQA", shared_data, tmp_path / "cache", limit=6, seed=2)
     answerer = FakeAnswerer(lambda q: "yes")
     asyncio.run(
-        run_mode(benchmark_named("PubMedQA"), samples, "agent", agent_responder(answerer), tmp_path)
+        run_mode(
+            benchmark_named("PubMedQA"),
+            samples,
+            ModeRun("agent"),
+            agent_responder(answerer),
+            tmp_path,
+        )
     )
     records = read_records(samples_path(tmp_path, "PubMedQA", "agent"))
     assert {r.id for r in records} == {s.id for s in samples}
     for record in records:
         assert record.response == "yes" and record.parsed == "A"
         assert record.correct is (record.gold == "A")
-        assert record.citations[0]["pmid"] == "123" and record.evidence_ids == ["pmid:123#0"]
+        assert record.citations[0].pmid == "123" and record.evidence_ids == ["pmid:123#0"]
         assert record.tokens == {"prompt": 100, "completion": 20} and record.model_calls == 4
         assert record.leakage_guard and record.prompt is None
     guarded = {q.exclude_pmids[0] for q in answerer.questions}
@@ -251,10 +273,10 @@ def test_agent_mode_scores_the_short_answer_and_keeps_citations(
         run_mode(
             benchmark_named("PubMedQA"),
             samples,
-            "agent",
+            ModeRun("agent"),
             agent_responder(leaky, guard=False),
             tmp_path / "leak",
-            guard=False,
+            RunOptions(guard=False),
         )
     )
     assert all(q.exclude_pmids == [] for q in leaky.questions)
@@ -314,10 +336,10 @@ def slow_plain_run(data: str, out: str) -> None:
         run_mode(
             benchmark_named("VQA-RAD"),
             samples,
-            "plain",
+            ModeRun("plain"),
             plain_responder(FakeModel(slow)),
             Path(out),
-            concurrency=1,
+            RunOptions(concurrency=1),
         )
     )
 
@@ -342,7 +364,9 @@ def test_sigkilled_run_resumes(vqa_rad: list[Sample], shared_data: Path, tmp_pat
     assert 3 <= len(finished) < 12
     fresh = FakeModel(gold_of(vqa_rad))
     asyncio.run(
-        run_mode(benchmark_named("VQA-RAD"), vqa_rad, "plain", plain_responder(fresh), tmp_path)
+        run_mode(
+            benchmark_named("VQA-RAD"), vqa_rad, ModeRun("plain"), plain_responder(fresh), tmp_path
+        )
     )
     assert len(fresh.prompts) == 12 - len(finished)
     assert not set(fresh.prompts) & {s.prompt for s in vqa_rad if s.id in finished}
@@ -362,8 +386,52 @@ def test_a_second_writer_of_a_samples_file_is_refused(
     with single_writer(path, "suwen eval"):  # the other run, mid-way
         model = FakeModel(gold_of(vqa_rad))
         with pytest.raises(InputError, match="another suwen eval is writing this file"):
-            asyncio.run(run_mode(benchmark, vqa_rad, "plain", plain_responder(model), tmp_path))
+            asyncio.run(
+                run_mode(benchmark, vqa_rad, ModeRun("plain"), plain_responder(model), tmp_path)
+            )
         assert model.prompts == [] and not path.exists()
     model = FakeModel(gold_of(vqa_rad))
-    summary = asyncio.run(run_mode(benchmark, vqa_rad, "plain", plain_responder(model), tmp_path))
+    summary = asyncio.run(
+        run_mode(benchmark, vqa_rad, ModeRun("plain"), plain_responder(model), tmp_path)
+    )
     assert summary.done_now == len(vqa_rad)
+
+
+# A line of an agent samples file as runs before the typed record wrote it (citations and the
+# adaptive route as plain JSON objects): old run folders must still load, resume and report.
+EXISTING_RECORD_LINE = (
+    '{"id":"pubmedqa-12345","benchmark":"PubMedQA","mode":"adaptive","kind":"yes_no",'
+    '"question":"Does aspirin lower the risk?","prompt":null,"gold":"A",'
+    '"options":{"A":"yes","B":"no","C":"maybe"},"question_type":null,"modality":null,'
+    '"body_part":null,"response":"yes","full_answer":"Yes, it does [1].","parsed":"A",'
+    '"correct":true,"rule_correct":true,"unparsed":false,"metrics":{},'
+    '"medevalkit":{"correct":true,"parsed":"A","by_similarity":false,"crash":null,"metrics":{}},'
+    '"judge":{"raw":"<judge>1</judge>","suwen":true,"medevalkit":false},'
+    '"citations":[{"number":1,"key":"pmid:123#0","pmid":"123","case_id":null,"title":"Aspirin",'
+    '"quote":"lowers","page":null}],"evidence_ids":["pmid:123#0"],"latency":1.25,'
+    '"tokens":{"prompt":100,"completion":20},"model_calls":4,"leakage_guard":true,'
+    '"finished_at":"2026-11-30T10:00:00+00:00","confidence":0.8,"confidence_raw":0.7,'
+    '"confidence_source":"self-check","calibrated":true,"abstained":false,'
+    '"route":{"path":"agent","reason":"unsure","threshold":0.75,"plain_answer":"B",'
+    '"plain_confidence":0.4,"changed":"from B to A"},"cited_relevance":0.9,'
+    '"all_claims_cited":true,"asked":true,"not_asked_reason":null,"images_shown":[],'
+    '"case_examples":2}'
+)
+
+
+def test_a_samples_file_in_the_existing_format_loads_typed_and_writes_back_the_same(
+    tmp_path: Path,
+) -> None:
+    path = samples_path(tmp_path, "PubMedQA", "adaptive@examples2")
+    path.parent.mkdir(parents=True)
+    path.write_text(EXISTING_RECORD_LINE + "\n", encoding="utf-8")
+    [record] = read_records(path)
+    assert record.citations == [
+        Citation(number=1, key="pmid:123#0", pmid="123", title="Aspirin", quote="lowers")
+    ]
+    assert record.route is not None and record.route.path == "agent"
+    assert record.route.changed == "from B to A" and record.route.threshold == 0.75
+    assert record.correct_medevalkit is True and record.case_examples == 2
+    # The record is written back byte for byte as it was read: a resumed run appends lines of
+    # the same shape, and the report reads old and new lines alike.
+    assert record.model_dump_json() == EXISTING_RECORD_LINE

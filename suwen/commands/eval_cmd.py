@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import typer
 
@@ -17,12 +15,12 @@ from suwen.commands.common import (
     print_note,
     settings_of,
 )
-from suwen.config import Settings
-from suwen.errors import InputError, NotDoneError, SuwenError
+from suwen.errors import InputError, NotDoneError
 
 if TYPE_CHECKING:
     from suwen.evaluate.prompts import Lang
-    from suwen.evaluate.runner import EvalConfig, ModeSummary
+    from suwen.evaluate.runner import ModeSummary, Progress
+    from suwen.evaluate.session import StoredCalibration
 
 
 def _split(values: list[str]) -> list[str]:
@@ -112,20 +110,27 @@ def eval_command(
         abstain_below=abstain_below if abstain_below is not None else settings.abstain_below,
         case_examples=counts,
     )
-    from suwen.evaluate.report import write_report
-    from suwen.evaluate.runner import ModeFailedError
+    from suwen.evaluate.session import evaluate, select_questions
 
-    try:
-        summaries = asyncio.run(_evaluate(eval_settings(settings, config), config, vllm_url))
-    except ModeFailedError:
-        # The model stopped answering: the report still shows what finished before it did.
-        with contextlib.suppress(SuwenError):
-            write_report(out)
-        raise
-    write_report(out)
-    if calibrate:
-        _store_calibration(settings, out)
-    _print_summary(summaries, out)
+    samples = select_questions(settings, config)
+    total = sum(len(items) for items in samples.values())
+    console.print(
+        literal_line(
+            f"{total} questions from {', '.join(samples)}; modes: {', '.join(config.modes)}"
+        )
+    )
+    with err_console.status("starting the model") as status:
+        outcome = evaluate(
+            settings,
+            config,
+            samples,
+            vllm_url,
+            on_progress=_progress(status.update),
+            on_notice=print_note,
+        )
+    if outcome.calibration is not None:
+        _print_calibration(outcome.calibration)
+    _print_summary(outcome.summaries, out)
 
 
 def parse_case_examples(text: str) -> list[int]:
@@ -139,77 +144,21 @@ def parse_case_examples(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
-def _store_calibration(settings: Settings, out: Path) -> None:
-    from suwen.evaluate.calibration import load_calibration, save_calibration
-    from suwen.evaluate.confidence_eval import fit_from_run
-
-    fitted = fit_from_run(out, settings.vlm, load_calibration(settings.home))
-    path = save_calibration(settings.home, fitted)
-    for key, found in sorted(fitted.maps.items()):
+def _print_calibration(stored: StoredCalibration) -> None:
+    for key, found in sorted(stored.fitted.maps.items()):
         held = ", ".join(f"{k} {v:.3f}" for k, v in found.heldout_ece.items())
         console.print(
             f"calibration {key}: {found.method} on {found.fitted_on} dev answers "
             f"(held-out ECE: {held})",
             highlight=False,
         )
-    for family, threshold in sorted(fitted.thresholds.items()):
+    for family, threshold in sorted(stored.fitted.thresholds.items()):
         console.print(f"adaptive threshold {family}: {threshold:.3f}", highlight=False)
-    console.print(f"calibration file: {path}", highlight=False)
+    console.print(f"calibration file: {stored.path}", highlight=False)
 
 
-def eval_settings(settings: Settings, config: EvalConfig) -> Settings:
-    """The settings of the run's model client (and managed server): the run's sampling sent
-    with every request, its image budget, and an image limit that admits its questions."""
-    return settings.model_copy(
-        update={
-            "temperature": config.sampling.temperature,
-            "top_p": config.sampling.top_p,
-            "top_k": config.sampling.top_k,
-            "repetition_penalty": config.sampling.repetition_penalty,
-            "vllm_image_min_pixels": config.images.min_pixels,
-            "vllm_image_max_pixels": config.images.max_pixels,
-            "vllm_max_images": max(settings.vllm_max_images, config.images.max_images),
-        }
-    )
-
-
-async def _evaluate(settings: Settings, config: EvalConfig, urls: list[str]) -> list[ModeSummary]:
-    from suwen.evaluate.provenance import provenance
-    from suwen.evaluate.runner import answerer_of, load_selected, run_evaluation
-    from suwen.runtime import AgentAnswerer, ExampleVariants, open_agent
-
-    samples = await asyncio.to_thread(load_selected, config, settings.home / "eval_cache")
-    # Answers record abstentions by this run's threshold.
-    settings = settings.model_copy(update={"abstain_below": config.abstain_below})
-    total = sum(len(items) for items in samples.values())
-    console.print(
-        literal_line(
-            f"{total} questions from {', '.join(samples)}; modes: {', '.join(config.modes)}"
-        )
-    )
-    with err_console.status("starting the model") as status:
-        async with open_agent(settings, urls, sessions=False, on_notice=print_note) as agent:
-            progress = _progress(status.update)
-            from suwen.evaluate.confidence_eval import plain_confidence_judge
-
-            judge = plain_confidence_judge(agent.model, agent.calibration, config.abstain_below)
-            wants_agent = any(answerer_of(mode) == "agent" for mode in config.modes)
-            variants = ExampleVariants(agent)
-            return await run_evaluation(
-                config,
-                samples,
-                model=agent.model,
-                answerer=AgentAnswerer(agent) if wants_agent else None,
-                on_progress=progress,
-                adaptive=AgentAnswerer(agent, "adaptive") if "adaptive" in config.modes else None,
-                plain_confidence=judge if settings.confidence else None,
-                provenance=await provenance(settings.vlm, getattr(agent.model, "urls", [])),
-                with_examples=variants if config.case_examples else None,
-            )
-
-
-def _progress(update: Callable[[str], Any]) -> Callable[[str, Any, int, int], None]:
-    def show(benchmark: str, mode: Any, done: int, total: int) -> None:
+def _progress(update: Callable[[str], object]) -> Progress:
+    def show(benchmark: str, mode: str, done: int, total: int) -> None:
         update(f"{benchmark} {mode}: {done}/{total}")
 
     return show

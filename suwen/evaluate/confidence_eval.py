@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
@@ -38,7 +38,7 @@ from suwen.evaluate.metric_types import (
     ReliabilityRow,
 )
 from suwen.llm.base import Message, VisionLanguageModel
-from suwen.types import AgentResult
+from suwen.types import AgentResult, Route
 
 if TYPE_CHECKING:
     from suwen.evaluate.benchmarks import Sample
@@ -58,7 +58,7 @@ class AnswerJudgement(BaseModel):
     confidence_source: str = "none"
     calibrated: bool = False
     abstained: bool = False
-    route: dict[str, Any] | None = None
+    route: Route | None = None
     # Other signals measured against correctness in the report (agent answers only).
     cited_relevance: float | None = Field(None, description="Mean reread score of cited items")
     all_claims_cited: bool | None = None
@@ -74,7 +74,7 @@ def judgement_of(result: AgentResult) -> AnswerJudgement:
         confidence_source=result.confidence_source,
         calibrated=result.calibrated,
         abstained=result.abstained,
-        route=result.route.model_dump(mode="json") if result.route else None,
+        route=result.route,
         cited_relevance=sum(cited) / len(cited) if cited else None,
         all_claims_cited=result.supported if searched else None,
     )
@@ -147,7 +147,7 @@ def confidence_metrics(benchmark: str, records: Sequence[SampleRecord]) -> Confi
         "calibrated": sum(r.calibrated for r in scored),
         "abstained": sum(r.abstained for r in records),
         "retrieved_share": (
-            sum(r.route.get("path") == "agent" for r in routed if r.route) / len(routed)
+            sum(r.route.path == "agent" for r in routed if r.route) / len(routed)
             if routed
             else None
         ),
@@ -227,14 +227,13 @@ def flips(
 
     def example(sample_id: str) -> FlipExample:
         was, now = before[sample_id], after[sample_id]
-        route = now.route or {}
         return {
             "id": sample_id,
             "question": _clip(was.question),
             "gold": was.gold,
             "plain": _clip(was.parsed or was.response),
             "now": _clip(now.parsed or now.response),
-            "changed": route.get("changed"),
+            "changed": now.route.changed if now.route else None,
         }
 
     return {

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Protocol, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, TypedDict, get_args
 
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -47,7 +47,7 @@ from suwen.llm.base import CallRecord, Message, VisionLanguageModel, recording
 from suwen.llm.client import ServerReplyError
 from suwen.medimage import load_image
 from suwen.sanitize import OPEN_LOOKALIKE, for_prompt
-from suwen.types import AgentResult, Mode, Question
+from suwen.types import AgentResult, Citation, Mode, Question, Route
 
 # A mode of an evaluation run: who answers (suwen.types.Mode), and for plain and agent also
 # which image it is shown (its own, a blank one, another question's: the image baselines).
@@ -166,7 +166,7 @@ class Reply(BaseModel):
 
     response: str = Field(description="The text that is scored")
     full_answer: str = ""
-    citations: list[dict[str, Any]] = Field(default_factory=list)
+    citations: list[Citation] = Field(default_factory=list)
     evidence_ids: list[str] = Field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -204,7 +204,7 @@ class SampleRecord(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     medevalkit: mek.MekSample
     judge: JudgeRecord | None = None
-    citations: list[dict[str, Any]] = Field(default_factory=list)
+    citations: list[Citation] = Field(default_factory=list)
     evidence_ids: list[str] = Field(default_factory=list)
     latency: float
     tokens: dict[str, int] = Field(default_factory=dict)
@@ -217,7 +217,7 @@ class SampleRecord(BaseModel):
     confidence_source: str = "none"
     calibrated: bool = False
     abstained: bool = Field(False, description="Below --abstain-below: neither right nor wrong")
-    route: dict[str, Any] | None = None
+    route: Route | None = None
     cited_relevance: float | None = None
     all_claims_cited: bool | None = None
     asked: bool = Field(True, description="False: the question could not be asked (see reason)")
@@ -323,7 +323,7 @@ def agent_responder(answerer: Answerer, *, guard: bool = True) -> Responder:
         return Reply(
             response=response,
             full_answer=result.answer,
-            citations=[c.model_dump(mode="json") for c in result.citations],
+            citations=list(result.citations),
             evidence_ids=[e.key for e in result.evidence if e.kept],
             prompt_tokens=result.tokens.prompt,
             completion_tokens=result.tokens.completion,
@@ -520,7 +520,23 @@ async def score_reply(
     )
 
 
-def _about(sample: Sample, mode: EvalMode) -> dict[str, Any]:
+class QuestionFields(TypedDict):
+    """What every sample record says of its question, answered or not (its first fields)."""
+
+    id: str
+    benchmark: str
+    mode: EvalMode
+    kind: str
+    question: str
+    prompt: str | None
+    gold: str
+    options: dict[str, str]
+    question_type: str | None
+    modality: str | None
+    body_part: str | None
+
+
+def _about(sample: Sample, mode: EvalMode) -> QuestionFields:
     """What every sample record says of its question, answered or not."""
     return {
         "id": sample.id,
@@ -640,38 +656,32 @@ class _FailureStreak:
             )
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a mode run asks and scores: questions in flight, the judge (None: rules only),
+    the leakage guard, the seed MedEvalKit's scorer draws with, the most images a question
+    may show (None: any), and who hears of each finished question."""
+
+    concurrency: int = 4
+    judge: Judge | None = None
+    guard: bool = True
+    seed: int = 0
+    max_images: int | None = None
+    on_progress: Progress | None = None
+
+
 async def run_mode(
     benchmark: Benchmark,
     samples: Sequence[Sample],
-    mode: EvalMode,
+    run: ModeRun,
     respond: Responder,
     out: Path,
-    *,
-    concurrency: int = 4,
-    judge: Judge | None = None,
-    guard: bool = True,
-    seed: int = 0,
-    max_images: int | None = None,
-    on_progress: Progress | None = None,
-    case_examples: int | None = None,
+    options: RunOptions = RunOptions(),
 ) -> ModeSummary:
     """Answer and score every sample not yet in the mode run's samples file (see
     :func:`_answer_pending`), the file locked against a second writer for the whole run."""
-    path = samples_path(out, benchmark.name, ModeRun(mode, case_examples).key)
-    with open_append_log(path, "suwen eval") as log:
-        return await _answer_pending(
-            benchmark,
-            samples,
-            ModeRun(mode, case_examples),
-            respond,
-            log,
-            concurrency=concurrency,
-            judge=judge,
-            guard=guard,
-            seed=seed,
-            max_images=max_images,
-            on_progress=on_progress,
-        )
+    with open_append_log(samples_path(out, benchmark.name, run.key), "suwen eval") as log:
+        return await _answer_pending(benchmark, samples, run, respond, log, options)
 
 
 async def _answer_pending(
@@ -680,13 +690,7 @@ async def _answer_pending(
     run: ModeRun,
     respond: Responder,
     log: AppendLog,
-    *,
-    concurrency: int = 4,
-    judge: Judge | None = None,
-    guard: bool = True,
-    seed: int = 0,
-    max_images: int | None = None,
-    on_progress: Progress | None = None,
+    options: RunOptions,
 ) -> ModeSummary:
     """Answer and score every sample not yet in the mode's samples file, ``concurrency`` at a
     time. A question that cannot be asked (``cannot_ask_reason``; more than ``max_images``
@@ -703,7 +707,8 @@ async def _answer_pending(
         already_done=len(samples) - len(pending),
         done_now=0,
     )
-    gate = asyncio.Semaphore(max(1, concurrency))
+    gate = asyncio.Semaphore(max(1, options.concurrency))
+    max_images = options.max_images
     streak = _FailureStreak(benchmark.name, run.label)
 
     async def answer(sample: Sample, started: float) -> SampleRecord:
@@ -718,9 +723,9 @@ async def _answer_pending(
             sample,
             mode,
             reply,
-            judge=judge,
-            guard=guard,
-            seed=seed,
+            judge=options.judge,
+            guard=options.guard,
+            seed=options.seed,
             latency=time.perf_counter() - started,
         )
 
@@ -736,14 +741,16 @@ async def _answer_pending(
                     streak.failed(str(exc))
                     return
                 latency = time.perf_counter() - started
-                record = not_asked_record(sample, mode, reason, guard=guard, latency=latency)
+                record = not_asked_record(
+                    sample, mode, reason, guard=options.guard, latency=latency
+                )
                 summary.not_asked += 1
             streak.answered()
             record.case_examples = run.case_examples
             await asyncio.to_thread(log.append, record.model_dump_json())  # fsync off the loop
             summary.done_now += 1
-            if on_progress is not None:
-                on_progress(
+            if options.on_progress is not None:
+                options.on_progress(
                     benchmark.name,
                     run.label,
                     summary.already_done + summary.done_now,
@@ -947,6 +954,14 @@ async def run_evaluation(
     judge = model_judge(model) if config.judge and model is not None else None
     if config.judge and judge is None:
         raise InputError("--judge needs the model (plain mode's client) to act as the judge")
+    options = RunOptions(
+        concurrency=config.concurrency,
+        judge=judge,
+        guard=not config.allow_leak,
+        seed=config.seed,
+        max_images=config.images.max_images,
+        on_progress=on_progress,
+    )
     summaries = []
     for name, items in samples.items():
         benchmark = benchmark_named(name)
@@ -973,20 +988,5 @@ async def run_evaluation(
                 donors=donors,
                 blank_folder=config.out / name / "blank_images",
             )
-            summaries.append(
-                await run_mode(
-                    benchmark,
-                    items,
-                    mode,
-                    respond,
-                    config.out,
-                    concurrency=config.concurrency,
-                    judge=judge,
-                    guard=not config.allow_leak,
-                    seed=config.seed,
-                    max_images=config.images.max_images,
-                    on_progress=on_progress,
-                    case_examples=run.case_examples,
-                )
-            )
+            summaries.append(await run_mode(benchmark, items, run, respond, config.out, options))
     return summaries

@@ -1,0 +1,138 @@
+"""One ``suwen eval`` run end to end: its questions selected, the agent opened with the run's
+sampling and image budget, every mode answered (``runner.run_evaluation``), the report written
+(also when a mode stops because the model stopped answering: the report shows what finished),
+and, for a ``--calibrate`` run, the calibration maps fitted and stored in the data home.
+
+The command parses the options into an ``EvalConfig`` and renders what comes back; progress
+and notices reach it through callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from suwen.config import Settings
+from suwen.errors import SuwenError
+from suwen.evaluate.benchmarks import Sample
+from suwen.evaluate.calibration import CalibrationFile, load_calibration, save_calibration
+from suwen.evaluate.runner import (
+    EvalConfig,
+    ModeFailedError,
+    ModeSummary,
+    Progress,
+    answerer_of,
+    load_selected,
+    run_evaluation,
+)
+
+Notice = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StoredCalibration:
+    """What a ``--calibrate`` run fitted, and the file it is stored in."""
+
+    fitted: CalibrationFile
+    path: Path
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """A finished run: one summary per benchmark and mode run, and the stored calibration of a
+    ``--calibrate`` run (None otherwise)."""
+
+    summaries: list[ModeSummary]
+    calibration: StoredCalibration | None
+
+
+def eval_settings(settings: Settings, config: EvalConfig) -> Settings:
+    """The settings of the run's model client (and managed server): the run's sampling sent
+    with every request, its image budget, and an image limit that admits its questions."""
+    return settings.model_copy(
+        update={
+            "temperature": config.sampling.temperature,
+            "top_p": config.sampling.top_p,
+            "top_k": config.sampling.top_k,
+            "repetition_penalty": config.sampling.repetition_penalty,
+            "vllm_image_min_pixels": config.images.min_pixels,
+            "vllm_image_max_pixels": config.images.max_pixels,
+            "vllm_max_images": max(settings.vllm_max_images, config.images.max_images),
+        }
+    )
+
+
+def select_questions(settings: Settings, config: EvalConfig) -> dict[str, list[Sample]]:
+    """Each benchmark's questions the run asks (downloaded benchmarks cached in the data
+    home)."""
+    return load_selected(config, settings.home / "eval_cache")
+
+
+def evaluate(
+    settings: Settings,
+    config: EvalConfig,
+    samples: dict[str, list[Sample]],
+    urls: Sequence[str],
+    *,
+    on_progress: Progress | None = None,
+    on_notice: Notice | None = None,
+) -> EvalOutcome:
+    """Ask ``samples`` (from :func:`select_questions`) in every mode of ``config``, write the
+    report into ``config.out`` and, with ``config.calibrate``, fit and store the calibration.
+    A mode whose model stopped answering raises ``ModeFailedError`` after the report of what
+    finished is written."""
+    from suwen.evaluate.report import write_report
+
+    try:
+        summaries = asyncio.run(
+            _answer(eval_settings(settings, config), config, samples, urls, on_progress, on_notice)
+        )
+    except ModeFailedError:
+        with contextlib.suppress(SuwenError):
+            write_report(config.out)
+        raise
+    write_report(config.out)
+    stored = store_calibration(settings, config.out) if config.calibrate else None
+    return EvalOutcome(summaries, stored)
+
+
+async def _answer(
+    settings: Settings,
+    config: EvalConfig,
+    samples: dict[str, list[Sample]],
+    urls: Sequence[str],
+    on_progress: Progress | None,
+    on_notice: Notice | None,
+) -> list[ModeSummary]:
+    from suwen.evaluate.confidence_eval import plain_confidence_judge
+    from suwen.evaluate.provenance import provenance
+    from suwen.runtime import AgentAnswerer, ExampleVariants, open_agent
+
+    # Answers record abstentions by this run's threshold.
+    settings = settings.model_copy(update={"abstain_below": config.abstain_below})
+    async with open_agent(settings, urls, sessions=False, on_notice=on_notice) as agent:
+        judge = plain_confidence_judge(agent.model, agent.calibration, config.abstain_below)
+        wants_agent = any(answerer_of(mode) == "agent" for mode in config.modes)
+        return await run_evaluation(
+            config,
+            samples,
+            model=agent.model,
+            answerer=AgentAnswerer(agent) if wants_agent else None,
+            on_progress=on_progress,
+            adaptive=AgentAnswerer(agent, "adaptive") if "adaptive" in config.modes else None,
+            plain_confidence=judge if settings.confidence else None,
+            provenance=await provenance(settings.vlm, getattr(agent.model, "urls", [])),
+            with_examples=ExampleVariants(agent) if config.case_examples else None,
+        )
+
+
+def store_calibration(settings: Settings, out: Path) -> StoredCalibration:
+    """Fit the calibration maps the ``--calibrate`` run in ``out`` teaches (keeping an earlier
+    file's maps it does not replace) and store them privately in the data home."""
+    from suwen.evaluate.confidence_eval import fit_from_run
+
+    fitted = fit_from_run(out, settings.vlm, load_calibration(settings.home))
+    return StoredCalibration(fitted, save_calibration(settings.home, fitted))
