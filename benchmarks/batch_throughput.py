@@ -56,9 +56,11 @@ from suwen.agent.graph import SuwenAgent
 from suwen.batch import answer_failure, load_questions, run_batch
 from suwen.config import Settings
 from suwen.errors import ModelError
+from suwen.files import atomic_write_bytes, atomic_write_text
 from suwen.llm.base import VisionLanguageModel, recording
 from suwen.llm.server import ManagedServer, free_port
 from suwen.medimage import load_image
+from suwen.privacy import private_dir
 from suwen.runtime import open_agent
 from suwen.types import Question
 
@@ -101,15 +103,15 @@ def write_question_folder(data: Path, count: int, folder: Path) -> Path:
     items = json.loads((data / "vqa_rad" / "testset.json").read_text(encoding="utf-8"))[:count]
     if len(items) < count:
         raise SystemExit(f"only {len(items)} VQA-RAD test questions in {data}")
-    folder.mkdir(parents=True)
+    private_dir(folder)
     lines = []
     for item in items:
         name = item["image_name"]
         if not (folder / name).exists():
-            shutil.copy(data / "vqa_rad" / "images" / name, folder / name)
+            atomic_write_bytes(folder / name, (data / "vqa_rad" / "images" / name).read_bytes())
         row = {"id": str(item["qid"]), "image": name, "question": item["question"]}
         lines.append(json.dumps(row))
-    (folder / "questions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "questions.jsonl", "\n".join(lines) + "\n")
     return folder
 
 

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import pstats
-import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import cpu_seconds, minilm_or_exit, shared_data_default, write_json
+from suwen.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from suwen.privacy import private_dir
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "coordinator.json"
@@ -234,7 +235,7 @@ def build_indexes(home: Path, data: Path, work: Path) -> dict[str, str]:
     from suwen.indexes.image_index import build_image_index
     from suwen.indexes.text_index import build_text_index
 
-    work.mkdir(parents=True, exist_ok=True)
+    private_dir(work)
     clip = work / "tiny-clip"
     if not clip.exists():
         write_tiny_clip(clip)
@@ -251,14 +252,13 @@ def build_indexes(home: Path, data: Path, work: Path) -> dict[str, str]:
         if qa["image_name"] not in test:
             case = cases.setdefault(qa["image_name"], {"caption": "", "organ": qa["image_organ"]})
             case["caption"] = f"{case['caption']} {qa['question']} {qa['answer']}.".strip()
-    folder = work / "cases"
-    folder.mkdir(exist_ok=True)
+    folder = private_dir(work / "cases")
     lines = []
     for name in sorted(cases)[:IMAGE_CASES]:
-        shutil.copy(root / "images" / name, folder / name)
+        atomic_write_bytes(folder / name, (root / "images" / name).read_bytes())
         row = {"path": name, "id": Path(name).stem, "caption": cases[name]["caption"]}
         lines.append(json.dumps(row | {"body_part": cases[name]["organ"], "source": "VQA-RAD"}))
-    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")
     print(f"indexing {len(lines)} VQA-RAD training images with tiny-clip", flush=True)
     build_image_index(settings, settings.image_index, folder / "manifest.jsonl")
     return values
@@ -386,12 +386,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="suwen-coordinator-") as tmp:
         work = Path(tmp)
         home = args.home or work / "home"
-        marker = home / "coordinator-settings.json"
+        marker = private_dir(home) / "coordinator-settings.json"
         if marker.is_file():
             values = json.loads(marker.read_text(encoding="utf-8"))
         else:
             values = build_indexes(home, args.data, home.parent / "coordinator-models")
-            marker.write_text(json.dumps(values), encoding="utf-8")
+            atomic_write_json(marker, values)
         with stand_in() as url:
             result = asyncio.run(drive(args, values, home, url))
     result["target_questions_per_s"] = TARGET_QPS

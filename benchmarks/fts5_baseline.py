@@ -11,6 +11,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from suwen.files import atomic_path
+from suwen.privacy import private_dir
+
 FTS_TABLE = "chunks_fts"
 FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -19,9 +22,9 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 def copy_rows(text_db: Path, workdir: Path) -> sqlite3.Connection:
     """A writable copy of a version's SQLite file, to add the FTS5 table to (the version itself
     is left untouched: its manifest records the file's digest)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    copy = workdir / "fts5.sqlite"
-    shutil.copyfile(text_db, copy)
+    copy = private_dir(workdir) / "fts5.sqlite"
+    with atomic_path(copy) as tmp:
+        shutil.copyfile(text_db, tmp)
     return sqlite3.connect(copy)
 
 

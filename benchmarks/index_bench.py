@@ -27,9 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks.synthetic_vectors import EmbeddingMixture
+from suwen.files import atomic_path, atomic_write_json
 from suwen.indexes import compressed
 from suwen.indexes.compressed import CompressedStore, ExactStore
 from suwen.indexes.vectors import FloatArray
+from suwen.privacy import private_dir
 
 Progress = Callable[[str], None]
 LATENCY_QUERIES = 300
@@ -142,11 +144,10 @@ def fitted_mixture(
         **mixture.describe(),
         "encode_texts_per_s": round(throughput.texts_per_s, 2),
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{path.name}.tmp.npz"
-    mixture.save(tmp)
-    tmp.replace(path)
-    meta_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    private_dir(cache_dir)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        mixture.save(handle)
+    atomic_write_json(meta_path, info)
     return mixture, info
 
 
@@ -422,7 +423,7 @@ def run_index_bench(
 def _workdir(path: Path | None) -> Iterator[Path]:
     """``path`` (kept, for inspection) or a temporary directory removed afterwards."""
     if path is not None:
-        (path / "exact").mkdir(parents=True, exist_ok=True)
+        private_dir(path / "exact")
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="suwen-index-bench-") as tmp:

@@ -46,7 +46,9 @@ from benchmarks.common import minilm_or_exit, shared_data_default, write_json
 from benchmarks.index_bench import BenchData, IndexMeasurement
 from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
+from suwen.files import atomic_path, atomic_write_text
 from suwen.indexes import compressed, store
+from suwen.privacy import private_dir
 
 HERE = Path(__file__).resolve().parent
 console = Console()
@@ -156,11 +158,11 @@ def build_throughput(settings: Settings, texts: list[str], workdir: Path) -> dic
     from suwen.indexes.text_index import build_text_index
 
     source = workdir / "abstracts.jsonl"
-    with source.open("w", encoding="utf-8") as handle:
-        for number, text in enumerate(texts):
-            title, _, abstract = text.partition("\n")
-            row = {"pmid": str(90_000_000 + number), "title": title, "abstract": abstract}
-            handle.write(json.dumps(row) + "\n")
+    rows = []
+    for number, text in enumerate(texts):
+        title, _, abstract = text.partition("\n")
+        rows.append({"pmid": str(90_000_000 + number), "title": title, "abstract": abstract})
+    atomic_write_text(source, "".join(json.dumps(row) + "\n" for row in rows))
     started = time.perf_counter()
     report = build_text_index(settings, "throughput", [source])
     seconds = time.perf_counter() - started
@@ -204,7 +206,7 @@ def write_ncbi_chunks(folder: Path, vectors: np.ndarray, texts: list[str]) -> in
     Each article takes one real title and eight sentences drawn from all the real abstracts, so
     no two articles are copies: with copies, the top BM25 scores are all ties of one abstract,
     which flatters an engine that skips blocks below the current top-k score."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     titles = [text.partition("\n")[0] for text in texts]
     sentences = [
         sentence.strip() + "."
@@ -218,9 +220,13 @@ def write_ncbi_chunks(folder: Path, vectors: np.ndarray, texts: list[str]) -> in
         stop = min(start + NCBI_CHUNK_ROWS, len(vectors))
         pmids = [str(40_000_000 + row) for row in range(start, stop)]
         picks = rng.integers(0, len(sentences), size=(stop - start, ABSTRACT_SENTENCES))
-        np.save(folder / f"embeds_chunk_{number}.npy", vectors[start:stop] * 30.0)
-        (folder / f"pmids_chunk_{number}.json").write_text(json.dumps(pmids), encoding="utf-8")
-        with (folder / f"pubmed_chunk_{number}.json").open("w", encoding="utf-8") as handle:
+        with atomic_path(folder / f"embeds_chunk_{number}.npy") as tmp, tmp.open("wb") as out:
+            np.save(out, vectors[start:stop] * 30.0)
+        atomic_write_text(folder / f"pmids_chunk_{number}.json", json.dumps(pmids))
+        with (
+            atomic_path(folder / f"pubmed_chunk_{number}.json") as tmp,
+            tmp.open("w", encoding="utf-8") as handle,
+        ):
             handle.write("{")
             for offset, pmid in enumerate(pmids):
                 abstract = " ".join(sentences[i] for i in picks[offset])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -103,7 +103,7 @@ class EmbeddingMixture:
             "residual_std": round(self.residual_std, 6),
         }
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path | IO[bytes]) -> None:
         np.savez(
             path,
             mean=self.mean,
