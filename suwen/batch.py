@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -640,6 +640,25 @@ async def run_batch(
             concurrency=concurrency,
             check_image=check_image,
             on_progress=on_progress,
+        )
+
+
+async def answer_questions(
+    questions: QuestionSet,
+    log: AnswerLog,
+    start: Callable[[], AbstractAsyncContextManager[Answerer]],
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Answer the pending questions (``answer_pending``) with the answerer ``start`` opens,
+    started only when one of them can be asked: otherwise the unusable items are recorded
+    without a model (``record_unaskable``)."""
+    if not needs_model(questions, log):
+        return await record_unaskable(questions, log, concurrency=concurrency)
+    async with start() as answer:
+        return await answer_pending(
+            questions, log, answer, concurrency=concurrency, on_progress=on_progress
         )
 
 

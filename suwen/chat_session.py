@@ -144,6 +144,30 @@ class ChatSession:
         """The finished turns of a saved conversation, as the session store holds them."""
         return await self.agent.history(thread_id)
 
+    async def start(
+        self,
+        images: list[str],
+        priors: list[str],
+        dates: dict[str, str],
+        *,
+        resume: str | None,
+        on_notice: Callable[[str], None],
+    ) -> list[Turn]:
+        """Begin the sitting: the earlier turns of the conversation ``resume`` names (returned;
+        none without it), the images it was about unless new ones are given, then ``images``
+        and ``priors`` with their ``dates``. An image of the resumed conversation that cannot
+        be attached any more is left out with a notice."""
+        earlier = await self.history(resume) if resume else []
+        kept = earlier[-1].images if earlier and not images else []
+        for path in [*kept, *images]:
+            try:
+                self.attach(path, dates.get(path))
+            except InputError as exc:
+                on_notice(f"{exc} (attached earlier in this conversation; left out)")
+        for path in priors:
+            self.attach_prior(path, dates.get(path))
+        return earlier
+
     def save_transcript(self, path: Path, text: str, sessions_db: Path) -> Path:
         """Write a transcript of this conversation (owner-only) and remember it with the
         thread, so deleting the conversation deletes this copy of it too."""

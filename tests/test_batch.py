@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from PIL import Image
 
 from suwen.batch import (
     BatchProgress,
+    BatchSummary,
+    answer_questions,
     load_questions,
     open_answer_log,
     read_prior_output,
@@ -339,3 +343,26 @@ def test_an_empty_answer_is_recorded_as_an_error(tmp_path: Path) -> None:
     assert _read_out(tmp_path / "out.jsonl") == [
         {"id": "a", "error": "the model's answer was empty"}
     ]
+
+
+def test_the_model_is_started_only_when_a_pending_question_can_be_asked(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "questions.jsonl", [{"id": "a", "question": "Q?"}, {"id": "b"}])
+    questions = load_questions(tmp_path)
+    out = tmp_path / "out.jsonl"
+    started: list[EchoModel] = []
+
+    @asynccontextmanager
+    async def start() -> AsyncIterator[EchoModel]:
+        started.append(EchoModel())
+        yield started[-1]
+
+    def run_once() -> BatchSummary:
+        with open_answer_log(out) as log:
+            return asyncio.run(answer_questions(questions, log, start))
+
+    first = run_once()
+    assert len(started) == 1 and [q.text for q in started[0].asked] == ["Q?"]
+    assert first.answered == 1 and [e[0] for e in first.errors] == ["b"]
+    # Only the unaskable item is left: its error is recorded again without starting a model.
+    again = run_once()
+    assert len(started) == 1 and again.skipped == 1 and [e[0] for e in again.errors] == ["b"]

@@ -78,7 +78,8 @@ def test_a_parquet_dataset_is_indexed_with_its_columns(
     assert len(cases) == ROWS
     assert cases[f"vqa-{first}"] == (image_corpus.captions[first], "radiograph")
     # A re-run writes no image again and changes nothing.
-    extracted = image_sources.extraction_dir(cli_home.home / "case_images", parquet)
+    extracted = image_sources.extraction_dir(cli_home.home, parquet)
+    assert extracted.parent == cli_home.home / "case_images"
     mtimes = {p: p.stat().st_mtime_ns for p in extracted.rglob("*.jpg")}
     assert len(mtimes) == ROWS
     again = index_images(*args)

@@ -15,10 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 from suwen.agent.graph import SuwenAgent
-from suwen.agent.sessions import conversation_store, open_sessions, saved_conversations
+from suwen.agent.sessions import (
+    CHAT_INPUT_HISTORY,
+    conversation_store,
+    open_sessions,
+    saved_conversations,
+)
 from suwen.chat_session import ChatSession
 from suwen.cli import app
-from suwen.commands.chat import HISTORY_FILE
 from suwen.config import Settings
 from tests.agent_helpers import corpus, question, settings
 from tests.fake_model import FakeModel
@@ -169,7 +173,7 @@ def test_unknown_id_is_a_one_line_error(made) -> None:
 
 def test_purge_removes_everything_and_chat_input_history(made) -> None:
     config, transcripts = made
-    typed = config.home / HISTORY_FILE  # what chat's line editor keeps, when it does
+    typed = config.home / CHAT_INPUT_HISTORY  # what chat's line editor keeps, when it does
     typed.write_text(f"\n+{KEEP}\n", encoding="utf-8")
 
     code, output = cli("purge")  # asks first; no answer means no

@@ -27,12 +27,13 @@ from rich.markdown import Markdown
 from typer.testing import CliRunner
 
 from suwen import runtime
+from suwen.agent.sessions import CHAT_INPUT_HISTORY
 from suwen.agent.state import Turn
 from suwen.chat_session import ChatTurn
 from suwen.cli import app
 from suwen.commands import common
 from suwen.commands.answer_view import transcript_markdown
-from suwen.commands.chat import HISTORY_FILE, input_history
+from suwen.commands.chat import input_history
 from suwen.commands.image_cmds import _print_cases
 from suwen.commands.text_cmds import _print_hits
 from suwen.config import Settings
@@ -371,20 +372,20 @@ def test_chat_prints_hostile_text_literally(
     assert not [seq for seq in DATA_SEQUENCES if seq in term.raw], repr(term.raw[-2000:])
     assert "\x1b]8;" not in term.raw  # no hyperlink at all
     # Typed lines are not kept on disk unless the setting asks for it.
-    assert not (suwen_home / HISTORY_FILE).exists()
+    assert not (suwen_home / CHAT_INPUT_HISTORY).exists()
 
 
 def test_chat_input_history_is_kept_only_when_asked_and_owner_only(tmp_path: Path) -> None:
     off = input_history(Settings(home=tmp_path / "off"))
     off.append_string("patient Jane Doe, MRN 123")
-    assert not (tmp_path / "off" / HISTORY_FILE).exists()
+    assert not (tmp_path / "off" / CHAT_INPUT_HISTORY).exists()
     home = tmp_path / "on"
     home.mkdir(mode=0o755)
-    (home / HISTORY_FILE).write_text("", encoding="utf-8")
-    (home / HISTORY_FILE).chmod(0o644)  # left by an older version
+    (home / CHAT_INPUT_HISTORY).write_text("", encoding="utf-8")
+    (home / CHAT_INPUT_HISTORY).chmod(0o644)  # left by an older version
     kept = input_history(Settings(home=home, chat_history=True))
     kept.append_string("patient Jane Doe, MRN 123")
-    path = home / HISTORY_FILE
+    path = home / CHAT_INPUT_HISTORY
     assert "MRN 123" in path.read_text(encoding="utf-8")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700

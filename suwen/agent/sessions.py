@@ -31,6 +31,7 @@ from suwen.agent.state import CHECKPOINT_TYPES
 from suwen.config import Settings
 from suwen.digests import sha256_of
 from suwen.errors import InputError
+from suwen.privacy import private_dir
 
 # The file prompt_toolkit keeps chat's typed lines in (inside the data home), when it does.
 CHAT_INPUT_HISTORY = "chat_history"
@@ -227,6 +228,15 @@ async def conversation_exists(settings: Settings, thread_id: str) -> bool:
         return await store.exists(thread_id)
 
 
+async def delete_conversation(settings: Settings, thread_id: str) -> Removed:
+    """One conversation gone: its checkpoints and the transcripts /save wrote of it (an
+    unknown id, or no store at all, is an error naming it)."""
+    if not settings.sessions_db.is_file():
+        raise InputError(f"{thread_id}: no saved conversation (no {settings.sessions_db} yet)")
+    async with conversation_store(settings) as store:
+        return await store.delete(thread_id)
+
+
 async def purge_all(settings: Settings) -> Removed:
     """Every conversation and transcript gone, and chat's typed-line history with them."""
     removed = Removed()
@@ -238,6 +248,18 @@ async def purge_all(settings: Settings) -> Removed:
         history.unlink()
         removed.input_history = history
     return removed
+
+
+def input_history_file(settings: Settings) -> Path | None:
+    """The file chat's line editor keeps typed lines in, created owner-only in the data home
+    (typed questions may name a patient), or None unless the setting ``chat_history`` asks for
+    one. A file an older version left readable by others is closed to them."""
+    if not settings.chat_history:
+        return None
+    path = private_dir(settings.home) / CHAT_INPUT_HISTORY
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    path.chmod(0o600)
+    return path
 
 
 def record_transcript(sessions_db: Path, thread_id: str, path: Path) -> None:

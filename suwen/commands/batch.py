@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +25,14 @@ from rich.table import Table
 from rich.text import Text
 
 from suwen.batch import (
+    Answerer,
     AnswerLog,
     BatchProgress,
     BatchSummary,
     QuestionSet,
-    answer_pending,
+    answer_questions,
     load_questions,
-    needs_model,
     open_answer_log,
-    record_unaskable,
 )
 from suwen.commands import answering
 from suwen.commands.common import console, literal_line, settings_of
@@ -116,21 +117,28 @@ class BatchRun:
     report: bool
 
     async def answer_all(self, questions: QuestionSet, log: AnswerLog) -> BatchSummary:
+        bar = BatchBar(len(questions.items))
+        return await answer_questions(
+            questions,
+            log,
+            lambda: self._started(bar),
+            concurrency=self.concurrency,
+            on_progress=bar.update,
+        )
+
+    @asynccontextmanager
+    async def _started(self, bar: BatchBar) -> AsyncIterator[Answerer]:
+        """The agent's answerer, the progress bar shown once the model is up."""
         from suwen.runtime import AgentAnswerer
 
-        if not needs_model(questions, log):
-            return await record_unaskable(questions, log, concurrency=self.concurrency)
         async with answering.started_agent(
             self.settings,
             self.vllm_urls,
             text_index=self.text_index,
             image_index=self.image_index,
         ) as agent:
-            answer = AgentAnswerer(agent, self.mode, report=self.report)
-            with BatchBar(len(questions.items)) as bar:
-                return await answer_pending(
-                    questions, log, answer, concurrency=self.concurrency, on_progress=bar.update
-                )
+            with bar:
+                yield AgentAnswerer(agent, self.mode, report=self.report)
 
 
 class RateColumn(ProgressColumn):

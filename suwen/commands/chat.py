@@ -8,7 +8,6 @@ cancels that answer and keeps the chat; Ctrl-C at the prompt clears the line; Ct
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from suwen.agent.sessions import conversation_exists, saved_conversations
+from suwen.agent.sessions import conversation_exists, input_history_file, saved_conversations
 from suwen.agent.state import Turn
 from suwen.batch import question_length_error
 from suwen.chat_session import ChatSession, new_thread_id
@@ -50,7 +49,6 @@ from suwen.commands.common import (
 )
 from suwen.config import Settings
 from suwen.errors import InputError, SuwenError
-from suwen.privacy import private_dir
 from suwen.types import AgentEvent, AgentResult
 
 COMMANDS: dict[str, str] = {
@@ -65,7 +63,6 @@ COMMANDS: dict[str, str] = {
     "/help": "        this list",
     "/quit": "        leave (Ctrl-D too)",
 }
-HISTORY_FILE = "chat_history"
 
 
 def chat(
@@ -128,30 +125,22 @@ async def _chat(settings: Settings, options: ChatOptions) -> None:
         session = ChatSession(agent, thread_id=options.resume or new_thread_id())
         session.plain = options.plain
         session.adaptive = options.adaptive
-        earlier = await session.history(options.resume) if options.resume else []
-        # A resumed conversation keeps the images it was about, unless new ones are given.
-        kept = earlier[-1].images if earlier and not options.images else []
-        for path in [*kept, *options.images]:
-            try:
-                session.attach(path, options.dates.get(path))
-            except InputError as exc:
-                print_note(f"{exc} (attached earlier in this conversation; left out)")
-        for path in options.priors:
-            session.attach_prior(path, options.dates.get(path))
+        earlier = await session.start(
+            options.images,
+            options.priors,
+            options.dates,
+            resume=options.resume,
+            on_notice=print_note,
+        )
         screen = ChatScreen(settings, session, earlier)
         await screen.run()
 
 
 def input_history(settings: Settings) -> History:
     """What the prompt remembers of the lines typed (arrow-up recall): this sitting only, unless
-    the setting ``chat_history`` keeps them in the data home, in a file only its owner reads
-    (typed questions may name a patient)."""
-    if not settings.chat_history:
-        return InMemoryHistory()
-    path = private_dir(settings.home) / HISTORY_FILE
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
-    path.chmod(0o600)  # an older file, made before this rule, is closed too
-    return FileHistory(str(path))
+    the setting ``chat_history`` keeps them in the data home (``input_history_file``)."""
+    path = input_history_file(settings)
+    return InMemoryHistory() if path is None else FileHistory(str(path))
 
 
 class ChatScreen:

@@ -101,7 +101,7 @@ def _extract_dataset(home: Path, source: Path, columns: image_sources.DatasetCol
     """The dataset's images written under the data home, and the manifest naming them."""
     from suwen.indexes import image_sources
 
-    target = image_sources.extraction_dir(home / "case_images", source)
+    target = image_sources.extraction_dir(home, source)
     with err_console.status(f"reading {source.name}") as status:
 
         def on_skip(message: str) -> None:

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from suwen.commands.common import console, err_console, settings_of
+from suwen.config import CONFIG_FILE_NAME
 
 models_app = typer.Typer(
     help="Fetch the real models once; list what is on disk.", no_args_is_help=True
@@ -43,7 +44,7 @@ def fetch(
             f"{escape(str(models.models_dir(settings) / record.folder))}"
         )
     written = models.local_settings(settings, fetched)
-    config = settings.home / "suwen.toml"
+    config = settings.home / CONFIG_FILE_NAME
     console.print(f"set {', '.join(sorted(written))} in {escape(str(config))}")
 
 

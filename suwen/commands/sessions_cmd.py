@@ -8,10 +8,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from suwen.agent.sessions import Removed, conversation_store, purge_all, saved_conversations
+from suwen.agent.sessions import Removed, delete_conversation, purge_all, saved_conversations
 from suwen.commands.common import console, literal_line, settings_of
 from suwen.config import Settings
-from suwen.errors import InputError, NotDoneError
+from suwen.errors import NotDoneError
 
 sessions_app = typer.Typer(
     help="List and delete saved chat conversations (and the transcripts /save wrote).",
@@ -49,15 +49,8 @@ def delete(
 ) -> None:
     """Delete one conversation: its checkpoints and the transcripts /save wrote of it."""
     settings = settings_of(ctx)
-    removed = asyncio.run(_delete(settings, thread_id))
+    removed = asyncio.run(delete_conversation(settings, thread_id))
     _report(removed, settings)
-
-
-async def _delete(settings: Settings, thread_id: str) -> Removed:
-    if not settings.sessions_db.is_file():
-        raise InputError(f"{thread_id}: no saved conversation (no {settings.sessions_db} yet)")
-    async with conversation_store(settings) as store:
-        return await store.delete(thread_id)
 
 
 @sessions_app.command("purge")

@@ -74,11 +74,16 @@ def dataset_files(source: Path) -> Iterator[Path]:
             yield path
 
 
-def extraction_dir(cases_dir: Path, source: Path) -> Path:
-    """Where a dataset's images are written: one folder per dataset path, under ``cases_dir``."""
+# The data home's folder of images extracted from datasets (one subfolder per dataset path).
+EXTRACTED_IMAGES_DIR = "case_images"
+
+
+def extraction_dir(home: Path, source: Path) -> Path:
+    """Where a dataset's images are written: one folder per dataset path, in the data home."""
     resolved = str(source.expanduser().resolve())
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(resolved).stem)[:40] or "dataset"
-    return cases_dir / f"{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:10]}"
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:10]
+    return home / EXTRACTED_IMAGES_DIR / f"{stem}-{digest}"
 
 
 def extract_dataset(
