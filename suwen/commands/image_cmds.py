@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,8 +132,8 @@ def search_image(
     image = load_image(path)
     exclude = (sha256_of(path),) if exclude_self else ()
     note_index_encoder(settings, index or settings.image_index)
-    searcher = ImageSearcher.open(settings, index)
-    hits = searcher.search_image(image, k, exclude_sha256=exclude)
+    with closing(ImageSearcher.open(settings, index)) as searcher:
+        hits = searcher.search_image(image, k, exclude_sha256=exclude)
     if as_json:
         typer.echo(json.dumps([hit.as_search_json() for hit in hits], indent=2))
         return
