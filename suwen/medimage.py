@@ -23,6 +23,9 @@ weaken Suwen's.
 from __future__ import annotations
 
 import math
+import stat
+import threading
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,8 +78,59 @@ class Frame:
 
 
 def load_image(path: Path) -> Image.Image:
-    """The representative RGB image of ``path``: the image itself, or a volume's middle slice."""
-    return load_frames(path, max_frames=1)[0].image
+    """The representative RGB image of ``path``: the image itself, or a volume's middle slice.
+    The image is remembered as loaded from the file as it was (``loaded_from``) when the file
+    did not change while it was read."""
+    path = Path(path)
+    before = file_identity(path)
+    image = load_frames(path, max_frames=1)[0].image
+    if before is not None and file_identity(path) == before:
+        _remember_source(image, before)
+    return image
+
+
+# -- which file an image was loaded from ------------------------------------------------------
+
+# (resolved path, device, inode, size in bytes, modification time in ns): a file rewritten in
+# place or replaced has another identity, so what was derived from its old content is not reused.
+FileIdentity = tuple[str, int, int, int, int]
+
+_sources: dict[int, FileIdentity] = {}  # id(image) -> the file it is the loaded image of
+_sources_lock = threading.Lock()
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """The identity of the regular file at ``path`` now; None for a folder or no file."""
+    try:
+        status = path.stat()
+        resolved = str(path.resolve())
+    except (OSError, RuntimeError):
+        return None
+    if not stat.S_ISREG(status.st_mode):
+        return None
+    return (resolved, status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def loaded_from(image: Image.Image) -> FileIdentity | None:
+    """The file ``image`` is ``load_image``'s result of (this very object, not a copy or a
+    resized or converted image made from it), None otherwise. Like every cache of encoded
+    images, this treats a loaded image as never edited in place."""
+    with _sources_lock:
+        return _sources.get(id(image))
+
+
+def _remember_source(image: Image.Image, identity: FileIdentity) -> None:
+    key = id(image)
+    with _sources_lock:
+        if key not in _sources:
+            # The id may be reused once the image is gone: forget it then.
+            weakref.finalize(image, _forget_source, key)
+        _sources[key] = identity
+
+
+def _forget_source(key: int) -> None:
+    with _sources_lock:
+        _sources.pop(key, None)
 
 
 def load_frames(path: Path, max_frames: int = 3) -> list[Frame]:

@@ -118,3 +118,71 @@ def test_encoder_encodes_each_image_once(monkeypatch: pytest.MonkeyPatch) -> Non
     del third
     gc.collect()
     assert key not in encoder._urls  # a collected image's id may be reused: forgotten
+
+
+def _counting_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from suwen.llm import images
+
+    calls: list[int] = []
+    real = images.image_to_data_url
+
+    def counting(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
+        calls.append(id(image))
+        return real(image, min_pixels, max_pixels)
+
+    monkeypatch.setattr(images, "image_to_data_url", counting)
+    return calls
+
+
+def _two_halves(path: Path, left: str, right: str) -> None:
+    image = Image.new("RGB", (56, 56), left)
+    image.paste(Image.new("RGB", (28, 56), right), (28, 0))
+    image.save(path)
+
+
+def test_a_file_loaded_again_is_encoded_once_until_it_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import os
+
+    from suwen.medimage import load_image
+
+    calls = _counting_encodes(monkeypatch)
+    encoder = ImageEncoder(MIN_PIXELS, MAX_PIXELS)
+    case = tmp_path / "case.png"
+    _two_halves(case, "red", "blue")
+    first, again = load_image(case), load_image(case)  # as two questions load one case
+    assert first is not again
+    assert encoder.data_url(first) == encoder.data_url(again)
+    assert len(calls) == 1 and encoder.cached(load_image(case))
+    # An image made from a loaded one is not the file's image, whatever its info says.
+    flipped = first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert decode(encoder.data_url(flipped)).convert("RGB").getpixel((0, 0)) == (0, 0, 255)
+    assert len(calls) == 2
+    # The file rewritten (another size or modification time): encoded afresh, new pixels.
+    stamp = case.stat().st_mtime_ns
+    _two_halves(case, "green", "blue")
+    os.utime(case, ns=(stamp + 10**9, stamp + 10**9))
+    changed = load_image(case)
+    assert not encoder.cached(changed)
+    assert decode(encoder.data_url(changed)).convert("RGB").getpixel((0, 0)) == (0, 128, 0)
+    assert len(calls) == 3
+
+
+def test_the_file_cache_keeps_its_size_bound(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from suwen.medimage import load_image
+
+    calls = _counting_encodes(monkeypatch)
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    _two_halves(one, "red", "blue")
+    _two_halves(two, "white", "black")
+    sizes = [len(image_to_data_url(load_image(p), MIN_PIXELS, MAX_PIXELS)) for p in (one, two)]
+    room = max(sizes) + min(sizes) - 1  # either URL fits, both do not
+    encoder = ImageEncoder(MIN_PIXELS, MAX_PIXELS, file_capacity=room)
+    encoder.data_url(load_image(one))
+    encoder.data_url(load_image(two))  # room for one URL: the file read first goes
+    assert encoder.cached(load_image(two)) and not encoder.cached(load_image(one))
+    assert encoder._file_chars <= encoder.file_capacity
+    assert len(calls) == 2

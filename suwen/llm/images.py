@@ -20,11 +20,13 @@ from collections import OrderedDict
 from PIL import Image
 
 from suwen.errors import InputError
-from suwen.medimage import MAX_PIXELS
+from suwen.medimage import MAX_PIXELS, FileIdentity, loaded_from
 
 # Qwen2.5-VL's processor constants.
 FACTOR = 28  # patch_size 14 x merge_size 2
 MAX_ASPECT_RATIO = 200
+# Data URLs kept by the file their image was loaded from, in characters: dozens of radiographs.
+FILE_CACHE_CHARS = 64 << 20
 
 
 def describe(image: Image.Image) -> str:
@@ -95,32 +97,51 @@ def image_to_data_url(image: Image.Image, min_pixels: int, max_pixels: int) -> s
 
 
 class ImageEncoder:
-    """Data URLs for images, each encoded once per image object.
+    """Data URLs for images, each encoded once per image object, and once per image file.
 
     The agent sends the same image in several calls of one question (look, reread, answer);
     resizing and PNG-encoding a radiograph costs tens of milliseconds, more than a cached
     prefix takes vLLM to answer. Entries are keyed by object identity and dropped when the
     image is garbage collected, so images are treated as immutable once sent (Suwen never
-    edits a decoded image in place). Thread-safe: encoding runs in worker threads."""
+    edits a decoded image in place). An image ``suwen.medimage.load_image`` read from a file
+    is also kept under that file's identity (path, size, modification time), within
+    ``file_capacity`` characters, least recently used first out: a similar case shown as a
+    worked example, or an image several questions ask about, is loaded again for each
+    question but encoded once while its file stays the same. Thread-safe: encoding runs in
+    worker threads."""
 
-    def __init__(self, min_pixels: int, max_pixels: int, capacity: int = 64) -> None:
+    def __init__(
+        self,
+        min_pixels: int,
+        max_pixels: int,
+        capacity: int = 64,
+        file_capacity: int = FILE_CACHE_CHARS,
+    ) -> None:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.capacity = capacity
+        self.file_capacity = file_capacity
         self._urls: OrderedDict[int, str] = OrderedDict()
+        self._by_file: OrderedDict[FileIdentity, str] = OrderedDict()
+        self._file_chars = 0
         self._lock = threading.Lock()
 
     def cached(self, image: Image.Image) -> bool:
+        source = loaded_from(image)
         with self._lock:
-            return id(image) in self._urls
+            return id(image) in self._urls or (source is not None and source in self._by_file)
 
     def data_url(self, image: Image.Image) -> str:
         key = id(image)
+        source = loaded_from(image)
         with self._lock:
             url = self._urls.get(key)
             if url is not None:
                 self._urls.move_to_end(key)
                 return url
+            if source is not None and source in self._by_file:
+                self._by_file.move_to_end(source)
+                return self._by_file[source]
         url = image_to_data_url(image, self.min_pixels, self.max_pixels)
         with self._lock:
             if key not in self._urls:
@@ -129,7 +150,20 @@ class ImageEncoder:
             self._urls[key] = url
             while len(self._urls) > self.capacity:
                 self._urls.popitem(last=False)
+            if source is not None:
+                self._keep_for_file(source, url)
         return url
+
+    def _keep_for_file(self, source: FileIdentity, url: str) -> None:
+        """Under the lock: ``url`` kept for ``source``, the oldest dropped beyond capacity."""
+        if len(url) > self.file_capacity:
+            return
+        old = self._by_file.pop(source, None)
+        self._file_chars += len(url) - (len(old) if old is not None else 0)
+        self._by_file[source] = url
+        while self._file_chars > self.file_capacity:
+            _, dropped = self._by_file.popitem(last=False)
+            self._file_chars -= len(dropped)
 
     def _forget(self, key: int) -> None:
         with self._lock:
