@@ -58,26 +58,47 @@ def test_large_vqa_rad_scan_is_shrunk(shared_data: Path) -> None:
     original = Image.open(path)
     assert original.width * original.height > MAX_PIXELS
     sent = decode(image_to_data_url(original, MIN_PIXELS, MAX_PIXELS))
-    assert sent.format == "PNG" and sent.mode == "RGB"
+    assert sent.format == "PNG"
+    # The server reads it as RGB: exactly the pixels of the resized RGB image.
+    expected = prepare_image(original, MIN_PIXELS, MAX_PIXELS)
+    assert sent.convert("RGB").tobytes() == expected.tobytes()
     assert sent.width * sent.height <= MAX_PIXELS
     assert (sent.height, sent.width) == fit_size(
         original.height, original.width, MIN_PIXELS, MAX_PIXELS
     )
 
 
-def test_small_greyscale_image_is_enlarged_and_made_rgb() -> None:
+def test_small_greyscale_image_is_enlarged_and_sent_grey() -> None:
     grey = Image.new("L", (30, 20), color=128)
     sent = decode(image_to_data_url(grey, MIN_PIXELS, MAX_PIXELS))
-    assert sent.mode == "RGB"
+    assert sent.mode == "L"
     assert sent.width * sent.height >= MIN_PIXELS
-    assert sent.getpixel((5, 5)) == (128, 128, 128)
+    assert sent.convert("RGB").getpixel((5, 5)) == (128, 128, 128)
+    expected = prepare_image(grey, MIN_PIXELS, MAX_PIXELS)
+    assert sent.convert("RGB").tobytes() == expected.tobytes()
 
 
 def test_image_already_on_the_grid_is_sent_unchanged() -> None:
     image = Image.effect_noise((280, 196), 40).convert("RGB")
     sent = decode(image_to_data_url(image, MIN_PIXELS, MAX_PIXELS))
     assert sent.size == image.size
-    assert sent.tobytes() == image.tobytes()  # lossless
+    assert sent.convert("RGB").tobytes() == image.tobytes()  # lossless
+
+
+@pytest.mark.parametrize("size", [(280, 196), (300, 211)])  # on the grid, and resized
+def test_a_colour_image_stays_rgb(size: tuple[int, int]) -> None:
+    image = Image.merge("RGB", [Image.effect_noise(size, 40) for _ in range(3)])
+    image.putpixel((0, 0), (10, 10, 10))
+    sent = decode(image_to_data_url(image, MIN_PIXELS, MAX_PIXELS))
+    assert sent.mode == "RGB"
+    assert sent.tobytes() == prepare_image(image, MIN_PIXELS, MAX_PIXELS).tobytes()
+
+
+def test_an_image_grey_but_for_one_pixel_stays_rgb() -> None:
+    image = Image.effect_noise((280, 196), 40).convert("RGB")
+    image.putpixel((100, 50), (200, 10, 10))
+    sent = decode(image_to_data_url(image, MIN_PIXELS, MAX_PIXELS))
+    assert sent.mode == "RGB" and sent.tobytes() == image.tobytes()
 
 
 def test_truncated_file_is_an_input_error_naming_it(shared_data: Path, tmp_path: Path) -> None:
