@@ -185,6 +185,41 @@ def test_concurrent_searches_agree_with_sequential_ones(
     assert got == expected * 2
 
 
+def test_an_image_file_asked_about_again_is_embedded_once_until_it_changes(
+    image_settings: Settings,
+    image_index: str,
+    image_corpus: ImageCorpus,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import os
+
+    searcher = ImageSearcher.open(image_settings, image_index)
+    first, other = image_corpus.case_ids[:2]
+    question = tmp_path / "question.jpg"
+    shutil.copy(image_corpus.folder / f"{first}.jpg", question)
+    encoded: list[int] = []
+    real = searcher.encoder.encode_images
+
+    def counting(images, progress=None):  # type: ignore[no-untyped-def]
+        encoded.append(len(images))
+        return real(images, progress)
+
+    monkeypatch.setattr(searcher.encoder, "encode_images", counting)
+    hits = [searcher.search_image(load_image(question), k=3) for _ in range(3)]
+    assert len(encoded) == 1  # three questions load the file, one embedding
+    assert hits[0] == hits[1] == hits[2] and hits[0][0].case_id == first
+    # The file replaced by another case's image: embedded afresh, the other case found.
+    stamp = question.stat().st_mtime_ns
+    shutil.copy(image_corpus.folder / f"{other}.jpg", question)
+    os.utime(question, ns=(stamp + 10**9, stamp + 10**9))
+    assert searcher.search_image(load_image(question), k=3)[0].case_id == other
+    assert len(encoded) == 2
+    # An image made from a loaded one is not the file's image: embedded itself.
+    searcher.search_image(load_image(question).rotate(90), k=3)
+    assert len(encoded) == 3
+
+
 def test_searcher_uses_the_encoder_the_index_was_built_with(
     image_settings: Settings, image_index: str, tmp_path: Path, tiny_clip_dir: Path
 ):

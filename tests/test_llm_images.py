@@ -207,3 +207,62 @@ def test_the_file_cache_keeps_its_size_bound(
     assert encoder.cached(load_image(two)) and not encoder.cached(load_image(one))
     assert encoder._file_chars <= encoder.file_capacity
     assert len(calls) == 2
+
+
+def test_a_file_asked_for_at_once_by_two_questions_is_encoded_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import threading
+
+    from suwen.llm import images
+    from suwen.medimage import load_image
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real = images.image_to_data_url
+
+    def slow(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
+        calls.append(id(image))
+        started.set()
+        release.wait(10)
+        return real(image, min_pixels, max_pixels)
+
+    monkeypatch.setattr(images, "image_to_data_url", slow)
+    encoder = ImageEncoder(MIN_PIXELS, MAX_PIXELS)
+    case = tmp_path / "case.png"
+    _two_halves(case, "red", "blue")
+    urls: list[str] = []
+    first = threading.Thread(target=lambda: urls.append(encoder.data_url(load_image(case))))
+    second = threading.Thread(target=lambda: urls.append(encoder.data_url(load_image(case))))
+    first.start()
+    assert started.wait(10)
+    second.start()  # finds the file being encoded and waits for it
+    second.join(0.2)
+    assert second.is_alive() and len(calls) == 1
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(calls) == 1 and len(urls) == 2 and urls[0] == urls[1]
+
+
+def test_a_failed_encoding_lets_the_next_caller_try(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from suwen.llm import images
+    from suwen.medimage import load_image
+
+    real = images.image_to_data_url
+    failures = [OSError("disk hiccup")]
+
+    def flaky(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
+        if failures:
+            raise failures.pop()
+        return real(image, min_pixels, max_pixels)
+
+    monkeypatch.setattr(images, "image_to_data_url", flaky)
+    encoder = ImageEncoder(MIN_PIXELS, MAX_PIXELS)
+    case = tmp_path / "case.png"
+    _two_halves(case, "red", "blue")
+    with pytest.raises(OSError, match="hiccup"):
+        encoder.data_url(load_image(case))
+    assert decode(encoder.data_url(load_image(case))).size == (56, 56)

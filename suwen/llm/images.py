@@ -137,8 +137,9 @@ class ImageEncoder:
     is also kept under that file's identity (path, size, modification time), within
     ``file_capacity`` characters, least recently used first out: a similar case shown as a
     worked example, or an image several questions ask about, is loaded again for each
-    question but encoded once while its file stays the same. Thread-safe: encoding runs in
-    worker threads."""
+    question but encoded once while its file stays the same, also when several questions ask
+    for it at once (the first encodes, the others wait for its URL). Thread-safe: encoding
+    runs in worker threads."""
 
     def __init__(
         self,
@@ -154,6 +155,7 @@ class ImageEncoder:
         self._urls: OrderedDict[int, str] = OrderedDict()
         self._by_file: OrderedDict[FileIdentity, str] = OrderedDict()
         self._file_chars = 0
+        self._encoding: dict[FileIdentity, threading.Event] = {}  # files being encoded now
         self._lock = threading.Lock()
 
     def cached(self, image: Image.Image) -> bool:
@@ -164,25 +166,48 @@ class ImageEncoder:
     def data_url(self, image: Image.Image) -> str:
         key = id(image)
         source = loaded_from(image)
-        with self._lock:
-            url = self._urls.get(key)
-            if url is not None:
-                self._urls.move_to_end(key)
-                return url
-            if source is not None and source in self._by_file:
-                self._by_file.move_to_end(source)
-                return self._by_file[source]
-        url = image_to_data_url(image, self.min_pixels, self.max_pixels)
-        with self._lock:
-            if key not in self._urls:
-                # The id may be reused once the image is gone: forget it then.
-                weakref.finalize(image, self._forget, key)
-            self._urls[key] = url
-            while len(self._urls) > self.capacity:
-                self._urls.popitem(last=False)
+        while True:
+            with self._lock:
+                url = self._lookup(key, source)
+                if url is not None:
+                    return url
+                busy = self._encoding.get(source) if source is not None else None
+                if busy is None and source is not None:
+                    self._encoding[source] = threading.Event()
+            if busy is None:
+                break
+            busy.wait()  # another question is encoding the same file: use its URL
+        try:
+            url = image_to_data_url(image, self.min_pixels, self.max_pixels)
+            with self._lock:
+                self._keep(key, image, source, url)
+        finally:
             if source is not None:
-                self._keep_for_file(source, url)
+                with self._lock:
+                    self._encoding.pop(source).set()
         return url
+
+    def _lookup(self, key: int, source: FileIdentity | None) -> str | None:
+        """Under the lock: the URL kept for the image object, else for its file."""
+        url = self._urls.get(key)
+        if url is not None:
+            self._urls.move_to_end(key)
+            return url
+        if source is not None and source in self._by_file:
+            self._by_file.move_to_end(source)
+            return self._by_file[source]
+        return None
+
+    def _keep(self, key: int, image: Image.Image, source: FileIdentity | None, url: str) -> None:
+        """Under the lock: ``url`` kept for the image object and for its file."""
+        if key not in self._urls:
+            # The id may be reused once the image is gone: forget it then.
+            weakref.finalize(image, self._forget, key)
+        self._urls[key] = url
+        while len(self._urls) > self.capacity:
+            self._urls.popitem(last=False)
+        if source is not None:
+            self._keep_for_file(source, url)
 
     def _keep_for_file(self, source: FileIdentity, url: str) -> None:
         """Under the lock: ``url`` kept for ``source``, the oldest dropped beyond capacity."""

@@ -9,6 +9,7 @@ own calls.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Collection
 
 from PIL import Image
@@ -18,8 +19,12 @@ from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
 from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
 from suwen.indexes.image_store import ImageRow, ImageStore
+from suwen.medimage import FileIdentity, loaded_from
 from suwen.models import resolve_query_encoder
 from suwen.types import ImageHit
+
+# Query embeddings kept by the image file they were computed from (a few kB each).
+QUERY_CACHE = 1024
 
 
 class ImageSearcher:
@@ -37,6 +42,8 @@ class ImageSearcher:
         self.encoder = encoder
         self._store = image_store
         self._db_lock = threading.Lock()
+        self._queries: OrderedDict[FileIdentity, vectors.FloatArray] = OrderedDict()
+        self._queries_lock = threading.Lock()
 
     @classmethod
     def open(cls, settings: Settings, name: str | None = None) -> ImageSearcher:
@@ -60,8 +67,26 @@ class ImageSearcher:
     ) -> list[ImageHit]:
         """The ``k`` cases most similar to ``image``, best first, one hit per case; cases whose
         file hash is in ``exclude_sha256`` (e.g. the query image itself) are left out."""
-        query = self.encoder.encode_images([image])
+        query = self._image_query(image)
         return self._search(query, k, frozenset(exclude_sha256), method="image")
+
+    def _image_query(self, image: Image.Image) -> vectors.FloatArray:
+        """The image's embedding. An image ``suwen.medimage.load_image`` read from a file is
+        embedded once while the file stays the same (several questions about one image, as
+        in VQA datasets, or a chat's follow-ups); the least recently used goes first."""
+        source = loaded_from(image)
+        if source is not None:
+            with self._queries_lock:
+                if source in self._queries:
+                    self._queries.move_to_end(source)
+                    return self._queries[source].copy()
+        query = self.encoder.encode_images([image])
+        if source is not None:
+            with self._queries_lock:
+                self._queries[source] = query.copy()
+                while len(self._queries) > QUERY_CACHE:
+                    self._queries.popitem(last=False)
+        return query
 
     def search_text(self, query: str, k: int = 5) -> list[ImageHit]:
         """The ``k`` cases whose images best match ``query`` through the CLIP text tower."""
