@@ -278,12 +278,14 @@ class CollectorTime:
         self._began = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
+        # The collector runs in the thread that triggered it: that thread's CPU clock is the
+        # exact one, and much cheaper to read than the whole process's.
         if phase == "start":
-            self._began = time.process_time()
+            self._began = time.thread_time()
             return
         generation = info["generation"]
         self.runs[generation] += 1
-        self.seconds[generation] += time.process_time() - self._began
+        self.seconds[generation] += time.thread_time() - self._began
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[CollectorTime]:

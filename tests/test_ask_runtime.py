@@ -151,18 +151,25 @@ def test_what_an_open_agent_loaded_is_kept_out_of_full_collections_until_it_clos
     them on every full collection, and gets them back when the last agent closes."""
     import gc
 
+    from suwen.runtime import AGENT_GC_THRESHOLDS
+
     recorder = Recorder()
     frozen_before = gc.get_freeze_count()
+    thresholds_before = gc.get_threshold()
+    assert thresholds_before != AGENT_GC_THRESHOLDS
     seen: list[int] = []
 
     async def run() -> None:
         async with open_agent(_settings(tmp_path), backends=recorder.backends()) as outer:
             seen.append(gc.get_freeze_count())
+            assert gc.get_threshold() == AGENT_GC_THRESHOLDS  # young collections less often
             async with open_agent(_settings(tmp_path), backends=recorder.backends()):
                 pass
             seen.append(gc.get_freeze_count())  # the inner agent closing thaws nothing
+            assert gc.get_threshold() == AGENT_GC_THRESHOLDS
             assert (await outer.run(question())).citations
 
     asyncio.run(run())
     assert seen[0] > frozen_before and seen[1] >= seen[0]
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds_before  # the last agent closing restores them
