@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -460,12 +461,12 @@ class CompressedStore:
     def full_vectors(self) -> npt.NDArray[Any]:
         """The memory-mapped full-precision vectors (rows in insertion order)."""
         if self._full_view is None:
-            self._full_view = self._full.view(self._rows)
+            self._full_view = self._full.view(self._rows, scattered=not self.writable)
         return self._full_view
 
     def row_ids(self) -> npt.NDArray[np.int64]:
         if self._ids_view is None:
-            self._ids_view = self._row_ids.view(self._rows)
+            self._ids_view = self._row_ids.view(self._rows, scattered=not self.writable)
         return self._ids_view
 
     def live_rows(self) -> npt.NDArray[np.bool_]:
@@ -902,12 +903,22 @@ class AppendableArray:
             self._write_header(handle, rows)
 
     def sync(self) -> None:
+        """Flush the file to disk, then drop its pages from the page cache: they are on disk,
+        and a searcher that maps the file later reads only the rows it re-scores instead of
+        finding the builder's large cached pages mapped whole into its resident memory."""
         with self._open() as handle:
             handle.flush()
             os.fsync(handle.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def view(self, rows: int) -> npt.NDArray[Any]:
-        """The first ``rows`` rows, memory-mapped read-only through ``np.load``."""
+    def view(self, rows: int, *, scattered: bool = False) -> npt.NDArray[Any]:
+        """The first ``rows`` rows, memory-mapped read-only through ``np.load``.
+
+        ``scattered``: the caller reads a few rows at a time here and there (a searcher
+        re-scoring its shortlist), so the kernel is told not to read around each touched page:
+        with a disk's read-ahead of several MB, a few hundred scattered rows would otherwise
+        pull most of the file into the process's resident memory."""
         if rows == 0:
             return np.zeros((0,) if self.dim is None else (0, self.dim), dtype=self.dtype)
         try:
@@ -918,6 +929,9 @@ class AppendableArray:
             raise IndexDamagedError(
                 f"{self.path}: holds {len(array)} rows of {array.dtype}, need {rows}"
             )
+        mapping = getattr(array, "_mmap", None)
+        if scattered and isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+            mapping.madvise(mmap.MADV_RANDOM)
         view: npt.NDArray[Any] = array[:rows]
         return view
 
