@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -33,6 +33,9 @@ def decode(url: str) -> Image.Image:
     # From 256 visual tokens up to Qwen's own maximum.
     max_pixels=st.sampled_from([28 * 28 * 256, MAX_PIXELS, 12_845_056]),
 )
+# A ratio just under the limit that rounding to the grid would push over it (201:1).
+@example(height=29, width=5615, max_pixels=MAX_PIXELS)
+@example(height=5615, width=29, max_pixels=MAX_PIXELS)
 def test_fit_size_is_on_the_grid_within_limits(height: int, width: int, max_pixels: int) -> None:
     if max(height, width) / min(height, width) > 200:
         with pytest.raises(ValueError, match="aspect ratio"):
@@ -41,6 +44,7 @@ def test_fit_size_is_on_the_grid_within_limits(height: int, width: int, max_pixe
     new_h, new_w = fit_size(height, width, MIN_PIXELS, max_pixels)
     assert new_h % FACTOR == 0 and new_w % FACTOR == 0
     assert MIN_PIXELS <= new_h * new_w <= max_pixels
+    assert max(new_h, new_w) / min(new_h, new_w) <= 200
     # Idempotent: what is sent is exactly what the server's processor keeps as it is.
     assert fit_size(new_h, new_w, MIN_PIXELS, max_pixels) == (new_h, new_w)
 

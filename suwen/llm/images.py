@@ -58,7 +58,16 @@ def fit_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple
         beta = math.sqrt(min_pixels / (height * width))
         new_h = math.ceil(height * beta / FACTOR) * FACTOR
         new_w = math.ceil(width * beta / FACTOR) * FACTOR
-    return new_h, new_w
+    return _within_aspect_limit(new_h, new_w)
+
+
+def _within_aspect_limit(height: int, width: int) -> tuple[int, int]:
+    """Rounding to the grid can push a ratio just under the limit over it (29x5615 rounds to
+    28x5628, 201:1), and the server's processor refuses such an image: the long side is cut
+    back to the limit, so what is sent is an image the server keeps as it is."""
+    short = min(height, width)
+    longest = MAX_ASPECT_RATIO * short // FACTOR * FACTOR
+    return (min(height, longest), width) if height > width else (height, min(width, longest))
 
 
 def visual_tokens(image: Image.Image, min_pixels: int, max_pixels: int) -> int:
