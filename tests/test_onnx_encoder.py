@@ -4,6 +4,7 @@ privately in the data home, and used by a search process that never imports PyTo
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def test_export_is_private_and_records_its_check(exported_home: Path) -> None:
     assert (exported_home / "encoders").stat().st_mode & 0o777 == 0o700
     assert sorted(p.name for p in directory.iterdir()) == [
         "export.json",
+        "model.data",
         "model.onnx",
         "tokenizer.json",
     ]
@@ -55,6 +57,25 @@ def test_export_is_private_and_records_its_check(exported_home: Path) -> None:
     assert record is not None and record.precision == "int8"
     assert record.min_cosine >= onnx_encoder.INT8_MIN_COSINE
     assert (record.pooling, record.dim, record.max_tokens) == ("mean", 384, 256)
+
+
+def test_an_export_with_its_weights_inside_the_graph_still_loads(
+    exported_home: Path, tmp_path: Path
+) -> None:
+    """Exports made before the weights moved to their own file hold everything in model.onnx."""
+    import onnx
+
+    directory = export_of(exported_home)
+    single = tmp_path / "single"
+    single.mkdir()
+    onnx.save_model(onnx.load(str(directory / "model.onnx")), str(single / "model.onnx"))
+    shutil.copy(directory / "tokenizer.json", single / "tokenizer.json")
+    manifest = json.loads((directory / "export.json").read_text(encoding="utf-8"))
+    manifest["model_bytes"] = (single / "model.onnx").stat().st_size
+    (single / "export.json").write_text(json.dumps(manifest), encoding="utf-8")
+    old, new = OnnxQueryEncoder.open(single), OnnxQueryEncoder.open(directory)
+    assert old is not None and new is not None
+    np.testing.assert_allclose(old.encode_query("asthma"), new.encode_query("asthma"), atol=1e-6)
 
 
 def test_onnx_vectors_match_the_eager_model_on_real_questions(

@@ -867,6 +867,13 @@ def _gpu_assignment(ivf: faiss.IndexIVF) -> Iterator[None]:
 # Files
 
 
+def _drop_unmapped_cache(path: Path) -> None:
+    """Drop ``path``'s clean cached pages that no process has mapped (others' are kept)."""
+    if hasattr(os, "posix_fadvise"):
+        with path.open("rb") as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class AppendableArray:
     """A ``.npy`` file that grows by appending rows, readable at any time with
     ``np.load(path, mmap_mode='r', allow_pickle=False)``.
@@ -909,16 +916,17 @@ class AppendableArray:
         with self._open() as handle:
             handle.flush()
             os.fsync(handle.fileno())
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        _drop_unmapped_cache(self.path)
 
     def view(self, rows: int, *, scattered: bool = False) -> npt.NDArray[Any]:
         """The first ``rows`` rows, memory-mapped read-only through ``np.load``.
 
         ``scattered``: the caller reads a few rows at a time here and there (a searcher
-        re-scoring its shortlist), so the kernel is told not to read around each touched page:
-        with a disk's read-ahead of several MB, a few hundred scattered rows would otherwise
-        pull most of the file into the process's resident memory."""
+        re-scoring its shortlist). The kernel is told not to read around each touched page,
+        and cached pages of the file that no process maps are dropped first: a builder's
+        writes leave it cached in large folios, which a fault maps whole, so a few hundred
+        scattered rows would otherwise put most of the file into the searcher's resident
+        memory."""
         if rows == 0:
             return np.zeros((0,) if self.dim is None else (0, self.dim), dtype=self.dtype)
         try:
@@ -931,6 +939,7 @@ class AppendableArray:
             )
         mapping = getattr(array, "_mmap", None)
         if scattered and isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+            _drop_unmapped_cache(self.path)
             mapping.madvise(mmap.MADV_RANDOM)
         view: npt.NDArray[Any] = array[:rows]
         return view
