@@ -121,16 +121,7 @@ def test_extreme_aspect_ratio_is_an_input_error() -> None:
 
 
 def test_encoder_encodes_each_image_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from suwen.llm import images
-
-    calls: list[int] = []
-    real = images.image_to_data_url
-
-    def counting(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
-        calls.append(id(image))
-        return real(image, min_pixels, max_pixels)
-
-    monkeypatch.setattr(images, "image_to_data_url", counting)
+    calls = _counting_encodes(monkeypatch)
     encoder = ImageEncoder(MIN_PIXELS, MAX_PIXELS, capacity=2)
     first, second = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (56, 56), "blue")
     assert encoder.data_url(first) == encoder.data_url(first)
