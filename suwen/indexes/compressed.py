@@ -910,13 +910,9 @@ class AppendableArray:
             self._write_header(handle, rows)
 
     def sync(self) -> None:
-        """Flush the file to disk, then drop its pages from the page cache: they are on disk,
-        and a searcher that maps the file later reads only the rows it re-scores instead of
-        finding the builder's large cached pages mapped whole into its resident memory."""
         with self._open() as handle:
             handle.flush()
             os.fsync(handle.fileno())
-        _drop_unmapped_cache(self.path)
 
     def view(self, rows: int, *, scattered: bool = False) -> npt.NDArray[Any]:
         """The first ``rows`` rows, memory-mapped read-only through ``np.load``.
