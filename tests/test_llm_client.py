@@ -188,6 +188,28 @@ def test_chat_sends_openai_request_and_records_usage(settings: Settings) -> None
     assert reply.record == record
 
 
+def test_every_request_carries_the_key_as_json_and_a_redirect_is_not_followed(
+    settings: Settings,
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        return httpx.Response(307, headers={"Location": "http://elsewhere:9/"})
+
+    client = VLLMClient(
+        ["http://vllm:8000"], settings, transport=httpx.MockTransport(server), api_key="k1"
+    )
+    with pytest.raises(ModelError, match="vLLM at http://vllm:8000"):
+        run(client.chat(ask()))
+    assert [request.url.host for request in seen] == ["vllm", "vllm"]
+    assert all(request.headers["Authorization"] == "Bearer k1" for request in seen)
+    assert seen[1].headers["Content-Type"] == "application/json"
+    assert json.loads(seen[1].content)["model"] == "m"
+
+
 def test_images_go_first_as_resized_png_data_urls(settings: Settings) -> None:
     fake = FakeVLLM()
     scan = Image.effect_noise((3000, 2000), 30)  # 6 MP, greyscale

@@ -9,6 +9,7 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -96,6 +97,17 @@ def test_a_colour_image_stays_rgb(size: tuple[int, int]) -> None:
     sent = decode(image_to_data_url(image, MIN_PIXELS, MAX_PIXELS))
     assert sent.mode == "RGB"
     assert sent.tobytes() == prepare_image(image, MIN_PIXELS, MAX_PIXELS).tobytes()
+
+
+def test_a_gradient_arrives_exact_and_deflated() -> None:
+    # Neighbouring rows and columns differ by steps that wrap past 255: each row less the one
+    # above it is taken modulo 256, as PNG decoders add it back.
+    rows = np.add.outer(np.arange(252) * 7, np.arange(308) * 3) % 256
+    image = Image.fromarray(rows.astype(np.uint8), "L")
+    url = image_to_data_url(image, MIN_PIXELS, MAX_PIXELS)
+    sent = decode(url)
+    assert sent.mode == "L" and sent.tobytes() == image.tobytes()
+    assert len(base64.b64decode(url.split(",", 1)[1])) < image.width * image.height // 10
 
 
 def test_an_image_grey_but_for_one_pixel_stays_rgb() -> None:

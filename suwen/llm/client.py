@@ -61,7 +61,7 @@ from suwen.llm.base import (
     record_call,
 )
 from suwen.llm.images import ImageEncoder, visual_tokens
-from suwen.llm.transport import AiohttpTransport
+from suwen.llm.transport import AiohttpTransport, Http
 from suwen.privacy import is_loopback_url, local_api_key
 from suwen.sanitize import for_prompt
 
@@ -125,9 +125,6 @@ def text_only_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         parts = [{"type": "text", "text": text} for text in texts]
         converted.append({"role": message.role, "content": parts})
     return converted
-
-
-JSON = {"Content-Type": "application/json"}
 
 
 def json_body(model: str, payload: dict[str, Any]) -> bytes:
@@ -359,11 +356,11 @@ class _LoopState:
 
     loop: asyncio.AbstractEventLoop
     semaphore: asyncio.Semaphore
-    http: httpx.AsyncClient
+    http: Http
     transport: httpx.AsyncBaseTransport
 
 
-Send = Callable[[httpx.AsyncClient, str, str], Awaitable[R]]
+Send = Callable[[Http, str, str], Awaitable[R]]
 
 
 class VLLMClient:
@@ -448,9 +445,9 @@ class VLLMClient:
         return ids
 
     async def _tokenize_first(self, text: str) -> int:
-        async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+        async def post(http: Http, url: str, model: str) -> httpx.Response:
             body = {"model": model, "prompt": text, "add_special_tokens": False}
-            response = await http.post(f"{url}/tokenize", json=body)
+            response = await http.post(f"{url}/tokenize", orjson.dumps(body))
             if response.status_code >= 400:
                 raise ServerReplyError(response.status_code, error_message(response))
             return response
@@ -475,8 +472,8 @@ class VLLMClient:
             "add_generation_prompt": True,
         }
 
-        async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
-            response = await http.post(f"{url}/tokenize", json={"model": model, **body})
+        async def post(http: Http, url: str, model: str) -> httpx.Response:
+            response = await http.post(f"{url}/tokenize", json_body(model, body))
             if response.status_code >= 400:
                 raise ServerReplyError(response.status_code, error_message(response))
             return response
@@ -621,10 +618,8 @@ class VLLMClient:
         were asked for; the reply carries them."""
         record = CallRecord(kind=kind, purpose=purpose)
 
-        async def post(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
-            response = await http.post(
-                f"{url}/v1/chat/completions", content=json_body(model, payload), headers=JSON
-            )
+        async def post(http: Http, url: str, model: str) -> httpx.Response:
+            response = await http.post(f"{url}/v1/chat/completions", json_body(model, payload))
             if response.status_code >= 400:
                 raise ServerReplyError(response.status_code, error_message(response))
             return response
@@ -658,14 +653,9 @@ class VLLMClient:
     async def _stream_chunks(
         self, payload: dict[str, Any], record: CallRecord
     ) -> AsyncGenerator[str, None]:
-        async def open_stream(http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
-            request = http.build_request(
-                "POST",
-                f"{url}/v1/chat/completions",
-                content=json_body(model, payload),
-                headers=JSON,
-            )
-            response = await http.send(request, stream=True)
+        async def open_stream(http: Http, url: str, model: str) -> httpx.Response:
+            body = json_body(model, payload)
+            response = await http.request("POST", f"{url}/v1/chat/completions", body, stream=True)
             if response.status_code >= 400:
                 await response.aread()
                 await response.aclose()
@@ -774,7 +764,7 @@ class VLLMClient:
             key=lambda e: (now - e.last_failure < FAILURE_COOLDOWN_SECONDS, e.in_flight),
         )
 
-    async def _model_of(self, endpoint: Endpoint, http: httpx.AsyncClient) -> str:
+    async def _model_of(self, endpoint: Endpoint, http: Http) -> str:
         """The served model name: given, or found by asking the server once."""
         if self._model is not None:
             return self._model
@@ -827,13 +817,12 @@ class VLLMClient:
         if isinstance(state.transport, AiohttpTransport) and state.loop.is_closed():
             state.transport.abandon()
 
-    def _http(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            transport=transport,
+    def _http(self, transport: httpx.AsyncBaseTransport) -> Http:
+        # Prompts and images go to the configured servers only, never through a proxy picked
+        # up from the environment (the aiohttp transport reads none).
+        return Http(
+            transport,
             # vLLM started with --api-key checks it; otherwise any value is accepted.
             headers={"Authorization": f"Bearer {self._api_key}"},
             timeout=httpx.Timeout(self.settings.request_timeout, connect=CONNECT_TIMEOUT),
-            # Prompts and images go to the configured servers only, never through a proxy
-            # picked up from the environment (the aiohttp transport reads none either).
-            trust_env=False,
         )

@@ -7,15 +7,23 @@ small (a 12-megapixel scan is not shipped to be shrunk on the server), makes the
 predictable, and means the server's processor finds nothing left to resize. Images are encoded
 as PNG: lossless, so a radiograph's grey levels arrive as they were; a grey image as greyscale
 PNG, which the server reads back as the same RGB pixels.
+
+The PNG is written here from the decoded, resized pixels: each row "Up"-filtered (less the row
+above it) and deflated at level 1 with run-length matching, which for radiographs makes files
+as small as PIL's writer at level 1 makes them, in less than half its time (PIL tries every
+filter on every row). Stored, undeflated PNGs would be cheaper still to write, but three times
+the bytes cost more than that to serialise, send and parse, once per request that carries the
+image, here and on the server.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import math
+import struct
 import threading
 import weakref
+import zlib
 from collections import OrderedDict
 
 import numpy as np
@@ -30,6 +38,9 @@ MAX_ASPECT_RATIO = 200
 # Data URLs kept by the file their image was loaded from, in characters (bytes: base64 is
 # ASCII): a few hundred radiographs.
 FILE_CACHE_CHARS = 128 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPE = {"L": 0, "RGB": 2}  # 8-bit greyscale, 8-bit truecolour
+PNG_FILTER_UP = 2
 
 
 def describe(image: Image.Image) -> str:
@@ -130,9 +141,28 @@ def image_to_data_url(image: Image.Image, min_pixels: int, max_pixels: int) -> s
     the RGB image, while there is a third of the pixels to resize and compress here and about
     a third less base64 to send and decode."""
     prepared = _prepared(image, min_pixels, max_pixels, grey=True)
-    buffer = io.BytesIO()
-    prepared.save(buffer, format="PNG", compress_level=1)  # fast; size matters less than time
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(prepared)).decode("ascii")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An 8-bit PNG of an "L" or "RGB" image, all rows "Up"-filtered in one IDAT chunk."""
+    rows = np.asarray(image, dtype=np.uint8).reshape(image.height, -1)
+    framed = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
+    framed[:, 0] = PNG_FILTER_UP
+    framed[:, 1:] = rows
+    framed[1:, 1:] -= rows[:-1]  # each byte less the one above it, modulo 256
+    deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflater.compress(framed.tobytes()) + deflater.flush()
+    header = struct.pack(
+        ">IIBBBBB", image.width, image.height, 8, PNG_COLOUR_TYPE[image.mode], 0, 0, 0
+    )
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: length, type, data and the CRC-32 of type and data."""
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 class ImageEncoder:

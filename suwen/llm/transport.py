@@ -1,4 +1,5 @@
-"""An httpx transport that sends requests through aiohttp's connection pool.
+"""An httpx transport that sends requests through aiohttp's connection pool, and the lean
+request layer (``Http``) the model client drives a transport with.
 
 The client keeps httpx's API (requests, responses, errors, the mock transport tests use), but
 httpx's own pool (httpcore over anyio) spends most of a coordinator's CPU per model call: for
@@ -19,6 +20,10 @@ import aiohttp
 import httpx
 
 KEEPALIVE_SECONDS = 30.0  # an idle connection to a model server is kept this long
+# What httpx's client sends with every request, less the compressed encodings it offers (a
+# reply deflated on the server is inflated here: CPU on both ends for bytes on the loopback).
+DEFAULT_HEADERS = {"Accept": "*/*", "Connection": "keep-alive", "User-Agent": "suwen"}
+JSON_BODY = {"Content-Type": "application/json"}
 
 
 @contextlib.contextmanager
@@ -129,3 +134,59 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 pass
             else:
                 closing.close()
+
+
+class Http:
+    """Requests straight to one httpx transport, with the same headers and timeouts on each.
+
+    ``httpx.AsyncClient`` wraps every request in layers a model client does not use (URL
+    merging, a cookie jar, auth and redirect handling, event hooks) that cost a coordinator
+    more CPU than the transport's own work; this keeps httpx's requests, responses and errors
+    (and so its mock transport) without them. Redirects are not followed: a vLLM server sends
+    none, and a prompt must not be re-sent to wherever one points."""
+
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport, headers: dict[str, str], timeout: httpx.Timeout
+    ) -> None:
+        self.transport = transport
+        self._headers = httpx.Headers({**DEFAULT_HEADERS, **headers})
+        self._json_headers = httpx.Headers({**DEFAULT_HEADERS, **headers, **JSON_BODY})
+        self._timeout = timeout.as_dict()
+        self._urls: dict[str, httpx.URL] = {}  # a few endpoints per server, parsed once
+
+    async def get(self, url: str) -> httpx.Response:
+        return await self.request("GET", url)
+
+    async def post(self, url: str, body: bytes) -> httpx.Response:
+        """POST a JSON body (bytes already encoded)."""
+        return await self.request("POST", url, body)
+
+    async def request(
+        self, method: str, url: str, body: bytes | None = None, *, stream: bool = False
+    ) -> httpx.Response:
+        """The response, read to its end and closed; with ``stream``, open for the caller to
+        read and close."""
+        request = httpx.Request(
+            method,
+            self._url(url),
+            headers=self._headers if body is None else self._json_headers,
+            content=body,
+            extensions={"timeout": self._timeout},
+        )
+        response = await self.transport.handle_async_request(request)
+        response.request = request
+        if not stream:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        return response
+
+    def _url(self, url: str) -> httpx.URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
