@@ -40,7 +40,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import medcpt_shape
+from benchmarks import medcpt_shape, quant_candidates
 from benchmarks.common import minilm_or_exit, portable, shared_data_default, write_json
 from suwen.config import Settings, load_settings
 from suwen.indexes import onnx_encoder
@@ -58,6 +58,10 @@ RUNTIMES = (
     "onnx_int8",
     "onnx_int8_buckets",
     "onnx_dynamic_int8",
+    "onnx_dynamic_int8_weights",
+    "onnx_per_token_int8",
+    "onnx_smooth_per_token_int8",
+    "onnx_smooth_per_token_int8_ffn_out_float",
 )
 
 
@@ -114,33 +118,41 @@ def best_p50(encode: Callable[[str], object], questions: list[str], passes: int)
 # ONNX graphs of both precisions (the product export keeps one)
 
 
-def graphs(eager: TextEncoder, folder: Path) -> dict[str, tuple[Path, ExportRecord]]:
-    """The float32 graph of ``eager``'s transformer, the 8-bit block graph Suwen keeps, and
-    ONNX Runtime's dynamic int8 graph (per-channel int8 weights, activations quantised per
-    tensor at run time), each in its own folder."""
+CANDIDATES = (
+    "dynamic_int8_weights",
+    "per_token_int8",
+    "smooth_per_token_int8",
+    "smooth_per_token_int8_ffn_out_float",
+)
+PRECISIONS = ("float32", "int8", "dynamic_int8", *CANDIDATES)
+
+
+def graphs(eager: TextEncoder, folder: Path, data: Path) -> dict[str, tuple[Path, ExportRecord]]:
+    """The float32 graph of ``eager``'s transformer, the 8-bit block graph Suwen keeps, ONNX
+    Runtime's dynamic int8 graph (per-channel int8 weights, activations quantised per tensor at
+    run time, every MatMul and Gather) and the candidates of ``benchmarks/quant_candidates.py``,
+    each in its own folder."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model: Any = eager._model
     pooling = onnx_encoder._supported_pooling(model)
     assert pooling is not None, "the benchmark's models are CLS- or mean-pooled"
-    made: dict[str, tuple[Path, ExportRecord]] = {}
-    float_dir, int8_dir, dynamic_dir = folder / "float32", folder / "int8", folder / "dynamic_int8"
-    for directory in (float_dir, int8_dir, dynamic_dir):
+    directories = {precision: folder / precision for precision in PRECISIONS}
+    for directory in directories.values():
         directory.mkdir(parents=True, exist_ok=True)
         model.tokenizer.backend_tokenizer.save(str(directory / onnx_encoder.TOKENIZER_FILE))
-    inputs = onnx_encoder._export_graph(model, float_dir / onnx_encoder.MODEL_FILE)
-    onnx_encoder._quantise(float_dir / onnx_encoder.MODEL_FILE, int8_dir / onnx_encoder.MODEL_FILE)
+    graph = {precision: d / onnx_encoder.MODEL_FILE for precision, d in directories.items()}
+    inputs = onnx_encoder._export_graph(model, graph["float32"])
+    onnx_encoder._quantise(graph["float32"], graph["int8"])
     quantize_dynamic(
-        float_dir / onnx_encoder.MODEL_FILE,
-        dynamic_dir / onnx_encoder.MODEL_FILE,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
+        graph["float32"], graph["dynamic_int8"], per_channel=True, weight_type=QuantType.QInt8
     )
-    for precision, directory in (
-        ("float32", float_dir),
-        ("int8", int8_dir),
-        ("dynamic_int8", dynamic_dir),
-    ):
+    quant_candidates.dynamic_int8_weights(graph["float32"], graph["dynamic_int8_weights"])
+    quant_candidates.per_token_int8(graph["float32"], graph["per_token_int8"])
+    tokenizer = directories["float32"] / onnx_encoder.TOKENIZER_FILE
+    quant_candidates.smoothed_graphs(graph["float32"], tokenizer, inputs, data, graph)
+    made: dict[str, tuple[Path, ExportRecord]] = {}
+    for precision, directory in directories.items():
         record = ExportRecord(
             model=eager.name,
             fingerprint="benchmark",
@@ -151,7 +163,7 @@ def graphs(eager: TextEncoder, folder: Path) -> dict[str, tuple[Path, ExportReco
             precision=precision,  # type: ignore[arg-type]
             min_cosine=0.0,
             onnxruntime="",
-            model_bytes=(directory / onnx_encoder.MODEL_FILE).stat().st_size,
+            model_bytes=sum(f.stat().st_size for f in directory.glob("model.*")),
         )
         made[precision] = (directory, record)
     return made
@@ -164,6 +176,7 @@ def latencies(
     questions: list[str],
     passes: int,
     thread_counts: tuple[int, ...],
+    data: Path,
 ) -> dict[str, Any]:
     """Every runtime's p50 for one query of ``eager``'s model, on each thread count."""
     rows: dict[str, Any] = {}
@@ -174,7 +187,7 @@ def latencies(
                 lambda q: eager.encode([q]), questions, passes
             )
             rows[f"torch_trace_{threads}t"] = best_p50(eager.encode_query, questions, passes)
-    made = graphs(eager, folder)
+    made = graphs(eager, folder, data)
     for precision, (directory, record) in made.items():
         for threads in thread_counts:
             say(f"{label}: ONNX Runtime {precision}, {threads} thread(s)")
@@ -204,18 +217,26 @@ def best_of(rows: dict[str, Any], thread_counts: tuple[int, ...]) -> dict[str, A
 # Agreement with the eager model on the real MiniLM weights
 
 
-def agreement(eager: TextEncoder, folder: Path, questions: list[str]) -> dict[str, Any]:
+def agreement(eager: TextEncoder, folder: Path, questions: list[str], data: Path) -> dict[str, Any]:
+    """Cosine of each graph's vector to the eager model's: on every PubMedQA question, and on
+    the probe texts the export's gate checks (the minimum over both decides ``kept``)."""
     reference = eager.encode(questions)
-    result: dict[str, Any] = {"questions": len(questions)}
-    for name, (directory, rec) in graphs(eager, folder).items():
+    probes = list(onnx_encoder.PROBES)
+    probe_reference = np.vstack([eager.encode([probe]) for probe in probes])
+    result: dict[str, Any] = {"questions": len(questions), "probes": len(probes)}
+    for name, (directory, rec) in graphs(eager, folder, data).items():
         encoder = OnnxQueryEncoder(directory, rec)
         got = np.vstack([encoder.encode_query(q) for q in questions])
         cosines = np.sum(got * reference, axis=1)
+        on_probes = np.sum(
+            np.vstack([encoder.encode_query(p) for p in probes]) * probe_reference, 1
+        )
         result[name] = {
+            "probes_min_cosine": round(float(on_probes.min()), 5),
             "min_cosine": round(float(cosines.min()), 5),
             "p01_cosine": round(float(np.percentile(cosines, 1)), 5),
             "mean_cosine": round(float(cosines.mean()), 5),
-            "kept": bool(cosines.min() >= onnx_encoder.INT8_MIN_COSINE),
+            "kept": bool(min(cosines.min(), on_probes.min()) >= onnx_encoder.INT8_MIN_COSINE),
         }
     return result
 
@@ -282,30 +303,28 @@ def fresh_process_rss(runtime: str, target: str) -> dict[str, Any]:
 
 
 def print_tables(payload: dict[str, Any]) -> None:
+    threads = payload["thread_counts"]
     table = Table(
-        title="one query encoded (PubMedQA questions): p50 ms wall, best thread count, "
-        "CPU ms per query"
+        title="one query encoded (PubMedQA questions): p50 ms wall on "
+        + " / ".join(f"{t}" for t in threads)
+        + " thread(s); min cosine to eager on the real MiniLM (probes / 1000 questions)"
     )
     table.add_column("runtime")
     for label in payload["latency"]:
         table.add_column(label, justify="right")
+    table.add_column("min cosine", justify="right")
+    agree = payload.get("agreement_minilm", {})
     for runtime in RUNTIMES:
+        row = agree.get(runtime.removeprefix("onnx_"), {})
         table.add_row(
             runtime,
             *(
-                f"{rows['best'][runtime]['p50_ms']:.2f} ({rows['best'][runtime]['threads']}t, "
-                f"{rows['best'][runtime]['cpu_ms_per_query']:.1f} CPU)"
+                " / ".join(f"{rows[f'{runtime}_{t}t']['p50_ms']:.1f}" for t in threads)
                 for rows in payload["latency"].values()
             ),
+            f"{row['probes_min_cosine']} / {row['min_cosine']}" if row else "",
         )
     console.print(table)
-    agree = payload["agreement_minilm"]
-    for name, row in agree.items():
-        if isinstance(row, dict):
-            console.print(
-                f"MiniLM {name}: cosine to eager min {row['min_cosine']} p01 "
-                f"{row['p01_cosine']} mean {row['mean_cosine']} (kept: {row['kept']})"
-            )
     for label, row in payload.get("fresh_process_rss", {}).items():
         console.print(f"fresh process, {label}: {row}")
     if "retrieval" in payload:
@@ -352,12 +371,14 @@ def main() -> None:
         for label, path in models.items():
             eager = load_text_encoder(path, device="cpu")
             payload["latency"][label] = latencies(
-                label, eager, work / label, timed, args.passes, thread_counts
+                label, eager, work / label, timed, args.passes, thread_counts, args.data
             )
             write_json(args.output, payload)
         say("agreement with the eager model on the real MiniLM, all PubMedQA questions")
         minilm_eager = load_text_encoder(minilm, device="cpu")
-        payload["agreement_minilm"] = agreement(minilm_eager, work / "agreement", questions)
+        payload["agreement_minilm"] = agreement(
+            minilm_eager, work / "agreement", questions, args.data
+        )
         payload["product_export"] = {}
         payload["fresh_process_rss"] = {}
         for label, path in models.items():
