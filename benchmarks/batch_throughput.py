@@ -12,23 +12,26 @@ server, in one run, three ways:
 - bare: a concurrent loop of client calls with no agent and no bookkeeping, sending exactly the
   request plain mode sends (same messages, image, max_tokens, temperature, streaming).
 
-Plain mode makes one answer request per question; the model requests and completion tokens of
-every pass are counted to show how much model work each method did. Equal work: a reply the
-tiny random model cuts off or leaves empty becomes an error line in batch (``answer_failure``),
-so the bare loop applies the same rule to its own replies (an empty reply or a broken stream is
-an error), each method's rate is given both per question sent and per answer accepted, and the
-comparison says whether both accepted the same questions. A warm-up pass sends every request
-once first, so vLLM's prefix and image caches are equally warm for every measured pass; the
-concurrent methods then alternate (bare, batch, bare, batch ...) and each reports its median
-pass. Target: batch-equal's accepted answers per second >= 0.9 x the bare loop's. Each pass also
-reports this process's CPU time per question (the server's is not counted) and the 1-minute
-load average when it started: on a shared machine wall-clock rates are only comparable within
-one run.
+Equal work. Plain mode makes one answer request per question; the requests, prompt tokens and
+answer (completion) tokens of every pass are counted, so the table shows that batch-equal and
+the bare loop sent the same requests (same prompts and images: the same prompt tokens; the same
+max_tokens and temperature: the same answer tokens). A reply the tiny random model leaves empty
+or cuts off becomes an error line in batch (``answer_failure``), so the bare loop applies the
+same rule to its own replies (an empty reply or a broken stream is an error); errors per pass
+are shown beside each method's rates, which are given both per question sent and per answer
+accepted, and "same errors" says whether every pass of the method failed exactly the questions
+every bare pass failed. A warm-up pass sends every request once first, so vLLM's prefix and
+image caches are equally warm for every measured pass; the concurrent methods then alternate
+(bare, batch, batch-equal, bare, ...) and each reports its median pass. Target: batch-equal's
+accepted answers per second >= 0.9 x the bare loop's. Each pass also reports this process's
+CPU time per question (the server's is not counted) and the 1-minute load average when it
+started: on a shared machine wall-clock rates are only comparable within one run.
 
     .venv/bin/python -m benchmarks.batch_throughput                 # tiny model, own server
     .venv/bin/python -m benchmarks.batch_throughput --url http://127.0.0.1:8000 --vlm DIR
 
-Prints a table and writes benchmarks/results/batch_throughput.json.
+Prints a table and writes benchmarks/results/batch_throughput.json (the runs it held before
+kept under ``previous_runs``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_seconds, shared_data_default
+from benchmarks.common import cpu_seconds, portable, shared_data_default, write_json
 from suwen.agent import prompts
 from suwen.agent.graph import SuwenAgent
 from suwen.batch import answer_failure, load_questions, run_batch
@@ -61,7 +64,7 @@ from suwen.llm.base import VisionLanguageModel, recording
 from suwen.llm.server import ManagedServer, free_port
 from suwen.medimage import load_image
 from suwen.privacy import private_dir
-from suwen.runtime import open_agent
+from suwen.runtime import AgentAnswerer, open_agent
 from suwen.types import Question
 
 HERE = Path(__file__).resolve().parent
@@ -75,6 +78,7 @@ class Pass:
     method: str
     seconds: float
     questions: int
+    prompt_tokens: int
     completion_tokens: int
     requests: int
     failed: list[str]  # ids of the questions whose reply was not accepted
@@ -124,8 +128,8 @@ async def timed(method: str, count: int, work: Callable[[], Awaitable[list[str]]
         cpu, started = cpu_seconds(), time.perf_counter()
         failed = await work()
         seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    tokens, requests = log.completion_tokens, len(log.records)
-    return Pass(method, seconds, count, tokens, requests, sorted(failed), cpu, load)
+    tokens = (log.prompt_tokens, log.completion_tokens)
+    return Pass(method, seconds, count, *tokens, len(log.records), sorted(failed), cpu, load)
 
 
 async def bare_loop(
@@ -171,10 +175,9 @@ async def sequential_loop(agent: SuwenAgent, questions: list[tuple[str, Question
 
 
 async def batch_run(agent: SuwenAgent, folder: Path, out: Path, concurrency: int) -> list[str]:
-    async def answer(question: Question) -> Any:
-        return await agent.run(question, mode="plain")
-
+    """``suwen batch --plain``'s run: its answerer, its checks, its output file."""
     await asyncio.to_thread(out.unlink, missing_ok=True)
+    answer = AgentAnswerer(agent, "plain")
     summary = await run_batch(load_questions(folder), out, answer, concurrency=concurrency)
     lines = (await asyncio.to_thread(out.read_text, encoding="utf-8")).splitlines()
     if len(lines) != summary.questions or not summary.complete:
@@ -237,73 +240,74 @@ def summarize(passes: list[Pass]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for method in ("sequential", "bare", "batch", "batch-equal"):
         mine = [p for p in passes if p.method == method]
-        if not mine:
-            continue
-        rates = [p.per_second for p in mine]
-        summary[method] = {
-            "passes": len(mine),
-            "median_questions_per_second": statistics.median(rates),
-            "median_accepted_per_second": statistics.median(p.accepted_per_second for p in mine),
-            "min_questions_per_second": min(rates),
-            "max_questions_per_second": max(rates),
-            "median_seconds": statistics.median(p.seconds for p in mine),
-            "completion_tokens_per_pass": statistics.median(p.completion_tokens for p in mine),
-            "requests_per_pass": statistics.median(p.requests for p in mine),
-            "errors_per_pass": statistics.median(len(p.failed) for p in mine),
-            "median_cpu_ms_per_question": statistics.median(p.cpu_ms_per_question for p in mine),
-            "load_at_start": [round(p.load, 2) for p in mine],
-            "failed_ids": sorted({item for p in mine for item in p.failed}),
-        }
+        if mine:
+            summary[method] = method_summary(mine)
     bare = summary["bare"]
-    for method in summary:
-        row = summary[method]
+    if not bare["median_accepted_per_second"]:
+        raise SystemExit(f"the bare loop had no reply accepted: {bare['failed_ids'][:3]}")
+    for row in summary.values():
         row["vs_bare"] = row["median_questions_per_second"] / bare["median_questions_per_second"]
-        if not bare["median_accepted_per_second"]:
-            raise SystemExit(f"the bare loop had no reply accepted: {bare['failed_ids'][:3]}")
         row["accepted_vs_bare"] = (
             row["median_accepted_per_second"] / bare["median_accepted_per_second"]
         )
-        row["same_questions_accepted_as_bare"] = row["failed_ids"] == bare["failed_ids"]
+        # Every pass of the method failed exactly the questions every bare pass failed.
+        row["same_questions_accepted_as_bare"] = row["failed_per_pass"] == bare["failed_per_pass"]
     return summary
 
 
-def print_table(summary: dict[str, dict[str, Any]], questions: int, concurrency: int) -> None:
-    header = (
-        "method",
-        "passes",
-        "q/s (median)",
-        "min..max",
-        "s/pass",
-        "requests/pass",
-        "tokens/pass",
-        "errors/pass",
-        "accepted/s",
-        "vs bare",
-        "accepted vs bare",
-        "same accepted",
-        "CPU ms/q",
+def method_summary(mine: list[Pass]) -> dict[str, Any]:
+    """The median pass of one method: its rates (per question sent and per answer accepted),
+    the model work it did and the replies it did not accept."""
+    rates = [p.per_second for p in mine]
+    failed_per_pass = sorted({tuple(p.failed) for p in mine})
+    return {
+        "passes": len(mine),
+        "median_questions_per_second": statistics.median(rates),
+        "median_accepted_per_second": statistics.median(p.accepted_per_second for p in mine),
+        "min_questions_per_second": min(rates),
+        "max_questions_per_second": max(rates),
+        "median_seconds": statistics.median(p.seconds for p in mine),
+        "requests_per_pass": statistics.median(p.requests for p in mine),
+        "prompt_tokens_per_pass": statistics.median(p.prompt_tokens for p in mine),
+        "completion_tokens_per_pass": statistics.median(p.completion_tokens for p in mine),
+        "errors_per_pass": statistics.median(len(p.failed) for p in mine),
+        "median_cpu_ms_per_question": statistics.median(p.cpu_ms_per_question for p in mine),
+        "load_at_start": [round(p.load, 2) for p in mine],
+        "failed_ids": sorted({item for p in mine for item in p.failed}),
+        "failed_per_pass": [list(ids) for ids in failed_per_pass],
+    }
+
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+TABLE: tuple[Column, ...] = (
+    # Work done per pass: equal work shows as equal numbers in these four columns.
+    ("requests/pass", lambda r: f"{r['requests_per_pass']:.0f}"),
+    ("prompt tok/pass", lambda r: f"{r['prompt_tokens_per_pass']:.0f}"),
+    ("answer tok/pass", lambda r: f"{r['completion_tokens_per_pass']:.0f}"),
+    ("errors/pass", lambda r: f"{r['errors_per_pass']:.0f}"),
+    ("same errors", lambda r: "yes" if r["same_questions_accepted_as_bare"] else "NO"),
+    # Rates over every question sent and over accepted answers only, each beside bare's.
+    ("sent q/s", lambda r: f"{r['median_questions_per_second']:.2f}"),
+    ("sent vs bare", lambda r: f"{r['vs_bare']:.3f}"),
+    ("accepted/s", lambda r: f"{r['median_accepted_per_second']:.2f}"),
+    ("accepted vs bare", lambda r: f"{r['accepted_vs_bare']:.3f}"),
+    (
+        "sent q/s min..max",
+        lambda r: f"{r['min_questions_per_second']:.2f}..{r['max_questions_per_second']:.2f}",
+    ),
+    ("passes", lambda r: str(int(r["passes"]))),
+    ("CPU ms/q", lambda r: f"{r['median_cpu_ms_per_question']:.1f}"),
+)
+
+
+def print_table(summary: dict[str, dict[str, Any]], questions: int, settings: Settings) -> None:
+    rows = [("method", *(name for name, _ in TABLE))]
+    rows += [(method, *(cell(row) for _, cell in TABLE)) for method, row in summary.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(
+        f"\n{questions} VQA-RAD questions, concurrency {settings.concurrency}, every request "
+        f"max_tokens {settings.max_tokens}, temperature {settings.temperature}"
     )
-    rows = [header]
-    for method, row in summary.items():
-        rows.append(
-            (
-                method,
-                str(int(row["passes"])),
-                f"{row['median_questions_per_second']:.2f}",
-                f"{row['min_questions_per_second']:.2f}..{row['max_questions_per_second']:.2f}",
-                f"{row['median_seconds']:.1f}",
-                f"{row['requests_per_pass']:.0f}",
-                f"{row['completion_tokens_per_pass']:.0f}",
-                f"{row['errors_per_pass']:.0f}",
-                f"{row['median_accepted_per_second']:.2f}",
-                f"{row['vs_bare']:.3f}",
-                f"{row['accepted_vs_bare']:.3f}",
-                "yes" if row["same_questions_accepted_as_bare"] else "no",
-                f"{row['median_cpu_ms_per_question']:.1f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    print(f"\n{questions} VQA-RAD questions, concurrency {concurrency}")
     for r in rows:
         cells = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
         print("  ".join([r[0].ljust(widths[0]), *cells]))
@@ -336,13 +340,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
 
+    passes, settings = run(args)
+    summary = summarize(passes)
+    print_table(summary, args.questions, settings)
+    print_verdict(summary)
+    write_report(args.out, report(args, summary, passes))
+    print(f"wrote {args.out}")
+
+
+def run(args: argparse.Namespace) -> tuple[list[Pass], Settings]:
+    """Every pass, on the server at ``--url`` or on a managed server of the tiny model."""
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="suwen-bench-")))
-        vlm = args.vlm
-        if vlm is None:
+        vlm: str = args.vlm or str(scratch / "tiny-model")
+        if args.vlm is None:
             from suwen.devtools.tiny_qwen import write_tiny_model
 
-            vlm = str(scratch / "tiny-model")
             write_tiny_model(Path(vlm))
         settings = bench_settings(args, scratch / "home", vlm)
         urls = list(args.url)
@@ -351,39 +364,44 @@ def main() -> None:
             server = stack.enter_context(ManagedServer(settings, port=free_port(HOST), host=HOST))
             urls = [server.url]
             # The managed server admits only its own key; clients given its URL read it here.
-            os.environ["VLLM_API_KEY"] = server.api_key
-        passes = asyncio.run(measure(args, settings, urls))
+            if server.api_key:
+                os.environ["VLLM_API_KEY"] = server.api_key
+        return asyncio.run(measure(args, settings, urls)), settings
 
-    summary = summarize(passes)
-    print_table(summary, args.questions, args.concurrency)
-    # Equal work: one request per question, answers accepted per second, the same rule
-    # applied to both methods' replies.
+
+def print_verdict(summary: dict[str, dict[str, Any]]) -> None:
+    """Equal work: one request per question with the same prompt and answer length, answers
+    accepted per second, the same acceptance rule applied to both methods' replies."""
     equal = summary["batch-equal"]
     ratio = equal["accepted_vs_bare"]
-    met = ratio >= TARGET
-    verdict = "met" if met else "NOT met"
     print(
         f"\nbatch (confidence off) / bare accepted answers per second = {ratio:.3f} (target >= "
-        f"{TARGET}): {verdict}; same questions accepted: {equal['same_questions_accepted_as_bare']}"
-        f"; with the confidence probe: {summary['batch']['accepted_vs_bare']:.3f}"
+        f"{TARGET}): {'met' if ratio >= TARGET else 'NOT met'}; same questions accepted: "
+        f"{equal['same_questions_accepted_as_bare']}; with the confidence probe: "
+        f"{summary['batch']['accepted_vs_bare']:.3f}"
     )
-    report = {
-        "command": "python -m benchmarks.batch_throughput "
-        + " ".join(
-            [f"--questions {args.questions}", f"--concurrency {args.concurrency}"]
-            + [f"--repeats {args.repeats}", f"--max-tokens {args.max_tokens}"]
-            + ([] if args.sequential else ["--no-sequential"])
-            + [f"--url {u}" for u in args.url]
-        ),
+
+
+def report(
+    args: argparse.Namespace, summary: dict[str, dict[str, Any]], passes: list[Pass]
+) -> dict[str, Any]:
+    options = [f"--questions {args.questions}", f"--concurrency {args.concurrency}"]
+    options += [f"--repeats {args.repeats}", f"--max-tokens {args.max_tokens}"]
+    options += ([] if args.sequential else ["--no-sequential"]) + [f"--url {u}" for u in args.url]
+    return {
+        "command": "python -m benchmarks.batch_throughput " + " ".join(options),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
         },
-        "model": "tiny random Qwen2.5-VL (suwen dev tiny-model)" if args.vlm is None else args.vlm,
+        "model": "tiny random Qwen2.5-VL (suwen dev tiny-model)"
+        if args.vlm is None
+        else portable(args.vlm),
         "target_batch_vs_bare": TARGET,
-        "target_compares": "batch-equal (confidence off: one request per question, as bare)",
-        "target_met": met,
+        "target_compares": "batch-equal (confidence off: one request per question, as bare) "
+        "on answers accepted per second, the same acceptance rule applied to both",
+        "target_met": summary["batch-equal"]["accepted_vs_bare"] >= TARGET,
         "summary": summary,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "passes": [
@@ -392,11 +410,19 @@ def main() -> None:
             for p in passes
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+
+
+def write_report(path: Path, results: dict[str, Any]) -> None:
+    """The new run first; the runs the file held before under ``previous_runs``, newest first
+    (each without its own previous runs)."""
+    earlier: list[Any] = []
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        earlier = [
+            {k: v for k, v in old.items() if k != "previous_runs"},
+            *old.get("previous_runs", []),
+        ]
+    write_json(path, results | {"previous_runs": earlier})
 
 
 if __name__ == "__main__":

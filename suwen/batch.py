@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 from suwen.errors import InputError, ModelError, SuwenError
 from suwen.jsonl_log import AppendLog, LogContents, open_append_log, split_log
@@ -40,6 +40,19 @@ READ_CHUNK_BYTES = 1 << 20
 
 Answerer = Callable[[Question], Awaitable[AgentResult]]
 ImageCheck = Callable[[Path], object]
+
+
+@runtime_checkable
+class ReadsImages(Protocol):
+    """An answerer that decodes every image of a question (priors too) before it asks the
+    model, raising InputError naming one it cannot read, as the agent does
+    (``runtime.AgentAnswerer``). Batch then leaves the check to it: decoding each image
+    twice per question, once to check it and once to answer, costs a process whose cores
+    the model server shares (and reads a DICOM series or a volume twice)."""
+
+    reads_images: Literal[True]
+
+    def __call__(self, question: Question) -> Awaitable[AgentResult]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,12 +709,12 @@ async def answer_pending(
     """Answer the pending questions ``concurrency`` at a time, appending one line each.
 
     ``check_image`` decodes each image before the model is asked (default
-    ``suwen.medimage.load_image``), so an unreadable image is an error line, not an answer
-    guessed without the image.
+    ``suwen.medimage.load_image``, or none for an answerer that ``ReadsImages`` itself), so an
+    unreadable image is an error line, not an answer guessed without the image.
     """
     if concurrency < 1:
         raise InputError(f"--concurrency {concurrency}: must be at least 1")
-    check = check_image or load_image
+    check = image_check(answer, check_image)
     todo = pending(questions, log)
     progress = BatchProgress(total=len(todo), skipped=len(questions.items) - len(todo))
     errors: list[tuple[str, str]] = []
@@ -739,12 +752,20 @@ async def answer_pending(
     )
 
 
-async def _answer_item(item: BatchItem, answer: Answerer, check: ImageCheck) -> dict[str, Any]:
+def image_check(answer: Answerer, given: ImageCheck | None) -> ImageCheck | None:
+    """The check ``given``; else none when the answerer ``ReadsImages`` itself, else a decode."""
+    if given is not None:
+        return given
+    return None if isinstance(answer, ReadsImages) else load_image
+
+
+async def _answer_item(
+    item: BatchItem, answer: Answerer, check: ImageCheck | None
+) -> dict[str, Any]:
     if item.question is None:
         return {"id": item.id, "error": item.error or "unusable question"}
     try:
-        for path in [*item.question.prior_images, *item.question.images]:
-            await asyncio.to_thread(check, Path(path))
+        await _check_images(item.question, check)
         result = await answer(item.question)
     except SuwenError as exc:
         return {"id": item.id, "error": str(exc)}
@@ -754,6 +775,13 @@ async def _answer_item(item: BatchItem, answer: Answerer, check: ImageCheck) -> 
     if failure is not None:
         return {"id": item.id, "error": failure}
     return result_record(item, result)
+
+
+async def _check_images(question: Question, check: ImageCheck | None) -> None:
+    if check is None:
+        return
+    for path in [*question.prior_images, *question.images]:
+        await asyncio.to_thread(check, Path(path))
 
 
 def answer_failure(question: Question, result: AgentResult) -> str | None:

@@ -22,7 +22,7 @@ from contextlib import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from suwen import privacy
 from suwen.config import Settings
@@ -209,7 +209,11 @@ class _Closing(AbstractContextManager[T]):
 class AgentAnswerer:
     """What batch and eval ask of each question, on top of ``SuwenAgent`` (no session thread):
     the answer in ``mode``, or a draft report as ``suwen report`` drafts it, for a report
-    question or, with ``report``, for every question (its text is the clinical indication)."""
+    question or, with ``report``, for every question (its text is the clinical indication).
+    Both decode every image first and refuse an unreadable one in one line, so batch does not
+    decode the images a second time to check them (``suwen.batch.ReadsImages``)."""
+
+    reads_images: Literal[True] = True
 
     def __init__(self, agent: SuwenAgent, mode: Mode = "agent", *, report: bool = False) -> None:
         self.agent = agent

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from suwen import runtime
+from suwen import medimage, runtime
 from suwen.cli import app
 from suwen.errors import ModelError
 from tests.conftest import REPO
@@ -114,6 +114,33 @@ def test_batch_cli_plain_questions_file_and_bad_options(
     assert missing.exit_code == 2 and "not a folder" in missing.stderr
     same = CliRunner().invoke(app, ["batch", str(folder), "--out", str(folder / "questions.jsonl")])
     assert same.exit_code == 2 and "is the questions file" in same.stderr
+
+
+def test_batch_cli_decodes_each_image_once_and_an_unreadable_one_is_an_error_line(
+    fake: Opened, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder(tmp_path, shared_data, 3)
+    (folder / "broken.jpg").write_bytes(b"not a JPEG at all")
+    with (folder / "questions.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"id": "bad", "image": "broken.jpg", "question": "[item 999] Normal?"}\n')
+    decoded: Counter[str] = Counter()
+    load_frames = medimage.load_frames
+
+    def counting(path: Path, max_frames: int = 3) -> list[medimage.Frame]:
+        decoded[Path(path).name] += 1
+        return load_frames(path, max_frames)
+
+    monkeypatch.setattr(medimage, "load_frames", counting)
+    out = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(app, ["batch", str(folder), "--out", str(out), "--plain"])
+    assert result.exit_code == 0, result.output
+    rows = {row["id"]: row for row in _rows(out)}
+    assert "broken.jpg" in rows["bad"]["error"]
+    assert sorted(k for k, row in rows.items() if "error" not in row) == ["q000", "q001", "q002"]
+    # Each question's image decoded once (by the agent, not a second time to check it), and
+    # the unreadable one never reached the model.
+    assert set(decoded.values()) == {1} and len(decoded) == 4
+    assert not any("[item 999]" in call.text for call in fake.model.calls)
 
 
 ITEM = re.compile(r"\[item (\d{3})\]")
