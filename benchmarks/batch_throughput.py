@@ -20,8 +20,9 @@ or cuts off becomes an error line in batch (``answer_failure``), so the bare loo
 same rule to its own replies (an empty reply or a broken stream is an error); errors per pass
 are shown beside each method's rates, which are given both per question sent and per answer
 accepted, and "same errors" says whether every pass of the method failed exactly the questions
-every bare pass failed. A warm-up pass sends every request once first, so vLLM's prefix and
-image caches are equally warm for every measured pass; the concurrent methods then alternate
+every bare pass failed. Warm-up passes send every request once first (a bare pass, and a
+default batch pass for the confidence probes), so vLLM's prefix and image caches are equally
+warm for every measured pass; the concurrent methods then alternate
 (bare, batch, batch-equal, bare, ...) and each reports its median pass. Target: batch-equal's
 accepted answers per second >= 0.9 x the bare loop's. Each pass also reports this process's
 CPU time per question (the server's is not counted) and the 1-minute load average when it
@@ -208,29 +209,54 @@ async def measure(args: argparse.Namespace, settings: Settings, urls: list[str])
             equal = await stack.enter_async_context(
                 open_agent(unprobed, urls, sessions=False, on_notice=notices.append)
             )
-            model = agent.nodes.model
-            n, c = len(questions), args.concurrency
-            print(f"warm-up: {n} requests (fills vLLM's caches equally for every pass)")
-            await timed("warm-up", n, lambda: bare_loop(model, settings, questions, c))
-            passes = []
-            if args.sequential:
-                passes.append(
-                    await timed("sequential", n, lambda: sequential_loop(agent, questions))
-                )
-                print(f"sequential: {passes[-1].per_second:.2f} q/s")
-            for repeat in range(args.repeats):
-                out = work / f"answers-{repeat}.jsonl"
-                passes.append(
-                    await timed("bare", n, lambda: bare_loop(model, settings, questions, c))
-                )
-                print(f"bare pass {repeat + 1}: {passes[-1].per_second:.2f} q/s")
-                for method, runner in (("batch", agent), ("batch-equal", equal)):
-                    run = partial(batch_run, runner, folder, out, c)
-                    passes.append(await timed(method, n, run))
-                    print(f"{method} pass {repeat + 1}: {passes[-1].per_second:.2f} q/s")
-        return passes
+            methods = Methods(agent, equal, settings, folder, work, questions, args.concurrency)
+            return await all_passes(methods, args.repeats, args.sequential)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class Methods:
+    """The ways of answering the questions, each run as one timed pass."""
+
+    agent: SuwenAgent  # as configured by default (confidence probe on)
+    equal: SuwenAgent  # confidence off: one request per question, as bare
+    settings: Settings
+    folder: Path
+    work: Path
+    questions: list[tuple[str, Question]]
+    concurrency: int
+
+    async def bare(self, method: str = "bare") -> Pass:
+        model, n, c = self.agent.nodes.model, len(self.questions), self.concurrency
+        return await timed(method, n, lambda: bare_loop(model, self.settings, self.questions, c))
+
+    async def batch(self, method: str, agent: SuwenAgent) -> Pass:
+        out = self.work / f"answers-{method}.jsonl"
+        run = partial(batch_run, agent, self.folder, out, self.concurrency)
+        return await timed(method, len(self.questions), run)
+
+    async def sequential(self) -> Pass:
+        run = partial(sequential_loop, self.agent, self.questions)
+        return await timed("sequential", len(self.questions), run)
+
+
+async def all_passes(methods: Methods, repeats: int, sequential: bool) -> list[Pass]:
+    """Warm-up first: every request each method sends (the bare loop's, which batch-equal
+    sends too, and the default batch's confidence probes) once, so vLLM's prefix and image
+    caches are equally warm for every measured pass. Then the methods alternate."""
+    n = len(methods.questions)
+    print(f"warm-up: {n} bare requests and one default batch pass (fills vLLM's caches)")
+    await methods.bare("warm-up")
+    await methods.batch("warm-up", methods.agent)
+    passes = [await methods.sequential()] if sequential else []
+    for repeat in range(repeats):
+        passes.append(await methods.bare())
+        passes.append(await methods.batch("batch", methods.agent))
+        passes.append(await methods.batch("batch-equal", methods.equal))
+        for done in passes[-3:]:
+            print(f"{done.method} pass {repeat + 1}: {done.per_second:.2f} q/s")
+    return passes
 
 
 # -- report -------------------------------------------------------------------------------------
