@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,30 +242,61 @@ def write_ncbi_chunks(folder: Path, vectors: np.ndarray, texts: list[str]) -> in
 def end_to_end(
     settings: Settings,
     label: str,
-    data: BenchData,
+    sample: Callable[[], np.ndarray],
     texts: list[str],
     questions: list[str],
     workdir: Path,
     *,
     bm25: bool,
 ) -> dict[str, Any]:
-    """Import ``data`` as an index named ``e2e-<label>`` built for ``settings.text_encoder`` and
-    time real questions through ``TextSearcher`` with the query runtime ``settings`` selects."""
-    from suwen.indexes.medcpt_import import import_medcpt
+    """Import ``sample()``'s vectors as an index named ``e2e-<label>`` built for
+    ``settings.text_encoder`` and time real questions through ``TextSearcher`` with the query
+    runtime ``settings`` selects."""
 
     name = f"e2e-{label}"
-    say(f"end to end ({label}): writing {len(data.vectors)} vectors in NCBI's chunk layout")
+    result = imported(settings, name, sample, texts, workdir)
+    result |= {"query_encoder": label, "query_runtime": settings.query_runtime}
+    for method, threads, row in timed_searches(settings, name, questions):
+        result[f"{method}_{threads}_thread"] = row
+    for method in ("dense", "hybrid"):
+        result[method] = min(
+            (result[f"{method}_{t}_thread"] | {"threads": t} for t in (1, 2)),
+            key=lambda row: row["p50_ms"],
+        )
+    result["search_process"] = search_process_rss(settings, name, questions[0])
+    if bm25:
+        result["bm25_engines"] = bm25_engines(settings, name, questions[-BM25_QUESTIONS:])
+    return result
+
+
+IMPORT_RECORD = "e2e-import.json"
+
+
+def imported(
+    settings: Settings, name: str, sample: Callable[[], np.ndarray], texts: list[str], workdir: Path
+) -> dict[str, Any]:
+    """Import ``sample()``'s vectors as index ``name`` into ``settings.home`` through NCBI's
+    chunk layout and ``suwen index pubmed-medcpt``'s code, and what the import reported; an
+    index a kept work folder (``--work``) already holds is reused with its import's record."""
+    record = settings.home / IMPORT_RECORD
+    if record.is_file():
+        say(f"{name}: reusing the index imported earlier in {settings.home}")
+        kept: dict[str, Any] = json.loads(record.read_text(encoding="utf-8"))
+        return kept
+    from suwen.indexes.medcpt_import import import_medcpt
+
+    vectors = sample()
+    say(f"{name}: writing {len(vectors)} vectors in NCBI's chunk layout")
     source = workdir / "ncbi"
-    chunks = write_ncbi_chunks(source, data.vectors, texts)
-    say(f"end to end ({label}): importing (suwen index pubmed-medcpt)")
+    chunks = write_ncbi_chunks(source, vectors, texts)
+    del vectors
+    say(f"{name}: importing (suwen index pubmed-medcpt)")
     started = time.perf_counter()
     report = import_medcpt(settings, source, name, encoder=settings.text_encoder)
     import_s = time.perf_counter() - started
     shutil.rmtree(source)
     _, manifest = store.open_version(settings.indexes_dir, name)
-    result: dict[str, Any] = {
-        "query_encoder": label,
-        "query_runtime": settings.query_runtime,
+    result = {
         "vectors": report.vectors,
         "dim": manifest.dim,
         "ncbi_chunks": chunks,
@@ -276,16 +308,7 @@ def end_to_end(
         "build_time_recall_query_kind": manifest.extra.get("recall_query_kind"),
         "build_time_document_recall_at_10": manifest.extra.get("document_recall_at_10"),
     }
-    for method, threads, row in timed_searches(settings, name, questions):
-        result[f"{method}_{threads}_thread"] = row
-    for method in ("dense", "hybrid"):
-        result[method] = min(
-            (result[f"{method}_{t}_thread"] | {"threads": t} for t in (1, 2)),
-            key=lambda row: row["p50_ms"],
-        )
-    result["search_process"] = search_process_rss(settings, name, questions[0])
-    if bm25:
-        result["bm25_engines"] = bm25_engines(settings, name, questions[-BM25_QUESTIONS:])
+    atomic_write_text(record, json.dumps(result))
     return result
 
 
@@ -545,6 +568,16 @@ def sweep(
         }
 
 
+@contextlib.contextmanager
+def work_folder(kept: Path | None) -> Iterator[Path]:
+    if kept is not None:
+        private_dir(kept)
+        yield kept
+        return
+    with tempfile.TemporaryDirectory(prefix="suwen-index-scale-") as tmp:
+        yield Path(tmp)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=shared_data_default())
@@ -575,14 +608,19 @@ def main() -> None:
         help="skip timing SQLite FTS5 beside tantivy",
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "index_scale.json")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="keep the end-to-end indexes in this folder and reuse them on the next run "
+        "(default: a temporary folder, removed at the end)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     encoder = minilm_or_exit()
     sizes = [int(s) for s in args.sizes.split(",")]
     payload: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_at_start": load()}}
 
-    with tempfile.TemporaryDirectory(prefix="suwen-index-scale-") as tmp:
-        work = Path(tmp)
+    with work_folder(args.work) as work:
         settings = Settings(home=work / "home", text_encoder=encoder, device="cpu")  # type: ignore[arg-type]
         say(f"encoding {args.fit_docs} real abstracts with MiniLM")
         texts = index_bench.shared_abstracts(args.data, max(args.fit_docs, args.build_docs))
@@ -613,12 +651,13 @@ def main() -> None:
             paths = {"medcpt_shape": (str(shape), args.pubmed_dim), "minilm": (encoder, args.dim)}
             for label in args.e2e.split(","):
                 path, dim = paths[label]
-                say(f"end to end ({label}): sampling {max(sizes)} vectors of {dim} dims")
-                data = index_bench.bench_data(mixture, max(sizes), dim)
                 home = work / f"home-{label}"
                 chosen = Settings(home=home, text_encoder=path, device="cpu", query_runtime="auto")  # type: ignore[arg-type]
+                sample = functools.partial(
+                    index_bench.sample_vectors, mixture, max(sizes), dim, seed=1
+                )
                 row = end_to_end(
-                    chosen, label, data, texts, questions, work, bm25=args.bm25_engines
+                    chosen, label, sample, texts, questions, work, bm25=args.bm25_engines
                 )
                 if label == "minilm":  # the PyTorch query path on the same index, for comparison
                     torch_settings = chosen.model_copy(update={"query_runtime": "torch"})
@@ -633,8 +672,8 @@ def main() -> None:
                         torch_settings, name, questions[0]
                     )
                 payload["end_to_end"][label] = {**row, "load": load()}
-                del data
-                shutil.rmtree(home, ignore_errors=True)
+                if args.work is None:
+                    shutil.rmtree(home, ignore_errors=True)
                 write_json(args.output, payload)
     payload["machine"]["load_at_end"] = load()
     write_json(args.output, payload)

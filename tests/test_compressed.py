@@ -1,4 +1,4 @@
-"""The compressed vector store (IVF + 4-bit PQ shortlist, exact re-scoring from memory-mapped
+"""The compressed vector store (IVF + 4-bit PQ shortlist, exact re-scoring from on-disk
 vectors) against exact search, on synthetic vectors fitted to real MiniLM embeddings of real
 PubMed abstracts; and the exact store behind the same interface."""
 
@@ -259,6 +259,48 @@ def test_appendable_array_is_a_valid_npy_after_every_change(tmp_path: Path) -> N
     ids = AppendableArray(tmp_path / "ids.npy", "int64", None)
     ids.append(np.arange(5))
     assert np.load(tmp_path / "ids.npy").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_read_rows_returns_the_stored_rows_without_mapping_the_file(tmp_path: Path) -> None:
+    vectors = AppendableArray(tmp_path / "v.npy", "float16", 6)
+    stored = np.random.default_rng(0).standard_normal((500, 6)).astype(np.float16)
+    vectors.append(stored[:200])
+    vectors.append(stored[200:])
+    rows = np.asarray([0, 1, 2, 7, 199, 200, 201, 350, 499], dtype=np.int64)  # runs and gaps
+    assert np.array_equal(vectors.read_rows(rows), stored[rows])
+    assert vectors.read_rows(np.asarray([], dtype=np.int64)).shape == (0, 6)
+    ids = AppendableArray(tmp_path / "ids.npy", "int64", None)
+    ids.append(np.arange(100) * 7)
+    assert ids.read_rows(np.asarray([3, 4, 90], dtype=np.int64)).tolist() == [21, 28, 630]
+    assert _mapped(tmp_path) == []
+
+
+def test_a_searcher_re_scores_exactly_without_mapping_the_vector_files(
+    corpus: tuple[np.ndarray, np.ndarray], built: tuple[Path, compressed.RecallReport]
+) -> None:
+    """A search process's resident memory does not grow with the rows its searches touch:
+    re-scoring reads them, it does not map them; the order is still the exact one."""
+    directory, _ = built
+    queries = compressed.normalise(corpus[1][:20])
+    reopened = CompressedStore.open(directory)
+    mapped_before = _mapped(directory)
+    scores, ids = reopened.search(queries, 10)
+    assert _mapped(directory) == mapped_before
+    full = np.load(directory / compressed.FULL_VECTORS_FILE, allow_pickle=False)
+    row_ids = np.load(directory / compressed.ROW_IDS_FILE, allow_pickle=False)
+    _, shortlist = reopened.index.search(queries, reopened.params.shortlist)
+    for qi, query in enumerate(queries):
+        exact = full[shortlist[qi]].astype(np.float32) @ query
+        best = np.argsort(-exact, kind="stable")[:10]
+        assert ids[qi].tolist() == row_ids[shortlist[qi][best]].tolist()
+        assert np.allclose(scores[qi], exact[best], atol=1e-5)
+
+
+def _mapped(directory: Path) -> list[str]:
+    """This process's memory mappings of files in ``directory`` (Linux; empty elsewhere)."""
+    maps = Path("/proc/self/maps")
+    text = maps.read_text(encoding="utf-8") if maps.is_file() else ""
+    return sorted(line.split()[-1] for line in text.splitlines() if str(directory) in line)
 
 
 def test_index_type_is_chosen_by_corpus_size_unless_set() -> None:

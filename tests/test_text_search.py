@@ -20,7 +20,7 @@ from suwen.retrieval.fusion import (
     reciprocal_rank_fusion,
     z_normalise,
 )
-from suwen.retrieval.text import TextSearcher
+from suwen.retrieval.text import TextSearcher, _best_chunk_per_article
 from tests.fixtures_text import TEXT_INDEX
 
 ASTHMA = "as-needed budesonide-formoterol in mild asthma"
@@ -108,6 +108,22 @@ def test_concurrent_searches_match_sequential(searcher: TextSearcher) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(lambda q: [h.key for h in searcher.search(q, 5)], queries))
     assert got == expected
+
+
+def test_hybrid_fuses_the_same_lists_as_dense_and_bm25_searched_one_after_the_other(
+    searcher: TextSearcher,
+) -> None:
+    """BM25 runs beside the query's encoding; the fused ranking is the one of the two lists."""
+    question = "Does aspirin reduce the risk of colorectal cancer?"
+    depth = searcher.fusion.depth
+    lists = {"dense": searcher.dense(question, depth), "bm25": searcher.bm25(question, depth)}
+    fused = _best_chunk_per_article(searcher._combine(lists), lists)[:10]
+    hits = searcher.search(question, 10, method="hybrid")
+    assert [hit.score for hit in hits] == pytest.approx([score for _, score in fused])
+    rows = searcher._rows([chunk_id for chunk_id, _ in fused])
+    assert [hit.key for hit in hits] == [
+        f"pmid:{rows[chunk_id].pmid}#{rows[chunk_id].chunk_no}" for chunk_id, _ in fused
+    ]
 
 
 def test_fusion_rules() -> None:

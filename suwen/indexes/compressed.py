@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -461,12 +460,12 @@ class CompressedStore:
     def full_vectors(self) -> npt.NDArray[Any]:
         """The memory-mapped full-precision vectors (rows in insertion order)."""
         if self._full_view is None:
-            self._full_view = self._full.view(self._rows, scattered=not self.writable)
+            self._full_view = self._full.view(self._rows)
         return self._full_view
 
     def row_ids(self) -> npt.NDArray[np.int64]:
         if self._ids_view is None:
-            self._ids_view = self._row_ids.view(self._rows, scattered=not self.writable)
+            self._ids_view = self._row_ids.view(self._rows)
         return self._ids_view
 
     def live_rows(self) -> npt.NDArray[np.bool_]:
@@ -487,8 +486,13 @@ class CompressedStore:
         scores, rows = self.search_rows(queries, k)
         ids = np.full(rows.shape, -1, dtype=np.int64)
         found = rows >= 0
-        ids[found] = self.row_ids()[rows[found]]
+        ids[found] = self._ids_of(rows[found])
         return scores, ids
+
+    def _ids_of(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The caller's ids of ``rows``, read from the file (not mapped: see ``read_rows``)."""
+        distinct, where = np.unique(rows, return_inverse=True)
+        return np.asarray(self._row_ids.read_rows(distinct)[where], dtype=np.int64)
 
     def search_rows(self, queries: npt.ArrayLike, k: int) -> tuple[FloatArray, IdArray]:
         """Like ``search`` but returning row numbers of ``full_vectors.npy``."""
@@ -498,12 +502,11 @@ class CompressedStore:
         _, candidates = self.index.search(matrix, min(shortlist, max(self.count, 1)))
         out_scores = np.full((len(matrix), k), -np.inf, dtype=np.float32)
         out_rows = np.full((len(matrix), k), -1, dtype=np.int64)
-        full = self.full_vectors()
         for qi, query in enumerate(matrix):
-            rows = np.unique(candidates[qi][candidates[qi] >= 0])  # sorted: sequential reads
+            rows = np.unique(candidates[qi][candidates[qi] >= 0])  # sorted: in file order
             if not len(rows):
                 continue
-            exact = np.asarray(full[rows], dtype=np.float32) @ query
+            exact = self._full.read_rows(rows).astype(np.float32) @ query
             order = np.argsort(-exact, kind="stable")[:k]
             out_scores[qi, : len(order)] = exact[order]
             out_rows[qi, : len(order)] = rows[order]
@@ -867,11 +870,20 @@ def _gpu_assignment(ivf: faiss.IndexIVF) -> Iterator[None]:
 # Files
 
 
-def _drop_unmapped_cache(path: Path) -> None:
-    """Drop ``path``'s clean cached pages that no process has mapped (others' are kept)."""
-    if hasattr(os, "posix_fadvise"):
-        with path.open("rb") as handle:
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+Span = tuple[int, int, int]  # file offset, bytes, offset in the output buffer
+
+
+def _read_cached(fd: int, buffer: memoryview, span: Span) -> bool:
+    """Read ``span`` into ``buffer`` if the page cache holds all of it (never waits on disk);
+    False when it does not or the system cannot tell."""
+    position, size, at = span
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return False
+    try:
+        return os.preadv(fd, [buffer[at : at + size]], position, flag) == size
+    except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: a file system without the flag
+        return False
 
 
 class AppendableArray:
@@ -889,6 +901,7 @@ class AppendableArray:
         self.dtype = np.dtype(dtype)
         self.dim = dim
         self.row_bytes = self.dtype.itemsize * (dim or 1)
+        self._offset: int | None = None
 
     def rows_on_disk(self) -> int:
         if not self.path.is_file():
@@ -914,15 +927,9 @@ class AppendableArray:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def view(self, rows: int, *, scattered: bool = False) -> npt.NDArray[Any]:
-        """The first ``rows`` rows, memory-mapped read-only through ``np.load``.
-
-        ``scattered``: the caller reads a few rows at a time here and there (a searcher
-        re-scoring its shortlist). The kernel is told not to read around each touched page,
-        and cached pages of the file that no process maps are dropped first: a builder's
-        writes leave it cached in large folios, which a fault maps whole, so a few hundred
-        scattered rows would otherwise put most of the file into the searcher's resident
-        memory."""
+    def view(self, rows: int) -> npt.NDArray[Any]:
+        """The first ``rows`` rows, memory-mapped read-only through ``np.load``: for reading
+        the file through (calibration, exact search); :meth:`read_rows` reads a few rows."""
         if rows == 0:
             return np.zeros((0,) if self.dim is None else (0, self.dim), dtype=self.dtype)
         try:
@@ -933,12 +940,55 @@ class AppendableArray:
             raise IndexDamagedError(
                 f"{self.path}: holds {len(array)} rows of {array.dtype}, need {rows}"
             )
-        mapping = getattr(array, "_mmap", None)
-        if scattered and isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
-            _drop_unmapped_cache(self.path)
-            mapping.madvise(mmap.MADV_RANDOM)
         view: npt.NDArray[Any] = array[:rows]
         return view
+
+    def read_rows(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        """Rows ``rows`` (sorted, distinct, within the header's shape) as a new array, read
+        with one positioned read per run of adjacent rows.
+
+        Nothing is mapped into the caller: a row comes from the page cache, which keeps it for
+        later searches (of this process and others) without counting it in this process's
+        resident memory, however many rows a long-lived searcher touches. Rows are first read
+        only if cached (``RWF_NOWAIT``); the kernel is then told of every missing run at once
+        (``POSIX_FADV_WILLNEED``), so rows on disk are fetched together, not one by one."""
+        out = np.empty((len(rows), self.dim) if self.dim else (len(rows),), dtype=self.dtype)
+        buffer = out.reshape(-1).view(np.uint8).data
+        with self.path.open("rb", buffering=0) as handle:
+            fd = handle.fileno()
+            spans = self._spans(rows, self._data_offset(handle))
+            missing = [span for span in spans if not _read_cached(fd, buffer, span)]
+            if missing and hasattr(os, "posix_fadvise"):
+                for position, size, _ in missing:
+                    os.posix_fadvise(fd, position, size, os.POSIX_FADV_WILLNEED)
+            for position, size, at in missing:
+                if os.preadv(fd, [buffer[at : at + size]], position) != size:
+                    raise IndexDamagedError(f"{self.path}: ends before byte {position + size}")
+        return out
+
+    def _data_offset(self, handle: Any) -> int:
+        """Where the rows start: after the header this class writes, or any ``.npy`` one."""
+        if self._offset is None:
+            fmt = np.lib.format
+            version = fmt.read_magic(handle)  # type: ignore[no-untyped-call]
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            read(handle)  # type: ignore[no-untyped-call]
+            self._offset = int(handle.tell())
+        return self._offset
+
+    def _spans(self, rows: npt.NDArray[np.int64], base: int) -> list[Span]:
+        """(file offset, bytes, offset in the output) of each run of adjacent ``rows``."""
+        if not len(rows):
+            return []
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate([[0], breaks]).tolist()
+        stops = np.concatenate([breaks, [len(rows)]]).tolist()
+        width = self.row_bytes
+        first = rows[starts].tolist()
+        return [
+            (base + row * width, (stop - start) * width, start * width)
+            for row, start, stop in zip(first, starts, stops, strict=True)
+        ]
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[Any]:

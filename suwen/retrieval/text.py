@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -89,6 +90,9 @@ class TextSearcher:
         self._cache_lock = threading.Lock()
         self._cross: CrossEncoder | None = None
         self._cross_lock = threading.Lock()
+        # Hybrid search runs BM25 here while the calling thread encodes the query: both
+        # release the GIL (tantivy and ONNX Runtime), so on two cores they overlap.
+        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suwen-bm25")
 
     @classmethod
     def open(cls, settings: Settings, name: str | None = None) -> TextSearcher:
@@ -109,6 +113,7 @@ class TextSearcher:
         return cls(settings, text_store, encoder)
 
     def close(self) -> None:
+        self._beside.shutdown(wait=True)
         with self._db_lock:
             self._store.close()
 
@@ -180,9 +185,11 @@ class TextSearcher:
         depth = max(self.fusion.depth, 2 * k)
         lists: dict[str, list[Candidate]] = {}
         excluded = self._chunk_ids_of(exclude_pmids)
-        if method in ("dense", "hybrid"):
+        if method == "hybrid":
+            lists = self._both(query, depth, excluded)
+        elif method == "dense":
             lists["dense"] = self.dense(query, depth, excluded)
-        if method in ("bm25", "hybrid"):
+        else:
             lists["bm25"] = self.bm25(query, depth, excluded)
         ranked = self._combine(lists) if method == "hybrid" else _scored(lists[method])
         best = _best_chunk_per_article(ranked, lists)
@@ -191,6 +198,17 @@ class TextSearcher:
         if rerank:
             hits = self._rerank(query, hits)
         return hits[:k]
+
+    def _both(
+        self, query: str, depth: int, excluded: Collection[int]
+    ) -> dict[str, list[Candidate]]:
+        """Dense and BM25 candidates, BM25 searched beside the query's encoding."""
+        bm25: Future[list[Candidate]] = self._beside.submit(self.bm25, query, depth, excluded)
+        try:
+            dense = self.dense(query, depth, excluded)
+        finally:
+            found = bm25.result()
+        return {"dense": dense, "bm25": found}
 
     def _combine(self, lists: dict[str, list[Candidate]]) -> list[tuple[int, float]]:
         scored = {name: _scored(found) for name, found in lists.items()}
