@@ -17,6 +17,7 @@ vectors; a text query end to end at 1M; and what bounds index build throughput.
    FLOPs per token against the matmul throughput this CPU reaches.
 
     .venv/bin/python -m benchmarks.index_scale [--sizes 10000,100000,1000000] [--fit-docs 1000]
+        [--work DIR]  (keep the end-to-end indexes in DIR and reuse them next time)
 
 Prints tables and writes benchmarks/results/index_scale.json. The machine's load average is
 recorded before and after each phase: the 2 cores are shared.
@@ -419,8 +420,8 @@ finally:
 
 def search_process_rss(settings: Settings, name: str, question: str) -> dict[str, Any]:
     """Peak resident memory of a fresh ``suwen search text`` process answering one question
-    over the index (the query encoder, the index, SQLite's and tantivy's pages, the touched
-    pages of the mmapped vectors), and whether it imported torch."""
+    over the index (the query encoder, the index, SQLite's and tantivy's pages; the re-scored
+    rows are read, not mapped), and whether it imported torch."""
     env = {
         **os.environ,
         "SUWEN_HOME": str(settings.home),

@@ -9,11 +9,12 @@ reference toolkits use for all of PubMed (~70 GB of RAM for 24M MedCPT vectors).
 * an IVF coarse quantiser with PQ codes read by FAISS's 4-bit "fast-scan" kernels (``PQ{M}x4fs``,
   ``M/2`` bytes of code per vector plus FAISS's 8-byte id) finds a shortlist of ``k'`` candidates
   by scanning ``nprobe`` lists;
-* the full vectors live on disk in ``full_vectors.npy`` (float16), memory-mapped read-only, and
-  the shortlist is re-scored with exact inner products against them, so the final order is the
-  exact order of whatever the shortlist caught.
+* the full vectors live on disk in ``full_vectors.npy`` (float16); a search reads its
+  shortlist's rows (``AppendableArray.read_rows``) and re-scores them with exact inner products,
+  so the final order is the exact order of whatever the shortlist caught.
 
-The disk-resident float16 vectors are not RAM: the OS pages in the few rows a query touches.
+The disk-resident float16 vectors are not RAM: a search reads the few rows it re-scores through
+the page cache without mapping them into the process.
 ``bytes_per_vector`` is the in-memory index (codes, ids, centroids, transform) divided by the
 vector count, i.e. the size of ``compressed.faiss``.
 
@@ -296,7 +297,7 @@ def _pq_m(dim: int) -> int:
 
 
 class CompressedStore:
-    """IVF + 4-bit PQ (fast-scan) shortlist, exact re-scoring from memory-mapped vectors."""
+    """IVF + 4-bit PQ (fast-scan) shortlist, exact re-scoring from the vectors on disk."""
 
     def __init__(
         self, directory: Path, params: CompressedParams, index: faiss.Index, *, writable: bool
@@ -519,7 +520,7 @@ class CompressedStore:
         return size / max(self.count, 1)
 
     def disk_bytes_per_vector(self) -> float:
-        """Disk (not RAM) for the memory-mapped re-scoring vectors and row ids."""
+        """Disk (not RAM) for the re-scoring vectors and row ids."""
         return float(np.dtype(self.params.vector_dtype).itemsize * self.dim + 8)
 
     def _require_writable(self) -> None:
