@@ -251,3 +251,19 @@ def test_image_question_looks_and_searches_similar_cases(tmp_path: Path, shared_
     assert starts["retrieve"] == (
         "searching PubMed: tension pneumothorax treatment; needle decompression and similar cases"
     )
+
+
+def test_a_run_without_a_listener_answers_as_one_with_a_listener(tmp_path: Path) -> None:
+    """Batch and eval run without a listener, and then no token events are streamed; the
+    answer, citations and trace must not depend on that."""
+    runs = []
+    for events in (None, []):
+        model = FakeModel().script("plan", PLAN)
+        agent = make_agent(tmp_path / str(events is None), model, text=FakeTextSearch(corpus()))
+        runs.append((ask(agent, question(), events), events))
+    (quiet, _), (heard, events) = runs
+    assert quiet.answer == heard.answer and quiet.answer
+    assert quiet.citations == heard.citations and quiet.citations
+    assert visited(quiet) == visited(heard) == NODES
+    assert quiet.model_calls == heard.model_calls
+    assert events and "".join(e.token or "" for e in events if e.kind == "token") == heard.answer

@@ -254,7 +254,10 @@ class SuwenAgent:
             state,
             self._config(thread_id),
             context=context,
-            stream_mode=["custom", "updates", "values"],
+            # Without a listener (batch, eval) only the final state is streamed: LangGraph
+            # then drops the nodes' token events where they are written instead of waking
+            # the event loop once per answer token.
+            stream_mode=["custom", "updates", "values"] if on_event else ["values"],
             version="v2",
             # One checkpoint per finished question, not one per step: a conversation only
             # ever resumes from a finished turn, and per-step SQLite commits cost more than
