@@ -254,10 +254,11 @@ class SuwenAgent:
             state,
             self._config(thread_id),
             context=context,
-            # Without a listener (batch, eval) only the final state is streamed: LangGraph
-            # then drops the nodes' token events where they are written instead of waking
-            # the event loop once per answer token.
-            stream_mode=["custom", "updates", "values"] if on_event else ["values"],
+            # Without a listener (batch, eval) the nodes' own events are not streamed:
+            # LangGraph then drops them where they are written instead of waking the event
+            # loop once per answer token. Each node's update still is (degraded steps are
+            # logged from it).
+            stream_mode=["custom", "updates", "values"] if on_event else ["updates", "values"],
             version="v2",
             # One checkpoint per finished question, not one per step: a conversation only
             # ever resumes from a finished turn, and per-step SQLite commits cost more than
