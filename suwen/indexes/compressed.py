@@ -955,9 +955,10 @@ class AppendableArray:
         (``POSIX_FADV_WILLNEED``), so rows on disk are fetched together, not one by one."""
         out = np.empty((len(rows), self.dim) if self.dim else (len(rows),), dtype=self.dtype)
         buffer = out.reshape(-1).view(np.uint8).data
+        base = self._data_offset()
         with self.path.open("rb", buffering=0) as handle:
             fd = handle.fileno()
-            spans = self._spans(rows, self._data_offset(handle))
+            spans = self._spans(rows, base)
             missing = [span for span in spans if not _read_cached(fd, buffer, span)]
             if missing and hasattr(os, "posix_fadvise"):
                 for position, size, _ in missing:
@@ -967,14 +968,12 @@ class AppendableArray:
                     raise IndexDamagedError(f"{self.path}: ends before byte {position + size}")
         return out
 
-    def _data_offset(self, handle: Any) -> int:
-        """Where the rows start: after the header this class writes, or any ``.npy`` one."""
+    def _data_offset(self) -> int:
+        """Where the rows start: after the header this class writes, or any ``.npy`` one
+        (read once, with the header checks a store's open makes)."""
         if self._offset is None:
-            fmt = np.lib.format
-            version = fmt.read_magic(handle)  # type: ignore[no-untyped-call]
-            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            read(handle)  # type: ignore[no-untyped-call]
-            self._offset = int(handle.tell())
+            ndim = 1 if self.dim is None else 2
+            _, self._offset = file_checks.npy_layout(self.path, self.dtype.name, ndim)
         return self._offset
 
     def _spans(self, rows: npt.NDArray[np.int64], base: int) -> list[Span]:

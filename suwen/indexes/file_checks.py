@@ -35,6 +35,13 @@ def read_faiss(path: Path) -> faiss.Index:
 def npy_shape(path: Path, dtype: str, ndim: int) -> tuple[int, ...]:
     """The shape a ``.npy`` header states, refused unless it has ``dtype`` and ``ndim``
     dimensions and the file holds at least that many bytes of data."""
+    shape, _ = npy_layout(path, dtype, ndim)
+    return shape
+
+
+def npy_layout(path: Path, dtype: str, ndim: int) -> tuple[tuple[int, ...], int]:
+    """The shape a ``.npy`` header states and the byte offset its data starts at, checked as
+    :func:`npy_shape` checks them."""
     try:
         with path.open("rb") as handle:
             version = np.lib.format.read_magic(handle)  # type: ignore[no-untyped-call]
@@ -56,7 +63,7 @@ def npy_shape(path: Path, dtype: str, ndim: int) -> tuple[int, ...]:
         raise IndexDamagedError(
             f"{path}: header states {shape} ({needed} bytes) but the file holds {size - offset}"
         )
-    return tuple(int(n) for n in shape)
+    return tuple(int(n) for n in shape), int(offset)
 
 
 def _first_line(exc: BaseException) -> str:
