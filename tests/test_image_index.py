@@ -220,6 +220,61 @@ def test_an_image_file_asked_about_again_is_embedded_once_until_it_changes(
     assert len(encoded) == 3
 
 
+def test_questions_asking_about_one_file_at_once_share_its_embedding(
+    image_settings: Settings,
+    image_index: str,
+    image_corpus: ImageCorpus,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import threading
+
+    searcher = ImageSearcher.open(image_settings, image_index)
+    first = image_corpus.case_ids[0]
+    encoded: list[int] = []
+    started, release = threading.Event(), threading.Event()
+    real = searcher.encoder.encode_images
+
+    def slow(images, progress=None):  # type: ignore[no-untyped-def]
+        encoded.append(len(images))
+        started.set()
+        release.wait(10)
+        return real(images, progress)
+
+    monkeypatch.setattr(searcher.encoder, "encode_images", slow)
+    image = load_image(image_corpus.folder / f"{first}.jpg")
+    again = load_image(image_corpus.folder / f"{first}.jpg")  # another question, same file
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        owner = pool.submit(searcher.search_image, image, 3)
+        assert started.wait(10)
+        waiters = [pool.submit(searcher.search_image, again, 3) for _ in range(3)]
+        release.set()
+        hits = [owner.result(10), *(w.result(10) for w in waiters)]
+    assert encoded == [1]  # four questions at once, one embedding
+    assert all(h == hits[0] for h in hits) and hits[0][0].case_id == first
+
+    # A failed embedding is every waiter's error, and the next question tries afresh.
+    started.clear()
+    release.clear()
+    monkeypatch.setattr(searcher, "_queries", type(searcher._queries)())
+
+    def failing(images, progress=None):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+        raise RuntimeError("encoder broke")
+
+    monkeypatch.setattr(searcher.encoder, "encode_images", failing)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        owner = pool.submit(searcher.search_image, image, 3)
+        assert started.wait(10)
+        waiter = pool.submit(searcher.search_image, again, 3)
+        release.set()
+        for future in (owner, waiter):
+            with pytest.raises(RuntimeError, match="encoder broke"):
+                future.result(10)
+    monkeypatch.setattr(searcher.encoder, "encode_images", real)
+    assert searcher.search_image(again, k=3)[0].case_id == first
+
+
 def test_searcher_uses_the_encoder_the_index_was_built_with(
     image_settings: Settings, image_index: str, tmp_path: Path, tiny_clip_dir: Path
 ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Collection
+from concurrent.futures import Future
 
 from PIL import Image
 
@@ -43,6 +44,7 @@ class ImageSearcher:
         self._store = image_store
         self._db_lock = threading.Lock()
         self._queries: OrderedDict[FileIdentity, vectors.FloatArray] = OrderedDict()
+        self._embedding: dict[FileIdentity, Future[vectors.FloatArray]] = {}
         self._queries_lock = threading.Lock()
 
     @classmethod
@@ -73,19 +75,37 @@ class ImageSearcher:
     def _image_query(self, image: Image.Image) -> vectors.FloatArray:
         """The image's embedding. An image ``suwen.medimage.load_image`` read from a file is
         embedded once while the file stays the same (several questions about one image, as
-        in VQA datasets, or a chat's follow-ups); the least recently used goes first."""
+        in VQA datasets, or a chat's follow-ups); the least recently used goes first. A
+        question asking while another one's embedding of the same file is under way waits
+        for it instead of embedding the file a second time."""
         source = loaded_from(image)
-        if source is not None:
+        if source is None:
+            return self.encoder.encode_images([image])
+        with self._queries_lock:
+            if source in self._queries:
+                self._queries.move_to_end(source)
+                return self._queries[source].copy()
+            pending = self._embedding.get(source)
+            if pending is None:
+                pending = self._embedding[source] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result().copy()
+        try:
+            query = self.encoder.encode_images([image])
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
             with self._queries_lock:
-                if source in self._queries:
-                    self._queries.move_to_end(source)
-                    return self._queries[source].copy()
-        query = self.encoder.encode_images([image])
-        if source is not None:
-            with self._queries_lock:
-                self._queries[source] = query.copy()
-                while len(self._queries) > QUERY_CACHE:
-                    self._queries.popitem(last=False)
+                del self._embedding[source]
+        with self._queries_lock:
+            self._queries[source] = query.copy()
+            while len(self._queries) > QUERY_CACHE:
+                self._queries.popitem(last=False)
+        pending.set_result(query.copy())
         return query
 
     def search_text(self, query: str, k: int = 5) -> list[ImageHit]:
