@@ -53,6 +53,11 @@ def test_ascii_fast_path_drops_exactly_what_the_per_character_rule_drops(text: s
     assert drop_invisible(text) == _per_character(text)
 
 
+def test_every_code_point_is_dropped_or_kept_as_the_per_character_rule_says() -> None:
+    everything = "".join(map(chr, range(0x110000)))  # the non-ASCII path: one class in C
+    assert drop_invisible(everything) == _per_character(everything)
+
+
 def test_ascii_controls_never_reach_a_prompt() -> None:
     assert for_prompt("a\x00b\x1b[0mc\x07d\te\nf") == "ab[0mcd\te\nf"
 
