@@ -143,13 +143,32 @@ def streamed(content: str) -> bytes:
     return "".join(lines).encode()
 
 
-SERVED = {"requests": 0}  # in the stand-in's process
+SERVED = {"requests": 0, "bytes": 0}  # in the stand-in's process
+HELD: set[str] = set()  # ids of the images sent in full, as vLLM's multimodal cache keeps them
+
+
+def image_cache_miss(request: dict[str, Any]) -> bytes | None:
+    """vLLM's 400 for a request naming an image it was never sent; the others kept."""
+    parts = [
+        part
+        for message in request.get("messages", [])
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image_url"
+    ]
+    for index, part in enumerate(parts):
+        if part.get("image_url") is None and part.get("uuid") not in HELD:
+            message = f"Cache miss for image at index {index} but data is not provided."
+            return json.dumps({"error": {"message": message, "code": 400}}).encode()
+    HELD.update(part["uuid"] for part in parts if part.get("uuid") and part.get("image_url"))
+    return None
 
 
 def respond(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
     if method == "GET" and path.startswith("/served"):
         return 200, "application/json", json.dumps(SERVED).encode()
     SERVED["requests"] += 1
+    SERVED["bytes"] += len(body)
     if method == "GET" and path.startswith("/v1/models"):
         return 200, "application/json", json.dumps({"data": [{"id": MODEL_NAME}]}).encode()
     if method == "GET" and path.startswith("/health"):
@@ -158,6 +177,9 @@ def respond(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
     if path.startswith("/tokenize"):
         return 200, "application/json", json.dumps(tokenized(request)).encode()
     if path.startswith("/v1/chat/completions"):
+        miss = image_cache_miss(request)
+        if miss is not None:
+            return 400, "application/json", miss
         content, logprobs = reply_for(request)
         if request.get("stream"):
             return 200, "text/event-stream", streamed(content)
@@ -296,10 +318,12 @@ class CollectorTime:
             gc.callbacks.remove(self)
 
 
-def served_requests(url: str) -> int:
+def served(url: str) -> tuple[int, int]:
+    """Requests and request-body bytes the stand-in has received."""
     import httpx
 
-    return int(httpx.get(f"{url}/served", timeout=10).json()["requests"])
+    counts = httpx.get(f"{url}/served", timeout=10).json()
+    return int(counts["requests"]), int(counts["bytes"])
 
 
 async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, url: str) -> Any:
@@ -330,8 +354,9 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         # Warm-up: imports, the query encoder, the first connections; not measured.
         await asyncio.gather(*(one(s) for s in samples[: args.concurrency]))
         profiler = cProfile.Profile() if args.profile else None
-        served = served_requests(url)
+        requests, sent = served(url)
         cpu, started = cpu_seconds(), time.perf_counter()
+        loop_cpu = time.thread_time()  # the event loop's own thread
         with recording() as log, CollectorTime().installed() as collector:
             if profiler:
                 profiler.enable()
@@ -339,7 +364,9 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
             if profiler:
                 profiler.disable()
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-        served = served_requests(url) - served
+        loop_cpu = time.thread_time() - loop_cpu
+        requests_now, sent_now = served(url)
+        requests, sent = requests_now - requests, sent_now - sent
     result: dict[str, Any] = {
         "questions": len(samples),
         "concurrency": args.concurrency,
@@ -349,9 +376,12 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "model_calls_per_question": round(sum(calls) / len(samples), 2),
         "model_calls_per_s": round(len(log.records) / wall, 1),
         # Model calls plus what is not one: /tokenize (answer prompt length, probe tokens).
-        "http_requests_per_question": round(served / len(samples), 2),
+        "http_requests_per_question": round(requests / len(samples), 2),
+        "request_kb_per_question": round(sent / 1000 / len(samples), 1),
         "cpu_s_per_question": round(cpu / len(samples), 4),
         "cpu_share_of_wall": round(cpu / wall, 2),
+        "event_loop_cpu_s_per_question": round(loop_cpu / len(samples), 4),
+        "event_loop_share_of_wall": round(loop_cpu / wall, 2),
         "gc_runs_by_generation": collector.runs,
         "gc_cpu_s_per_question": round(sum(collector.seconds) / len(samples), 4),
         "objects_tracked_by_gc": len(gc.get_objects()),
@@ -406,7 +436,9 @@ def main() -> None:
         f"{result['questions_per_s']} questions/s, {result['model_calls_per_s']} model calls/s "
         f"({result['model_calls_per_question']} per question), "
         f"{result['cpu_s_per_question']} CPU s per question "
-        f"({result['gc_cpu_s_per_question']} in the garbage collector); load {result['load']}"
+        f"({result['event_loop_cpu_s_per_question']} on the event loop's thread, "
+        f"{result['gc_cpu_s_per_question']} in the garbage collector), "
+        f"{result['request_kb_per_question']} kB sent per question; load {result['load']}"
     )
     for order in ("tottime", "cumulative"):
         for line in result.get(f"profile_{order}", [])[:45]:

@@ -174,6 +174,13 @@ class Settings(BaseSettings):
     vllm_image_max_pixels: int = Field(
         1_003_520, ge=3136, le=12_845_056, description="Largest image area sent (resized to fit)"
     )
+    vllm_image_ids: bool = Field(
+        True,
+        description=(
+            "Send each image to a server once, then name it by its content hash (vLLM's "
+            "multimodal cache); false sends every image in full with every request"
+        ),
+    )
     vllm_cpu_kvcache_gib: int = Field(4, ge=1, description="KV cache on CPU-only vLLM (GiB)")
     vllm_startup_timeout: float = Field(900.0, gt=0, description="Seconds to wait for /health")
     vllm_extra_args: Annotated[list[str], NoDecode] = Field(

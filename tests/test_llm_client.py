@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from suwen.config import Settings
 from suwen.errors import InputError, ModelError, StructuredOutputError
-from suwen.llm.base import Message, VisionLanguageModel, recording
+from suwen.llm.base import CallRecord, Message, VisionLanguageModel, recording
 from suwen.llm.client import (
     InvalidReplyError,
     VLLMClient,
@@ -36,7 +36,10 @@ Reply = httpx.Response | Exception | Callable[[dict[str, Any]], Any]
 
 class FakeVLLM:
     """Answers chat completions from a script (one entry per request; the last repeats)
-    and remembers every request it saw, per server URL."""
+    and remembers every request it saw, per server URL: in ``requests`` as the model sees it
+    (an image named by its ``uuid`` resolved, as vLLM's multimodal cache does), in ``wire``
+    as it was sent. A named image the server was never sent (or was made to forget, or any
+    with ``image_cache`` off) is refused with vLLM's cache-miss error."""
 
     def __init__(self, *replies: Reply, delay: float = 0.0, served: list[str] | None = None):
         self.replies = list(replies) or [completion("ok")]
@@ -47,6 +50,28 @@ class FakeVLLM:
         self.peak = 0
         self.down: set[str] = set()
         self.slow: dict[str, float] = {}
+        self.wire: list[tuple[str, dict[str, Any]]] = []
+        self.image_cache = True
+        self.held: dict[str, dict[str, str]] = {}  # server -> uuid -> data URL
+
+    def _resolve(self, server: str, body: dict[str, Any]) -> httpx.Response | None:
+        """Named images replaced by the data they were sent with; vLLM's 400 on a miss."""
+        held = self.held.setdefault(server, {})
+        index = 0
+        for message in body.get("messages", []):
+            for part in message["content"] if isinstance(message["content"], list) else []:
+                if part.get("type") != "image_url":
+                    continue
+                uuid = part.get("uuid")
+                if part["image_url"] is None:
+                    if uuid not in held:
+                        text = f"Cache miss for image at index {index} but data is not provided."
+                        return error(400, text)
+                    part["image_url"] = {"url": held[uuid]}
+                elif uuid is not None and self.image_cache:
+                    held[uuid] = part["image_url"]["url"]
+                index += 1
+        return None
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         server = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
@@ -54,7 +79,11 @@ class FakeVLLM:
             raise httpx.ConnectError("Connection refused", request=request)
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": name} for name in self.served]})
+        self.wire.append((server, json.loads(request.content)))
         body = json.loads(request.content)
+        refused = self._resolve(server, body)
+        if refused is not None:
+            return refused
         self.requests.append((server, body))
         index = min(len(self.requests), len(self.replies)) - 1
         reply = self.replies[index]
@@ -222,6 +251,118 @@ def test_images_go_first_as_resized_png_data_urls(settings: Settings) -> None:
     assert sent.mode == "L"  # a grey scan goes as greyscale: the server makes it RGB again
     assert sent.width * sent.height <= settings.vllm_image_max_pixels
     assert sent.width % 28 == 0 and sent.height % 28 == 0
+
+
+def _image_parts(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        part
+        for message in body["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part["type"] == "image_url"
+    ]
+
+
+def test_a_server_is_sent_an_image_once_then_the_image_is_named(settings: Settings) -> None:
+    fake = FakeVLLM(completion("ok"), sse(delta("Yes."), "[DONE]"), completion("ok"))
+    client = fake.client(settings, urls=["http://a:1"])
+    scan, other = Image.effect_noise((600, 400), 30), Image.effect_noise((300, 300), 20)
+
+    async def main() -> list[str]:
+        await client.chat(ask("Look.", [scan]))
+        parts = [part async for part in client.stream(ask("Answer.", [scan]))]
+        await client.chat(ask("Compare.", [scan, other]))
+        return parts
+
+    assert run(main()) == ["Yes."]
+    first, streamed, compared = (_image_parts(body) for _, body in fake.wire)
+    uuid = first[0]["uuid"]
+    assert first[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert len(uuid) == 64  # the SHA-256 of the data URL: one id per content
+    assert streamed == [{"type": "image_url", "image_url": None, "uuid": uuid}]
+    assert compared[0] == streamed[0] and compared[1]["image_url"]["url"]  # the new one in full
+    # The model saw every image every time: the server took the named ones from its cache.
+    seen = [[p["image_url"]["url"] for p in _image_parts(body)] for _, body in fake.requests]
+    assert seen[0] == seen[1] == seen[2][:1]
+    assert len(json.dumps(fake.wire[1][1])) < len(json.dumps(fake.wire[0][1])) // 10
+
+
+def test_each_server_is_sent_the_image_in_full_once(settings: Settings) -> None:
+    fake = FakeVLLM()
+    client = fake.client(settings, urls=["http://a:1", "http://b:2"])
+    scan = Image.effect_noise((400, 400), 30)
+
+    async def main() -> None:
+        for _ in range(6):
+            await client.chat(ask("Look.", [scan]))
+
+    run(main())
+    full = [server for server, body in fake.wire if _image_parts(body)[0]["image_url"]]
+    assert sorted(full) == ["http://a:1", "http://b:2"]
+    assert len(fake.requests) == 6
+
+
+def test_a_server_that_lost_the_image_is_sent_it_again_in_full(settings: Settings) -> None:
+    fake = FakeVLLM()
+    client = fake.client(settings, urls=["http://a:1"])
+    scan = Image.effect_noise((400, 400), 30)
+
+    async def main() -> list[CallRecord]:
+        with recording() as log:
+            await client.chat(ask("Look.", [scan]))
+            fake.held.clear()  # the server restarted: its multimodal cache is empty
+            await client.chat(ask("Again.", [scan]))
+            await client.chat(ask("And again.", [scan]))
+        return log.records
+
+    records = run(main())
+    sent = [bool(_image_parts(body)[0]["image_url"]) for _, body in fake.wire]
+    assert sent == [True, False, True, False]  # full, named (miss), full again, named
+    assert all(record.ok for record in records) and len(fake.requests) == 3
+
+
+def test_a_server_without_an_image_cache_is_sent_every_image_in_full(settings: Settings) -> None:
+    fake = FakeVLLM()
+    fake.image_cache = False  # as vLLM with --mm-processor-cache-gb 0
+    client = fake.client(settings, urls=["http://a:1"])
+    scan = Image.effect_noise((400, 400), 30)
+
+    async def main() -> None:
+        for _ in range(8):
+            await client.chat(ask("Look.", [scan]))
+
+    run(main())
+    named = [not _image_parts(body)[0]["image_url"] for _, body in fake.wire]
+    assert sum(named) == 3 and not any(named[-5:])  # three misses, then always in full
+    assert len(fake.requests) == 8
+
+
+def test_images_named_only_when_the_setting_allows(settings: Settings) -> None:
+    fake = FakeVLLM()
+    client = fake.client(settings.model_copy(update={"vllm_image_ids": False}))
+    scan = Image.effect_noise((400, 400), 30)
+
+    async def main() -> None:
+        await client.chat(ask("Look.", [scan]))
+        await client.chat(ask("Again.", [scan]))
+
+    run(main())
+    parts = [_image_parts(body)[0] for _, body in fake.wire]
+    assert all(set(part) == {"type", "image_url"} and part["image_url"] for part in parts)
+
+
+def test_other_errors_with_a_named_image_are_not_resent(settings: Settings) -> None:
+    fake = FakeVLLM(completion("ok"), error(400, "prompt too long"))
+    client = fake.client(settings, urls=["http://a:1"])
+    scan = Image.effect_noise((400, 400), 30)
+
+    async def main() -> None:
+        await client.chat(ask("Look.", [scan]))
+        await client.chat(ask("Again.", [scan]))
+
+    with pytest.raises(ModelError, match="answered 400: prompt too long"):
+        run(main())
+    assert len(fake.wire) == 2
 
 
 def test_an_image_sent_twice_is_encoded_once(

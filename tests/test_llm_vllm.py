@@ -25,7 +25,9 @@ from suwen.config import Settings
 from suwen.errors import ModelError, StructuredOutputError
 from suwen.llm.base import Message, recording
 from suwen.llm.client import VLLMClient
+from suwen.llm.images import EncodedImage, image_to_data_url
 from suwen.llm.server import free_port
+from suwen.llm.transport import AiohttpTransport
 from tests.terminal_signals import default_signal_actions
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -120,6 +122,49 @@ def test_sixteen_concurrent_requests_all_complete(
     assert sorted(id(record) for record in log.records) == sorted(
         id(reply.record) for reply in replies
     )
+
+
+class SizedTransport(AiohttpTransport):
+    """The client's own transport, noting the size of each chat request body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/chat/completions":
+            self.sizes.append(len(request.content))
+        return await super().handle_async_request(request)
+
+
+def test_an_image_is_sent_once_then_named_and_sent_again_if_the_server_lost_it(
+    vllm_url: str, vllm_settings: Settings, vqa_rad: tuple[Image.Image, str]
+) -> None:
+    settings = vllm_settings.model_copy(update={"temperature": 0.0})
+    transport = SizedTransport()
+    client = VLLMClient([vllm_url], settings, transport=transport)
+    image, question = vqa_rad
+    # An image the client believes the server holds but the server was never sent (as after
+    # a restart of the server): vLLM refuses the named image, the client sends it in full.
+    flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    lost = EncodedImage.of(
+        image_to_data_url(flipped, settings.vllm_image_min_pixels, settings.vllm_image_max_pixels)
+    )
+    client.endpoints[0].images.answered([lost.uuid], [])
+
+    async def main() -> tuple[list[str], Any]:
+        with recording() as log:
+            texts = [(await client.chat(ask(vqa_rad), max_tokens=8)).text for _ in range(2)]
+            moved = [Message(role="user", text=question, images=[flipped])]
+            texts.append((await client.chat(moved, max_tokens=8)).text)
+        await client.aclose()
+        return texts, log
+
+    texts, log = asyncio.run(main())
+    assert texts[0] == texts[1] and texts[2]  # greedy: the named image is the same image
+    assert all(record.ok for record in log.records) and log.calls == 3
+    full, named, refused, resent = transport.sizes
+    assert named < full // 10 and refused < full // 10 and resent > full // 2
 
 
 def cli_env(home: Path, model_dir: Path) -> dict[str, str]:

@@ -4,7 +4,9 @@ It speaks vLLM's OpenAI-compatible HTTP API with httpx directly (the ``openai`` 
 HTTP stack between releases; the wire protocol does not). What it adds, and why:
 - images as PNG data URLs resized within Qwen2.5-VL's pixel limits (``suwen.llm.images``),
   prepared before anything is sent, so an unreadable image costs no request, and encoded
-  once per image however many calls send it;
+  once per image however many calls send it; each server is sent an image in full once and
+  afterwards given only its content id (``uuid``, the SHA-256 of the data URL), which vLLM
+  resolves from its multimodal cache (``ServerImages``: a miss is sent again in full);
 - requests spread over several servers (the least busy first), which is how a user scales to
   several GPUs or machines;
 - retries with exponential backoff on connection errors and 5xx (tenacity), an overall
@@ -30,9 +32,10 @@ import math
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 import orjson
@@ -110,7 +113,10 @@ def to_openai_messages(
         for index, image in enumerate(message.images):
             if labels:
                 parts.append({"type": "text", "text": labels[index]})
-            parts.append({"type": "image_url", "image_url": {"url": encoder.data_url(image)}})
+            encoded = encoder.encoded(image)
+            parts.append(
+                {"type": "image_url", "image_url": {"url": encoded.url}, "uuid": encoded.uuid}
+            )
         parts.append({"type": "text", "text": message.text})
         converted.append({"role": message.role, "content": parts})
     return converted
@@ -221,6 +227,48 @@ def normalize_url(url: str) -> str:
 
 
 @dataclass
+class ServerImages:
+    """The images one server has been sent in full and answered, by content id: later
+    requests name them (``{"image_url": null, "uuid": ...}``) and vLLM takes them from its
+    multimodal cache, so a question's image crosses the wire and is decoded on the server
+    once, not once per call. vLLM's cache is bounded and lost on restart, so a request it
+    cannot serve ("cache miss") is sent again in full; a server that misses
+    ``MISSES_TO_GIVE_UP`` times in a row with no hit between (its cache turned off) is sent
+    every image in full from then on."""
+
+    CAPACITY: ClassVar[int] = 4096
+    MISSES_TO_GIVE_UP: ClassVar[int] = 3
+
+    refer: bool = True
+    held: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    misses: int = 0
+
+    def holds(self, uuid: str) -> bool:
+        return self.refer and uuid in self.held
+
+    def answered(self, sent: Sequence[str], named: Sequence[str]) -> None:
+        """A request that sent ``sent`` in full and named ``named`` was accepted."""
+        if not self.refer:
+            return
+        if named:
+            self.misses = 0
+        for uuid in (*sent, *named):
+            self.held[uuid] = None
+            self.held.move_to_end(uuid)
+        while len(self.held) > self.CAPACITY:
+            self.held.popitem(last=False)
+
+    def missed(self, named: Sequence[str]) -> None:
+        """The server no longer holds (some of) ``named``."""
+        for uuid in named:
+            self.held.pop(uuid, None)
+        self.misses += 1
+        if self.misses >= self.MISSES_TO_GIVE_UP:
+            self.refer = False
+            self.held.clear()
+
+
+@dataclass
 class Endpoint:
     """One vLLM server and what the client knows about it."""
 
@@ -228,6 +276,45 @@ class Endpoint:
     in_flight: int = 0
     last_failure: float = -math.inf
     model: str | None = None
+    images: ServerImages = field(default_factory=ServerImages)
+
+
+def is_image_cache_miss(message: str) -> bool:
+    """vLLM's answer to a request naming an image its multimodal cache no longer holds
+    ("Cache miss for image at index 0 but data is not provided.", or the engine's
+    "Multi-modal processor cache miss.")."""
+    return "cache miss" in message.lower()
+
+
+def with_named_images(
+    payload: dict[str, Any], images: ServerImages | None, *, ids: bool = True
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """``payload`` with each image the server holds named by its content id instead of sent
+    (without ``ids``, every image sent in full and without its id); the ids sent in full and
+    the ids named."""
+    sent: list[str] = []
+    named: list[str] = []
+    messages = []
+    for message in payload["messages"]:
+        content = message["content"]
+        if not isinstance(content, list):
+            messages.append(message)
+            continue
+        parts = []
+        for part in content:
+            uuid = part.get("uuid") if part.get("type") == "image_url" else None
+            if uuid is not None and not ids:
+                part = {key: value for key, value in part.items() if key != "uuid"}
+            elif uuid is not None and images is not None and images.holds(uuid):
+                named.append(uuid)
+                part = {"type": "image_url", "image_url": None, "uuid": uuid}
+            elif uuid is not None:
+                sent.append(uuid)
+            parts.append(part)
+        messages.append({**message, "content": parts})
+    if ids and not named:
+        return payload, sent, named
+    return {**payload, "messages": messages}, sent, named
 
 
 class ServerReplyError(Exception):
@@ -619,10 +706,7 @@ class VLLMClient:
         record = CallRecord(kind=kind, purpose=purpose)
 
         async def post(http: Http, url: str, model: str) -> httpx.Response:
-            response = await http.post(f"{url}/v1/chat/completions", json_body(model, payload))
-            if response.status_code >= 400:
-                raise ServerReplyError(response.status_code, error_message(response))
-            return response
+            return await self._post_chat(http, url, model, payload, stream=False)
 
         async with self._loop_state().semaphore:
             started = time.perf_counter()
@@ -654,13 +738,7 @@ class VLLMClient:
         self, payload: dict[str, Any], record: CallRecord
     ) -> AsyncGenerator[str, None]:
         async def open_stream(http: Http, url: str, model: str) -> httpx.Response:
-            body = json_body(model, payload)
-            response = await http.request("POST", f"{url}/v1/chat/completions", body, stream=True)
-            if response.status_code >= 400:
-                await response.aread()
-                await response.aclose()
-                raise ServerReplyError(response.status_code, error_message(response))
-            return response
+            return await self._post_chat(http, url, model, payload, stream=True)
 
         # The server stays counted as busy until the stream is read to its end.
         response, endpoint = await self._send(record, open_stream, keep_busy=True)
@@ -683,6 +761,40 @@ class VLLMClient:
         finally:
             endpoint.in_flight -= 1
             await response.aclose()
+
+    async def _post_chat(
+        self, http: Http, url: str, model: str, payload: dict[str, Any], *, stream: bool
+    ) -> httpx.Response:
+        """POST a chat request to the server at ``url``, naming the images it holds rather
+        than sending them (``ServerImages``); sent again in full if it no longer holds one.
+        With ``stream`` the response is left open for the caller."""
+        ids = self.settings.vllm_image_ids
+        images = next(e.images for e in self.endpoints if e.url == url) if ids else None
+        url = f"{url}/v1/chat/completions"
+        body, sent, named = with_named_images(payload, images, ids=ids)
+        try:
+            response = await self._post_body(http, url, body, model, stream)
+        except ServerReplyError as exc:
+            if images is None or not named or not is_image_cache_miss(exc.message):
+                raise
+            images.missed(named)
+            body, sent, named = with_named_images(payload, None)  # every image in full
+            response = await self._post_body(http, url, body, model, stream)
+        if images is not None:
+            images.answered(sent, named)
+        return response
+
+    @staticmethod
+    async def _post_body(
+        http: Http, url: str, payload: dict[str, Any], model: str, stream: bool
+    ) -> httpx.Response:
+        response = await http.request("POST", url, json_body(model, payload), stream=stream)
+        if response.status_code >= 400:
+            if stream:
+                await response.aread()
+                await response.aclose()
+            raise ServerReplyError(response.status_code, error_message(response))
+        return response
 
     @staticmethod
     def _parse(body: bytes | str, url: str) -> _Completion:

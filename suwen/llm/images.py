@@ -19,12 +19,14 @@ image, here and on the server.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import struct
 import threading
 import weakref
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -165,6 +167,20 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as sent: its PNG data URL, and the SHA-256 of that URL, the content id vLLM
+    keeps the image under when a request names it (``uuid``), so that later requests to the
+    same server can name the image without sending it again."""
+
+    url: str
+    uuid: str
+
+    @classmethod
+    def of(cls, url: str) -> EncodedImage:
+        return cls(url, hashlib.sha256(url.encode("ascii")).hexdigest())
+
+
 class ImageEncoder:
     """Data URLs for images, each encoded once per image object, and once per image file.
 
@@ -191,8 +207,8 @@ class ImageEncoder:
         self.max_pixels = max_pixels
         self.capacity = capacity
         self.file_capacity = file_capacity
-        self._urls: OrderedDict[int, str] = OrderedDict()
-        self._by_file: OrderedDict[FileIdentity, str] = OrderedDict()
+        self._urls: OrderedDict[int, EncodedImage] = OrderedDict()
+        self._by_file: OrderedDict[FileIdentity, EncodedImage] = OrderedDict()
         self._file_chars = 0
         self._encoding: dict[FileIdentity, threading.Event] = {}  # files being encoded now
         self._lock = threading.Lock()
@@ -203,6 +219,9 @@ class ImageEncoder:
             return id(image) in self._urls or (source is not None and source in self._by_file)
 
     def data_url(self, image: Image.Image) -> str:
+        return self.encoded(image).url
+
+    def encoded(self, image: Image.Image) -> EncodedImage:
         key = id(image)
         source = loaded_from(image)
         while True:
@@ -217,7 +236,7 @@ class ImageEncoder:
                 break
             busy.wait()  # another question is encoding the same file: use its URL
         try:
-            url = image_to_data_url(image, self.min_pixels, self.max_pixels)
+            url = EncodedImage.of(image_to_data_url(image, self.min_pixels, self.max_pixels))
             with self._lock:
                 self._keep(key, image, source, url)
         finally:
@@ -226,7 +245,7 @@ class ImageEncoder:
                     self._encoding.pop(source).set()
         return url
 
-    def _lookup(self, key: int, source: FileIdentity | None) -> str | None:
+    def _lookup(self, key: int, source: FileIdentity | None) -> EncodedImage | None:
         """Under the lock: the URL kept for the image object, else for its file."""
         url = self._urls.get(key)
         if url is not None:
@@ -237,7 +256,9 @@ class ImageEncoder:
             return self._by_file[source]
         return None
 
-    def _keep(self, key: int, image: Image.Image, source: FileIdentity | None, url: str) -> None:
+    def _keep(
+        self, key: int, image: Image.Image, source: FileIdentity | None, url: EncodedImage
+    ) -> None:
         """Under the lock: ``url`` kept for the image object and for its file."""
         if key not in self._urls:
             # The id may be reused once the image is gone: forget it then.
@@ -248,16 +269,16 @@ class ImageEncoder:
         if source is not None:
             self._keep_for_file(source, url)
 
-    def _keep_for_file(self, source: FileIdentity, url: str) -> None:
+    def _keep_for_file(self, source: FileIdentity, url: EncodedImage) -> None:
         """Under the lock: ``url`` kept for ``source``, the oldest dropped beyond capacity."""
-        if len(url) > self.file_capacity:
+        if len(url.url) > self.file_capacity:
             return
         old = self._by_file.pop(source, None)
-        self._file_chars += len(url) - (len(old) if old is not None else 0)
+        self._file_chars += len(url.url) - (len(old.url) if old is not None else 0)
         self._by_file[source] = url
         while self._file_chars > self.file_capacity:
             _, dropped = self._by_file.popitem(last=False)
-            self._file_chars -= len(dropped)
+            self._file_chars -= len(dropped.url)
 
     def _forget(self, key: int) -> None:
         with self._lock:
