@@ -411,3 +411,22 @@ def test_the_served_models_own_tokens_are_read_from_its_folder(tmp_path: Path) -
     assert for_prompt(text) == (
         "a [ SUWEN_TEST_INST] b ‹suwen_test_turn› c ‹suwen_test_eos› ‹suwen_test_extra›"
     )
+
+
+def test_fence_nonces_differ_per_request_and_per_process() -> None:
+    import subprocess
+    import sys
+
+    from suwen.agent.prompts import Fence
+
+    names = [Fence.draw().name for _ in range(1000)]
+    assert len(set(names)) == 1000
+    assert all(re.fullmatch(r"evidence-[0-9a-f]{16}", name) for name in names)
+    script = "from suwen.agent.prompts import Fence; print(Fence.draw().name)"
+    others = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(others) == 2 and not others & set(names)  # each process has its own key

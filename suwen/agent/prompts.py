@@ -12,6 +12,8 @@ such a block also carries ``DATA_RULE``.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import re
 import secrets
 from collections.abc import Sequence
@@ -134,19 +136,31 @@ SHORT_FORMS: dict[str, str] = {
 }
 
 
+_FENCE_KEY = secrets.token_bytes(32)
+_FENCE_COUNTER = itertools.count()
+
+
 @dataclass(frozen=True)
 class Fence:
     """The tags around one request's evidence: ``<evidence-NONCE>`` ... ``</evidence-NONCE>``.
 
     The nonce is drawn per request, after the data is known, so no document can contain the
-    closing tag in advance; on top, sanitised data cannot contain any ``<evidence`` at all."""
+    closing tag in advance; on top, sanitised data cannot contain any ``<evidence`` at all.
+    Nonces are keyed BLAKE2b of a counter under a key drawn from the system's random source
+    once per process: as unpredictable as drawing each from it, without one system call per
+    request (the agent fences evidence in most of its calls)."""
 
     name: str
 
     @classmethod
     def draw(cls, avoid: str = "") -> Fence:
         while True:
-            fence = cls(f"{EVIDENCE_TAG}-{secrets.token_hex(FENCE_NONCE_BYTES)}")
+            nonce = hashlib.blake2b(
+                next(_FENCE_COUNTER).to_bytes(8, "big"),
+                key=_FENCE_KEY,
+                digest_size=FENCE_NONCE_BYTES,
+            )
+            fence = cls(f"{EVIDENCE_TAG}-{nonce.hexdigest()}")
             if fence.name not in avoid:  # 2^-64 per draw; checked so it is a guarantee
                 return fence
 
