@@ -17,6 +17,11 @@ where it has the scheme.
   multiplied by it, which moves channel outliers from the activations into the weights.
 - ``smooth_per_token_int8_ffn_out_float``: as above with the feed-forward output products (their
   input is GELU's, where the largest outliers are) left float32.
+- ``int8_blocks_64``: Suwen's 8-bit blocks with blocks of 64 instead of 32.
+
+Schemes checked for agreement only (``REJECTED``; each fails the 0.999 gate on MiniLM, so their
+speed does not matter): ``quantize_dynamic`` with uint8 weights, with ``reduce_range``, with one
+weight scale per tensor, and SmoothQuant scaling (alpha 0.5 / 0.65 / 0.8) before it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from typing import Any
 import numpy as np
 
 SMOOTH_ALPHA = 0.65
+REJECTED_SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
+REJECTED = (
+    "dynamic_int8_uint8_weights",
+    "dynamic_int8_reduce_range",
+    "dynamic_int8_per_tensor_weights",
+    *(f"smooth_dynamic_int8_alpha_{alpha}" for alpha in REJECTED_SMOOTH_ALPHAS),
+)
 CALIBRATION_TEXTS = 200
 CALIBRATION_CHARS = 400
 
@@ -65,6 +77,32 @@ def dynamic_int8_weights(source: Path, target: Path) -> None:
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
         extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def dynamic_variants(source: Path, targets: dict[str, Path]) -> None:
+    """``quantize_dynamic`` over every MatMul and Gather with uint8 weights, with
+    ``reduce_range`` (7-bit weights), and with one weight scale per tensor."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        source,
+        targets["dynamic_int8_uint8_weights"],
+        per_channel=True,
+        weight_type=QuantType.QUInt8,
+    )
+    quantize_dynamic(
+        source,
+        targets["dynamic_int8_reduce_range"],
+        per_channel=True,
+        reduce_range=True,
+        weight_type=QuantType.QInt8,
+    )
+    quantize_dynamic(
+        source,
+        targets["dynamic_int8_per_tensor_weights"],
+        per_channel=False,
+        weight_type=QuantType.QInt8,
     )
 
 
@@ -234,7 +272,8 @@ def smoothed_graphs(
     data: Path,
     targets: dict[str, Path],
 ) -> None:
-    """Write ``smooth_per_token_int8`` and ``smooth_per_token_int8_ffn_out_float`` graphs."""
+    """Write ``smooth_per_token_int8`` and ``smooth_per_token_int8_ffn_out_float`` graphs, and
+    the ``smooth_dynamic_int8_alpha_*`` ones ``targets`` asks for."""
     maxima = activation_maxima(float_graph, tokenizer, inputs, calibration_texts(data))
     smoothed = float_graph.with_name("smoothed.onnx")
     smooth(float_graph, smoothed, maxima)
@@ -242,5 +281,17 @@ def smoothed_graphs(
     per_token_int8(
         smoothed, targets["smooth_per_token_int8_ffn_out_float"], lambda name: not is_ffn_out(name)
     )
+    for alpha in REJECTED_SMOOTH_ALPHAS:
+        target = targets.get(f"smooth_dynamic_int8_alpha_{alpha}")
+        if target is not None:
+            smooth(float_graph, smoothed, maxima, alpha)
+            dynamic_int8_all(smoothed, target)
     smoothed.unlink()
     smoothed.with_name("smoothed.onnx.data").unlink()
+
+
+def dynamic_int8_all(source: Path, target: Path) -> None:
+    """ONNX Runtime's ``quantize_dynamic`` as the benchmark's ``dynamic_int8`` row uses it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8)

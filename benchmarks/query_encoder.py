@@ -62,6 +62,7 @@ RUNTIMES = (
     "onnx_per_token_int8",
     "onnx_smooth_per_token_int8",
     "onnx_smooth_per_token_int8_ffn_out_float",
+    "onnx_int8_blocks_64",
 )
 
 
@@ -123,30 +124,33 @@ CANDIDATES = (
     "per_token_int8",
     "smooth_per_token_int8",
     "smooth_per_token_int8_ffn_out_float",
+    "int8_blocks_64",
 )
 PRECISIONS = ("float32", "int8", "dynamic_int8", *CANDIDATES)
 
 
-def graphs(eager: TextEncoder, folder: Path, data: Path) -> dict[str, tuple[Path, ExportRecord]]:
+def graphs(
+    eager: TextEncoder, folder: Path, data: Path, *, rejected: bool = False
+) -> dict[str, tuple[Path, ExportRecord]]:
     """The float32 graph of ``eager``'s transformer, the 8-bit block graph Suwen keeps, ONNX
     Runtime's dynamic int8 graph (per-channel int8 weights, activations quantised per tensor at
-    run time, every MatMul and Gather) and the candidates of ``benchmarks/quant_candidates.py``,
-    each in its own folder."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    run time, every MatMul and Gather) and the candidates of ``benchmarks/quant_candidates.py``
+    (with ``rejected``, its ``REJECTED`` schemes too), each in its own folder."""
     model: Any = eager._model
     pooling = onnx_encoder._supported_pooling(model)
     assert pooling is not None, "the benchmark's models are CLS- or mean-pooled"
-    directories = {precision: folder / precision for precision in PRECISIONS}
+    precisions = (*PRECISIONS, *(quant_candidates.REJECTED if rejected else ()))
+    directories = {precision: folder / precision for precision in precisions}
     for directory in directories.values():
         directory.mkdir(parents=True, exist_ok=True)
         model.tokenizer.backend_tokenizer.save(str(directory / onnx_encoder.TOKENIZER_FILE))
     graph = {precision: d / onnx_encoder.MODEL_FILE for precision, d in directories.items()}
     inputs = onnx_encoder._export_graph(model, graph["float32"])
     onnx_encoder._quantise(graph["float32"], graph["int8"])
-    quantize_dynamic(
-        graph["float32"], graph["dynamic_int8"], per_channel=True, weight_type=QuantType.QInt8
-    )
+    onnx_encoder._quantise(graph["float32"], graph["int8_blocks_64"], block=64)
+    quant_candidates.dynamic_int8_all(graph["float32"], graph["dynamic_int8"])
+    if rejected:
+        quant_candidates.dynamic_variants(graph["float32"], graph)
     quant_candidates.dynamic_int8_weights(graph["float32"], graph["dynamic_int8_weights"])
     quant_candidates.per_token_int8(graph["float32"], graph["per_token_int8"])
     tokenizer = directories["float32"] / onnx_encoder.TOKENIZER_FILE
@@ -224,7 +228,7 @@ def agreement(eager: TextEncoder, folder: Path, questions: list[str], data: Path
     probes = list(onnx_encoder.PROBES)
     probe_reference = np.vstack([eager.encode([probe]) for probe in probes])
     result: dict[str, Any] = {"questions": len(questions), "probes": len(probes)}
-    for name, (directory, rec) in graphs(eager, folder, data).items():
+    for name, (directory, rec) in graphs(eager, folder, data, rejected=True).items():
         encoder = OnnxQueryEncoder(directory, rec)
         got = np.vstack([encoder.encode_query(q) for q in questions])
         cosines = np.sum(got * reference, axis=1)
@@ -325,6 +329,13 @@ def print_tables(payload: dict[str, Any]) -> None:
             f"{row['probes_min_cosine']} / {row['min_cosine']}" if row else "",
         )
     console.print(table)
+    for scheme in quant_candidates.REJECTED:
+        row = agree.get(scheme)
+        if row:
+            console.print(
+                f"agreement only, {scheme}: min cosine {row['probes_min_cosine']} (probes) / "
+                f"{row['min_cosine']} (questions)"
+            )
     for label, row in payload.get("fresh_process_rss", {}).items():
         console.print(f"fresh process, {label}: {row}")
     if "retrieval" in payload:

@@ -417,8 +417,9 @@ def _export_graph(model: SentenceTransformer, path: Path) -> tuple[str, ...]:
     return names
 
 
-def _quantise(source: Path, target: Path) -> None:
-    """Weights of every matrix product to 8-bit blocks of :data:`INT8_BLOCK`, int8 arithmetic."""
+def _quantise(source: Path, target: Path, block: int = INT8_BLOCK) -> None:
+    """Weights of every matrix product to 8-bit blocks of ``block`` (:data:`INT8_BLOCK`), int8
+    arithmetic."""
     import logging
 
     import onnx
@@ -430,7 +431,7 @@ def _quantise(source: Path, target: Path) -> None:
         )
 
     config = DefaultWeightOnlyQuantConfig(
-        block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, bits=8
+        block_size=block, is_symmetric=True, accuracy_level=4, bits=8
     )
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
