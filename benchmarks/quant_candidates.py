@@ -20,8 +20,9 @@ where it has the scheme.
 - ``int8_blocks_64``: Suwen's 8-bit blocks with blocks of 64 instead of 32.
 
 Schemes checked for agreement only (``REJECTED``; each fails the 0.999 gate on MiniLM, so their
-speed does not matter): ``quantize_dynamic`` with uint8 weights, with ``reduce_range``, with one
-weight scale per tensor, and SmoothQuant scaling (alpha 0.5 / 0.65 / 0.8) before it.
+speed does not matter): 8-bit blocks of 128; ``quantize_dynamic`` with uint8 weights, with
+``reduce_range``, with one weight scale per tensor, and SmoothQuant scaling (alpha 0.5 / 0.65 /
+0.8) before it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 SMOOTH_ALPHA = 0.65
 REJECTED_SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
 REJECTED = (
+    "int8_blocks_128",
     "dynamic_int8_uint8_weights",
     "dynamic_int8_reduce_range",
     "dynamic_int8_per_tensor_weights",

@@ -150,6 +150,7 @@ def graphs(
     onnx_encoder._quantise(graph["float32"], graph["int8_blocks_64"], block=64)
     quant_candidates.dynamic_int8_all(graph["float32"], graph["dynamic_int8"])
     if rejected:
+        onnx_encoder._quantise(graph["float32"], graph["int8_blocks_128"], block=128)
         quant_candidates.dynamic_variants(graph["float32"], graph)
     quant_candidates.dynamic_int8_weights(graph["float32"], graph["dynamic_int8_weights"])
     quant_candidates.per_token_int8(graph["float32"], graph["per_token_int8"])
