@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from suwen.config import Settings
-from suwen.errors import InputError
+from suwen.errors import IndexDamagedError, IndexMismatchError, InputError
 from suwen.files import publish_dir
 from suwen.indexes import store
-from suwen.models import bundled_minilm
+from suwen.models import bundled_minilm, resolve_query_encoder
 
 TEXT_INDEX = "demo-pubmed"
 IMAGE_INDEX = "demo-images"
@@ -68,10 +68,10 @@ def ensure_indexes(
     each build before it starts."""
     folder = bundled_sample_data() if data is None else data.expanduser().resolve()
     pubmedqa, vqa_rad = sample_paths(folder)
-    if not _exists(settings, settings.text_index):
+    if not _usable(settings, settings.text_index, on_step):
         on_step(f"indexing the PubMedQA abstracts in {pubmedqa.name}")
         build_demo_text_index(settings, pubmedqa)
-    if not _exists(settings, settings.image_index):
+    if not _usable(settings, settings.image_index, on_step):
         on_step("indexing VQA-RAD training images with their captions")
         build_demo_image_index(settings, vqa_rad)
     return demo_question(vqa_rad)
@@ -93,8 +93,22 @@ def build_demo_image_index(settings: Settings, vqa_rad: Path) -> None:
     build_image_index(settings, settings.image_index, cases)
 
 
-def _exists(settings: Settings, name: str) -> bool:
-    return store.current_version(store.index_root(settings.indexes_dir, name)) is not None
+def _usable(settings: Settings, name: str, on_step: Callable[[str], None]) -> bool:
+    """Whether the demo's index ``name`` exists and can be searched here. One this machine
+    cannot search (built with an encoder no longer on it, as when the demo ran from another
+    installation whose copy of MiniLM is gone, or damaged) is removed, to be built again: it
+    is the demo's own, made from the sample data."""
+    if store.current_version(store.index_root(settings.indexes_dir, name)) is None:
+        return False
+    try:
+        manifest = store.live_manifest(settings.indexes_dir, name)
+        if manifest is not None:
+            resolve_query_encoder(manifest, settings)
+            return True
+    except (IndexMismatchError, IndexDamagedError) as exc:
+        on_step(f"removing the demo's index {name!r}, which cannot be searched here ({exc})")
+    store.remove_index(settings.indexes_dir, name)
+    return False
 
 
 def gpu_available() -> bool:

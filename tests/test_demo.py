@@ -118,3 +118,43 @@ def test_data_still_accepts_the_full_shared_layout(shared_data: Path, tmp_path: 
     written = sorted(path.name for path in cases.glob("*.jpg"))
     assert len(written) == 5 and not set(written) & test_images
     assert all((cases / name).with_suffix(".txt").read_text() for name in written)
+
+
+def test_a_demo_index_another_installation_built_is_rebuilt_not_refused(tmp_path: Path):
+    """The demo ran once from another checkout whose environment (and its copy of MiniLM) is
+    gone: its index names an encoder not on this machine. The demo rebuilds its own index
+    rather than stopping with an error; an index it can search is kept as it is."""
+    import shutil
+
+    from suwen.config import Settings
+    from suwen.devtools.tiny_clip import write_tiny_clip
+    from suwen.models import bundled_minilm
+    from suwen.retrieval.text import TextSearcher
+
+    data = tmp_path / "data"
+    (data / "pubmedqa").mkdir(parents=True)
+    records = json.loads((SAMPLE / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8"))
+    few = dict(list(records.items())[:5])
+    (data / "pubmedqa" / "ori_pqal.json").write_text(json.dumps(few), encoding="utf-8")
+    shutil.copytree(SAMPLE / "vqa_rad", data / "vqa_rad")
+    clip = tmp_path / "clip"
+    write_tiny_clip(clip)
+    elsewhere = tmp_path / "old-checkout" / "minilm"
+    shutil.copytree(bundled_minilm(), elsewhere)
+
+    def settings(encoder: Path) -> Settings:
+        base = Settings(home=tmp_path / "home", text_encoder=str(encoder), image_encoder=str(clip))  # type: ignore[arg-type]
+        return demo.demo_settings(base, offline=False)
+
+    demo.ensure_indexes(settings(elsewhere), data)
+    indexes = tmp_path / "home" / "indexes"
+    images_before = store.open_version(indexes, demo.IMAGE_INDEX)[0]
+    shutil.rmtree(elsewhere.parent)  # that installation is gone
+    steps: list[str] = []
+    current = settings(bundled_minilm())
+    demo.ensure_indexes(current, data, steps.append)
+    assert any(demo.TEXT_INDEX in step and "cannot be searched here" in step for step in steps)
+    assert store.open_version(indexes, demo.IMAGE_INDEX)[0] == images_before  # still usable
+    with TextSearcher.open(current, demo.TEXT_INDEX) as searcher:
+        assert searcher.search(next(iter(few.values()))["QUESTION"], 3)
+    assert not list(indexes.glob(".*removed*"))

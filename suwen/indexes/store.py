@@ -260,6 +260,19 @@ def build_lock(indexes_dir: Path, name: str) -> Iterator[None]:
         yield
 
 
+def remove_index(indexes_dir: Path, name: str) -> None:
+    """Delete index ``name``, every version of it, under its build lock (a build in progress
+    is refused in one line). It is renamed away first, so its name is free at once and no
+    reader finds half of it; a searcher that has it open keeps reading its files (POSIX)."""
+    root = index_root(indexes_dir, name)
+    if not root.exists():
+        return
+    doomed = root.with_name(f".{root.name}.removed-{os.getpid()}")
+    with build_lock(indexes_dir, name):
+        root.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _next_version_name(root: Path) -> str:
     numbers = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
     return f"v{max(numbers, default=0) + 1:06d}"
