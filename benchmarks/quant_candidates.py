@@ -85,27 +85,15 @@ def dynamic_int8_weights(source: Path, target: Path) -> None:
 def dynamic_variants(source: Path, targets: dict[str, Path]) -> None:
     """``quantize_dynamic`` over every MatMul and Gather with uint8 weights, with
     ``reduce_range`` (7-bit weights), and with one weight scale per tensor."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType
 
-    quantize_dynamic(
-        source,
-        targets["dynamic_int8_uint8_weights"],
-        per_channel=True,
-        weight_type=QuantType.QUInt8,
-    )
-    quantize_dynamic(
-        source,
-        targets["dynamic_int8_reduce_range"],
-        per_channel=True,
-        reduce_range=True,
-        weight_type=QuantType.QInt8,
-    )
-    quantize_dynamic(
-        source,
-        targets["dynamic_int8_per_tensor_weights"],
-        per_channel=False,
-        weight_type=QuantType.QInt8,
-    )
+    changes: dict[str, dict[str, Any]] = {
+        "dynamic_int8_uint8_weights": {"weight_type": QuantType.QUInt8},
+        "dynamic_int8_reduce_range": {"reduce_range": True},
+        "dynamic_int8_per_tensor_weights": {"per_channel": False},
+    }
+    for name, change in changes.items():
+        dynamic_int8_all(source, targets[name], **change)
 
 
 def activation_maxima(
@@ -292,8 +280,10 @@ def smoothed_graphs(
     smoothed.with_name("smoothed.onnx.data").unlink()
 
 
-def dynamic_int8_all(source: Path, target: Path) -> None:
-    """ONNX Runtime's ``quantize_dynamic`` as the benchmark's ``dynamic_int8`` row uses it."""
+def dynamic_int8_all(source: Path, target: Path, **change: Any) -> None:
+    """ONNX Runtime's ``quantize_dynamic`` as the benchmark's ``dynamic_int8`` row uses it
+    (per-channel int8 weights), with ``change`` to its arguments."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8)
+    options: dict[str, Any] = {"per_channel": True, "weight_type": QuantType.QInt8, **change}
+    quantize_dynamic(source, target, **options)

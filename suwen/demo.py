@@ -98,13 +98,12 @@ def _usable(settings: Settings, name: str, on_step: Callable[[str], None]) -> bo
     cannot search (built with an encoder no longer on it, as when the demo ran from another
     installation whose copy of MiniLM is gone, or damaged) is removed, to be built again: it
     is the demo's own, made from the sample data."""
-    if store.current_version(store.index_root(settings.indexes_dir, name)) is None:
-        return False
     try:
         manifest = store.live_manifest(settings.indexes_dir, name)
-        if manifest is not None:
-            resolve_query_encoder(manifest, settings)
-            return True
+        if manifest is None:
+            return False
+        resolve_query_encoder(manifest, settings)
+        return True
     except (IndexMismatchError, IndexDamagedError) as exc:
         on_step(f"removing the demo's index {name!r}, which cannot be searched here ({exc})")
     store.remove_index(settings.indexes_dir, name)

@@ -226,9 +226,9 @@ class ImageEncoder:
         source = loaded_from(image)
         while True:
             with self._lock:
-                url = self._lookup(key, source)
-                if url is not None:
-                    return url
+                found = self._lookup(key, source)
+                if found is not None:
+                    return found
                 busy = self._encoding.get(source) if source is not None else None
                 if busy is None and source is not None:
                     self._encoding[source] = threading.Event()
@@ -236,14 +236,14 @@ class ImageEncoder:
                 break
             busy.wait()  # another question is encoding the same file: use its URL
         try:
-            url = EncodedImage.of(image_to_data_url(image, self.min_pixels, self.max_pixels))
+            encoded = EncodedImage.of(image_to_data_url(image, self.min_pixels, self.max_pixels))
             with self._lock:
-                self._keep(key, image, source, url)
+                self._keep(key, image, source, encoded)
         finally:
             if source is not None:
                 with self._lock:
                     self._encoding.pop(source).set()
-        return url
+        return encoded
 
     def _lookup(self, key: int, source: FileIdentity | None) -> EncodedImage | None:
         """Under the lock: the URL kept for the image object, else for its file."""
