@@ -158,3 +158,29 @@ def test_a_demo_index_another_installation_built_is_rebuilt_not_refused(tmp_path
     with TextSearcher.open(current, demo.TEXT_INDEX) as searcher:
         assert searcher.search(next(iter(few.values()))["QUESTION"], 3)
     assert not list(indexes.glob(".*removed*"))
+
+
+def test_an_index_removal_killed_before_its_files_are_gone_leaves_no_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A removal killed after the index is renamed away (here: deleting its files fails) leaves
+    a folder that no listing shows and no search opens; its name is free again."""
+    import shutil
+
+    indexes = tmp_path / "indexes"
+    version = indexes / "gone" / "v000001"
+    version.mkdir(parents=True)
+    (version / store.MANIFEST).write_text("{}", encoding="utf-8")
+    (indexes / "gone" / store.CURRENT).write_text("v000001", encoding="ascii")
+    assert store.current_version(indexes / "gone") == version
+
+    def killed(path: Path, ignore_errors: bool = False) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.remove_index(indexes, "gone")
+    monkeypatch.undo()
+    assert not (indexes / "gone").exists()
+    assert store.list_indexes(indexes) == []
+    assert all(store.current_version(p) is None for p in indexes.iterdir())

@@ -262,13 +262,16 @@ def build_lock(indexes_dir: Path, name: str) -> Iterator[None]:
 
 def remove_index(indexes_dir: Path, name: str) -> None:
     """Delete index ``name``, every version of it, under its build lock (a build in progress
-    is refused in one line). It is renamed away first, so its name is free at once and no
-    reader finds half of it; a searcher that has it open keeps reading its files (POSIX)."""
+    is refused in one line). Its version pointer goes first, so from then on no reader or
+    listing finds it, also if the process is killed before the files are gone; then it is
+    renamed away, freeing its name, and deleted. A searcher that has it open keeps reading
+    its files (POSIX)."""
     root = index_root(indexes_dir, name)
     if not root.exists():
         return
     doomed = root.with_name(f".{root.name}.removed-{os.getpid()}")
     with build_lock(indexes_dir, name):
+        (root / CURRENT).unlink(missing_ok=True)
         root.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
