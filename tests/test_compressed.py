@@ -15,7 +15,7 @@ import pytest
 from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError
-from suwen.indexes import compressed, store
+from suwen.indexes import compressed, store, vectors
 from suwen.indexes.compressed import (
     AppendableArray,
     CompressedParams,
@@ -273,6 +273,28 @@ def test_read_rows_returns_the_stored_rows_without_mapping_the_file(tmp_path: Pa
     ids.append(np.arange(100) * 7)
     assert ids.read_rows(np.asarray([3, 4, 90], dtype=np.int64)).tolist() == [21, 28, 630]
     assert _mapped(tmp_path) == []
+
+
+def test_float16_rows_are_scored_as_numpy_widens_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-scoring widens float16 rows with ONNX Runtime; the scores are numpy's, zeros,
+    subnormals and the largest halves included, and numpy is used when the runtime is not."""
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal((800, 768)) * 0.036).astype(np.float16)
+    rows[0, :8] = [0, -0.0, 6e-8, -6e-8, 3e-5, 65504, -65504, 1]
+    query = compressed.normalise(rng.standard_normal(768))[0]
+    expected = rows.astype(np.float32) @ query
+    assert vectors.inner_products(rows, query) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert vectors.inner_products(rows[:1], query) == pytest.approx(expected[:1], rel=1e-5)
+    assert vectors.inner_products(rows[:0], query).shape == (0,)
+    wide = rows.astype(np.float32)
+    assert np.array_equal(vectors.inner_products(wide, query), wide @ query)
+
+    def no_runtime() -> None:
+        raise ImportError("onnxruntime")
+
+    monkeypatch.setattr(vectors, "_half_session", None)
+    monkeypatch.setattr(vectors, "_build_half_products", no_runtime)
+    assert np.array_equal(vectors.inner_products(rows, query), expected)
 
 
 def test_a_searcher_re_scores_exactly_without_mapping_the_vector_files(

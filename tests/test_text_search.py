@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ from suwen.retrieval.fusion import (
     reciprocal_rank_fusion,
     z_normalise,
 )
-from suwen.retrieval.text import TextSearcher, _best_chunk_per_article
+from suwen.retrieval.text import TextSearcher, _best_chunk_per_article, _scored
 from tests.fixtures_text import TEXT_INDEX
 
 ASTHMA = "as-needed budesonide-formoterol in mild asthma"
@@ -124,6 +125,41 @@ def test_hybrid_fuses_the_same_lists_as_dense_and_bm25_searched_one_after_the_ot
     assert [hit.key for hit in hits] == [
         f"pmid:{rows[chunk_id].pmid}#{rows[chunk_id].chunk_no}" for chunk_id, _ in fused
     ]
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 40])
+def test_dense_search_finds_the_best_articles_of_the_whole_depth(
+    searcher: TextSearcher, k: int
+) -> None:
+    """Dense alone looks at twice k chunks first, not the fusion depth: the same hits."""
+    for question in (ASTHMA, "Does aspirin reduce the risk of colorectal cancer?", "G6PD"):
+        full = searcher.dense(question, max(searcher.fusion.depth, 2 * k))
+        best = _best_chunk_per_article(_scored(full), {"dense": full})[:k]
+        rows = searcher._rows([chunk_id for chunk_id, _ in best])
+        hits = searcher.search(question, k, method="dense")
+        assert [hit.key for hit in hits] == [
+            f"pmid:{rows[chunk_id].pmid}#{rows[chunk_id].chunk_no}" for chunk_id, _ in best
+        ]
+        assert [hit.score for hit in hits] == pytest.approx([score for _, score in best])
+
+
+def test_dense_search_looks_at_the_whole_depth_when_the_first_chunks_hold_too_few_articles(
+    searcher: TextSearcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = searcher.dense
+    depths: list[int] = []
+
+    def one_article_first(query: str, depth: int, excluded: Collection[int] = ()) -> list[Any]:
+        depths.append(depth)
+        found = real(query, depth, excluded)
+        if len(depths) == 1:  # the first look: every chunk of one article
+            return [c for c in found if c.article == found[0].article]
+        return found
+
+    monkeypatch.setattr(searcher, "dense", one_article_first)
+    hits = searcher.search(ASTHMA, 5, method="dense")
+    assert depths == [10, searcher.fusion.depth]
+    assert len(hits) == 5 and len({hit.pmid for hit in hits}) == 5
 
 
 def test_fusion_rules() -> None:

@@ -48,7 +48,7 @@ import numpy.typing as npt
 from suwen.errors import IndexDamagedError, IndexMismatchError, InputError, SuwenError
 from suwen.files import atomic_path, atomic_write_json
 from suwen.indexes import file_checks, vectors
-from suwen.indexes.vectors import FloatArray, IdArray, normalise
+from suwen.indexes.vectors import FloatArray, IdArray, inner_products, normalise
 
 IndexType = Literal["exact", "compressed"]
 
@@ -507,7 +507,7 @@ class CompressedStore:
             rows = np.unique(candidates[qi][candidates[qi] >= 0])  # sorted: in file order
             if not len(rows):
                 continue
-            exact = self._full.read_rows(rows).astype(np.float32) @ query
+            exact = inner_products(self._full.read_rows(rows), query)
             order = np.argsort(-exact, kind="stable")[:k]
             out_scores[qi, : len(order)] = exact[order]
             out_rows[qi, : len(order)] = rows[order]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 
 QUERY_CACHE_SIZE = 2048
+RERANK_POOL = 30  # articles the cross-encoder re-scores, at least
 
 
 @dataclass(frozen=True)
@@ -183,21 +184,34 @@ class TextSearcher:
         if k < 1 or not query.strip():
             return []
         depth = max(self.fusion.depth, 2 * k)
+        rerank = self.settings.rerank
+        wanted = max(k, RERANK_POOL) if rerank else k
         lists: dict[str, list[Candidate]] = {}
         excluded = self._chunk_ids_of(exclude_pmids)
         if method == "hybrid":
             lists = self._both(query, depth, excluded)
         elif method == "dense":
-            lists["dense"] = self.dense(query, depth, excluded)
+            lists["dense"] = self._dense_articles(query, wanted, depth, excluded)
         else:
             lists["bm25"] = self.bm25(query, depth, excluded)
         ranked = self._combine(lists) if method == "hybrid" else _scored(lists[method])
         best = _best_chunk_per_article(ranked, lists)
-        rerank = self.settings.rerank
-        hits = self._hits(best[: max(k, 30) if rerank else k], lists)
+        hits = self._hits(best[:wanted], lists)
         if rerank:
             hits = self._rerank(query, hits)
         return hits[:k]
+
+    def _dense_articles(
+        self, query: str, wanted: int, depth: int, excluded: Collection[int]
+    ) -> list[Candidate]:
+        """Dense candidates holding the ``wanted`` best articles: without fusion there is no
+        need for ``depth`` of them, so first twice ``wanted`` chunks (most articles are one),
+        and the whole depth only when those hold fewer articles (the query's vector is
+        cached, so only the index is searched again)."""
+        first = self.dense(query, min(depth, 2 * wanted), excluded)
+        if len({c.article for c in first}) >= wanted:
+            return first
+        return self.dense(query, depth, excluded)
 
     def _both(
         self, query: str, depth: int, excluded: Collection[int]
