@@ -6,7 +6,7 @@ int64 id of its SQLite row, so a hit maps straight back to its metadata.
 
 from __future__ import annotations
 
-import threading
+import functools
 from typing import Any
 
 import faiss
@@ -15,9 +15,6 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
-
-_half_session: Any = None  # ONNX Runtime's float16 rows . float32 query, built on first use
-_half_lock = threading.Lock()
 
 
 def normalise(vectors: npt.ArrayLike) -> FloatArray:
@@ -42,18 +39,15 @@ def inner_products(rows: npt.NDArray[Any], query: FloatArray) -> FloatArray:
     return np.asarray(scores, dtype=np.float32).reshape(-1)
 
 
+@functools.cache
 def _half_products() -> Any:
     """A one-thread session computing Cast(rows, float32) @ query (a column: ONNX Runtime's
-    matrix-vector product of a 1-d query is ten times slower), or None without ONNX
-    Runtime (numpy then widens the rows itself)."""
-    global _half_session
-    with _half_lock:
-        if _half_session is None:
-            try:
-                _half_session = _build_half_products()
-            except ImportError:
-                _half_session = False
-        return _half_session or None
+    matrix-vector product of a 1-d query is ten times slower), built on first use, or None
+    without ONNX Runtime (numpy then widens the rows itself)."""
+    try:
+        return _build_half_products()
+    except ImportError:
+        return None
 
 
 def _build_half_products() -> Any:
