@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,6 +287,9 @@ def _wait_for_serve(serve: subprocess.Popen[str], url: str) -> None:
     for line in serve.stdout:
         seen.append(line)
         if f"{url}/v1" in line:
+            # Keep reading what it prints while it serves: a full pipe would stop `suwen serve`
+            # (and so its shutdown) at its next write.
+            threading.Thread(target=serve.stdout.read, daemon=True).start()
             return
     raise AssertionError("suwen serve ended before serving:\n" + "".join(seen[-30:]))
 
@@ -296,7 +300,7 @@ def _stop_serve(serve: subprocess.Popen[str]) -> None:
     for child in tracer.children():
         child.send_signal(signal.SIGINT)
     try:
-        serve.wait(timeout=120)
+        serve.wait(timeout=300)  # vLLM's shutdown, under strace, on a loaded machine
     finally:
         serve.kill()
 
