@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,6 +249,7 @@ def test_ask_batch_and_chat_through_real_vllm_stay_on_the_machine(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_ctrl_c_stops_it,
     )
     url = f"http://127.0.0.1:{SERVE_PORT}"
     try:
@@ -287,11 +287,15 @@ def _wait_for_serve(serve: subprocess.Popen[str], url: str) -> None:
     for line in serve.stdout:
         seen.append(line)
         if f"{url}/v1" in line:
-            # Keep reading what it prints while it serves: a full pipe would stop `suwen serve`
-            # (and so its shutdown) at its next write.
-            threading.Thread(target=serve.stdout.read, daemon=True).start()
             return
     raise AssertionError("suwen serve ended before serving:\n" + "".join(seen[-30:]))
+
+
+def _ctrl_c_stops_it() -> None:
+    """Ctrl-C back to its default in the child: a test run started in the background of a shell
+    without job control inherits SIGINT ignored, and `suwen serve` would never see the Ctrl-C
+    that stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop_serve(serve: subprocess.Popen[str]) -> None:
@@ -300,7 +304,7 @@ def _stop_serve(serve: subprocess.Popen[str]) -> None:
     for child in tracer.children():
         child.send_signal(signal.SIGINT)
     try:
-        serve.wait(timeout=300)  # vLLM's shutdown, under strace, on a loaded machine
+        serve.wait(timeout=120)
     finally:
         serve.kill()
 
