@@ -162,6 +162,23 @@ def test_dense_search_looks_at_the_whole_depth_when_the_first_chunks_hold_too_fe
     assert len(hits) == 5 and len({hit.pmid for hit in hits}) == 5
 
 
+def test_dense_search_asked_for_the_whole_depth_searches_once(
+    searcher: TextSearcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = searcher.dense
+    depths: list[int] = []
+
+    def one_article(query: str, depth: int, excluded: Collection[int] = ()) -> list[Any]:
+        depths.append(depth)
+        found = real(query, depth, excluded)
+        return [c for c in found if c.article == found[0].article]
+
+    monkeypatch.setattr(searcher, "dense", one_article)
+    k = searcher.fusion.depth // 2 + 1  # twice k is already the whole depth
+    assert len(searcher.search(ASTHMA, k, method="dense")) == 1
+    assert depths == [2 * k]
+
+
 def test_fusion_rules() -> None:
     dense = [("a", 0.9), ("b", 0.5), ("c", 0.4)]
     bm25 = [("c", 20.0), ("a", 10.0)]

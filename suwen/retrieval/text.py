@@ -208,8 +208,9 @@ class TextSearcher:
         need for ``depth`` of them, so first twice ``wanted`` chunks (most articles are one),
         and the whole depth only when those hold fewer articles (the query's vector is
         cached, so only the index is searched again)."""
-        first = self.dense(query, min(depth, 2 * wanted), excluded)
-        if len({c.article for c in first}) >= wanted:
+        first_depth = min(depth, 2 * wanted)
+        first = self.dense(query, first_depth, excluded)
+        if first_depth == depth or len({c.article for c in first}) >= wanted:
             return first
         return self.dense(query, depth, excluded)
 
