@@ -185,8 +185,6 @@ class OnnxQueryEncoder:
         benchmark can compare)."""
         from tokenizers import Tokenizer
 
-        ort = _runtime()
-
         self.directory = directory
         self.record = record
         self.name = record.model
@@ -198,7 +196,7 @@ class OnnxQueryEncoder:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(record.max_tokens)
         self._tokenizer_lock = threading.Lock()
-        self._session = _session(directory / MODEL_FILE, threads, ort)
+        self._session = runtime_session(directory / MODEL_FILE, threads)
         self._buckets = sorted(buckets)
 
     @classmethod
@@ -248,7 +246,10 @@ class OnnxQueryEncoder:
         return np.asarray(summed / np.maximum(weights.sum(axis=1), 1e-9), dtype=np.float32)
 
 
-def _session(path: Path, threads: int, ort: Any) -> onnxruntime.InferenceSession:
+def runtime_session(model: Path | bytes, threads: int) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session on the CPU for ``model`` (a file, or a serialised graph), on
+    ``threads`` intra-op threads (0: one per core), telemetry off."""
+    ort = _runtime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads  # 0: one per core
@@ -258,7 +259,8 @@ def _session(path: Path, threads: int, ort: Any) -> onnxruntime.InferenceSession
     # searches and often the model server (two spinning threads doubled the CPU per query).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------------------------------------

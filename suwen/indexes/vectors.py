@@ -29,11 +29,9 @@ def inner_products(rows: npt.NDArray[Any], query: FloatArray) -> FloatArray:
     """``rows @ query`` in float32 for one query. Float16 rows (a compressed index's re-scoring
     vectors) are widened by ONNX Runtime's vectorised cast: numpy widens float16 one element at
     a time, which for a shortlist of 800 768-d rows costs more than the rest of the search."""
-    if rows.dtype != np.float16 or not len(rows):
-        return np.asarray(rows.astype(np.float32, copy=False) @ query, dtype=np.float32)
-    session = _half_products()
+    session = _half_products() if rows.dtype == np.float16 and len(rows) else None
     if session is None:
-        return np.asarray(rows.astype(np.float32) @ query, dtype=np.float32)
+        return np.asarray(rows.astype(np.float32, copy=False) @ query, dtype=np.float32)
     column = np.ascontiguousarray(query, dtype=np.float32).reshape(-1, 1)
     scores = session.run(None, {"rows": np.ascontiguousarray(rows), "query": column})[0]
     return np.asarray(scores, dtype=np.float32).reshape(-1)
@@ -52,8 +50,9 @@ def _half_products() -> Any:
 
 def _build_half_products() -> Any:
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from suwen.indexes.onnx_encoder import runtime_session  # it imports this module
 
     graph = helper.make_graph(
         [
@@ -69,14 +68,7 @@ def _build_half_products() -> Any:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return runtime_session(model.SerializeToString(), threads=1)
 
 
 def exact_index(dim: int) -> faiss.Index:
