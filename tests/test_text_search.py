@@ -146,17 +146,7 @@ def test_dense_search_finds_the_best_articles_of_the_whole_depth(
 def test_dense_search_looks_at_the_whole_depth_when_the_first_chunks_hold_too_few_articles(
     searcher: TextSearcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = searcher.dense
-    depths: list[int] = []
-
-    def one_article_first(query: str, depth: int, excluded: Collection[int] = ()) -> list[Any]:
-        depths.append(depth)
-        found = real(query, depth, excluded)
-        if len(depths) == 1:  # the first look: every chunk of one article
-            return [c for c in found if c.article == found[0].article]
-        return found
-
-    monkeypatch.setattr(searcher, "dense", one_article_first)
+    depths = _dense_looks(searcher, monkeypatch, one_article_looks=1)
     hits = searcher.search(ASTHMA, 5, method="dense")
     assert depths == [10, searcher.fusion.depth]
     assert len(hits) == 5 and len({hit.pmid for hit in hits}) == 5
@@ -165,18 +155,29 @@ def test_dense_search_looks_at_the_whole_depth_when_the_first_chunks_hold_too_fe
 def test_dense_search_asked_for_the_whole_depth_searches_once(
     searcher: TextSearcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = searcher.dense
-    depths: list[int] = []
-
-    def one_article(query: str, depth: int, excluded: Collection[int] = ()) -> list[Any]:
-        depths.append(depth)
-        found = real(query, depth, excluded)
-        return [c for c in found if c.article == found[0].article]
-
-    monkeypatch.setattr(searcher, "dense", one_article)
+    depths = _dense_looks(searcher, monkeypatch, one_article_looks=2)
     k = searcher.fusion.depth // 2 + 1  # twice k is already the whole depth
     assert len(searcher.search(ASTHMA, k, method="dense")) == 1
     assert depths == [2 * k]
+
+
+def _dense_looks(
+    searcher: TextSearcher, monkeypatch: pytest.MonkeyPatch, one_article_looks: int
+) -> list[int]:
+    """The depths the searcher's dense retriever is asked for, recorded as it is asked; its
+    first ``one_article_looks`` answers keep only the chunks of their best article."""
+    real = searcher.dense
+    depths: list[int] = []
+
+    def looked(query: str, depth: int, excluded: Collection[int] = ()) -> list[Any]:
+        depths.append(depth)
+        found = real(query, depth, excluded)
+        if len(depths) <= one_article_looks:
+            return [c for c in found if c.article == found[0].article]
+        return found
+
+    monkeypatch.setattr(searcher, "dense", looked)
+    return depths
 
 
 def test_fusion_rules() -> None:
