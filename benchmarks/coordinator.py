@@ -7,7 +7,8 @@ answer, each with a reply of the right shape, chosen as the scripted test model 
 ``tests/fake_model.py``). Suwen's real ``VLLMClient`` (HTTP, JSON parsing, validation), the
 real agent (agent mode, retrieval rounds) and real indexes (MiniLM text index of the 1000
 PubMedQA abstracts, tiny-clip image index of VQA-RAD training images) run in this process;
-questions are VQA-RAD and PubMedQA test questions, ``--concurrency`` at a time.
+questions are VQA-RAD and PubMedQA test questions (half each; ``--kind image`` or ``text`` for one
+kind only), ``--concurrency`` at a time.
 
 Reports questions/s, model calls/s and this process's CPU seconds per question (user + system,
 all threads; the server's CPU is not counted), and with ``--profile`` the functions where that
@@ -43,6 +44,7 @@ from typing import Any
 from benchmarks.common import cpu_seconds, minilm_or_exit, shared_data_default, write_json
 from suwen.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from suwen.privacy import private_dir
+from suwen.runtime import run_async
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "coordinator.json"
@@ -166,7 +168,8 @@ def image_cache_miss(request: dict[str, Any]) -> bytes | None:
 
 def respond(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
     if method == "GET" and path.startswith("/served"):
-        return 200, "application/json", json.dumps(SERVED).encode()
+        counts = SERVED | {"cpu_s": time.process_time()}
+        return 200, "application/json", json.dumps(counts).encode()
     SERVED["requests"] += 1
     SERVED["bytes"] += len(body)
     if method == "GET" and path.startswith("/v1/models"):
@@ -318,12 +321,19 @@ class CollectorTime:
             gc.callbacks.remove(self)
 
 
-def served(url: str) -> tuple[int, int]:
-    """Requests and request-body bytes the stand-in has received."""
+def served(url: str) -> tuple[int, int, float]:
+    """Requests and request-body bytes the stand-in has received, and its CPU seconds."""
     import httpx
 
     counts = httpx.get(f"{url}/served", timeout=10).json()
-    return int(counts["requests"]), int(counts["bytes"])
+    return int(counts["requests"]), int(counts["bytes"]), float(counts["cpu_s"])
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle, all) clock ticks of every core since boot, from /proc/stat."""
+    with Path("/proc/stat").open(encoding="ascii") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait
 
 
 async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, url: str) -> Any:
@@ -340,8 +350,8 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         **values,  # type: ignore[arg-type]
     )
     context = LoadContext(data=args.data, cache_dir=home / "cache")
-    half = args.questions // 2
-    samples = load_vqa_rad(context)[:half] + load_pubmedqa(context)[: args.questions - half]
+    images = {"mixed": args.questions // 2, "image": args.questions, "text": 0}[args.kind]
+    samples = load_vqa_rad(context)[:images] + load_pubmedqa(context)[: args.questions - images]
     notices: list[str] = []
     async with open_agent(settings, [url], sessions=False, on_notice=notices.append) as agent:
         gate = asyncio.Semaphore(args.concurrency)
@@ -354,7 +364,8 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         # Warm-up: imports, the query encoder, the first connections; not measured.
         await asyncio.gather(*(one(s) for s in samples[: args.concurrency]))
         profiler = cProfile.Profile() if args.profile else None
-        requests, sent = served(url)
+        requests, sent, server_cpu = served(url)
+        idle = machine_idle()
         cpu, started = cpu_seconds(), time.perf_counter()
         loop_cpu = time.thread_time()  # the event loop's own thread
         with recording() as log, CollectorTime().installed() as collector:
@@ -365,10 +376,15 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
                 profiler.disable()
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         loop_cpu = time.thread_time() - loop_cpu
-        requests_now, sent_now = served(url)
+        idle_now = machine_idle()
+        requests_now, sent_now, server_cpu_now = served(url)
         requests, sent = requests_now - requests, sent_now - sent
+        server_cpu = server_cpu_now - server_cpu
+        idle_share = (idle_now[0] - idle[0]) / max(1, idle_now[1] - idle[1])
     result: dict[str, Any] = {
         "questions": len(samples),
+        "kind": args.kind,
+        "image_questions": sum(bool(s.to_question().images) for s in samples),
         "concurrency": args.concurrency,
         "wall_s": round(wall, 2),
         "questions_per_s": round(len(samples) / wall, 2),
@@ -382,6 +398,9 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "cpu_share_of_wall": round(cpu / wall, 2),
         "event_loop_cpu_s_per_question": round(loop_cpu / len(samples), 4),
         "event_loop_share_of_wall": round(loop_cpu / wall, 2),
+        # The stand-in's own CPU (it shares these cores) and how much of the machine sat idle.
+        "stand_in_cpu_s_per_question": round(server_cpu / len(samples), 4),
+        "machine_idle_share": round(idle_share, 2),
         "gc_runs_by_generation": collector.runs,
         "gc_cpu_s_per_question": round(sum(collector.seconds) / len(samples), 4),
         "objects_tracked_by_gc": len(gc.get_objects()),
@@ -406,6 +425,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=shared_data_default())
     parser.add_argument("--questions", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--kind",
+        choices=("mixed", "image", "text"),
+        default="mixed",
+        help="half VQA-RAD image questions and half PubMedQA (mixed), or one kind only",
+    )
     parser.add_argument("--home", type=Path, default=None, help="reuse indexes built here")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-out", type=Path, default=None, help="save the pstats here")
@@ -425,19 +450,22 @@ def main() -> None:
             values = build_indexes(home, args.data, home.parent / "coordinator-models")
             atomic_write_json(marker, values)
         with stand_in() as url:
-            result = asyncio.run(drive(args, values, home, url))
+            result = run_async(drive(args, values, home, url))
     result["target_questions_per_s"] = TARGET_QPS
     result["command"] = f"python -m benchmarks.coordinator --questions {args.questions} " + (
-        f"--concurrency {args.concurrency}" + (" --profile" if args.profile else "")
+        f"--concurrency {args.concurrency} --kind {args.kind}"
+        + (" --profile" if args.profile else "")
     )
     write_json(args.out, result)
     print(
-        f"{result['questions']} agent questions, concurrency {result['concurrency']}: "
+        f"{result['questions']} agent questions ({result['image_questions']} with an image), "
+        f"concurrency {result['concurrency']}: "
         f"{result['questions_per_s']} questions/s, {result['model_calls_per_s']} model calls/s "
         f"({result['model_calls_per_question']} per question), "
         f"{result['cpu_s_per_question']} CPU s per question "
         f"({result['event_loop_cpu_s_per_question']} on the event loop's thread, "
-        f"{result['gc_cpu_s_per_question']} in the garbage collector), "
+        f"{result['gc_cpu_s_per_question']} in the garbage collector; the stand-in "
+        f"{result['stand_in_cpu_s_per_question']}; machine idle {result['machine_idle_share']}), "
         f"{result['request_kb_per_question']} kB sent per question; load {result['load']}"
     )
     for order in ("tottime", "cumulative"):

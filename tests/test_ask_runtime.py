@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, IndexMissingError
-from suwen.runtime import Backends, _Closing, open_agent
+from suwen.runtime import Backends, _Closing, open_agent, run_async
 from suwen.types import AgentResult
 from tests.agent_helpers import QUESTION, cases, corpus, question
 from tests.fake_model import FakeModel
@@ -173,3 +176,30 @@ def test_what_an_open_agent_loaded_is_kept_out_of_full_collections_until_it_clos
     assert seen[0] > frozen_before and seen[1] >= seen[0]
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == thresholds_before  # the last agent closing restores them
+
+
+async def _loop_kind() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def test_commands_run_on_uvloop_and_on_asyncio_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_async(_loop_kind()) == "uvloop"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: ImportError
+    assert run_async(_loop_kind()) == "asyncio"
+
+
+def test_ctrl_c_cancels_what_runs_and_raises_keyboard_interrupt() -> None:
+    # batch and eval rely on it: the answers in flight are cancelled (their cleanup runs),
+    # then KeyboardInterrupt reaches the command, which says what was saved.
+    cleaned: list[str] = []
+
+    async def interrupted() -> None:
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(await _loop_kind())
+
+    with pytest.raises(KeyboardInterrupt):
+        run_async(interrupted())
+    assert cleaned == ["uvloop"]

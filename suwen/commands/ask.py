@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -40,6 +39,7 @@ def ask(
         checked_priors,
         checked_question,
         command_line_dates,
+        run_async,
     )
 
     settings = settings_of(ctx)
@@ -50,7 +50,7 @@ def ask(
     dates = command_line_dates(images, date, priors, prior_date)
     mode = answer_mode(plain, adaptive)
     request = Question(text=text, images=images, prior_images=priors, image_dates=dates)
-    result = asyncio.run(
+    result = run_async(
         answering.answer_question(
             settings, request, vllm_url, mode, text_index=text_index, image_index=image_index
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ def batch(
     FOLDER holds questions.jsonl, questions.csv, or a .txt file beside each image.
     Run the same command again to resume: answered ids are skipped, failed ones retried.
     """
-    from suwen.runtime import answer_mode, answer_settings
+    from suwen.runtime import answer_mode, answer_settings, run_async
 
     settings = settings_of(ctx)
     workers = concurrency if concurrency is not None else settings.concurrency
@@ -87,7 +86,7 @@ def batch(
     run = BatchRun(settings, workers, mode, vllm_url, text_index, image_index, task == "report")
     try:
         with open_answer_log(out) as log:
-            summary = asyncio.run(run.answer_all(question_set, log))
+            summary = run_async(run.answer_all(question_set, log))
     except KeyboardInterrupt:
         raise InterruptedRunError(
             f"interrupted: every answer so far is saved in {out}; "

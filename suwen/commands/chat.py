@@ -80,7 +80,13 @@ def chat(
     image_index: str | None = answering.IMAGE_INDEX_OPTION,
 ) -> None:
     """Talk with Suwen about images and medical questions; /help inside lists the commands."""
-    from suwen.runtime import answer_mode, answer_settings, checked_images, command_line_dates
+    from suwen.runtime import (
+        answer_mode,
+        answer_settings,
+        checked_images,
+        command_line_dates,
+        run_async,
+    )
 
     settings = settings_of(ctx)
     images = checked_images(image)
@@ -96,7 +102,7 @@ def chat(
     options = ChatOptions(
         images, resume, plain, vllm_url, text_index, image_index, adaptive, priors, dates
     )
-    asyncio.run(_chat(settings, options))
+    run_async(_chat(settings, options))
 
 
 @dataclass(frozen=True)

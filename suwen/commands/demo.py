@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
@@ -42,6 +41,7 @@ def demo(
     The question comes from VQA-RAD's test split, so it never finds its own image.
     """
     from suwen import demo as prepare
+    from suwen.runtime import run_async
 
     if offline is None:
         offline = not prepare.gpu_available()
@@ -56,7 +56,7 @@ def demo(
         f"VQA-RAD's answer: {escape(sample.gold)})[/]"
     )
     question = Question(text=sample.text, images=[str(sample.image)])
-    result = asyncio.run(answering.answer_question(settings, question, vllm_url, "agent"))
+    result = run_async(answering.answer_question(settings, question, vllm_url, "agent"))
     console.print(result_view(result))
     err_console.print(
         "[dim]The demo's indexes stay in the data home: try "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -45,14 +44,20 @@ def report(
 ) -> None:
     """Draft a structured radiology report, citing the similar cases it borrows from."""
     from suwen.agent.prompts import REPORT_TASK
-    from suwen.runtime import answer_settings, checked_images, checked_priors, command_line_dates
+    from suwen.runtime import (
+        answer_settings,
+        checked_images,
+        checked_priors,
+        command_line_dates,
+        run_async,
+    )
 
     settings = answer_settings(settings_of(ctx), None, slices)
     images = checked_images(image, settings.volume_slices)
     priors = checked_priors(prior, images, settings.volume_slices)
     dates = command_line_dates(images, date, priors, prior_date)
     request = Question(text=REPORT_TASK, images=images, prior_images=priors, image_dates=dates)
-    drafted = asyncio.run(_draft(settings, request, plain, vllm_url, text_index, image_index))
+    drafted = run_async(_draft(settings, request, plain, vllm_url, text_index, image_index))
     if as_json:
         sys.stdout.write(drafted.model_dump_json(indent=2) + "\n")
     elif drafted.text.strip():

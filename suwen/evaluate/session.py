@@ -9,7 +9,6 @@ and notices reach it through callbacks.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,9 +84,10 @@ def evaluate(
     A mode whose model stopped answering raises ``ModeFailedError`` after the report of what
     finished is written."""
     from suwen.evaluate.report import write_report
+    from suwen.runtime import run_async
 
     try:
-        summaries = asyncio.run(
+        summaries = run_async(
             _answer(eval_settings(settings, config), config, samples, urls, on_progress, on_notice)
         )
     except ModeFailedError:
