@@ -5,6 +5,7 @@ PubMed abstracts; and the exact store behind the same interface."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -273,6 +274,37 @@ def test_read_rows_returns_the_stored_rows_without_mapping_the_file(tmp_path: Pa
     ids.append(np.arange(100) * 7)
     assert ids.read_rows(np.asarray([3, 4, 90], dtype=np.int64)).tolist() == [21, 28, 630]
     assert _mapped(tmp_path) == []
+
+
+def test_rows_the_page_cache_lacks_are_read_from_disk_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of rows not cached (the non-blocking read refuses it) is announced to the kernel
+    and read with a blocking read; without the non-blocking flag every run is read that way."""
+    vectors = AppendableArray(tmp_path / "v.npy", "float16", 6)
+    stored = np.random.default_rng(1).standard_normal((300, 6)).astype(np.float16)
+    vectors.append(stored)
+    rows = np.asarray([0, 1, 5, 9, 10, 11, 120, 299], dtype=np.int64)  # five runs
+    real_preadv, refused, advised = os.preadv, [], []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
+        if flags and len(refused) % 2 == 0:  # every other non-blocking read: not cached
+            refused.append(offset)
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        if flags:
+            refused.append(-1)
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, size, advice: advised.append(at))
+    assert np.array_equal(vectors.read_rows(rows), stored[rows])
+    missed = [at for at in refused if at >= 0]
+    assert len(missed) == 3 and advised == missed
+    monkeypatch.delattr(os, "RWF_NOWAIT")
+    refused.clear()
+    advised.clear()
+    assert np.array_equal(vectors.read_rows(rows), stored[rows])
+    assert refused == [] and len(advised) == 5
 
 
 def test_float16_rows_are_scored_as_numpy_widens_them(monkeypatch: pytest.MonkeyPatch) -> None:
