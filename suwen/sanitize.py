@@ -69,6 +69,8 @@ CLOSE_LOOKALIKE = "›"  # U+203A
 # Tokenizer files that list special and added tokens (Hugging Face layout).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_TOKENIZER_FILE_BYTES = 64 << 20  # a tokenizer.json is a few MB; refuse to parse more
+PROMPT_CACHE_SIZE = 4096  # sanitised texts kept for the next prompt that shows them
+CACHED_TEXT_CHARS = 16_384  # longer texts (a whole document) are sanitised each time
 
 _KEPT_CONTROLS = frozenset("\n\t")
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co"})
@@ -104,9 +106,12 @@ class _TokenRegistry:
         with self._lock:
             if wanted <= self._tokens:
                 return
-            self._tokens = self._tokens | wanted
-            longest_first = sorted(self._tokens, key=len, reverse=True)
+            tokens = self._tokens | wanted
+            longest_first = sorted(tokens, key=len, reverse=True)
+            # The pattern first: whoever sees the new tokens (the cache key of sanitised
+            # texts) also sees the pattern that neutralises them.
             self._pattern = re.compile("|".join(map(re.escape, longest_first)))
+            self._tokens = tokens
 
     @property
     def tokens(self) -> frozenset[str]:
@@ -169,6 +174,15 @@ def for_prompt(text: str) -> str:
     Unicode line separators become ``\\n``)."""
     if not text:
         return ""
+    if len(text) > CACHED_TEXT_CHARS:
+        return _for_prompt(text, _registry.tokens)
+    # An evidence text goes into every prompt that shows it (rereads, decision, answer) and
+    # a corpus's texts recur across questions: each is sanitised once. The tokens are part of
+    # the key, so a token registered later is neutralised in texts seen before it.
+    return _for_prompt_cached(text, _registry.tokens)
+
+
+def _for_prompt(text: str, _tokens: frozenset[str]) -> str:
     text = re.sub(r"\r\n?|[\u2028\u2029\x85]", "\n", text)
     text = unicodedata.normalize("NFKC", drop_invisible(text))
     text = drop_invisible(text)  # NFKC may compose characters next to what was dropped
@@ -176,6 +190,9 @@ def for_prompt(text: str) -> str:
     text = _PIPE_OPEN.sub(OPEN_LOOKALIKE, text)
     text = _PIPE_CLOSE.sub(CLOSE_LOOKALIKE, text)
     return _EVIDENCE_TAG.sub(OPEN_LOOKALIKE, text)
+
+
+_for_prompt_cached = functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)(_for_prompt)
 
 
 def line_for_prompt(text: str) -> str:

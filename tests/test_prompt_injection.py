@@ -408,6 +408,7 @@ def test_the_served_models_own_tokens_are_read_from_its_folder(tmp_path: Path) -
     text = "a [SUWEN_TEST_INST] b <suwen_test_turn> c <suwen_test_eos> <suwen_test_extra>"
     assert for_prompt(text) == text  # unknown before the model is served
     make_agent(tmp_path, FakeModel(), vlm=str(model))
+    # The same text again: what was sanitised before the model was served is not reused.
     assert for_prompt(text) == (
         "a [ SUWEN_TEST_INST] b ‹suwen_test_turn› c ‹suwen_test_eos› ‹suwen_test_extra›"
     )

@@ -9,7 +9,7 @@ HTTP stack between releases; the wire protocol does not). What it adds, and why:
   resolves from its multimodal cache (``ServerImages``: a miss is sent again in full);
 - requests spread over several servers (the least busy first), which is how a user scales to
   several GPUs or machines;
-- retries with exponential backoff on connection errors and 5xx (tenacity), an overall
+- retries with exponential backoff on connection errors and 5xx, an overall
   deadline per request, a concurrency limit, and one-line ``ModelError``s naming the server;
 - structured output: a pydantic model becomes a JSON-schema ``response_format``; the reply is
   validated, and invalid or truncated JSON gets one bounded repair (truncated JSON is first
@@ -41,13 +41,6 @@ import httpx
 import orjson
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from suwen.agent.prompts import REPAIR_INSTRUCTION
 from suwen.config import Settings
@@ -326,15 +319,9 @@ class ServerReplyError(Exception):
         self.message = message
 
 
-def _log_retry(state: RetryCallState) -> None:
-    failure = state.outcome.exception() if state.outcome is not None else None
-    wait = state.next_action.sleep if state.next_action is not None else 0.0
-    log.info(
-        "retrying a model request in %.1f s (attempt %d failed: %s)",
-        wait,
-        state.attempt_number,
-        failure,
-    )
+def backoff_seconds(attempt: int) -> float:
+    """The wait after failed attempt number ``attempt`` (from 1): 0.5 s, 1, 2, ... capped."""
+    return float(min(BACKOFF_MAX_SECONDS, BACKOFF_SECONDS * 2 ** (attempt - 1)))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -822,13 +809,27 @@ class VLLMClient:
         attempts = 0
         try:
             async with asyncio.timeout(timeout):
-                async for attempt in self._retrying():
-                    with attempt:
-                        attempts += 1
-                        endpoint = self._pick()
-                        record.url = endpoint.url
+                # A plain loop, not a retry library's: nearly every call succeeds at once,
+                # and a library's per-call machinery showed in the coordinator's profile.
+                while True:
+                    attempts += 1
+                    endpoint = self._pick()
+                    record.url = endpoint.url
+                    try:
                         result = await self._attempt(endpoint, send, keep_busy)
-            return result, endpoint
+                    except Exception as exc:
+                        if attempts > self.settings.max_retries or not is_transient(exc):
+                            raise
+                        wait = backoff_seconds(attempts)
+                        log.info(
+                            "retrying a model request in %.1f s (attempt %d failed: %s)",
+                            wait,
+                            attempts,
+                            exc,
+                        )
+                        await asyncio.sleep(wait)
+                    else:
+                        return result, endpoint
         except TimeoutError as exc:
             log.warning(
                 "%s request to %s: no reply within %g s", record.kind, endpoint.url, timeout
@@ -855,15 +856,6 @@ class VLLMClient:
         finally:
             if not (keep_busy and succeeded):
                 endpoint.in_flight -= 1
-
-    def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(
-            stop=stop_after_attempt(self.settings.max_retries + 1),
-            wait=wait_exponential(multiplier=BACKOFF_SECONDS, max=BACKOFF_MAX_SECONDS),
-            retry=retry_if_exception(is_transient),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
 
     def _pick(self) -> Endpoint:
         """The server with the fewest requests in flight, avoiding one that just failed;

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, ModelError
 from suwen.indexes import article_keys, vectors
@@ -159,11 +161,13 @@ class TextSearcher:
     ) -> list[Candidate]:
         """Candidates with their article keys, in the given order; excluded chunks, FAISS's -1
         padding and ids without a chunk are dropped."""
-        keys = article_keys.lookup(self._article_keys, chunk_ids)
+        keys = article_keys.lookup(self._article_keys, chunk_ids).tolist()
+        # Python ints and floats first: a numpy scalar per element costs more than the rest.
+        ids, values = np.asarray(chunk_ids).tolist(), np.asarray(scores, dtype=np.float64).tolist()
         return [
-            Candidate(int(chunk_id), int(key), float(score))
-            for chunk_id, key, score in zip(chunk_ids, keys, scores, strict=True)
-            if key >= 0 and int(chunk_id) not in excluded
+            Candidate(chunk_id, key, score)
+            for chunk_id, key, score in zip(ids, keys, values, strict=True)
+            if key >= 0 and chunk_id not in excluded
         ]
 
     # -- search -------------------------------------------------------------------------------
