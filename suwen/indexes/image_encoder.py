@@ -19,12 +19,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from suwen.errors import ModelError
-from suwen.privacy import missing_model_message
+from suwen.privacy import missing_model_message, private_dir
 
 if TYPE_CHECKING:
     import torch
@@ -162,8 +162,84 @@ def _stack(rows: list[Any], dim: int) -> FloatArray:
     return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
 
 
+class ImageQueryEncoder(Protocol):
+    """What image search needs of an encoder: the eager :class:`ImageEncoder`, or its vision
+    tower's ONNX Runtime export (``suwen.indexes.onnx_image_encoder``)."""
+
+    encoder: str
+    dim: int
+    device: str
+
+    @property
+    def id(self) -> str: ...
+
+    def encode_images(
+        self, images: Sequence[Image.Image], progress: Callable[[int], None] | None = None
+    ) -> FloatArray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> FloatArray: ...
+
+
 _CACHE: dict[tuple[str, str, int], ImageEncoder] = {}
 _CACHE_LOCK = threading.Lock()
+_ONNX_CACHE: dict[tuple[Path, int], ImageQueryEncoder] = {}
+_ONNX_LOCK = threading.Lock()
+REJECTED_SUFFIX = ".rejected"  # beside an export key whose export did not match: not retried
+
+
+def query_image_encoder(settings: Settings) -> ImageQueryEncoder:
+    """The encoder image search embeds question images with: the vision tower's ONNX Runtime
+    export when ``query_runtime`` allows it and one matches the model, else the eager model."""
+    if settings.query_runtime == "auto" and settings.device != "cuda":
+        fast = _onnx_image_encoder(settings)
+        if fast is not None:
+            return fast
+    return load_image_encoder(settings)
+
+
+def _onnx_image_encoder(settings: Settings) -> ImageQueryEncoder | None:
+    """The export, made now if it does not exist yet (this loads the model with PyTorch once);
+    None when the runtime is missing, the model is not on this machine, it runs on a GPU, or
+    its export was rejected."""
+    from suwen.files import atomic_write_text
+    from suwen.indexes import onnx_encoder, onnx_image_encoder
+
+    if onnx_encoder.unavailable_reason() is not None:
+        return None
+    key = onnx_image_encoder.image_fingerprint(settings.image_encoder)
+    if key is None:  # not downloaded yet: load it (which may download), then look again
+        load_image_encoder(settings)
+        key = onnx_image_encoder.image_fingerprint(settings.image_encoder)
+        if key is None:
+            return None
+    encoders_dir = settings.home / "encoders"
+    directory = encoders_dir / key
+    with _ONNX_LOCK:
+        cached = _ONNX_CACHE.get((directory, settings.query_threads))
+        if cached is not None:
+            return cached
+        record = onnx_image_encoder.read_image_record(directory)
+        if record is None:
+            rejected = directory.with_name(key + REJECTED_SUFFIX)
+            if rejected.exists():
+                return None
+            eager = load_image_encoder(settings)
+            if eager.device != "cpu":
+                return None
+            record = onnx_image_encoder.export_image_tower(eager, key, encoders_dir)
+            if record is None:
+                private_dir(encoders_dir)
+                atomic_write_text(rejected, "{}\n")
+                return None
+        encoder = onnx_image_encoder.OnnxImageEncoder(
+            directory,
+            record,
+            settings.image_encoder,
+            lambda: load_image_encoder(settings),
+            settings.query_threads,
+        )
+        _ONNX_CACHE[(directory, settings.query_threads)] = encoder
+        return encoder
 
 
 def load_image_encoder(settings: Settings) -> ImageEncoder:

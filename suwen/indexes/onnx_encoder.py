@@ -109,9 +109,9 @@ class ExportRecord:
 # Finding an export without loading the model
 
 
-def model_directory(model: str) -> Path | None:
-    """The local directory holding ``model``'s files (a directory, or the hub cache's snapshot),
-    or None when it is not on this machine."""
+def model_directory(model: str, marker: str = "config.json") -> Path | None:
+    """The local directory holding ``model``'s files (a directory, or the hub cache's snapshot
+    holding ``marker``), or None when it is not on this machine."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -119,14 +119,15 @@ def model_directory(model: str) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(model, "config.json")
+    found = try_to_load_from_cache(model, marker)
     return Path(found).parent if isinstance(found, str) else None
 
 
-def fingerprint(model: str, pooling: str) -> str | None:
-    """A digest of the model's files (names, sizes, modification times) and of how it is pooled,
-    or None when the model is not on this machine. Changed weights mean a new export."""
-    directory = model_directory(model)
+def fingerprint(model: str, pooling: str, marker: str = "config.json") -> str | None:
+    """A digest of the model's files (names, sizes, modification times) and of how it is pooled
+    (or which tower of it is exported), or None when the model is not on this machine. Changed
+    weights mean a new export."""
+    directory = model_directory(model, marker)
     if directory is None:
         return None
     # The folder, not the name it was given by: a model reached through a symlink, or by its
@@ -280,20 +281,32 @@ def export(
     pooling = _supported_pooling(model)
     if pooling is None or model.device.type != "cpu":
         return None
+    built = publish_export(
+        encoders_dir, key, lambda staging: _export_into(staging, model, name, key, pooling, eager)
+    )
+    return read_record(built) if built is not None else None
+
+
+def publish_export(
+    encoders_dir: Path, key: str, build: Callable[[Path], object | None]
+) -> Path | None:
+    """Run ``build`` in a private staging folder inside ``encoders_dir`` and publish what it
+    made as ``encoders_dir/key`` (files 0600, renamed whole: a reader sees all or nothing);
+    the published folder, or None when ``build`` returned None or failed (an exporter or
+    quantiser failure means: queries stay on PyTorch)."""
     encoders_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     encoders_dir.chmod(0o700)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=encoders_dir))
     try:
-        record = _export_into(staging, model, name, key, pooling, eager)
-        if record is None:
+        if build(staging) is None:
             return None
         target = export_dir(encoders_dir, key)
         for file in staging.iterdir():
             file.chmod(0o600)
         with contextlib.suppress(OSError):  # another process may have published it meanwhile
             publish_dir(staging, target)
-        return read_record(target)
-    except Exception:  # an exporter or quantiser failure means: queries stay on PyTorch
+        return target
+    except Exception:
         return None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -320,7 +333,7 @@ def _export_into(
         candidates.append(("int8", staging / "int8.onnx", INT8_MIN_COSINE))
     candidates.append(("float32", staging / "float32.onnx", FLOAT_MIN_COSINE))
     for precision, graph, threshold in candidates:
-        _save_with_external_weights(graph, staging / MODEL_FILE)
+        save_with_external_weights(graph, staging / MODEL_FILE)
         record = ExportRecord(
             model=name,
             fingerprint=key,
@@ -347,7 +360,7 @@ def _export_into(
     return None
 
 
-def _save_with_external_weights(source: Path, target: Path) -> None:
+def save_with_external_weights(source: Path, target: Path) -> None:
     """``source``'s graph as ``target`` with its weights in :data:`WEIGHTS_FILE` beside it:
     ONNX Runtime maps that file instead of copying every weight out of the parsed graph, which
     roughly halves the memory a search process peaks at while it opens the encoder."""

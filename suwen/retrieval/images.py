@@ -18,7 +18,7 @@ from PIL import Image
 from suwen.config import Settings
 from suwen.errors import IndexMismatchError, InputError
 from suwen.indexes import store, vectors
-from suwen.indexes.image_encoder import ImageEncoder, encoder_id, load_image_encoder
+from suwen.indexes.image_encoder import ImageQueryEncoder, encoder_id, query_image_encoder
 from suwen.indexes.image_store import ImageRow, ImageStore
 from suwen.medimage import FileIdentity, loaded_from
 from suwen.models import resolve_query_encoder
@@ -36,7 +36,7 @@ class ImageSearcher:
         name: str,
         manifest: store.IndexManifest,
         image_store: ImageStore,
-        encoder: ImageEncoder,
+        encoder: ImageQueryEncoder,
     ) -> None:
         self.name = name
         self.manifest = manifest
@@ -166,12 +166,12 @@ class ImageSearcher:
         )
 
 
-def _encoder_for(settings: Settings, name: str, manifest: store.IndexManifest) -> ImageEncoder:
+def _encoder_for(settings: Settings, name: str, manifest: store.IndexManifest) -> ImageQueryEncoder:
     """The encoder the index was built with (the configured one, or the index's own when it is
     on this machine), refused if its vectors do not have the index's dimension."""
     settings = resolve_query_encoder(manifest, settings, "image").settings  # its own if local
     configured = encoder_id(settings.image_encoder)
-    encoder = load_image_encoder(settings)
+    encoder = query_image_encoder(settings)
     if encoder.dim != manifest.dim:
         raise IndexMismatchError(
             f"index {name!r} holds {manifest.dim}-d vectors; {configured} makes {encoder.dim}-d"
