@@ -7,12 +7,17 @@ import json
 import os
 import re
 import resource
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from suwen.errors import InputError
 from suwen.models import bundled_minilm
+
+if TYPE_CHECKING:
+    from suwen.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,3 +77,52 @@ def cpu_seconds() -> float:
     measure of what code costs that wall-clock time is not."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+_PEAK_RSS_OF_CHILD = """
+import json, resource, subprocess, sys, time
+began = time.perf_counter()
+run = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"returncode": run.returncode, "stderr": run.stderr[-2000:],
+                  "stdout": run.stdout[-20000:], "wall_s": time.perf_counter() - began,
+                  "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+_TORCH_IMPORTED = """
+import sys
+from suwen.cli import main
+try:
+    main()
+finally:
+    print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def fresh_cli_process(settings: Settings, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run ``suwen ARGS`` in a fresh process with ``settings``' home, device and query runtime
+    (and ``env``): its wall time from start to exit, peak resident memory, whether it imported
+    torch, and what it printed. A failed command ends the benchmark with its error."""
+    full_env = {
+        **os.environ,
+        "SUWEN_HOME": str(settings.home),
+        "SUWEN_QUERY_RUNTIME": settings.query_runtime,
+        "SUWEN_DEVICE": settings.device,
+        **env,
+    }
+    command = [sys.executable, "-c", _TORCH_IMPORTED, *args]
+    probe = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_OF_CHILD, *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=full_env,
+    )
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    if measured["returncode"] != 0:
+        raise SystemExit(f"suwen {args[0]} {args[1]} failed: {measured['stderr']}")
+    return {
+        "wall_s": round(measured["wall_s"], 2),
+        "peak_rss_mb": round(measured["peak_kb"] / 1024, 1),
+        "torch_imported": "torch imported: True" in measured["stderr"],
+        "stdout": measured["stdout"],
+    }

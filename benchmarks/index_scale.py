@@ -31,8 +31,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import index_bench, medcpt_shape
-from benchmarks.common import minilm_or_exit, shared_data_default, write_json
+from benchmarks.common import fresh_cli_process, minilm_or_exit, shared_data_default, write_json
 from benchmarks.index_bench import BenchData, IndexMeasurement
 from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
@@ -401,50 +399,14 @@ def bm25_engines(settings: Settings, name: str, questions: list[str]) -> dict[st
     return result
 
 
-_PEAK_RSS_OF_CHILD = """
-import json, resource, subprocess, sys
-run = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"returncode": run.returncode, "stderr": run.stderr[-2000:],
-                  "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
-
-_TORCH_IMPORTED = """
-import sys
-from suwen.cli import main
-try:
-    main()
-finally:
-    print("torch imported:", "torch" in sys.modules, file=sys.stderr)
-"""
-
-
 def search_process_rss(settings: Settings, name: str, question: str) -> dict[str, Any]:
     """Peak resident memory of a fresh ``suwen search text`` process answering one question
     over the index (the query encoder, the index, SQLite's and tantivy's pages; the re-scored
     rows are read, not mapped), and whether it imported torch."""
-    env = {
-        **os.environ,
-        "SUWEN_HOME": str(settings.home),
-        "SUWEN_TEXT_ENCODER": settings.text_encoder,
-        "SUWEN_QUERY_RUNTIME": settings.query_runtime,
-        "SUWEN_DEVICE": settings.device,
-    }
-    command = [sys.executable, "-c", _TORCH_IMPORTED, "search", "text", question]
-    command += ["--index", name, "-k", "10", "--method", "dense", "--json"]
-    probe = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS_OF_CHILD, *command],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    measured = json.loads(probe.stdout.strip().splitlines()[-1])
-    if measured["returncode"] != 0:
-        raise SystemExit(f"suwen search text failed: {measured['stderr']}")
-    return {
-        "peak_rss_mb": round(measured["peak_kb"] / 1024, 1),
-        "torch_imported": "torch imported: True" in measured["stderr"],
-    }
+    env = {"SUWEN_TEXT_ENCODER": settings.text_encoder}
+    args = ["search", "text", question, "--index", name, "-k", "10", "--method", "dense", "--json"]
+    measured = fresh_cli_process(settings, args, env)
+    return {key: measured[key] for key in ("peak_rss_mb", "torch_imported")}
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def _write_into(directory: Path) -> None:
     (directory / "open_clip_config.json").write_text(
         json.dumps(open_clip_config(), indent=2), encoding="utf-8"
     )
-    _write_weights(directory)
+    write_weights(directory)
 
 
 def open_clip_config() -> dict[str, Any]:
@@ -176,7 +176,7 @@ def _write_text_tower_config(directory: Path) -> None:
     config.save_pretrained(str(directory))
 
 
-def _write_weights(directory: Path) -> None:
+def write_weights(directory: Path) -> None:
     """Instantiate the model from the config just written (the loader's own path), seeded."""
     import torch
     from safetensors.torch import save_file
