@@ -31,6 +31,7 @@ import io
 import json
 import os
 import pstats
+import resource
 import socket
 import subprocess
 import sys
@@ -404,6 +405,9 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "gc_runs_by_generation": collector.runs,
         "gc_cpu_s_per_question": round(sum(collector.seconds) / len(samples), 4),
         "objects_tracked_by_gc": len(gc.get_objects()),
+        # The query encoders' ONNX exports keep PyTorch out of the agent's process.
+        "torch_imported": "torch" in sys.modules,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "notices": notices,
         "load": [round(x, 2) for x in os.getloadavg()],
     }
