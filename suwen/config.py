@@ -288,6 +288,11 @@ class Settings(BaseSettings):
         return self.home / "indexes"
 
     @property
+    def encoders_dir(self) -> Path:
+        """The query encoders' ONNX Runtime exports, one folder per model fingerprint."""
+        return self.home / "encoders"
+
+    @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
 

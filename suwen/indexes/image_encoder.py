@@ -212,7 +212,7 @@ def _onnx_image_encoder(settings: Settings) -> ImageQueryEncoder | None:
         key = onnx_image_encoder.image_fingerprint(settings.image_encoder)
         if key is None:
             return None
-    encoders_dir = settings.home / "encoders"
+    encoders_dir = settings.encoders_dir
     directory = encoders_dir / key
     with _ONNX_LOCK:
         cached = _ONNX_CACHE.get((directory, settings.query_threads))

@@ -303,7 +303,7 @@ def onnx_query_encoder(settings: Settings) -> OnnxQueryEncoder | None:
         key = onnx_encoder.fingerprint(name, pooling)
         if key is None:
             return None
-    encoders_dir = settings.home / "encoders"
+    encoders_dir = settings.encoders_dir
     directory = onnx_encoder.export_dir(encoders_dir, key)
     with _onnx_lock:
         cached = _onnx_cache.get((directory, settings.query_threads))
