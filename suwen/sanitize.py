@@ -69,8 +69,10 @@ CLOSE_LOOKALIKE = "›"  # U+203A
 # Tokenizer files that list special and added tokens (Hugging Face layout).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_TOKENIZER_FILE_BYTES = 64 << 20  # a tokenizer.json is a few MB; refuse to parse more
-PROMPT_CACHE_SIZE = 4096  # sanitised texts kept for the next prompt that shows them
-CACHED_TEXT_CHARS = 16_384  # longer texts (a whole document) are sanitised each time
+# Sanitised texts kept for the next prompt that shows them: an evidence chunk is a few thousand
+# characters at most, so the cache holds at most 2048 x 4096 characters, twice (text and result).
+PROMPT_CACHE_SIZE = 2048
+CACHED_TEXT_CHARS = 4096  # longer texts (a whole page or document) are sanitised each time
 
 _KEPT_CONTROLS = frozenset("\n\t")
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co"})
