@@ -167,6 +167,7 @@ def test_damaged_or_foreign_exports_are_not_used(onnx_home: Settings, tmp_path: 
         {**manifest, "tower": "text"},
         {**manifest, "std": [0.2, 0.0, 0.3]},
         {**manifest, "size": 10**9},
+        {**manifest, "size": "160"},
         {**manifest, "resize": "longest"},
         {"format": 1, "tower": "image"},
     ):

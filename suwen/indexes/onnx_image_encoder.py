@@ -93,7 +93,10 @@ class ImageExportRecord:
             if len(values) != 3 or (key == "std" and min(values) <= 0):
                 raise ValueError(f"bad {key}")
             fields[key] = values
-        if not 1 <= int(fields["size"]) <= 4096 or int(fields["dim"]) < 1:
+        for key in ("size", "dim", "model_bytes"):
+            if not isinstance(fields[key], int) or isinstance(fields[key], bool):
+                raise ValueError(f"bad {key}")
+        if not 1 <= fields["size"] <= 4096 or fields["dim"] < 1:
             raise ValueError("bad size or dim")
         return cls(**fields)
 
