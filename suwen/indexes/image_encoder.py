@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from suwen.errors import ModelError
-from suwen.privacy import missing_model_message, private_dir
+from suwen.privacy import missing_model_message
 
 if TYPE_CHECKING:
     import torch
@@ -184,7 +184,6 @@ _CACHE: dict[tuple[str, str, int], ImageEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 _ONNX_CACHE: dict[tuple[Path, int], ImageQueryEncoder] = {}
 _ONNX_LOCK = threading.Lock()
-REJECTED_SUFFIX = ".rejected"  # beside an export key whose export did not match: not retried
 
 
 def query_image_encoder(settings: Settings) -> ImageQueryEncoder:
@@ -201,7 +200,6 @@ def _onnx_image_encoder(settings: Settings) -> ImageQueryEncoder | None:
     """The export, made now if it does not exist yet (this loads the model with PyTorch once);
     None when the runtime is missing, the model is not on this machine, it runs on a GPU, or
     its export was rejected."""
-    from suwen.files import atomic_write_text
     from suwen.indexes import onnx_encoder, onnx_image_encoder
 
     if onnx_encoder.unavailable_reason() is not None:
@@ -220,16 +218,14 @@ def _onnx_image_encoder(settings: Settings) -> ImageQueryEncoder | None:
             return cached
         record = onnx_image_encoder.read_image_record(directory)
         if record is None:
-            rejected = directory.with_name(key + REJECTED_SUFFIX)
-            if rejected.exists():
+            if onnx_encoder.is_rejected(encoders_dir, key):
                 return None
             eager = load_image_encoder(settings)
             if eager.device != "cpu":
                 return None
             record = onnx_image_encoder.export_image_tower(eager, key, encoders_dir)
             if record is None:
-                private_dir(encoders_dir)
-                atomic_write_text(rejected, "{}\n")
+                onnx_encoder.mark_rejected(encoders_dir, key)
                 return None
         encoder = onnx_image_encoder.OnnxImageEncoder(
             directory,

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from suwen.files import publish_dir
+from suwen.files import atomic_write_text, publish_dir
 from suwen.indexes.vectors import FloatArray, normalise
+from suwen.privacy import private_dir
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -143,6 +144,18 @@ def fingerprint(model: str, pooling: str, marker: str = "config.json") -> str | 
 
 def export_dir(encoders_dir: Path, key: str) -> Path:
     return encoders_dir / key
+
+
+# Beside an export key whose export did not match its model: later processes do not retry it.
+REJECTED_SUFFIX = ".rejected"
+
+
+def is_rejected(encoders_dir: Path, key: str) -> bool:
+    return (encoders_dir / (key + REJECTED_SUFFIX)).exists()
+
+
+def mark_rejected(encoders_dir: Path, key: str) -> None:
+    atomic_write_text(private_dir(encoders_dir) / (key + REJECTED_SUFFIX), "{}\n")
 
 
 def read_record(directory: Path) -> ExportRecord | None:

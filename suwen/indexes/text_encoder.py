@@ -27,7 +27,6 @@ import numpy as np
 
 from suwen.config import Settings
 from suwen.errors import ModelError
-from suwen.files import atomic_write_text
 from suwen.indexes import onnx_encoder
 from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder, quiet_tracing
 from suwen.indexes.vectors import FloatArray, normalise
@@ -47,7 +46,6 @@ _cache_lock = threading.Lock()
 _onnx_cache: dict[tuple[Path, int], OnnxQueryEncoder] = {}
 _onnx_lock = threading.Lock()
 # Beside an export directory: the export was tried and did not match, so do not try again.
-REJECTED_SUFFIX = ".rejected"
 
 
 class TextEncoder:
@@ -310,20 +308,15 @@ def onnx_query_encoder(settings: Settings) -> OnnxQueryEncoder | None:
         if cached is not None:
             return cached
         if onnx_encoder.read_record(directory) is None:
-            if directory.with_name(key + REJECTED_SUFFIX).exists():
+            if onnx_encoder.is_rejected(encoders_dir, key):
                 return None
             eager = load_text_encoder(name, pooling=pooling, device=settings.device)
             if eager.device != "cpu":
                 return None
             if eager.export_onnx(key, encoders_dir) is None:
-                _write_private(directory.with_name(key + REJECTED_SUFFIX), "{}\n")
+                onnx_encoder.mark_rejected(encoders_dir, key)
                 return None
         encoder = OnnxQueryEncoder.open(directory, settings.query_threads)
         if encoder is not None:
             _onnx_cache[(directory, settings.query_threads)] = encoder
         return encoder
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_text(path, text)
