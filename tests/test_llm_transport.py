@@ -101,6 +101,26 @@ def test_replies_and_streams_arrive_whole_over_one_kept_connection(tmp_path: Pat
     assert [s["model"] for s in sent] == ["m"] * 4 and sent[-1]["stream"] is True
 
 
+def test_a_stream_of_long_lines_with_crlf_ends_arrives_whole_in_its_characters(
+    tmp_path: Path,
+) -> None:
+    # One event far longer than a socket read (and than aiohttp's readline buffer), with
+    # CRLF line ends and characters of several UTF-8 bytes split across reads.
+    long = "\u80ba\u00e9" * 60_000 + " "
+    words = [long, "fin"]
+
+    async def answer(body: bytes, writer: asyncio.StreamWriter) -> bool:
+        _, body = stream_reply(words).split(b"\r\n\r\n", 1)
+        writer.write(response("text/event-stream", body.replace(b"\n", b"\r\n")))
+        return True
+
+    async def run() -> list[str]:
+        async with server(answer) as (url, _), client(url, tmp_path) as model:
+            return [piece async for piece in model.stream(ASK)]
+
+    assert asyncio.run(run()) == words
+
+
 def test_a_refused_connection_names_the_server(tmp_path: Path) -> None:
     url = f"http://{HOST}:{free_port(HOST)}"
 

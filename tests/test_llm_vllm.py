@@ -27,7 +27,6 @@ from suwen.llm.base import Message, recording
 from suwen.llm.client import VLLMClient
 from suwen.llm.images import EncodedImage, image_to_data_url
 from suwen.llm.server import free_port
-from suwen.llm.transport import AiohttpTransport
 from tests.terminal_signals import default_signal_actions
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -124,8 +123,8 @@ def test_sixteen_concurrent_requests_all_complete(
     )
 
 
-class SizedTransport(AiohttpTransport):
-    """The client's own transport, noting the size of each chat request body."""
+class SizedTransport(httpx.AsyncHTTPTransport):
+    """An httpx transport noting the size of each chat request body."""
 
     def __init__(self) -> None:
         super().__init__()

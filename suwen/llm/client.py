@@ -1,7 +1,8 @@
 """VLLMClient: the agent's model, talking to one or several vLLM OpenAI-compatible servers.
 
-It speaks vLLM's OpenAI-compatible HTTP API with httpx directly (the ``openai`` SDK changes its
-HTTP stack between releases; the wire protocol does not). What it adds, and why:
+It speaks vLLM's OpenAI-compatible HTTP API itself, through aiohttp's connection pool
+(``suwen.llm.transport``; the ``openai`` SDK changes its HTTP stack between releases, the wire
+protocol does not). What it adds, and why:
 - images as PNG data URLs resized within Qwen2.5-VL's pixel limits (``suwen.llm.images``),
   prepared before anything is sent, so an unreadable image costs no request, and encoded
   once per image however many calls send it; each server is sent an image in full once and
@@ -57,7 +58,7 @@ from suwen.llm.base import (
     record_call,
 )
 from suwen.llm.images import ImageEncoder, visual_tokens
-from suwen.llm.transport import AiohttpTransport, Http
+from suwen.llm.transport import AiohttpHttp, Http, Reply, TransportHttp
 from suwen.privacy import is_loopback_url, local_api_key
 from suwen.sanitize import for_prompt
 
@@ -334,7 +335,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ServerReplyError) and exc.status >= 500
 
 
-def error_message(response: httpx.Response) -> str:
+def error_message(response: Reply) -> str:
     """vLLM's own error text (``{"error": {"message": ...}}``), else the raw body."""
     try:
         body = response.json()
@@ -431,7 +432,6 @@ class _LoopState:
     loop: asyncio.AbstractEventLoop
     semaphore: asyncio.Semaphore
     http: Http
-    transport: httpx.AsyncBaseTransport
 
 
 Send = Callable[[Http, str, str], Awaitable[R]]
@@ -519,7 +519,7 @@ class VLLMClient:
         return ids
 
     async def _tokenize_first(self, text: str) -> int:
-        async def post(http: Http, url: str, model: str) -> httpx.Response:
+        async def post(http: Http, url: str, model: str) -> Reply:
             body = {"model": model, "prompt": text, "add_special_tokens": False}
             response = await http.post(f"{url}/tokenize", orjson.dumps(body))
             if response.status_code >= 400:
@@ -546,7 +546,7 @@ class VLLMClient:
             "add_generation_prompt": True,
         }
 
-        async def post(http: Http, url: str, model: str) -> httpx.Response:
+        async def post(http: Http, url: str, model: str) -> Reply:
             response = await http.post(f"{url}/tokenize", json_body(model, body))
             if response.status_code >= 400:
                 raise ServerReplyError(response.status_code, error_message(response))
@@ -692,7 +692,7 @@ class VLLMClient:
         were asked for; the reply carries them."""
         record = CallRecord(kind=kind, purpose=purpose)
 
-        async def post(http: Http, url: str, model: str) -> httpx.Response:
+        async def post(http: Http, url: str, model: str) -> Reply:
             return await self._post_chat(http, url, model, payload, stream=False)
 
         async with self._loop_state().semaphore:
@@ -724,7 +724,7 @@ class VLLMClient:
     async def _stream_chunks(
         self, payload: dict[str, Any], record: CallRecord
     ) -> AsyncGenerator[str, None]:
-        async def open_stream(http: Http, url: str, model: str) -> httpx.Response:
+        async def open_stream(http: Http, url: str, model: str) -> Reply:
             return await self._post_chat(http, url, model, payload, stream=True)
 
         # The server stays counted as busy until the stream is read to its end.
@@ -751,7 +751,7 @@ class VLLMClient:
 
     async def _post_chat(
         self, http: Http, url: str, model: str, payload: dict[str, Any], *, stream: bool
-    ) -> httpx.Response:
+    ) -> Reply:
         """POST a chat request to the server at ``url``, naming the images it holds rather
         than sending them (``ServerImages``); sent again in full if it no longer holds one.
         With ``stream`` the response is left open for the caller."""
@@ -774,7 +774,7 @@ class VLLMClient:
     @staticmethod
     async def _post_body(
         http: Http, url: str, payload: dict[str, Any], model: str, stream: bool
-    ) -> httpx.Response:
+    ) -> Reply:
         response = await http.request("POST", url, json_body(model, payload), stream=stream)
         if response.status_code >= 400:
             if stream:
@@ -909,24 +909,22 @@ class VLLMClient:
         if self._state is None or self._state.loop is not loop:
             if self._state is not None:
                 self._abandon(self._state)
-            # aiohttp's connection pool: httpx's own costs CPU per request in flight.
-            transport = self._transport or AiohttpTransport()
             semaphore = asyncio.Semaphore(self.settings.concurrency)
-            self._state = _LoopState(loop, semaphore, self._http(transport), transport)
+            self._state = _LoopState(loop, semaphore, self._http())
         return self._state
 
     @staticmethod
     def _abandon(state: _LoopState) -> None:
         """The pool of a loop this client is no longer used from."""
-        if isinstance(state.transport, AiohttpTransport) and state.loop.is_closed():
-            state.transport.abandon()
+        if state.loop.is_closed():
+            state.http.abandon()
 
-    def _http(self, transport: httpx.AsyncBaseTransport) -> Http:
+    def _http(self) -> Http:
         # Prompts and images go to the configured servers only, never through a proxy picked
-        # up from the environment (the aiohttp transport reads none).
-        return Http(
-            transport,
-            # vLLM started with --api-key checks it; otherwise any value is accepted.
-            headers={"Authorization": f"Bearer {self._api_key}"},
-            timeout=httpx.Timeout(self.settings.request_timeout, connect=CONNECT_TIMEOUT),
-        )
+        # up from the environment (the aiohttp session reads none).
+        # vLLM started with --api-key checks it; otherwise any value is accepted.
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        read = self.settings.request_timeout
+        if self._transport is None:
+            return AiohttpHttp(headers, connect=CONNECT_TIMEOUT, read=read)
+        return TransportHttp(self._transport, headers, httpx.Timeout(read, connect=CONNECT_TIMEOUT))
