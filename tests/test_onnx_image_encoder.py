@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from suwen.config import Settings
-from suwen.indexes import image_encoder, onnx_image_encoder
+from suwen.indexes import image_encoder, onnx_encoder, onnx_image_encoder
 from suwen.indexes.image_encoder import ImageEncoder, load_image_encoder, query_image_encoder
 from suwen.indexes.onnx_image_encoder import OnnxImageEncoder, read_image_record
 from suwen.medimage import load_image
@@ -145,7 +145,7 @@ def test_a_rejected_export_falls_back_to_pytorch_once(
         raise AssertionError("export tried again")
 
     monkeypatch.setattr(onnx_image_encoder, "export_image_tower", no_second_try)
-    image_encoder._ONNX_CACHE.clear()
+    image_encoder._ONNX_CACHE.opened.clear()
     assert isinstance(query_image_encoder(onnx_home), ImageEncoder)
 
 
@@ -173,7 +173,7 @@ def test_damaged_or_foreign_exports_are_not_used(onnx_home: Settings, tmp_path: 
     ):
         (directory / "export.json").write_text(json.dumps(damaged), encoding="utf-8")
         assert read_image_record(directory) is None, damaged
-    (directory / "export.json").write_text(" " * (onnx_image_encoder.MANIFEST_MAX_BYTES + 1))
+    (directory / "export.json").write_text(" " * (onnx_encoder.MANIFEST_MAX_BYTES + 1))
     assert read_image_record(directory) is None
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from suwen.errors import ModelError
+from suwen.indexes.onnx_encoder import ExportCache, find_or_export
 from suwen.privacy import missing_model_message
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from suwen.config import Settings
+    from suwen.indexes.onnx_image_encoder import ImageExportRecord
     from suwen.indexes.vectors import FloatArray
 
 HF_HUB = "hf-hub:"
@@ -182,8 +184,7 @@ class ImageQueryEncoder(Protocol):
 
 _CACHE: dict[tuple[str, str, int], ImageEncoder] = {}
 _CACHE_LOCK = threading.Lock()
-_ONNX_CACHE: dict[tuple[Path, int], ImageQueryEncoder] = {}
-_ONNX_LOCK = threading.Lock()
+_ONNX_CACHE: ExportCache[ImageQueryEncoder] = ExportCache()
 
 
 def query_image_encoder(settings: Settings) -> ImageQueryEncoder:
@@ -200,42 +201,23 @@ def _onnx_image_encoder(settings: Settings) -> ImageQueryEncoder | None:
     """The export, made now if it does not exist yet (this loads the model with PyTorch once);
     None when the runtime is missing, the model is not on this machine, it runs on a GPU, or
     its export was rejected."""
-    from suwen.indexes import onnx_encoder, onnx_image_encoder
+    from suwen.indexes import onnx_image_encoder
 
-    if onnx_encoder.unavailable_reason() is not None:
-        return None
-    key = onnx_image_encoder.image_fingerprint(settings.image_encoder)
-    if key is None:  # not downloaded yet: load it (which may download), then look again
-        load_image_encoder(settings)
-        key = onnx_image_encoder.image_fingerprint(settings.image_encoder)
-        if key is None:
-            return None
-    encoders_dir = settings.encoders_dir
-    directory = encoders_dir / key
-    with _ONNX_LOCK:
-        cached = _ONNX_CACHE.get((directory, settings.query_threads))
-        if cached is not None:
-            return cached
-        record = onnx_image_encoder.read_image_record(directory)
-        if record is None:
-            if onnx_encoder.is_rejected(encoders_dir, key):
-                return None
-            eager = load_image_encoder(settings)
-            if eager.device != "cpu":
-                return None
-            record = onnx_image_encoder.export_image_tower(eager, key, encoders_dir)
-            if record is None:
-                onnx_encoder.mark_rejected(encoders_dir, key)
-                return None
-        encoder = onnx_image_encoder.OnnxImageEncoder(
-            directory,
-            record,
-            settings.image_encoder,
-            lambda: load_image_encoder(settings),
-            settings.query_threads,
+    def opened(directory: Path, record: ImageExportRecord, threads: int) -> ImageQueryEncoder:
+        return onnx_image_encoder.OnnxImageEncoder(
+            directory, record, settings.image_encoder, lambda: load_image_encoder(settings), threads
         )
-        _ONNX_CACHE[(directory, settings.query_threads)] = encoder
-        return encoder
+
+    return find_or_export(
+        _ONNX_CACHE,
+        settings.encoders_dir,
+        settings.query_threads,
+        fingerprint=lambda: onnx_image_encoder.image_fingerprint(settings.image_encoder),
+        load_eager=lambda: load_image_encoder(settings),
+        read=onnx_image_encoder.read_image_record,
+        export=onnx_image_encoder.export_image_tower,
+        open_encoder=opened,
+    )
 
 
 def load_image_encoder(settings: Settings) -> ImageEncoder:

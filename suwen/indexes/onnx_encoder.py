@@ -26,9 +26,9 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -159,15 +159,35 @@ def mark_rejected(encoders_dir: Path, key: str) -> None:
 
 
 def read_record(directory: Path) -> ExportRecord | None:
-    """The export in ``directory`` when it is complete and readable, else None."""
+    """The text export in ``directory`` when it is complete and readable, else None."""
+    return read_manifest(directory, ExportRecord.from_json, TOKENIZER_FILE)
+
+
+class _Manifest(Protocol):
+    """What every export's record says: the bytes of its graph and weights."""
+
+    @property
+    def model_bytes(self) -> int: ...
+
+
+RecordT = TypeVar("RecordT", bound=_Manifest)
+
+
+def read_manifest(
+    directory: Path, parse: Callable[[dict[str, Any]], RecordT], *files: str
+) -> RecordT | None:
+    """The record ``parse`` makes of ``directory``'s ``export.json`` (it raises on a field it
+    refuses) when the export is complete and readable: the manifest small, the graph and its
+    weights of the recorded size, ``files`` present; else None."""
     manifest = directory / MANIFEST_FILE
     try:
         if manifest.stat().st_size > MANIFEST_MAX_BYTES:
             return None
-        record = ExportRecord.from_json(json.loads(manifest.read_text(encoding="utf-8")))
+        record = parse(json.loads(manifest.read_text(encoding="utf-8")))
         if export_bytes(directory) != record.model_bytes:
             return None
-        (directory / TOKENIZER_FILE).stat()
+        for name in files:
+            (directory / name).stat()
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record
@@ -178,6 +198,84 @@ def export_bytes(directory: Path) -> int:
     weights = directory / WEIGHTS_FILE
     size = (directory / MODEL_FILE).stat().st_size
     return size + (weights.stat().st_size if weights.exists() else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding, or making once, a query encoder's export
+
+
+class _Eager(Protocol):
+    """The PyTorch model an export is made from."""
+
+    @property
+    def device(self) -> str: ...
+
+
+EagerT = TypeVar("EagerT", bound=_Eager)
+EncoderT = TypeVar("EncoderT")
+
+
+@dataclass
+class ExportCache(Generic[EncoderT]):
+    """The exports one process has opened, by folder and thread count, behind one lock."""
+
+    opened: dict[tuple[Path, int], EncoderT] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def find_or_export(
+    cache: ExportCache[EncoderT],
+    encoders_dir: Path,
+    threads: int,
+    *,
+    fingerprint: Callable[[], str | None],
+    load_eager: Callable[[], EagerT],
+    read: Callable[[Path], RecordT | None],
+    export: Callable[[EagerT, str, Path], RecordT | None],
+    open_encoder: Callable[[Path, RecordT, int], EncoderT],
+) -> EncoderT | None:
+    """The encoder ``open_encoder`` makes of the model's export in ``encoders_dir`` (on
+    ``threads`` threads), opened once per process; an export that ``read`` does not find valid
+    is made now by ``export`` from the model ``load_eager`` loads. None when the runtime is
+    missing, the model is not on this machine, it runs on a GPU, or its export was rejected
+    (then, or now: marked, so no later process tries again)."""
+    if unavailable_reason() is not None:
+        return None
+    key = fingerprint()
+    if key is None:  # not downloaded yet: load it (which may download), then look again
+        load_eager()
+        key = fingerprint()
+        if key is None:
+            return None
+    directory = export_dir(encoders_dir, key)
+    with cache.lock:
+        if (directory, threads) not in cache.opened:
+            record = read(directory)
+            if record is None:
+                record = _export_once(encoders_dir, key, load_eager, export)
+                if record is None:
+                    return None
+            cache.opened[(directory, threads)] = open_encoder(directory, record, threads)
+        return cache.opened[(directory, threads)]
+
+
+def _export_once(
+    encoders_dir: Path,
+    key: str,
+    load_eager: Callable[[], EagerT],
+    export: Callable[[EagerT, str, Path], RecordT | None],
+) -> RecordT | None:
+    """A new export's record, or None when the model runs on a GPU or its export is rejected
+    (an earlier rejection is not retried; a new one is marked)."""
+    if is_rejected(encoders_dir, key):
+        return None
+    eager = load_eager()
+    if eager.device != "cpu":
+        return None
+    record = export(eager, key, encoders_dir)
+    if record is None:
+        mark_rejected(encoders_dir, key)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,12 +32,12 @@ from PIL import Image
 from suwen.indexes.image_encoder import encoder_id
 from suwen.indexes.onnx_encoder import (
     MANIFEST_FILE,
-    MANIFEST_MAX_BYTES,
     MODEL_FILE,
     export_bytes,
     fingerprint,
     publish_export,
     quiet_tracing,
+    read_manifest,
     runtime_session,
     save_with_external_weights,
 )
@@ -109,16 +109,7 @@ def image_fingerprint(encoder: str) -> str | None:
 
 def read_image_record(directory: Path) -> ImageExportRecord | None:
     """The image export in ``directory`` when it is complete and readable, else None."""
-    try:
-        manifest = directory / MANIFEST_FILE
-        if manifest.stat().st_size > MANIFEST_MAX_BYTES:
-            return None
-        record = ImageExportRecord.from_json(json.loads(manifest.read_text(encoding="utf-8")))
-        if export_bytes(directory) != record.model_bytes:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return record
+    return read_manifest(directory, ImageExportRecord.from_json)
 
 
 class OnnxImageEncoder:

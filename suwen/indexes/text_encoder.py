@@ -28,7 +28,13 @@ import numpy as np
 from suwen.config import Settings
 from suwen.errors import ModelError
 from suwen.indexes import onnx_encoder
-from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder, quiet_tracing
+from suwen.indexes.onnx_encoder import (
+    ExportCache,
+    ExportRecord,
+    OnnxQueryEncoder,
+    find_or_export,
+    quiet_tracing,
+)
 from suwen.indexes.vectors import FloatArray, normalise
 from suwen.privacy import missing_model_message
 from suwen.types import TextPooling
@@ -43,9 +49,7 @@ _FALLBACK_MAX_TOKENS = 512
 
 _cache: dict[tuple[str, str, str], TextEncoder] = {}
 _cache_lock = threading.Lock()
-_onnx_cache: dict[tuple[Path, int], OnnxQueryEncoder] = {}
-_onnx_lock = threading.Lock()
-# Beside an export directory: the export was tried and did not match, so do not try again.
+_onnx_cache: ExportCache[OnnxQueryEncoder] = ExportCache()
 
 
 class TextEncoder:
@@ -292,31 +296,14 @@ def onnx_query_encoder(settings: Settings) -> OnnxQueryEncoder | None:
     """The query encoder's ONNX export, made now if it does not exist yet (this loads the model
     with PyTorch once); None when the runtime is missing, the model is not on this machine, it
     runs on a GPU, or its export was rejected."""
-    if onnx_encoder.unavailable_reason() is not None:
-        return None
     name, pooling = settings.query_encoder, settings.text_pooling
-    key = onnx_encoder.fingerprint(name, pooling)
-    if key is None:  # not downloaded yet: load it (which may download), then look again
-        load_text_encoder(name, pooling=pooling, device=settings.device)
-        key = onnx_encoder.fingerprint(name, pooling)
-        if key is None:
-            return None
-    encoders_dir = settings.encoders_dir
-    directory = onnx_encoder.export_dir(encoders_dir, key)
-    with _onnx_lock:
-        cached = _onnx_cache.get((directory, settings.query_threads))
-        if cached is not None:
-            return cached
-        if onnx_encoder.read_record(directory) is None:
-            if onnx_encoder.is_rejected(encoders_dir, key):
-                return None
-            eager = load_text_encoder(name, pooling=pooling, device=settings.device)
-            if eager.device != "cpu":
-                return None
-            if eager.export_onnx(key, encoders_dir) is None:
-                onnx_encoder.mark_rejected(encoders_dir, key)
-                return None
-        encoder = OnnxQueryEncoder.open(directory, settings.query_threads)
-        if encoder is not None:
-            _onnx_cache[(directory, settings.query_threads)] = encoder
-        return encoder
+    return find_or_export(
+        _onnx_cache,
+        settings.encoders_dir,
+        settings.query_threads,
+        fingerprint=lambda: onnx_encoder.fingerprint(name, pooling),
+        load_eager=lambda: load_text_encoder(name, pooling=pooling, device=settings.device),
+        read=onnx_encoder.read_record,
+        export=TextEncoder.export_onnx,
+        open_encoder=OnnxQueryEncoder,
+    )
