@@ -162,7 +162,8 @@ def test_damaged_or_foreign_exports_are_not_used(exported_home: Path, tmp_path: 
     shutil.copytree(export_of(exported_home), directory)
     assert onnx_encoder.read_record(directory) is not None
     manifest = json.loads((directory / "export.json").read_text(encoding="utf-8"))
-    for damaged in ({**manifest, "model_bytes": 5}, {**manifest, "format": 99}, {"format": 1}):
+    damages = ({**manifest, "model_bytes": 5}, {**manifest, "format": 99}, {"format": 1}, [], 7)
+    for damaged in damages:
         (directory / "export.json").write_text(json.dumps(damaged), encoding="utf-8")
         assert onnx_encoder.read_record(directory) is None
     (directory / "export.json").write_text(" " * (onnx_encoder.MANIFEST_MAX_BYTES + 1))

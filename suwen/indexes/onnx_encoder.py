@@ -183,7 +183,10 @@ def read_manifest(
     try:
         if manifest.stat().st_size > MANIFEST_MAX_BYTES:
             return None
-        record = parse(json.loads(manifest.read_text(encoding="utf-8")))
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return None
+        record = parse(data)
         if export_bytes(directory) != record.model_bytes:
             return None
         for name in files:
