@@ -29,6 +29,22 @@ def exclusive(lock_file: Path, refusal: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def is_free(lock_file: Path) -> bool:
+    """Whether no process holds ``lock_file`` (an existing lock file; a missing one is not
+    free: nothing can be said of it)."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the lock if it was taken
+    return True
+
+
 @contextmanager
 def single_writer(path: Path, command: str) -> Iterator[None]:
     """One writer for ``path`` (locked through ``path.lock``) for the block; another process

@@ -6,7 +6,9 @@ moment leaves the previous file or the new one, never a mix. Every file is owner
 from its first byte, whatever the umask: what Suwen writes can describe a patient.
 
 A folder written as a whole (an exported encoder, the demo's cases, a tiny model) is built in a
-staging folder beside its target and published with :func:`publish_dir`. Index versions are
+staging folder beside its target and published with :func:`publish_dir`; a large one in a
+:func:`held_staging` folder, which the next writer removes if its writer was killed before it
+could. Index versions are
 published by ``suwen.indexes.store`` (a ``CURRENT`` pointer besides the rename) with the same
 fsync helpers.
 """
@@ -15,13 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from suwen.filelock import exclusive, is_free
+
 PRIVATE_FILE_MODE = 0o600
+# A staging folder with no lock file beside it is its writer's only between mkdtemp and
+# taking the lock; one older than this was left by a writer killed in that instant.
+UNLOCKED_STAGING_SECONDS = 600.0
 
 
 def fsync_file(path: Path) -> None:
@@ -63,6 +72,35 @@ def publish_dir(staging: Path, target: Path) -> None:
     fsync_tree(staging)
     staging.rename(target)
     fsync_dir(target.parent)
+
+
+@contextmanager
+def held_staging(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new private staging folder in ``parent`` (named ``prefix`` + a random part) for the
+    block, removed when the block ends however it ends (a block that publishes it renames it
+    first). While the block runs, its writer holds a lock file beside it; so staging folders
+    of this ``prefix`` left by a writer that was killed (hundreds of MB for an exported
+    encoder) are removed here first, and a live writer's are not."""
+    for lock in parent.glob(f"{prefix}*.lock"):
+        if is_free(lock):
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+    for left in parent.glob(f"{prefix}*"):
+        unlocked = not left.with_name(left.name + ".lock").exists()
+        if (
+            left.is_dir()
+            and unlocked
+            and time.time() - left.stat().st_mtime > (UNLOCKED_STAGING_SECONDS)
+        ):
+            shutil.rmtree(left, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock = staging.with_name(staging.name + ".lock")
+    try:
+        with exclusive(lock, f"{staging}: in use"):
+            yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from suwen.files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    held_staging,
     publish_dir,
 )
 
@@ -70,3 +73,45 @@ def test_a_published_folder_appears_whole_under_its_name(tmp_path: Path) -> None
     with pytest.raises(OSError):  # never merged into, nor replacing, a published folder
         publish_dir(again, target)
     assert sorted(p.name for p in target.iterdir()) == ["sub"]
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from suwen.files import held_staging
+with held_staging(Path(sys.argv[1]), ".export-") as staging:
+    (staging / "model.onnx").write_bytes(b"x" * 4096)
+    print(staging, flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(parent: Path) -> tuple[subprocess.Popen[str], Path]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(parent)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_staging_of_a_killed_writer_is_removed_and_a_live_writers_kept(tmp_path: Path) -> None:
+    killed, left = _holder(tmp_path)
+    live, held = _holder(tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        assert (left / "model.onnx").is_file()  # a kill runs no clean-up
+        with held_staging(tmp_path, ".export-") as mine:
+            assert mine.is_dir() and not left.exists() and (held / "model.onnx").is_file()
+        assert not mine.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held.name, held.name + ".lock"])
+
+
+def test_staging_is_removed_when_its_block_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), held_staging(tmp_path, ".x-") as staging:
+        (staging / "part").write_bytes(b"1")
+        raise RuntimeError("export failed")
+    assert list(tmp_path.iterdir()) == []

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from suwen.files import atomic_write_text, publish_dir
+from suwen.files import atomic_write_text, held_staging, publish_dir
 from suwen.indexes.vectors import FloatArray, normalise
 from suwen.privacy import private_dir
 
@@ -47,6 +45,7 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.data"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "export.json"
+STAGING_PREFIX = ".export-"  # an export being made, beside the published ones
 MANIFEST_MAX_BYTES = 64 * 1024
 # An int8 graph is kept only this close to the eager model on every probe; float32 graphs differ
 # from eager PyTorch by rounding alone.
@@ -410,20 +409,18 @@ def publish_export(
     quantiser failure means: queries stay on PyTorch)."""
     encoders_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     encoders_dir.chmod(0o700)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=encoders_dir))
     try:
-        if build(staging) is None:
-            return None
-        target = export_dir(encoders_dir, key)
-        for file in staging.iterdir():
-            file.chmod(0o600)
-        with contextlib.suppress(OSError):  # another process may have published it meanwhile
-            publish_dir(staging, target)
-        return target
+        with held_staging(encoders_dir, STAGING_PREFIX) as staging:
+            if build(staging) is None:
+                return None
+            target = export_dir(encoders_dir, key)
+            for file in staging.iterdir():
+                file.chmod(0o600)
+            with contextlib.suppress(OSError):  # another process may have published it meanwhile
+                publish_dir(staging, target)
+            return target
     except Exception:
         return None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _export_into(
