@@ -330,6 +330,24 @@ def served(url: str) -> tuple[int, int, float]:
     return int(counts["requests"]), int(counts["bytes"]), float(counts["cpu_s"])
 
 
+def processes_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def machine_idle() -> tuple[int, int]:
     """(idle, all) clock ticks of every core since boot, from /proc/stat."""
     with Path("/proc/stat").open(encoding="ascii") as stat:
@@ -338,10 +356,11 @@ def machine_idle() -> tuple[int, int]:
 
 
 async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, url: str) -> Any:
+    from suwen.answer_processes import answering
     from suwen.config import Settings
     from suwen.evaluate.benchmarks import LoadContext, load_pubmedqa, load_vqa_rad
     from suwen.llm.base import recording
-    from suwen.runtime import open_agent
+    from suwen.runtime import AgentAnswerer, open_agent
 
     settings = Settings(
         home=home,
@@ -354,12 +373,22 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
     images = {"mixed": args.questions // 2, "image": args.questions, "text": 0}[args.kind]
     samples = load_vqa_rad(context)[:images] + load_pubmedqa(context)[: args.questions - images]
     notices: list[str] = []
-    async with open_agent(settings, [url], sessions=False, on_notice=notices.append) as agent:
+    async with contextlib.AsyncExitStack() as stack:
+        if args.processes > 1:
+            answer: Any = await stack.enter_async_context(
+                answering(settings, [url], args.processes, on_notice=notices.append)
+            )
+            agents = [child.process.pid for child in answer.children]
+        else:
+            agent = await stack.enter_async_context(
+                open_agent(settings, [url], sessions=False, on_notice=notices.append)
+            )
+            answer, agents = AgentAnswerer(agent, "agent"), []
         gate = asyncio.Semaphore(args.concurrency)
 
         async def one(sample: Any) -> int:
             async with gate:
-                result = await agent.run(sample.to_question(), mode="agent")
+                result = await answer(sample.to_question())
                 return int(result.model_calls)
 
         # Warm-up: imports, the query encoder, the first connections; not measured.
@@ -367,21 +396,23 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         profiler = cProfile.Profile() if args.profile else None
         requests, sent, server_cpu = served(url)
         idle = machine_idle()
-        cpu, started = cpu_seconds(), time.perf_counter()
+        cpu, started = cpu_seconds() + processes_cpu(agents), time.perf_counter()
         loop_cpu = time.thread_time()  # the event loop's own thread
-        with recording() as log, CollectorTime().installed() as collector:
+        with recording(), CollectorTime().installed() as collector:
             if profiler:
                 profiler.enable()
             calls = await asyncio.gather(*(one(s) for s in samples))
             if profiler:
                 profiler.disable()
-        wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+        wall = time.perf_counter() - started
+        cpu = cpu_seconds() + processes_cpu(agents) - cpu
         loop_cpu = time.thread_time() - loop_cpu
         idle_now = machine_idle()
         requests_now, sent_now, server_cpu_now = served(url)
         requests, sent = requests_now - requests, sent_now - sent
         server_cpu = server_cpu_now - server_cpu
         idle_share = (idle_now[0] - idle[0]) / max(1, idle_now[1] - idle[1])
+        agents_peak_mb = sum(peak_rss_mb(pid) for pid in agents)
     result: dict[str, Any] = {
         "questions": len(samples),
         "kind": args.kind,
@@ -389,9 +420,10 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "concurrency": args.concurrency,
         "wall_s": round(wall, 2),
         "questions_per_s": round(len(samples) / wall, 2),
-        "model_calls": len(log.records),
+        "processes": args.processes,
+        "model_calls": sum(calls),
         "model_calls_per_question": round(sum(calls) / len(samples), 2),
-        "model_calls_per_s": round(len(log.records) / wall, 1),
+        "model_calls_per_s": round(sum(calls) / wall, 1),
         # Model calls plus what is not one: /tokenize (answer prompt length, probe tokens).
         "http_requests_per_question": round(requests / len(samples), 2),
         "request_kb_per_question": round(sent / 1000 / len(samples), 1),
@@ -407,7 +439,10 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "objects_tracked_by_gc": len(gc.get_objects()),
         # The query encoders' ONNX exports keep PyTorch out of the agent's process.
         "torch_imported": "torch" in sys.modules,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # With agent processes: the parent's peak plus each agent's (read before they close).
+        "peak_rss_mb": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + agents_peak_mb, 1
+        ),
         "notices": notices,
         "load": [round(x, 2) for x in os.getloadavg()],
     }
@@ -435,6 +470,13 @@ def main() -> None:
         default="mixed",
         help="half VQA-RAD image questions and half PubMedQA (mixed), or one kind only",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="agent processes (suwen.answer_processes, as suwen batch --processes) instead of "
+        "one agent in this process",
+    )
     parser.add_argument("--home", type=Path, default=None, help="reuse indexes built here")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-out", type=Path, default=None, help="save the pstats here")
@@ -458,6 +500,7 @@ def main() -> None:
     result["target_questions_per_s"] = TARGET_QPS
     result["command"] = f"python -m benchmarks.coordinator --questions {args.questions} " + (
         f"--concurrency {args.concurrency} --kind {args.kind}"
+        + (f" --processes {args.processes}" if args.processes > 1 else "")
         + (" --profile" if args.profile else "")
     )
     write_json(args.out, result)

@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="Seconds per model request")
     max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx")
     concurrency: int = Field(8, ge=1, description="Concurrent model requests")
+    processes: int = Field(
+        1, ge=1, le=64, description="Agent processes suwen batch answers with (each its own core)"
+    )
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(1024, ge=1, description="Completion tokens per answer")
     # Sent with every request when set; unset, the server's defaults apply (`suwen eval` sets

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +34,13 @@ from suwen.batch import (
     open_answer_log,
 )
 from suwen.commands import answering
-from suwen.commands.common import console, literal_line, settings_of
+from suwen.commands.common import console, err_console, literal_line, print_note, settings_of
 from suwen.config import Settings
 from suwen.errors import InputError, InterruptedRunError, NotDoneError
 from suwen.types import Mode
 
 ERRORS_SHOWN = 20
+MAX_PROCESSES = 64
 TASKS = ("answer", "report")
 
 TASK_HELP = (
@@ -57,6 +58,12 @@ def batch(
     ),
     concurrency: int | None = typer.Option(
         None, "--concurrency", "-c", help="Questions answered at once (default: setting, 8)."
+    ),
+    processes: int | None = typer.Option(
+        None,
+        "--processes",
+        "-p",
+        help="Agent processes answering (default: setting, 1); one uses about one core.",
     ),
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
     adaptive: bool = answering.ADAPTIVE_OPTION,
@@ -77,13 +84,17 @@ def batch(
     workers = concurrency if concurrency is not None else settings.concurrency
     if workers < 1:
         raise InputError(f"--concurrency {workers}: must be at least 1")
+    children = processes if processes is not None else settings.processes
+    if not 1 <= children <= MAX_PROCESSES:
+        raise InputError(f"--processes {children}: must be 1 to {MAX_PROCESSES}")
     mode = answer_mode(plain, adaptive)
     if task not in TASKS or (task == "report" and adaptive):
         raise InputError(f"--task {task}: 'answer', or 'report' (with or without --plain)")
     settings = answer_settings(settings, abstain_below)
     question_set = load_questions(folder, questions, settings.max_question_chars)
     _refuse_overwriting_input(out, question_set.file)
-    run = BatchRun(settings, workers, mode, vllm_url, text_index, image_index, task == "report")
+    report = task == "report"
+    run = BatchRun(settings, workers, children, mode, vllm_url, text_index, image_index, report)
     try:
         with open_answer_log(out) as log:
             summary = run_async(run.answer_all(question_set, log))
@@ -109,6 +120,7 @@ class BatchRun:
 
     settings: Settings
     concurrency: int
+    processes: int
     mode: Mode
     vllm_urls: list[str]
     text_index: str | None
@@ -130,6 +142,11 @@ class BatchRun:
         """The agent's answerer, the progress bar shown once the model is up."""
         from suwen.runtime import AgentAnswerer
 
+        if self.processes > 1:
+            async with self._processes() as answer:
+                with bar:
+                    yield answer
+            return
         async with answering.started_agent(
             self.settings,
             self.vllm_urls,
@@ -138,6 +155,27 @@ class BatchRun:
         ) as agent:
             with bar:
                 yield AgentAnswerer(agent, self.mode, report=self.report)
+
+    @asynccontextmanager
+    async def _processes(self) -> AsyncIterator[Answerer]:
+        """Agent processes answering (``suwen.answer_processes``), started under a status line."""
+        from suwen.answer_processes import answering
+
+        async with AsyncExitStack() as stack:
+            with err_console.status(f"starting the model and {self.processes} agent processes"):
+                answer = await stack.enter_async_context(
+                    answering(
+                        self.settings,
+                        self.vllm_urls,
+                        self.processes,
+                        mode=self.mode,
+                        report=self.report,
+                        text_index=self.text_index,
+                        image_index=self.image_index,
+                        on_notice=print_note,
+                    )
+                )
+            yield answer
 
 
 class RateColumn(ProgressColumn):

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -603,13 +603,7 @@ class open_model:  # noqa: N801 - used like a function: `with open_model(setting
     async def __aenter__(self) -> VLLMClient:
         if self.urls:
             return self.__enter__()
-        self.server = ManagedServer(self.settings)
-        try:
-            await asyncio.to_thread(self.server.start)
-        except BaseException:
-            # Cancelled (Ctrl-C) or failed: stop() also ends the start thread's wait.
-            self.server.stop()
-            raise
+        self.server = await start_managed(self.settings)
         self.client = self._client_of(self.server)
         return self.client
 
@@ -626,6 +620,37 @@ class open_model:  # noqa: N801 - used like a function: `with open_model(setting
             # Synchronously: on the way out, even a cancelled loop must not skip the stop.
             if self.server is not None:
                 self.server.stop()
+
+
+async def start_managed(settings: Settings) -> ManagedServer:
+    """A managed server for ``settings.vlm``, started in a thread (the loop stays free)."""
+    server = ManagedServer(settings)
+    try:
+        await asyncio.to_thread(server.start)
+    except BaseException:
+        # Cancelled (Ctrl-C) or failed: stop() also ends the start thread's wait.
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.asynccontextmanager
+async def served(
+    settings: Settings, urls: Sequence[str]
+) -> AsyncIterator[tuple[list[str], str | None]]:
+    """The servers to send requests to and the model name to ask for: ``urls`` (else
+    ``settings.vllm_url``; the name is then the client's to choose, None), or a managed server
+    started for ``settings.vlm`` when there are none (stopped on exit). For clients opened in
+    other processes (``suwen.answer_processes``)."""
+    given = list(urls or settings.vllm_url)
+    if given:
+        yield given, None
+        return
+    server = await start_managed(settings)
+    try:
+        yield [server.url], server.model
+    finally:
+        server.stop()
 
 
 def managed_servers() -> list[ManagedServer]:

@@ -1,0 +1,367 @@
+"""Batch questions answered by several agent processes, for a machine with more cores than one
+Python process can use.
+
+One Python process runs every question's graph steps, HTTP requests and bookkeeping on one
+event loop under one interpreter lock: that bounds how many agent questions per second it can
+feed to model servers, however many servers and cores there are (``benchmarks/coordinator.py``).
+With ``processes`` above 1, ``suwen batch`` starts that many child processes (``python -m
+suwen.answer_processes``), each opening its own agent (indexes, query encoders, model client)
+on the same model servers, and hands them the questions. The parent keeps the rest: the
+question file, the answer log (it alone writes it, so resuming works as with one process), the
+progress bar, and the managed model server when one is started.
+
+Parent and children speak JSON lines, never pickle: the parent writes to a child's stdin, the
+child answers on its original stdout (its own prints go to stderr). A child whose parent is
+gone (killed, or Ctrl-C, which the children ignore) reads end-of-file and exits; a child that
+dies fails only the questions it held, as error lines the next run asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel
+
+from suwen import errors, privacy
+from suwen.config import Settings
+from suwen.errors import ModelError, SuwenError
+from suwen.types import AgentResult, Mode, Question
+
+# One reply line holds a whole AgentResult (answer, evidence, trace): far above asyncio's
+# default 64 KiB line limit.
+LINE_LIMIT = 64 * 1024 * 1024
+STOP_SECONDS = 10.0  # a child's time to finish after end-of-file before it is killed
+
+Notice = Callable[[str], None]
+
+
+class ChildSpec(BaseModel):
+    """What a child needs to open the same agent as the parent: the first line it reads."""
+
+    settings: dict[str, Any]
+    urls: list[str]
+    model: str | None = None
+    text_index: str | None = None
+    image_index: str | None = None
+    mode: Mode = "agent"
+    report: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent
+
+
+class AnsweringProcesses:
+    """An ``Answerer`` (``suwen.batch``) that hands each question to the child with the fewest
+    in flight. It ``ReadsImages``: each child's agent decodes its question's images and refuses
+    an unreadable one, so the parent does not decode them too."""
+
+    reads_images: Literal[True] = True
+
+    def __init__(self, children: list[_Child]) -> None:
+        self.children = children
+
+    async def __call__(self, question: Question) -> AgentResult:
+        while alive := [child for child in self.children if child.alive]:
+            try:
+                return await min(alive, key=lambda child: len(child.waiting)).ask(question)
+            except _UndeliveredError:
+                continue  # that child is gone; the question never reached it
+        raise ModelError("every answering process has exited")
+
+
+class _UndeliveredError(Exception):
+    """A question could not be written to its child (the child has exited)."""
+
+
+class _Child:
+    """One child process: requests numbered, replies matched to them by number."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.waiting: dict[int, asyncio.Future[AgentResult]] = {}
+        self._numbers = itertools.count()
+        self._reader: asyncio.Task[None] | None = None
+        self.alive = True
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter:
+        assert self.process.stdin is not None
+        return self.process.stdin
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        assert self.process.stdout is not None
+        return self.process.stdout
+
+    async def start(self, spec: ChildSpec) -> list[str]:
+        """Send the spec and wait until the child's agent is open; its notices. Raises the
+        error the child met opening it (a damaged index, an unreachable server)."""
+        self.stdin.write(spec.model_dump_json().encode() + b"\n")
+        await self.stdin.drain()
+        line = await self.stdout.readline()
+        if not line:
+            code = await self.process.wait()
+            raise ModelError(f"answering process {self.process.pid} exited with code {code}")
+        reply = json.loads(line)
+        if "failed" in reply:
+            raise _error(reply["failed"], reply["message"])
+        self._reader = asyncio.create_task(self._read())
+        return [str(notice) for notice in reply.get("notices", [])]
+
+    async def ask(self, question: Question) -> AgentResult:
+        number = next(self._numbers)
+        future: asyncio.Future[AgentResult] = asyncio.get_running_loop().create_future()
+        self.waiting[number] = future
+        request = {"id": number, "question": question.model_dump(mode="json")}
+        try:
+            self.stdin.write(json.dumps(request).encode() + b"\n")
+            await self.stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            self.waiting.pop(number, None)
+            self.alive = False
+            raise _UndeliveredError from exc
+        return await future
+
+    async def _read(self) -> None:
+        while line := await self.stdout.readline():
+            number, result, error = _reply(line)
+            future = self.waiting.pop(number, None)
+            if future is None or future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+        self.alive = False
+        await self.process.wait()
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(self._gone())
+        self.waiting.clear()
+
+    def _gone(self) -> ModelError:
+        code = self.process.returncode
+        how = f"exited with code {code}" if code is not None else "stopped reading"
+        return ModelError(f"answering process {self.process.pid} {how}")
+
+    async def close(self) -> None:
+        """End-of-file to the child, then its exit (killed after ``STOP_SECONDS``)."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_SECONDS)
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await asyncio.shield(self.process.wait())
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+def _reply(line: bytes) -> tuple[int, AgentResult | None, SuwenError | None]:
+    reply = json.loads(line)
+    number = int(reply["id"])
+    if "error" in reply:
+        return number, None, _error(reply.get("kind", "SuwenError"), reply["error"])
+    return number, AgentResult.model_validate(reply["result"]), None
+
+
+def _error(kind: str, message: str) -> SuwenError:
+    """The child's error as the same class here (its exit code and meaning kept)."""
+    found = getattr(errors, kind, None)
+    cls = found if isinstance(found, type) and issubclass(found, SuwenError) else SuwenError
+    return cls(message)
+
+
+@asynccontextmanager
+async def started(
+    spec: ChildSpec, count: int, on_notice: Notice | None = None
+) -> AsyncIterator[AnsweringProcesses]:
+    """``count`` children opened on ``spec`` (all at once), closed again on the way out."""
+    children: list[_Child] = []
+    try:
+        for _ in range(count):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "suwen.answer_processes",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=LINE_LIMIT,
+                env=privacy.child_env(),
+            )
+            children.append(_Child(process))
+        starts = [asyncio.ensure_future(child.start(spec)) for child in children]
+        try:
+            notices = await asyncio.gather(*starts)
+        except BaseException:
+            for start in starts:
+                start.cancel()
+            raise
+        for notice in dict.fromkeys(itertools.chain.from_iterable(notices)):
+            if on_notice is not None:
+                on_notice(notice)
+        yield AnsweringProcesses(children)
+    finally:
+        await asyncio.shield(asyncio.gather(*(child.close() for child in children)))
+
+
+@asynccontextmanager
+async def answering(
+    settings: Settings,
+    urls: Sequence[str],
+    count: int,
+    *,
+    mode: Mode = "agent",
+    report: bool = False,
+    text_index: str | None = None,
+    image_index: str | None = None,
+    on_notice: Notice | None = None,
+) -> AsyncIterator[AnsweringProcesses]:
+    """``count`` agent processes on ``urls`` (else a managed server this process starts and
+    stops), each answering as ``runtime.AgentAnswerer`` in ``mode`` does."""
+    from suwen.llm.server import served
+
+    async with served(settings, urls) as (endpoints, model):
+        spec = ChildSpec(
+            settings=settings.model_dump(mode="json"),
+            urls=endpoints,
+            model=model,
+            text_index=text_index,
+            image_index=image_index,
+            mode=mode,
+            report=report,
+        )
+        async with started(spec, count, on_notice) as processes:
+            yield processes
+
+
+# ---------------------------------------------------------------------------------------------
+# The child
+
+
+@dataclass
+class _Replies:
+    """The child's reply channel: its original stdout, written whole lines at a time."""
+
+    writer: asyncio.StreamWriter
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message).encode() + b"\n")
+        await self.writer.drain()
+
+
+def main() -> None:
+    """The child process: read the spec, open the agent, answer until end-of-file."""
+    privacy.enforce()
+    privacy.private_umask()
+    # Ctrl-C reaches the whole process group: the parent handles it and the child ends at
+    # end-of-file, after the parent saved what was answered.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr
+    from suwen.runtime import run_async
+
+    run_async(_serve(replies))
+
+
+async def _serve(replies_file: IO[bytes]) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, replies_file
+    )
+    replies = _Replies(asyncio.StreamWriter(transport, protocol, None, loop))
+    line = await reader.readline()
+    if not line:
+        return
+    spec = ChildSpec.model_validate_json(line)
+    try:
+        async with _opened(spec) as (answer, notices):
+            await replies.send({"ready": True, "notices": notices})
+            await _answer_until_end(reader, replies, answer)
+    except SuwenError as exc:
+        await replies.send({"failed": type(exc).__name__, "message": str(exc)})
+    finally:
+        transport.close()
+
+
+@asynccontextmanager
+async def _opened(spec: ChildSpec) -> AsyncIterator[tuple[Any, list[str]]]:
+    from suwen import logs
+    from suwen.runtime import AgentAnswerer, Backends, current_backends, open_agent
+
+    settings = Settings.model_validate(spec.settings)
+    logs.configure(settings.home)
+    notices: list[str] = []
+    backends = Backends(
+        open_model=lambda s, urls: _client(s, urls, spec.model),
+        open_text=current_backends().open_text,
+        open_images=current_backends().open_images,
+    )
+    async with open_agent(
+        settings,
+        spec.urls,
+        text_index=spec.text_index,
+        image_index=spec.image_index,
+        sessions=False,
+        backends=backends,
+        on_notice=notices.append,
+    ) as agent:
+        yield AgentAnswerer(agent, spec.mode, report=spec.report), notices
+
+
+@asynccontextmanager
+async def _client(settings: Settings, urls: Sequence[str], model: str | None) -> AsyncIterator[Any]:
+    from suwen.llm.client import VLLMClient
+
+    client = VLLMClient(list(urls), settings, model=model)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _answer_until_end(reader: asyncio.StreamReader, replies: _Replies, answer: Any) -> None:
+    """Answer each request as it comes, all at once (the parent bounds how many are in
+    flight). End-of-file: the parent is done, or gone; what is still being answered is
+    dropped (a parent that is gone cannot save it; the next run asks those again)."""
+    tasks: set[asyncio.Task[None]] = set()
+    while line := await reader.readline():
+        task = asyncio.create_task(_answer_one(json.loads(line), replies, answer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _answer_one(request: dict[str, Any], replies: _Replies, answer: Any) -> None:
+    number = request["id"]
+    try:
+        result: AgentResult = await answer(Question.model_validate(request["question"]))
+    except SuwenError as exc:
+        await replies.send({"id": number, "error": str(exc), "kind": type(exc).__name__})
+        return
+    except Exception as exc:  # one failing question must not stop the others
+        await replies.send({"id": number, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    await replies.send({"id": number, "result": result.model_dump(mode="json")})
+
+
+if __name__ == "__main__":
+    main()
