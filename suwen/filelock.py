@@ -29,6 +29,18 @@ def exclusive(lock_file: Path, refusal: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextmanager
+def waited(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created owner-only) for the block, waiting as
+    long as another process holds it."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def is_free(lock_file: Path) -> bool:
     """Whether no process holds ``lock_file`` (an existing lock file; a missing one is not
     free: nothing can be said of it)."""

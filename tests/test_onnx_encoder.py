@@ -190,3 +190,50 @@ def test_query_sessions_do_not_spin_waiting_threads(exported_home: Path, minilm_
     assert isinstance(fast, OnnxQueryEncoder)
     options = fast._session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+_RACE = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from suwen.indexes import onnx_encoder
+
+encoders, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+def read(directory):
+    return "record" if (directory / "made").is_file() else None
+
+def export(eager, key, encoders_dir):
+    with log.open("a") as out:
+        out.write("export\\n")
+    time.sleep(2)  # a real export takes seconds to minutes
+    (encoders_dir / key).mkdir()
+    (encoders_dir / key / "made").write_text("")
+    return "record"
+
+found = onnx_encoder.find_or_export(
+    onnx_encoder.ExportCache(), encoders, 1,
+    fingerprint=lambda: "key",
+    load_eager=lambda: SimpleNamespace(device="cpu"),
+    read=read, export=export,
+    open_encoder=lambda directory, record, threads: record,
+)
+print(found)
+"""
+
+
+def test_processes_started_together_make_one_export(tmp_path: Path) -> None:
+    """`suwen batch --processes N` starts N agents at once on a data home without the export:
+    one makes it (seconds to minutes, a GB or more of memory), the others wait and use it."""
+    encoders, log = tmp_path / "encoders", tmp_path / "exports.log"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE, str(encoders), str(log)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [racer.communicate(timeout=60)[0].strip() for racer in racers]
+    assert outputs == ["record"] * 3
+    assert log.read_text().splitlines() == ["export"]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from suwen.filelock import waited
 from suwen.files import atomic_write_text, held_staging, publish_dir
 from suwen.indexes.vectors import FloatArray, normalise
 from suwen.privacy import private_dir
@@ -46,6 +47,7 @@ WEIGHTS_FILE = "model.data"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "export.json"
 STAGING_PREFIX = ".export-"  # an export being made, beside the published ones
+LOCK_SUFFIX = ".lock"  # beside an export: held by the one process making it
 MANIFEST_MAX_BYTES = 64 * 1024
 # An int8 graph is kept only this close to the eager model on every probe; float32 graphs differ
 # from eager PyTorch by rounding alone.
@@ -252,13 +254,27 @@ def find_or_export(
     directory = export_dir(encoders_dir, key)
     with cache.lock:
         if (directory, threads) not in cache.opened:
-            record = read(directory)
+            record = read(directory) or _made_by_one(encoders_dir, key, read, load_eager, export)
             if record is None:
-                record = _export_once(encoders_dir, key, load_eager, export)
-                if record is None:
-                    return None
+                return None
             cache.opened[(directory, threads)] = open_encoder(directory, record, threads)
         return cache.opened[(directory, threads)]
+
+
+def _made_by_one(
+    encoders_dir: Path,
+    key: str,
+    read: Callable[[Path], RecordT | None],
+    load_eager: Callable[[], EagerT],
+    export: Callable[[EagerT, str, Path], RecordT | None],
+) -> RecordT | None:
+    """The export made now, by one process at a time: processes started together (``suwen
+    batch --processes``) wait for the first one's export instead of each making its own."""
+    private_dir(encoders_dir)
+    with waited(encoders_dir / f"{key}{LOCK_SUFFIX}"):
+        return read(export_dir(encoders_dir, key)) or _export_once(
+            encoders_dir, key, load_eager, export
+        )
 
 
 def _export_once(
