@@ -321,9 +321,9 @@ def _batch(
     ]
     (folder / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "answers.jsonl"
-    return ns.run(
-        "batch", [str(SUWEN), "batch", str(folder), "--out", str(out), "--vllm-url", url], env
-    )
+    # Two agent processes: what they search and ask is traced too (strace follows children).
+    command = [str(SUWEN), "batch", str(folder), "--out", str(out), "--vllm-url", url]
+    return ns.run("batch", [*command, "--processes", "2"], env)
 
 
 def _chat(ns: Namespace, env: dict[str, str], url: str) -> None:
