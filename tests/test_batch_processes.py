@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test starts the CLI and its agent processes, 10-20 s
+
 CLI = [sys.executable, "-c", "from suwen.cli import main; main()"]
 # What differs between two runs of the same question: how long each step took.
 PER_RUN = ("timings", "trace")
