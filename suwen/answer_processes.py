@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ LINE_LIMIT = 64 * 1024 * 1024
 STOP_SECONDS = 10.0  # a child's time to finish after end-of-file before it is killed
 
 Notice = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 class ChildSpec(BaseModel):
@@ -134,21 +136,35 @@ class _Child:
         return await future
 
     async def _read(self) -> None:
-        while line := await self.stdout.readline():
-            number, result, error = _reply(line)
-            future = self.waiting.pop(number, None)
-            if future is None or future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
+        """Settle each reply's question until the child ends; a reply that cannot be read
+        (not Suwen's JSON, or past ``LINE_LIMIT``) ends the child, so no question waits on a
+        reply that will never come."""
+        try:
+            while line := await self.stdout.readline():
+                self._settle(*_reply(line))
+        except Exception as exc:
+            log.error("answering process %s: unreadable reply (%s); stopping it", self.pid, exc)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
         self.alive = False
         await self.process.wait()
         for future in self.waiting.values():
             if not future.done():
                 future.set_exception(self._gone())
         self.waiting.clear()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _settle(self, number: int, result: AgentResult | None, error: SuwenError | None) -> None:
+        future = self.waiting.pop(number, None)
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        elif result is not None:
+            future.set_result(result)
 
     def _gone(self) -> ModelError:
         code = self.process.returncode
@@ -186,18 +202,23 @@ def _error(kind: str, message: str) -> SuwenError:
     return cls(message)
 
 
+CHILD_COMMAND = (sys.executable, "-m", "suwen.answer_processes")
+
+
 @asynccontextmanager
 async def started(
-    spec: ChildSpec, count: int, on_notice: Notice | None = None
+    spec: ChildSpec,
+    count: int,
+    on_notice: Notice | None = None,
+    command: Sequence[str] = CHILD_COMMAND,
 ) -> AsyncIterator[AnsweringProcesses]:
-    """``count`` children opened on ``spec`` (all at once), closed again on the way out."""
+    """``count`` children (``command``: this module's ``main``) opened on ``spec`` all at
+    once, closed again on the way out."""
     children: list[_Child] = []
     try:
         for _ in range(count):
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "suwen.answer_processes",
+                *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=LINE_LIMIT,

@@ -8,6 +8,7 @@ search tools; the indexes' own tests are elsewhere).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -233,3 +234,38 @@ def test_an_agent_process_that_dies_costs_only_the_questions_it_held(
     again = _run(args, home)
     assert again.returncode == 0, again.stderr
     assert all("error" not in row for row in _records(out).values())
+
+
+_BROKEN_CHILD = """
+import json, sys
+sys.stdin.readline()  # the spec
+print(json.dumps({"ready": True, "notices": []}), flush=True)
+for line in sys.stdin:
+    reply = "not json" if sys.argv[1] == "garbage" else "x" * 5000
+    print(reply, flush=True)
+"""
+
+
+@pytest.mark.parametrize("reply", ["garbage", "too-long"])
+def test_a_reply_that_cannot_be_read_fails_its_question_instead_of_hanging(
+    reply: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child whose reply is not Suwen's JSON, or longer than a line may be, is stopped and
+    its question fails at once (a batch records it and goes on), never waits for ever."""
+    from suwen import answer_processes
+    from suwen.errors import ModelError
+    from suwen.types import Question
+
+    monkeypatch.setattr(answer_processes, "LINE_LIMIT", 1024)
+    spec = answer_processes.ChildSpec(settings={}, urls=["http://127.0.0.1:9"])
+    command = [sys.executable, "-c", _BROKEN_CHILD, reply]
+
+    async def ask() -> str:
+        async with answer_processes.started(spec, 1, command=command) as answer:
+            with pytest.raises(ModelError) as failed:
+                await asyncio.wait_for(answer(Question(text="Any effusion?")), 30)
+            with pytest.raises(ModelError, match="every answering process has exited"):
+                await answer(Question(text="And now?"))
+            return str(failed.value)
+
+    assert "answering process" in asyncio.run(ask())
