@@ -57,7 +57,10 @@ def batch(
         None, "--questions", help="Questions file (.jsonl/.csv); image paths relative to FOLDER."
     ),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", "-c", help="Questions answered at once (default: setting, 8)."
+        None,
+        "--concurrency",
+        "-c",
+        help="Questions answered at once, in all (default: setting, 8, per agent process).",
     ),
     processes: int | None = typer.Option(
         None,
@@ -81,12 +84,13 @@ def batch(
     from suwen.runtime import answer_mode, answer_settings, run_async
 
     settings = settings_of(ctx)
-    workers = concurrency if concurrency is not None else settings.concurrency
-    if workers < 1:
-        raise InputError(f"--concurrency {workers}: must be at least 1")
     children = processes if processes is not None else settings.processes
     if not 1 <= children <= MAX_PROCESSES:
         raise InputError(f"--processes {children}: must be 1 to {MAX_PROCESSES}")
+    # Unless given, each agent process gets the setting's number of questions in flight.
+    workers = concurrency if concurrency is not None else settings.concurrency * children
+    if workers < 1:
+        raise InputError(f"--concurrency {workers}: must be at least 1")
     mode = answer_mode(plain, adaptive)
     if task not in TASKS or (task == "report" and adaptive):
         raise InputError(f"--task {task}: 'answer', or 'report' (with or without --plain)")
