@@ -359,7 +359,6 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
     from suwen.answer_processes import answering
     from suwen.config import Settings
     from suwen.evaluate.benchmarks import LoadContext, load_pubmedqa, load_vqa_rad
-    from suwen.llm.base import recording
     from suwen.runtime import AgentAnswerer, open_agent
 
     settings = Settings(
@@ -398,7 +397,7 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         idle = machine_idle()
         cpu, started = cpu_seconds() + processes_cpu(agents), time.perf_counter()
         loop_cpu = time.thread_time()  # the event loop's own thread
-        with recording(), CollectorTime().installed() as collector:
+        with CollectorTime().installed() as collector:
             if profiler:
                 profiler.enable()
             calls = await asyncio.gather(*(one(s) for s in samples))

@@ -28,7 +28,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, Literal
 
 from pydantic import BaseModel
@@ -113,8 +113,8 @@ class _Child:
         await self.stdin.drain()
         line = await self.stdout.readline()
         if not line:
-            code = await self.process.wait()
-            raise ModelError(f"answering process {self.process.pid} exited with code {code}")
+            await self.process.wait()
+            raise self._gone()
         reply = json.loads(line)
         if "failed" in reply:
             raise _error(reply["failed"], reply["message"])
@@ -169,7 +169,7 @@ class _Child:
     def _gone(self) -> ModelError:
         code = self.process.returncode
         how = f"exited with code {code}" if code is not None else "stopped reading"
-        return ModelError(f"answering process {self.process.pid} {how}")
+        return ModelError(f"answering process {self.pid} {how}")
 
     async def close(self) -> None:
         """End-of-file to the child, then its exit (killed after ``STOP_SECONDS``)."""
@@ -324,16 +324,13 @@ async def _serve(replies_file: IO[bytes]) -> None:
 @asynccontextmanager
 async def _opened(spec: ChildSpec) -> AsyncIterator[tuple[Any, list[str]]]:
     from suwen import logs
-    from suwen.runtime import AgentAnswerer, Backends, current_backends, open_agent
+    from suwen.runtime import AgentAnswerer, current_backends, open_agent
 
     settings = Settings.model_validate(spec.settings)
     logs.configure(settings.home)
     notices: list[str] = []
-    backends = Backends(
-        open_model=lambda s, urls: _client(s, urls, spec.model),
-        open_text=current_backends().open_text,
-        open_images=current_backends().open_images,
-    )
+    # This process's searchers, and a client on the parent's servers and model.
+    backends = replace(current_backends(), open_model=lambda s, urls: _client(s, urls, spec.model))
     async with open_agent(
         settings,
         spec.urls,

@@ -107,6 +107,10 @@ def default_home() -> Path:
     return Path(user_data_dir("suwen", appauthor=False))
 
 
+# The most agent processes one `suwen batch` starts (setting `processes`, --processes).
+MAX_PROCESSES = 64
+
+
 class Settings(BaseSettings):
     """Every knob of Suwen. Each field is settable as ``SUWEN_<NAME>``, in suwen.toml, or by
     ``--set name=value`` on the command line."""
@@ -197,7 +201,10 @@ class Settings(BaseSettings):
     max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx")
     concurrency: int = Field(8, ge=1, description="Concurrent model requests")
     processes: int = Field(
-        1, ge=1, le=64, description="Agent processes suwen batch answers with (each its own core)"
+        1,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="Agent processes suwen batch answers with (each its own core)",
     )
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(1024, ge=1, description="Completion tokens per answer")

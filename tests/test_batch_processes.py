@@ -63,7 +63,7 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "SUWEN_HOME": str(home)}
 
 
-def _batch(folder: Path, out: Path, url: str, processes: int, home: Path) -> list[str]:
+def _batch(folder: Path, out: Path, url: str, processes: int) -> list[str]:
     return [
         *CLI,
         "batch",
@@ -149,8 +149,8 @@ def test_two_agent_processes_write_what_one_process_writes(
     folder = _folder(tmp_path, shared_data, 30, images=4)
     home = tmp_path / "home"
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    first = _run(_batch(folder, one, model_url, 1, home), home)
-    second = _run(_batch(folder, two, model_url, 2, home), home)
+    first = _run(_batch(folder, one, model_url, 1), home)
+    second = _run(_batch(folder, two, model_url, 2), home)
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
     by_one, by_two = _records(one), _records(two)
@@ -173,7 +173,7 @@ def test_an_agent_process_that_cannot_open_refuses_as_one_process_does(
     home = tmp_path / "home"
     (home / "indexes" / "pubmed").mkdir(parents=True)
     (home / "indexes" / "pubmed" / "CURRENT").write_text("garbage\n", encoding="utf-8")
-    runs = [_run(_batch(folder, tmp_path / f"{n}.jsonl", model_url, n, home), home) for n in (1, 3)]
+    runs = [_run(_batch(folder, tmp_path / f"{n}.jsonl", model_url, n), home) for n in (1, 3)]
     assert [run.returncode for run in runs] == [3, 3]  # the exit code of a damaged index
     last_lines = [run.stderr.strip().splitlines()[-1] for run in runs]
     assert last_lines[0] == last_lines[1] and "CURRENT names 'garbage'" in last_lines[0]
@@ -185,7 +185,7 @@ def test_interrupted_or_killed_batch_leaves_no_agent_running_and_resumes(
 ) -> None:
     folder = _folder(tmp_path, shared_data, 400)
     home, out = tmp_path / "home", tmp_path / "answers.jsonl"
-    args = _batch(folder, out, model_url, 2, home)
+    args = _batch(folder, out, model_url, 2)
     for stop, wanted in ((signal.SIGINT, 30), (signal.SIGKILL, 120)):
         process = subprocess.Popen(
             args,
@@ -219,7 +219,7 @@ def test_an_agent_process_that_dies_costs_only_the_questions_it_held(
 ) -> None:
     folder = _folder(tmp_path, shared_data, 300)
     home, out = tmp_path / "home", tmp_path / "answers.jsonl"
-    args = _batch(folder, out, model_url, 2, home)
+    args = _batch(folder, out, model_url, 2)
     process = subprocess.Popen(args, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_lines(out, 30, process)
     victim = _agents_of(process)[0]

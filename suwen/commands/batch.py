@@ -35,12 +35,11 @@ from suwen.batch import (
 )
 from suwen.commands import answering
 from suwen.commands.common import console, err_console, literal_line, print_note, settings_of
-from suwen.config import Settings
+from suwen.config import MAX_PROCESSES, Settings
 from suwen.errors import InputError, InterruptedRunError, NotDoneError
 from suwen.types import Mode
 
 ERRORS_SHOWN = 20
-MAX_PROCESSES = 64
 TASKS = ("answer", "report")
 
 TASK_HELP = (
