@@ -372,11 +372,11 @@ async def _answer_one(request: dict[str, Any], replies: _Replies, answer: Any) -
     number = request["id"]
     try:
         result: AgentResult = await answer(Question.model_validate(request["question"]))
-    except SuwenError as exc:
-        await replies.send({"id": number, "error": str(exc), "kind": type(exc).__name__})
-        return
     except Exception as exc:  # one failing question must not stop the others
-        await replies.send({"id": number, "error": f"{type(exc).__name__}: {exc}"})
+        from suwen.batch import error_text
+
+        kind = type(exc).__name__ if isinstance(exc, SuwenError) else "SuwenError"
+        await replies.send({"id": number, "error": error_text(exc), "kind": kind})
         return
     await replies.send({"id": number, "result": result.model_dump(mode="json")})
 

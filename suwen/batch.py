@@ -767,14 +767,18 @@ async def _answer_item(
     try:
         await _check_images(item.question, check)
         result = await answer(item.question)
-    except SuwenError as exc:
-        return {"id": item.id, "error": str(exc)}
     except Exception as exc:  # one failing question must not stop thousands of others
-        return {"id": item.id, "error": f"{type(exc).__name__}: {exc}"}
+        return {"id": item.id, "error": error_text(exc)}
     failure = answer_failure(item.question, result)
     if failure is not None:
         return {"id": item.id, "error": failure}
     return result_record(item, result)
+
+
+def error_text(exc: Exception) -> str:
+    """A question's error as its output line says it: Suwen's own one-line message, else the
+    exception's type and text."""
+    return str(exc) if isinstance(exc, SuwenError) else f"{type(exc).__name__}: {exc}"
 
 
 async def _check_images(question: Question, check: ImageCheck | None) -> None:
