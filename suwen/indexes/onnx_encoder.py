@@ -384,10 +384,12 @@ def runtime_session(model: Path | bytes, threads: int) -> onnxruntime.InferenceS
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads  # 0: one per core
     options.inter_op_num_threads = 1
-    # Idle intra-op workers wait without spinning: a spinning worker burns a core between
-    # operators, and a search process shares its cores with the agent's event loop, other
-    # searches and often the model server (two spinning threads doubled the CPU per query).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Intra-op workers spin between the operators of one run (waking a sleeping worker for
+    # each of a BERT's few hundred operators cost about a tenth of a query's latency at the
+    # same CPU) and stop spinning when the run ends: a worker left spinning after it burns a
+    # core the agent's event loop, other searches and often the model server share.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
