@@ -42,7 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_seconds, minilm_or_exit, shared_data_default, write_json
+from benchmarks.common import (
+    cpu_seconds,
+    minilm_or_exit,
+    processor,
+    shared_data_default,
+    write_json,
+)
 from suwen.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from suwen.privacy import private_dir
 from suwen.runtime import run_async
@@ -95,8 +101,12 @@ def tokenized(request: dict[str, Any]) -> dict[str, Any]:
     a chat's token count and the model length (the answer prompt fitted to the model)."""
     if "prompt" in request:
         return {"count": 1, "tokens": [token_id(request["prompt"])], "max_model_len": MODEL_LEN}
-    text = " ".join(said.text for said in _messages(request))
-    return {"count": len(text) // 4, "tokens": [], "max_model_len": MODEL_LEN}
+    return {"count": prompt_tokens(request), "tokens": [], "max_model_len": MODEL_LEN}
+
+
+def prompt_tokens(request: dict[str, Any]) -> int:
+    """A chat's prompt length as the stand-in counts it: a token per four characters."""
+    return len(" ".join(said.text for said in _messages(request))) // 4
 
 
 def reply_for(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
@@ -119,7 +129,7 @@ def reply_for(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
     return (reply if isinstance(reply, str) else "A"), None
 
 
-def completion(content: str, logprobs: list[dict[str, Any]] | None) -> bytes:
+def completion(content: str, logprobs: list[dict[str, Any]] | None, prompt: int) -> bytes:
     choice: dict[str, Any] = {
         "index": 0,
         "message": {"role": "assistant", "content": content},
@@ -127,20 +137,20 @@ def completion(content: str, logprobs: list[dict[str, Any]] | None) -> bytes:
     }
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}
-    usage = {"prompt_tokens": 100, "completion_tokens": max(1, len(content.split()))}
+    usage = {"prompt_tokens": prompt, "completion_tokens": max(1, len(content.split()))}
     return json.dumps(
         {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}
     ).encode()
 
 
-def streamed(content: str) -> bytes:
+def streamed(content: str, prompt: int) -> bytes:
     words = content.split(" ")
     chunks = [
         {"choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}}]}
         for i, word in enumerate(words)
     ]
     chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    usage = {"prompt_tokens": 100, "completion_tokens": len(words)}
+    usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
     chunks.append({"choices": [], "usage": usage})
     lines = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
     return "".join(lines).encode()
@@ -185,9 +195,10 @@ def respond(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
         if miss is not None:
             return 400, "application/json", miss
         content, logprobs = reply_for(request)
+        prompt = prompt_tokens(request)
         if request.get("stream"):
-            return 200, "text/event-stream", streamed(content)
-        return 200, "application/json", completion(content, logprobs)
+            return 200, "text/event-stream", streamed(content, prompt)
+        return 200, "application/json", completion(content, logprobs, prompt)
     return 404, "application/json", b'{"error": "not found"}'
 
 
@@ -496,6 +507,7 @@ def main() -> None:
             atomic_write_json(marker, values)
         with stand_in() as url:
             result = run_async(drive(args, values, home, url))
+    result["machine"] = {"cpus": os.cpu_count(), **processor()}
     result["target_questions_per_s"] = TARGET_QPS
     result["command"] = f"python -m benchmarks.coordinator --questions {args.questions} " + (
         f"--concurrency {args.concurrency} --kind {args.kind}"

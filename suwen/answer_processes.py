@@ -26,17 +26,21 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from suwen import errors, privacy
 from suwen.config import Settings
-from suwen.errors import ModelError, SuwenError
+from suwen.errors import InputError, ModelError, SuwenError
+from suwen.llm.base import CallRecord, record_call, recording
 from suwen.types import AgentResult, Mode, Question
+
+if TYPE_CHECKING:
+    from suwen.llm.client import VLLMClient
 
 # One reply line holds a whole AgentResult (answer, evidence, trace): far above asyncio's
 # default 64 KiB line limit.
@@ -59,6 +63,24 @@ class ChildSpec(BaseModel):
     report: bool = False
 
 
+class Request(BaseModel):
+    """One question for a child: answered in ``mode`` (default: the spec's) showing
+    ``examples`` case examples (default: the settings' ``case_examples``)."""
+
+    id: int
+    question: Question
+    mode: Mode | None = None
+    examples: int | None = Field(None, ge=0)
+
+
+class _Answered(NamedTuple):
+    """A child's reply: the result or the error, and the model calls made for it."""
+
+    result: AgentResult | None
+    error: SuwenError | None
+    calls: list[CallRecord]
+
+
 # ---------------------------------------------------------------------------------------------
 # The parent
 
@@ -66,7 +88,8 @@ class ChildSpec(BaseModel):
 class AnsweringProcesses:
     """An ``Answerer`` (``suwen.batch``) that hands each question to the child with the fewest
     in flight. It ``ReadsImages``: each child's agent decodes its question's images and refuses
-    an unreadable one, so the parent does not decode them too."""
+    an unreadable one, so the parent does not decode them too. The model calls a child made
+    for a question are recorded here as if made here (``suwen.llm.base.recording``)."""
 
     reads_images: Literal[True] = True
 
@@ -74,12 +97,43 @@ class AnsweringProcesses:
         self.children = children
 
     async def __call__(self, question: Question) -> AgentResult:
+        return await self.ask(question)
+
+    async def ask(
+        self, question: Question, mode: Mode | None = None, examples: int | None = None
+    ) -> AgentResult:
+        """``question`` answered in ``mode`` showing ``examples`` case examples (None: the
+        spec's mode, the settings' count)."""
         while alive := [child for child in self.children if child.alive]:
+            child = min(alive, key=lambda child: len(child.waiting))
             try:
-                return await min(alive, key=lambda child: len(child.waiting)).ask(question)
+                return await child.ask(
+                    Request(id=0, question=question, mode=mode, examples=examples)
+                )
             except _UndeliveredError:
                 continue  # that child is gone; the question never reached it
         raise ModelError("every answering process has exited")
+
+    def asking(self, mode: Mode, examples: int | None = None) -> Asking:
+        """The ``Answerer`` that asks in ``mode`` showing ``examples`` case examples."""
+        return Asking(self, mode, examples)
+
+    def with_examples(self, mode: Mode, count: int) -> Asking | None:
+        """The eval runner's ``ExampleAnswerers`` (``runtime.ExampleVariants``) in the children."""
+        return None if mode == "plain" else self.asking(mode, count)
+
+
+@dataclass(frozen=True)
+class Asking:
+    """An ``Answerer`` on the children in one mode and number of case examples."""
+
+    processes: AnsweringProcesses
+    mode: Mode
+    examples: int | None = None
+    reads_images: Literal[True] = True
+
+    async def __call__(self, question: Question) -> AgentResult:
+        return await self.processes.ask(question, self.mode, self.examples)
 
 
 class _UndeliveredError(Exception):
@@ -91,7 +145,7 @@ class _Child:
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
-        self.waiting: dict[int, asyncio.Future[AgentResult]] = {}
+        self.waiting: dict[int, asyncio.Future[_Answered]] = {}
         self._numbers = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self.alive = True
@@ -121,19 +175,27 @@ class _Child:
         self._reader = asyncio.create_task(self._read())
         return [str(notice) for notice in reply.get("notices", [])]
 
-    async def ask(self, question: Question) -> AgentResult:
+    async def ask(self, request: Request) -> AgentResult:
+        """``request`` (its id replaced by this child's next number) answered; the child's model
+        calls for it recorded in this task's call logs."""
         number = next(self._numbers)
-        future: asyncio.Future[AgentResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Answered] = asyncio.get_running_loop().create_future()
         self.waiting[number] = future
-        request = {"id": number, "question": question.model_dump(mode="json")}
+        line = request.model_copy(update={"id": number}).model_dump_json()
         try:
-            self.stdin.write(json.dumps(request).encode() + b"\n")
+            self.stdin.write(line.encode() + b"\n")
             await self.stdin.drain()
         except (ConnectionError, RuntimeError) as exc:
             self.waiting.pop(number, None)
             self.alive = False
             raise _UndeliveredError from exc
-        return await future
+        answered = await future
+        for call in answered.calls:
+            record_call(call)
+        if answered.error is not None:
+            raise answered.error
+        assert answered.result is not None
+        return answered.result
 
     async def _read(self) -> None:
         """Settle each reply's question until the child ends; a reply that cannot be read
@@ -157,14 +219,10 @@ class _Child:
     def pid(self) -> int:
         return self.process.pid
 
-    def _settle(self, number: int, result: AgentResult | None, error: SuwenError | None) -> None:
+    def _settle(self, number: int, answered: _Answered) -> None:
         future = self.waiting.pop(number, None)
-        if future is None or future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        elif result is not None:
-            future.set_result(result)
+        if future is not None and not future.done():
+            future.set_result(answered)
 
     def _gone(self) -> ModelError:
         code = self.process.returncode
@@ -187,12 +245,15 @@ class _Child:
                 await self._reader
 
 
-def _reply(line: bytes) -> tuple[int, AgentResult | None, SuwenError | None]:
+def _reply(line: bytes) -> tuple[int, _Answered]:
     reply = json.loads(line)
     number = int(reply["id"])
+    calls = [CallRecord.model_validate(call) for call in reply.get("calls", [])]
     if "error" in reply:
-        return number, None, _error(reply.get("kind", "SuwenError"), reply["error"])
-    return number, AgentResult.model_validate(reply["result"]), None
+        return number, _Answered(
+            None, _error(reply.get("kind", "SuwenError"), reply["error"]), calls
+        )
+    return number, _Answered(AgentResult.model_validate(reply["result"]), None, calls)
 
 
 def _error(kind: str, message: str) -> SuwenError:
@@ -321,16 +382,44 @@ async def _serve(replies_file: IO[bytes]) -> None:
         transport.close()
 
 
+class _ChildAnswerers:
+    """The child's answerer for each request: the spec's mode, or the request's mode and
+    number of case examples (``runtime.ExampleVariants``: one agent per count)."""
+
+    def __init__(self, agent: Any, spec: ChildSpec) -> None:
+        from suwen.runtime import AgentAnswerer, ExampleVariants
+
+        self.agent = agent
+        self.spec = spec
+        self.default = AgentAnswerer(agent, spec.mode, report=spec.report)
+        self.variants = ExampleVariants(agent)
+
+    def __call__(self, request: Request) -> Callable[[Question], Awaitable[AgentResult]]:
+        from suwen.runtime import AgentAnswerer
+
+        mode = request.mode or self.spec.mode
+        if request.examples is not None:
+            chosen = self.variants(mode, request.examples)
+            if chosen is None:
+                raise InputError(f"{mode} mode shows no case examples")
+            return chosen
+        if mode == self.spec.mode:
+            return self.default
+        return AgentAnswerer(self.agent, mode, report=self.spec.report)
+
+
 @asynccontextmanager
-async def _opened(spec: ChildSpec) -> AsyncIterator[tuple[Any, list[str]]]:
+async def _opened(spec: ChildSpec) -> AsyncIterator[tuple[_ChildAnswerers, list[str]]]:
     from suwen import logs
-    from suwen.runtime import AgentAnswerer, current_backends, open_agent
+    from suwen.runtime import current_backends, open_agent
 
     settings = Settings.model_validate(spec.settings)
     logs.configure(settings.home)
     notices: list[str] = []
     # This process's searchers, and a client on the parent's servers and model.
-    backends = replace(current_backends(), open_model=lambda s, urls: _client(s, urls, spec.model))
+    backends = replace(
+        current_backends(), open_model=lambda s, urls: model_client(s, urls, spec.model)
+    )
     async with open_agent(
         settings,
         spec.urls,
@@ -340,11 +429,14 @@ async def _opened(spec: ChildSpec) -> AsyncIterator[tuple[Any, list[str]]]:
         backends=backends,
         on_notice=notices.append,
     ) as agent:
-        yield AgentAnswerer(agent, spec.mode, report=spec.report), notices
+        yield _ChildAnswerers(agent, spec), notices
 
 
 @asynccontextmanager
-async def _client(settings: Settings, urls: Sequence[str], model: str | None) -> AsyncIterator[Any]:
+async def model_client(
+    settings: Settings, urls: Sequence[str], model: str | None
+) -> AsyncIterator[VLLMClient]:
+    """A client on servers another process started or was given (``llm.server.served``)."""
     from suwen.llm.client import VLLMClient
 
     client = VLLMClient(list(urls), settings, model=model)
@@ -354,13 +446,17 @@ async def _client(settings: Settings, urls: Sequence[str], model: str | None) ->
         await client.aclose()
 
 
-async def _answer_until_end(reader: asyncio.StreamReader, replies: _Replies, answer: Any) -> None:
+async def _answer_until_end(
+    reader: asyncio.StreamReader, replies: _Replies, answerers: _ChildAnswerers
+) -> None:
     """Answer each request as it comes, all at once (the parent bounds how many are in
     flight). End-of-file: the parent is done, or gone; what is still being answered is
     dropped (a parent that is gone cannot save it; the next run asks those again)."""
     tasks: set[asyncio.Task[None]] = set()
     while line := await reader.readline():
-        task = asyncio.create_task(_answer_one(json.loads(line), replies, answer))
+        task = asyncio.create_task(
+            _answer_one(Request.model_validate_json(line), replies, answerers)
+        )
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     for task in list(tasks):
@@ -368,17 +464,21 @@ async def _answer_until_end(reader: asyncio.StreamReader, replies: _Replies, ans
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _answer_one(request: dict[str, Any], replies: _Replies, answer: Any) -> None:
-    number = request["id"]
-    try:
-        result: AgentResult = await answer(Question.model_validate(request["question"]))
-    except Exception as exc:  # one failing question must not stop the others
-        from suwen.batch import error_text
+async def _answer_one(request: Request, replies: _Replies, answerers: _ChildAnswerers) -> None:
+    """Answer ``request`` and reply with the result or the error, and the model calls made."""
+    reply: dict[str, Any] = {"id": request.id}
+    with recording() as log:
+        try:
+            result = await answerers(request)(request.question)
+        except Exception as exc:  # one failing question must not stop the others
+            from suwen.batch import error_text
 
-        kind = type(exc).__name__ if isinstance(exc, SuwenError) else "SuwenError"
-        await replies.send({"id": number, "error": error_text(exc), "kind": kind})
-        return
-    await replies.send({"id": number, "result": result.model_dump(mode="json")})
+            reply["error"] = error_text(exc)
+            reply["kind"] = type(exc).__name__ if isinstance(exc, SuwenError) else "SuwenError"
+        else:
+            reply["result"] = result.model_dump(mode="json")
+    reply["calls"] = [call.model_dump(mode="json") for call in log.records]
+    await replies.send(reply)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ SLICES_OPTION = typer.Option(
     "--slices",
     help="Slices shown of a NIfTI volume or DICOM series (default: setting volume_slices).",
 )
+PROCESSES_OPTION = typer.Option(
+    None,
+    "--processes",
+    "-p",
+    help="Agent processes answering (default: setting, 1); one uses about one core.",
+)
 VLLM_URL_OPTION = typer.Option(
     [], "--vllm-url", help="Running vLLM server to use (repeatable; none: start one)."
 )
@@ -106,6 +112,17 @@ async def answer_question(
             return await agent.run(
                 question, mode=mode, on_event=lambda event: show_step(status, event)
             )
+
+
+def agent_processes(settings: Settings, processes: int | None) -> int:
+    """``--processes`` (else the setting), refused in one line outside 1 to the maximum."""
+    from suwen.config import MAX_PROCESSES
+    from suwen.errors import InputError
+
+    count = processes if processes is not None else settings.processes
+    if not 1 <= count <= MAX_PROCESSES:
+        raise InputError(f"--processes {count}: must be 1 to {MAX_PROCESSES}")
+    return count
 
 
 def show_step(status: Status, event: AgentEvent) -> None:

@@ -35,7 +35,7 @@ from suwen.batch import (
 )
 from suwen.commands import answering
 from suwen.commands.common import console, err_console, literal_line, print_note, settings_of
-from suwen.config import MAX_PROCESSES, Settings
+from suwen.config import Settings
 from suwen.errors import InputError, InterruptedRunError, NotDoneError
 from suwen.types import Mode
 
@@ -61,12 +61,7 @@ def batch(
         "-c",
         help="Questions answered at once, in all (default: setting, 8, per agent process).",
     ),
-    processes: int | None = typer.Option(
-        None,
-        "--processes",
-        "-p",
-        help="Agent processes answering (default: setting, 1); one uses about one core.",
-    ),
+    processes: int | None = answering.PROCESSES_OPTION,
     plain: bool = typer.Option(False, "--plain", help="Baseline: the model alone, no retrieval."),
     adaptive: bool = answering.ADAPTIVE_OPTION,
     abstain_below: float | None = answering.ABSTAIN_BELOW_OPTION,
@@ -83,9 +78,7 @@ def batch(
     from suwen.runtime import answer_mode, answer_settings, run_async
 
     settings = settings_of(ctx)
-    children = processes if processes is not None else settings.processes
-    if not 1 <= children <= MAX_PROCESSES:
-        raise InputError(f"--processes {children}: must be 1 to {MAX_PROCESSES}")
+    children = answering.agent_processes(settings, processes)
     # Unless given, each agent process gets the setting's number of questions in flight.
     workers = concurrency if concurrency is not None else settings.concurrency * children
     if workers < 1:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import typer
 
+from suwen.commands import answering
 from suwen.commands.common import (
     console,
     err_console,
@@ -49,8 +50,12 @@ def eval_command(
     limit: int | None = typer.Option(None, "--limit", min=1, help="Questions per benchmark."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling and the bootstrap."),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", min=1, help="Questions in flight (default: setting)."
+        None,
+        "--concurrency",
+        min=1,
+        help="Questions in flight, in all (default: setting, 8, per agent process).",
     ),
+    processes: int | None = answering.PROCESSES_OPTION,
     judge: bool = typer.Option(False, "--judge", help="MedEvalKit's LLM judge for open answers."),
     allow_leak: bool = typer.Option(
         False, "--allow-leak", help="Let retrieval see each question's own source."
@@ -77,14 +82,25 @@ def eval_command(
     Writes per-question JSONL, metrics.json, report.md, report.html and a chart into --out.
     """
     from suwen.evaluate.benchmarks import benchmark_named
-    from suwen.evaluate.runner import MEDEVALKIT_SAMPLING, EvalConfig, ImagePolicy, parse_modes
+    from suwen.evaluate.runner import (
+        MEDEVALKIT_SAMPLING,
+        EvalConfig,
+        ImagePolicy,
+        answerer_of,
+        parse_modes,
+    )
 
     settings = settings_of(ctx)
+    children = answering.agent_processes(settings, processes)
+    settings = settings.model_copy(update={"processes": children})
     if abstain_below is not None and not 0 <= abstain_below <= 1:
         raise InputError(f"--abstain-below {abstain_below}: must be between 0 and 1")
     if lang not in (None, "en", "zh"):
         raise InputError(f"--lang {lang!r}: expected en or zh")
     chosen = parse_modes(modes)
+    if all(answerer_of(mode) == "plain" for mode in chosen):
+        children = 1  # the plain model is asked from this process
+        settings = settings.model_copy(update={"processes": children})
     names = [benchmark_named(name).name for name in _split(benchmark)]
     counts = parse_case_examples(case_examples) if case_examples is not None else []
     config = EvalConfig(
@@ -94,7 +110,8 @@ def eval_command(
         out=out,
         limit=limit,
         seed=seed,
-        concurrency=concurrency or settings.concurrency,
+        # Unless given, each agent process gets the setting's number of questions in flight.
+        concurrency=concurrency or settings.concurrency * children,
         judge=judge,
         allow_leak=allow_leak,
         max_tokens=settings.max_tokens,

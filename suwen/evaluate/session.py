@@ -19,7 +19,9 @@ from suwen.errors import SuwenError
 from suwen.evaluate.benchmarks import Sample
 from suwen.evaluate.calibration import CalibrationFile, load_calibration, save_calibration
 from suwen.evaluate.runner import (
+    Answerer,
     EvalConfig,
+    ExampleAnswerers,
     ModeFailedError,
     ModeSummary,
     Progress,
@@ -27,6 +29,8 @@ from suwen.evaluate.runner import (
     load_selected,
     run_evaluation,
 )
+from suwen.llm.base import VisionLanguageModel
+from suwen.types import Mode
 
 Notice = Callable[[str], None]
 
@@ -107,26 +111,92 @@ async def _answer(
     on_progress: Progress | None,
     on_notice: Notice | None,
 ) -> list[ModeSummary]:
-    from suwen.evaluate.confidence_eval import plain_confidence_judge
-    from suwen.evaluate.provenance import provenance
     from suwen.runtime import AgentAnswerer, ExampleVariants, open_agent
 
     # Answers record abstentions by this run's threshold.
     settings = settings.model_copy(update={"abstain_below": config.abstain_below})
+    if settings.processes > 1 and any(answerer_of(mode) != "plain" for mode in config.modes):
+        return await _answer_in_processes(settings, config, samples, urls, on_progress, on_notice)
     async with open_agent(settings, urls, sessions=False, on_notice=on_notice) as agent:
-        judge = plain_confidence_judge(agent.model, agent.calibration, config.abstain_below)
-        wants_agent = any(answerer_of(mode) == "agent" for mode in config.modes)
-        return await run_evaluation(
-            config,
-            samples,
+        answerers = _Answerers(
             model=agent.model,
-            answerer=AgentAnswerer(agent) if wants_agent else None,
-            on_progress=on_progress,
-            adaptive=AgentAnswerer(agent, "adaptive") if "adaptive" in config.modes else None,
-            plain_confidence=judge if settings.confidence else None,
-            provenance=await provenance(settings.vlm, getattr(agent.model, "urls", [])),
-            with_examples=ExampleVariants(agent) if config.case_examples else None,
+            calibration=agent.calibration,
+            urls=getattr(agent.model, "urls", []),
+            asking=lambda mode: AgentAnswerer(agent, mode),
+            with_examples=ExampleVariants(agent),
         )
+        return await _run(settings, config, samples, answerers, on_progress)
+
+
+async def _answer_in_processes(
+    settings: Settings,
+    config: EvalConfig,
+    samples: dict[str, list[Sample]],
+    urls: Sequence[str],
+    on_progress: Progress | None,
+    on_notice: Notice | None,
+) -> list[ModeSummary]:
+    """As ``_answer``, with the agent and adaptive modes answered by ``settings.processes``
+    agent processes (``suwen.answer_processes``) on the same servers; this process keeps the
+    plain mode, the judge, the answer files and the report."""
+    from suwen import privacy
+    from suwen.agent.graph import calibration_for
+    from suwen.answer_processes import ChildSpec, model_client, started
+    from suwen.llm.server import served
+
+    privacy.enforce()
+    privacy.private_dir(settings.home)
+    async with served(settings, urls) as (endpoints, name):
+        spec = ChildSpec(settings=settings.model_dump(mode="json"), urls=endpoints, model=name)
+        async with (
+            started(spec, settings.processes, on_notice) as processes,
+            model_client(settings, endpoints, name) as model,
+        ):
+            answerers = _Answerers(
+                model=model,
+                calibration=calibration_for(settings),
+                urls=endpoints,
+                asking=processes.asking,
+                with_examples=processes.with_examples,
+            )
+            return await _run(settings, config, samples, answerers, on_progress)
+
+
+@dataclass(frozen=True)
+class _Answerers:
+    """Who answers a run: the model (plain mode, the judge) and the agent in a mode."""
+
+    model: VisionLanguageModel
+    calibration: CalibrationFile | None
+    urls: Sequence[str]
+    asking: Callable[[Mode], Answerer]
+    with_examples: ExampleAnswerers
+
+
+async def _run(
+    settings: Settings,
+    config: EvalConfig,
+    samples: dict[str, list[Sample]],
+    answerers: _Answerers,
+    on_progress: Progress | None,
+) -> list[ModeSummary]:
+    from suwen.evaluate.confidence_eval import plain_confidence_judge
+    from suwen.evaluate.provenance import provenance
+
+    model = answerers.model
+    judge = plain_confidence_judge(model, answerers.calibration, config.abstain_below)
+    wants_agent = any(answerer_of(mode) == "agent" for mode in config.modes)
+    return await run_evaluation(
+        config,
+        samples,
+        model=model,
+        answerer=answerers.asking("agent") if wants_agent else None,
+        on_progress=on_progress,
+        adaptive=answerers.asking("adaptive") if "adaptive" in config.modes else None,
+        plain_confidence=judge if settings.confidence else None,
+        provenance=await provenance(settings.vlm, answerers.urls),
+        with_examples=answerers.with_examples if config.case_examples else None,
+    )
 
 
 def store_calibration(settings: Settings, out: Path) -> StoredCalibration:
