@@ -54,7 +54,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_seconds, portable, shared_data_default, write_json
+from benchmarks.common import cpu_seconds, portable, processor, shared_data_default, write_json
 from suwen.agent import prompts
 from suwen.agent.graph import SuwenAgent
 from suwen.batch import answer_failure, load_questions, run_batch
@@ -420,6 +420,7 @@ def report(
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
+            **processor(),
         },
         "model": "tiny random Qwen2.5-VL (suwen dev tiny-model)"
         if args.vlm is None

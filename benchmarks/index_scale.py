@@ -42,7 +42,13 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import index_bench, medcpt_shape
-from benchmarks.common import fresh_cli_process, minilm_or_exit, shared_data_default, write_json
+from benchmarks.common import (
+    fresh_cli_process,
+    minilm_or_exit,
+    processor,
+    shared_data_default,
+    write_json,
+)
 from benchmarks.index_bench import BenchData, IndexMeasurement
 from benchmarks.synthetic_vectors import EmbeddingMixture
 from suwen.config import Settings
@@ -581,7 +587,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     encoder = minilm_or_exit()
     sizes = [int(s) for s in args.sizes.split(",")]
-    payload: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_at_start": load()}}
+    payload: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), **processor(), "load_at_start": load()}
+    }
 
     with work_folder(args.work) as work:
         settings = Settings(home=work / "home", text_encoder=encoder, device="cpu")  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import medcpt_shape, quant_candidates
-from benchmarks.common import minilm_or_exit, portable, shared_data_default, write_json
+from benchmarks.common import minilm_or_exit, portable, processor, shared_data_default, write_json
 from suwen.config import Settings, load_settings
 from suwen.indexes import onnx_encoder
 from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder
@@ -364,7 +364,7 @@ def main() -> None:
     timed = questions[: args.questions]
     thread_counts = tuple(int(t) for t in args.threads.split(","))
     payload: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "load_at_start": load()},
+        "machine": {"cpus": os.cpu_count(), **processor(), "load_at_start": load()},
         "medcpt_shape": {
             **medcpt_shape.MEDCPT_QUERY_CONFIG,
             "weights": "random (shape only)",
