@@ -12,7 +12,10 @@ kind only), ``--concurrency`` at a time.
 
 Reports questions/s, model calls/s and this process's CPU seconds per question (user + system,
 all threads; the server's CPU is not counted), and with ``--profile`` the functions where that
-CPU goes (cProfile, cumulative).
+CPU goes (cProfile, cumulative). ``--processes N`` answers with N agent processes as ``suwen
+batch --processes N`` does; ``--eval`` asks through ``suwen eval``'s runner in agent mode (each
+answer scored and recorded, as an evaluation run does), so the parent's own CPU per question
+(``own_cpu_s_per_question``) says how many agent processes one evaluation can coordinate.
 
     .venv/bin/python -m benchmarks.coordinator [--questions 60] [--concurrency 16] [--profile]
 
@@ -333,6 +336,26 @@ class CollectorTime:
             gc.callbacks.remove(self)
 
 
+async def evaluated(samples: list[Any], answer: Any, concurrency: int, home: Path) -> list[int]:
+    """``samples`` asked through ``suwen eval``'s runner in agent mode, as ``suwen eval
+    --modes agent`` asks them (scored, each record written to its samples file); each answer's
+    model calls."""
+    from suwen.answer_processes import AnsweringProcesses
+    from suwen.evaluate.runner import EvalConfig, read_records, run_evaluation, samples_path
+
+    by_benchmark: dict[str, list[Any]] = {}
+    for sample in samples:
+        by_benchmark.setdefault(sample.benchmark, []).append(sample)
+    out = Path(tempfile.mkdtemp(prefix="eval-", dir=home))
+    config = EvalConfig(
+        benchmarks=list(by_benchmark), modes=["agent"], out=out, concurrency=concurrency
+    )
+    asked = answer.asking("agent") if isinstance(answer, AnsweringProcesses) else answer
+    await run_evaluation(config, by_benchmark, model=None, answerer=asked)
+    records = [read_records(samples_path(out, name, "agent")) for name in by_benchmark]
+    return [record.model_calls for found in records for record in found]
+
+
 def served(url: str) -> tuple[int, int, float]:
     """Requests and request-body bytes the stand-in has received, and its CPU seconds."""
     import httpx
@@ -402,19 +425,28 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
                 return int(result.model_calls)
 
         # Warm-up: imports, the query encoder, the first connections; not measured.
-        await asyncio.gather(*(one(s) for s in samples[: args.concurrency]))
+        warm = samples[: args.concurrency]
+        if args.eval:  # and the scoring's imports
+            await evaluated(warm, answer, args.concurrency, home)
+        else:
+            await asyncio.gather(*(one(s) for s in warm))
         profiler = cProfile.Profile() if args.profile else None
         requests, sent, server_cpu = served(url)
         idle = machine_idle()
-        cpu, started = cpu_seconds() + processes_cpu(agents), time.perf_counter()
+        own_cpu, started = cpu_seconds(), time.perf_counter()
+        cpu = own_cpu + processes_cpu(agents)
         loop_cpu = time.thread_time()  # the event loop's own thread
         with CollectorTime().installed() as collector:
             if profiler:
                 profiler.enable()
-            calls = await asyncio.gather(*(one(s) for s in samples))
+            if args.eval:
+                calls = await evaluated(samples, answer, args.concurrency, home)
+            else:
+                calls = await asyncio.gather(*(one(s) for s in samples))
             if profiler:
                 profiler.disable()
         wall = time.perf_counter() - started
+        own_cpu = cpu_seconds() - own_cpu
         cpu = cpu_seconds() + processes_cpu(agents) - cpu
         loop_cpu = time.thread_time() - loop_cpu
         idle_now = machine_idle()
@@ -431,6 +463,7 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "wall_s": round(wall, 2),
         "questions_per_s": round(len(samples) / wall, 2),
         "processes": args.processes,
+        "asked_by": "suwen eval's runner (agent mode, scored)" if args.eval else "the agent",
         "model_calls": sum(calls),
         "model_calls_per_question": round(sum(calls) / len(samples), 2),
         "model_calls_per_s": round(sum(calls) / wall, 1),
@@ -439,6 +472,8 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "request_kb_per_question": round(sent / 1000 / len(samples), 1),
         "cpu_s_per_question": round(cpu / len(samples), 4),
         "cpu_share_of_wall": round(cpu / wall, 2),
+        # This process alone: with agent processes, what the coordinating parent costs.
+        "own_cpu_s_per_question": round(own_cpu / len(samples), 4),
         "event_loop_cpu_s_per_question": round(loop_cpu / len(samples), 4),
         "event_loop_share_of_wall": round(loop_cpu / wall, 2),
         # The stand-in's own CPU (it shares these cores) and how much of the machine sat idle.
@@ -488,6 +523,11 @@ def main() -> None:
         "one agent in this process",
     )
     parser.add_argument("--home", type=Path, default=None, help="reuse indexes built here")
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="ask through suwen eval's runner (agent mode: scored and recorded per question)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-out", type=Path, default=None, help="save the pstats here")
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -512,6 +552,7 @@ def main() -> None:
     result["command"] = f"python -m benchmarks.coordinator --questions {args.questions} " + (
         f"--concurrency {args.concurrency} --kind {args.kind}"
         + (f" --processes {args.processes}" if args.processes > 1 else "")
+        + (" --eval" if args.eval else "")
         + (" --profile" if args.profile else "")
     )
     write_json(args.out, result)
