@@ -49,28 +49,15 @@ def without_machine_paths(text: str) -> str:
     return re.sub(r"(?<![\w.:/])/(?:[^\s/:'\"]+/)+([^\s/:'\"]+)", r"\1", text)
 
 
-# Instruction sets that decide how fast BLAS and ONNX Runtime's float and int8 kernels run: one
-# machine of this kind has booted on processors with AVX-512 (BF16, VNNI) and on ones with AVX2
-# only, and the same graphs ran up to twice as slow on the latter.
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-
-
 def processor() -> dict[str, Any]:
-    """The processor a run was measured on: its name and which of :data:`SPEED_FLAGS` it has
-    (from /proc/cpuinfo; empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return {}
-    fields = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in text.split("\n\n")[0].splitlines())
-    )
-    flags = set(fields.get("flags", "").split())
-    return {
-        "cpu_model": fields.get("model name", ""),
-        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
-    }
+    """The processor a run was measured on: its name and the instruction sets that decide how
+    fast BLAS and ONNX Runtime's kernels run (``suwen.doctor.SPEED_FLAGS``). Machines of this
+    kind boot on different processors: some with AVX-512 (BF16, VNNI), some with AVX2 only, where
+    the same graphs ran up to twice as slow."""
+    from suwen.doctor import processor as read_processor
+
+    found = read_processor()
+    return {"cpu_model": found.model, "cpu_flags": list(found.flags)}
 
 
 def write_json(path: Path, results: Mapping[str, Any]) -> None:

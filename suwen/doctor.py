@@ -60,6 +60,7 @@ def run_checks(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     for producer in (
         _python,
+        _cpu,
         _packages,
         _torch,
         _vllm_build,
@@ -88,6 +89,48 @@ def _python(settings: Settings) -> Iterator[Check]:
     version = platform.python_version()
     suwen_version = _version(("suwen",)) or "not installed"
     yield Check("Python", "ok", f"{version}; suwen {suwen_version}")
+
+
+# Instruction sets that decide how fast BLAS and ONNX Runtime's float and int8 kernels run.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class Processor:
+    """What /proc/cpuinfo says of this machine's processor (empty where there is none)."""
+
+    model: str
+    flags: tuple[str, ...]  # those of SPEED_FLAGS it has
+
+
+def processor() -> Processor:
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return Processor(platform.processor(), ())
+    first = (line.partition(":") for line in text.split("\n\n")[0].splitlines())
+    fields = {key.strip(): value.strip() for key, _, value in first}
+    present = set(fields.get("flags", "").split())
+    return Processor(fields.get("model name", ""), tuple(f for f in SPEED_FLAGS if f in present))
+
+
+def _cpu(settings: Settings) -> Iterator[Check]:
+    found = processor()
+    detail = f"{found.model or platform.machine()}, {os.cpu_count()} cores"
+    if "avx2" not in found.flags:  # not x86-64, or no /proc/cpuinfo: nothing more to say
+        yield Check("CPU", "ok", detail)
+        return
+    if any(flag in found.flags for flag in INT8_DOT_FLAGS):
+        yield Check("CPU", "ok", f"{detail}; int8 dot products ({', '.join(found.flags)})")
+        return
+    yield Check(
+        "CPU",
+        "ok",
+        f"{detail}; AVX2 without int8 dot products (VNNI): the query encoder's 8-bit graph "
+        "runs no faster than float32 here, so searches are slower than the README's figures",
+    )
 
 
 def _packages(settings: Settings) -> Iterator[Check]:

@@ -111,3 +111,38 @@ def test_the_table_names_each_fix(tmp_path: Path):
     assert done.exit_code == 1
     assert "lingshu-7b" in done.stdout and "fetch" in done.stdout
     assert "needed by `suwen ask`" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ("fpu sse2 avx2 fma avx512f avx512_vnni avx512_bf16", "int8 dot products (avx2, fma,"),
+        ("fpu sse2 avx2 fma avx_vnni", "int8 dot products (avx2, fma, avx_vnni)"),
+        ("fpu sse2 avx2 fma vaes", "AVX2 without int8 dot products (VNNI)"),
+    ],
+)
+def test_the_cpu_check_says_whether_int8_query_encoding_is_fast_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, said: str
+) -> None:
+    """The processor bounds search latency (README: 'The processor decides much of it'), so a
+    user comparing with the README's figures sees which kind of processor this is."""
+    from suwen import doctor as checks
+
+    cpuinfo = tmp_path / "cpuinfo"
+    core = f"processor\t: {{n}}\nmodel name\t: Test CPU [bold]9000[/bold]\nflags\t\t: {flags}\n"
+    cpuinfo.write_text("\n".join(core.format(n=n) for n in range(2)), encoding="utf-8")
+    monkeypatch.setattr(checks, "CPUINFO", cpuinfo)
+    _, rows = doctor(tmp_path / "home")
+    detail = str(rows["CPU"]["detail"])
+    assert rows["CPU"]["status"] == "ok" and said in detail
+    assert detail.startswith("Test CPU [bold]9000[/bold], ")
+
+
+def test_the_cpu_check_without_cpuinfo_names_the_architecture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from suwen import doctor as checks
+
+    monkeypatch.setattr(checks, "CPUINFO", tmp_path / "absent")
+    _, rows = doctor(tmp_path / "home")
+    assert rows["CPU"]["status"] == "ok" and "cores" in str(rows["CPU"]["detail"])
