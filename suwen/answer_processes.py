@@ -1,19 +1,23 @@
-"""Batch questions answered by several agent processes, for a machine with more cores than one
-Python process can use.
+"""Batch and evaluation questions answered by several agent processes, for a machine with more
+cores than one Python process can use.
 
 One Python process runs every question's graph steps, HTTP requests and bookkeeping on one
 event loop under one interpreter lock: that bounds how many agent questions per second it can
 feed to model servers, however many servers and cores there are (``benchmarks/coordinator.py``).
-With ``processes`` above 1, ``suwen batch`` starts that many child processes (``python -m
-suwen.answer_processes``), each opening its own agent (indexes, query encoders, model client)
-on the same model servers, and hands them the questions. The parent keeps the rest: the
-question file, the answer log (it alone writes it, so resuming works as with one process), the
-progress bar, and the managed model server when one is started.
+With ``processes`` above 1, ``suwen batch`` (and ``suwen eval``, for its agent modes) starts
+that many child processes (``python -m suwen.answer_processes``), each opening its own agent
+(indexes, query encoders, model client) on the same model servers, and hands them the
+questions. The parent keeps the rest: the question file, the answer log (it alone writes it,
+so resuming works as with one process), the progress bar, and the managed model server when
+one is started.
 
 Parent and children speak JSON lines, never pickle: the parent writes to a child's stdin, the
-child answers on its original stdout (its own prints go to stderr). A child whose parent is
-gone (killed, or Ctrl-C, which the children ignore) reads end-of-file and exits; a child that
-dies fails only the questions it held, as error lines the next run asks again.
+child answers on its original stdout (its own prints go to stderr). A request may name the
+mode and the number of case examples to answer with; a reply carries the model calls made for
+it, recorded in the parent as if made there (the evaluation tells a refusing server from an
+answer by them). A child whose parent is gone (killed, or Ctrl-C, which the children ignore)
+reads end-of-file and exits; a child that dies fails only the questions it held, as error lines
+the next run asks again.
 """
 
 from __future__ import annotations

@@ -309,10 +309,13 @@ class OnnxQueryEncoder:
         record: ExportRecord,
         threads: int = 0,
         buckets: Sequence[int] = (),
+        *,
+        spin: bool = True,
     ) -> None:
         """``buckets``: pad a query to the smallest of these lengths that holds it (none: run it
         at its own length, the faster way in ``benchmarks/query_encoder.py``; kept so the
-        benchmark can compare)."""
+        benchmark can compare); ``spin``: as :func:`runtime_session` (off: kept so the benchmark
+        can compare)."""
         from tokenizers import Tokenizer
 
         self.directory = directory
@@ -326,7 +329,7 @@ class OnnxQueryEncoder:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(record.max_tokens)
         self._tokenizer_lock = threading.Lock()
-        self._session = runtime_session(directory / MODEL_FILE, threads)
+        self._session = runtime_session(directory / MODEL_FILE, threads, spin=spin)
         self._buckets = sorted(buckets)
 
     @classmethod
@@ -376,9 +379,12 @@ class OnnxQueryEncoder:
         return np.asarray(summed / np.maximum(weights.sum(axis=1), 1e-9), dtype=np.float32)
 
 
-def runtime_session(model: Path | bytes, threads: int) -> onnxruntime.InferenceSession:
+def runtime_session(
+    model: Path | bytes, threads: int, *, spin: bool = True
+) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on the CPU for ``model`` (a file, or a serialised graph), on
-    ``threads`` intra-op threads (0: one per core), telemetry off."""
+    ``threads`` intra-op threads (0: one per core), telemetry off; with ``spin`` off, waiting
+    workers sleep even between the operators of one run."""
     ort = _runtime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -388,7 +394,7 @@ def runtime_session(model: Path | bytes, threads: int) -> onnxruntime.InferenceS
     # each of a BERT's few hundred operators cost about a tenth of a query's latency at the
     # same CPU) and stop spinning when the run ends: a worker left spinning after it burns a
     # core the agent's event loop, other searches and often the model server share.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     source = str(model) if isinstance(model, Path) else model
