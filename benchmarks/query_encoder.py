@@ -57,6 +57,7 @@ RUNTIMES = (
     "onnx_float32",
     "onnx_int8",
     "onnx_int8_buckets",
+    "onnx_int8_sleeping_workers",
     "onnx_dynamic_int8",
     "onnx_dynamic_int8_weights",
     "onnx_per_token_int8",
@@ -202,6 +203,10 @@ def latencies(
                 bucketed = OnnxQueryEncoder(directory, record, threads=threads, buckets=BUCKETS)
                 rows[f"onnx_int8_buckets_{threads}t"] = best_p50(
                     bucketed.encode_query, questions, passes
+                )
+                sleeping = OnnxQueryEncoder(directory, record, threads=threads, spin=False)
+                rows[f"onnx_int8_sleeping_workers_{threads}t"] = best_p50(
+                    sleeping.encode_query, questions, passes
                 )
         rows[f"onnx_{precision}_model_mb"] = round(record.model_bytes / 2**20, 1)
     tokens = [eager.count_tokens(q) for q in questions]
