@@ -1,5 +1,7 @@
 """One ``suwen eval`` run end to end: its questions selected, the agent opened with the run's
-sampling and image budget, every mode answered (``runner.run_evaluation``), the report written
+sampling and image budget (in this process, or with ``processes`` above 1 in that many agent
+processes, ``suwen.answer_processes``), every mode answered (``runner.run_evaluation``), the
+report written
 (also when a mode stops because the model stopped answering: the report shows what finished),
 and, for a ``--calibrate`` run, the calibration maps fitted and stored in the data home.
 
@@ -10,7 +12,8 @@ and notices reach it through callbacks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,34 +114,40 @@ async def _answer(
     on_progress: Progress | None,
     on_notice: Notice | None,
 ) -> list[ModeSummary]:
-    from suwen.runtime import AgentAnswerer, ExampleVariants, open_agent
-
     # Answers record abstentions by this run's threshold.
     settings = settings.model_copy(update={"abstain_below": config.abstain_below})
-    if settings.processes > 1 and any(answerer_of(mode) != "plain" for mode in config.modes):
-        return await _answer_in_processes(settings, config, samples, urls, on_progress, on_notice)
+    in_processes = settings.processes > 1 and any(
+        answerer_of(mode) != "plain" for mode in config.modes
+    )
+    opening = _in_processes if in_processes else _in_this_process
+    async with opening(settings, urls, on_notice) as answerers:
+        return await _run(settings, config, samples, answerers, on_progress)
+
+
+@asynccontextmanager
+async def _in_this_process(
+    settings: Settings, urls: Sequence[str], on_notice: Notice | None
+) -> AsyncIterator[_Answerers]:
+    """The agent opened here answers every mode."""
+    from suwen.runtime import AgentAnswerer, ExampleVariants, open_agent
+
     async with open_agent(settings, urls, sessions=False, on_notice=on_notice) as agent:
-        answerers = _Answerers(
+        yield _Answerers(
             model=agent.model,
             calibration=agent.calibration,
             urls=getattr(agent.model, "urls", []),
             asking=lambda mode: AgentAnswerer(agent, mode),
             with_examples=ExampleVariants(agent),
         )
-        return await _run(settings, config, samples, answerers, on_progress)
 
 
-async def _answer_in_processes(
-    settings: Settings,
-    config: EvalConfig,
-    samples: dict[str, list[Sample]],
-    urls: Sequence[str],
-    on_progress: Progress | None,
-    on_notice: Notice | None,
-) -> list[ModeSummary]:
-    """As ``_answer``, with the agent and adaptive modes answered by ``settings.processes``
-    agent processes (``suwen.answer_processes``) on the same servers; this process keeps the
-    plain mode, the judge, the answer files and the report."""
+@asynccontextmanager
+async def _in_processes(
+    settings: Settings, urls: Sequence[str], on_notice: Notice | None
+) -> AsyncIterator[_Answerers]:
+    """The agent and adaptive modes answered by ``settings.processes`` agent processes
+    (``suwen.answer_processes``) on the same servers; this process keeps the plain mode, the
+    judge, the answer files and the report."""
     from suwen import privacy
     from suwen.agent.graph import calibration_for
     from suwen.answer_processes import ChildSpec, model_client, started
@@ -152,14 +161,13 @@ async def _answer_in_processes(
             started(spec, settings.processes, on_notice) as processes,
             model_client(settings, endpoints, name) as model,
         ):
-            answerers = _Answerers(
+            yield _Answerers(
                 model=model,
                 calibration=calibration_for(settings),
                 urls=endpoints,
                 asking=processes.asking,
                 with_examples=processes.with_examples,
             )
-            return await _run(settings, config, samples, answerers, on_progress)
 
 
 @dataclass(frozen=True)
