@@ -92,7 +92,6 @@ def eval_command(
 
     settings = settings_of(ctx)
     children = answering.agent_processes(settings, processes)
-    settings = settings.model_copy(update={"processes": children})
     if abstain_below is not None and not 0 <= abstain_below <= 1:
         raise InputError(f"--abstain-below {abstain_below}: must be between 0 and 1")
     if lang not in (None, "en", "zh"):
@@ -100,7 +99,7 @@ def eval_command(
     chosen = parse_modes(modes)
     if all(answerer_of(mode) == "plain" for mode in chosen):
         children = 1  # the plain model is asked from this process
-        settings = settings.model_copy(update={"processes": children})
+    settings = settings.model_copy(update={"processes": children})
     names = [benchmark_named(name).name for name in _split(benchmark)]
     counts = parse_case_examples(case_examples) if case_examples is not None else []
     config = EvalConfig(
