@@ -10,15 +10,15 @@ server, in one run, three ways:
 - batch-equal: the same with ``confidence`` off, one request per question like the bare loop;
 - sequential: the same agent, one question at a time (what batch replaces);
 - bare: a concurrent loop of client calls with no agent and no bookkeeping, sending exactly the
-  request plain mode sends (same messages, image, max_tokens, temperature, streaming).
+  request plain mode sends (same messages, image, max_tokens, temperature, one reply).
 
 Equal work. Plain mode makes one answer request per question; the requests, prompt tokens and
 answer (completion) tokens of every pass are counted, so the table shows that batch-equal and
 the bare loop sent the same requests (same prompts and images: the same prompt tokens; the same
 max_tokens and temperature: the same answer tokens). A reply the tiny random model leaves empty
-or cuts off becomes an error line in batch (``answer_failure``), so the bare loop applies the
-same rule to its own replies (an empty reply or a broken stream is an error); errors per pass
-are shown beside each method's rates, which are given both per question sent and per answer
+(or a request that fails) becomes an error line in batch (``answer_failure``), so the bare
+loop applies the same rule to its own replies (an empty or failed reply is an error); errors per
+pass are shown beside each method's rates, which are given both per question sent and per answer
 accepted, and "same errors" says whether every pass of the method failed exactly the questions
 every bare pass failed. Warm-up passes send every request once first (a bare pass, and a
 default batch pass for the confidence probes), so vLLM's prefix and image caches are equally
@@ -140,7 +140,7 @@ async def bare_loop(
     concurrency: int,
 ) -> list[str]:
     """Exactly plain mode's request per question, ``concurrency`` at a time, nothing else; the
-    ids whose reply batch would not accept (empty, or the stream broke off)."""
+    ids whose reply batch would not accept (empty, or failed)."""
     gate = asyncio.Semaphore(concurrency)
     failed: list[str] = []
 
@@ -148,19 +148,17 @@ async def bare_loop(
         async with gate:
             image = load_image(Path(question.images[0]))
             messages = prompts.answer_messages(question, [image], None, [], [], plain=True)
-            pieces = []
             try:
-                async for piece in model.stream(
+                reply = await model.chat(
                     messages,
                     max_tokens=settings.max_tokens,
                     temperature=settings.temperature,
                     purpose="answer",
-                ):
-                    pieces.append(piece)
+                )
             except ModelError:
                 failed.append(item_id)
                 return
-            if not "".join(pieces).strip():
+            if not reply.text.strip():
                 failed.append(item_id)
 
     await asyncio.gather(*(one(item_id, q) for item_id, q in questions))

@@ -129,7 +129,23 @@ def reply_for(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
         ]
         return "A", [{"token": f"token_id:{first}", "logprob": -0.5, "top_logprobs": top}]
     reply = default_reply(call)
-    return (reply if isinstance(reply, str) else "A"), None
+    content = reply if isinstance(reply, str) else "A"
+    return (padded(content) if purpose == "answer" else content), None
+
+
+ANSWER_WORDS = {"words": 0}  # in the stand-in's process: --answer-words
+FILLER = "The image and the question are read together with the evidence in this sentence."
+
+
+def padded(answer: str) -> str:
+    """The scripted answer lengthened to ``--answer-words`` words by sentences before its
+    short answer line (a real model's answer is a few hundred tokens, the script's a few
+    dozen words)."""
+    body, marker, short = answer.partition("\nShort answer:")
+    words = FILLER.split()
+    missing = ANSWER_WORDS["words"] - len(answer.split())
+    filler = " ".join(words[i % len(words)] for i in range(max(0, missing)))
+    return (body + " " + filler).rstrip() + marker + short if filler else answer
 
 
 def completion(content: str, logprobs: list[dict[str, Any]] | None, prompt: int) -> bytes:
@@ -147,16 +163,29 @@ def completion(content: str, logprobs: list[dict[str, Any]] | None, prompt: int)
 
 
 def streamed(content: str, prompt: int) -> bytes:
+    """A streamed reply as vLLM writes one: an event per token (here per word), each a whole
+    chunk object."""
     words = content.split(" ")
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    deltas += [{"content": (" " if i else "") + word} for i, word in enumerate(words)]
     chunks = [
-        {"choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}}]}
-        for i, word in enumerate(words)
+        _chunk([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas
     ]
-    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    chunks.append(_chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
     usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
-    chunks.append({"choices": [], "usage": usage})
+    chunks.append(_chunk([]) | {"usage": usage})
     lines = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
     return "".join(lines).encode()
+
+
+def _chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-0123456789abcdef",
+        "object": "chat.completion.chunk",
+        "created": 1764720000,
+        "model": MODEL_NAME,
+        "choices": choices,
+    }
 
 
 SERVED = {"requests": 0, "bytes": 0}  # in the stand-in's process
@@ -230,7 +259,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-def serve(port: int) -> None:
+def serve(port: int, answer_words: int) -> None:
+    ANSWER_WORDS["words"] = answer_words
+
     async def main() -> None:
         server = await asyncio.start_server(handle, HOST, port, backlog=1024)
         async with server:
@@ -246,10 +277,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def stand_in() -> Iterator[str]:
+def stand_in(answer_words: int = 0) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.coordinator", "--serve", str(port)],
+        [
+            *(sys.executable, "-m", "benchmarks.coordinator", "--serve", str(port)),
+            *("--answer-words", str(answer_words)),
+        ],
         cwd=HERE.parent,
     )
     try:
@@ -389,6 +423,17 @@ def machine_idle() -> tuple[int, int]:
     return ticks[3] + ticks[4], sum(ticks)  # idle + iowait
 
 
+class Listened:
+    """Asks as ``suwen ask`` and ``suwen chat`` do: someone listens to the run, so the answer
+    is streamed token by token (batch and eval, which nobody watches, get it in one reply)."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    async def __call__(self, question: Any) -> Any:
+        return await self.agent.run(question, mode="agent", on_event=lambda event: None)
+
+
 async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, url: str) -> Any:
     from suwen.answer_processes import answering
     from suwen.config import Settings
@@ -416,7 +461,8 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
             agent = await stack.enter_async_context(
                 open_agent(settings, [url], sessions=False, on_notice=notices.append)
             )
-            answer, agents = AgentAnswerer(agent, "agent"), []
+            answer = Listened(agent) if args.listen else AgentAnswerer(agent, "agent")
+            agents = []
         gate = asyncio.Semaphore(args.concurrency)
 
         async def one(sample: Any) -> int:
@@ -464,6 +510,8 @@ async def drive(args: argparse.Namespace, values: dict[str, str], home: Path, ur
         "questions_per_s": round(len(samples) / wall, 2),
         "processes": args.processes,
         "asked_by": "suwen eval's runner (agent mode, scored)" if args.eval else "the agent",
+        "answer": "streamed to a listener" if args.listen else "one reply",
+        "answer_words": args.answer_words or "as scripted",
         "model_calls": sum(calls),
         "model_calls_per_question": round(sum(calls) / len(samples), 2),
         "model_calls_per_s": round(sum(calls) / wall, 1),
@@ -528,13 +576,29 @@ def main() -> None:
         action="store_true",
         help="ask through suwen eval's runner (agent mode: scored and recorded per question)",
     )
+    parser.add_argument(
+        "--answer-words",
+        type=int,
+        default=0,
+        help="lengthen every answer to this many words, streamed a word per event (0: the "
+        "scripted answers, a few dozen words)",
+    )
+    parser.add_argument(
+        "--listen",
+        action="store_true",
+        help="ask as suwen ask and chat do, with a listener: the answer streamed token by token",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-out", type=Path, default=None, help="save the pstats here")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     if args.serve is not None:
-        serve(args.serve)
+        serve(args.serve, args.answer_words)
         return
+    if args.listen and (args.processes > 1 or args.eval):
+        parser.error(
+            "--listen asks in this process, as suwen ask does (not with --processes or --eval)"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="suwen-coordinator-") as tmp:
         work = Path(tmp)
@@ -545,7 +609,7 @@ def main() -> None:
         else:
             values = build_indexes(home, args.data, home.parent / "coordinator-models")
             atomic_write_json(marker, values)
-        with stand_in() as url:
+        with stand_in(args.answer_words) as url:
             result = run_async(drive(args, values, home, url))
     result["machine"] = {"cpus": os.cpu_count(), **processor()}
     result["target_questions_per_s"] = TARGET_QPS
@@ -553,6 +617,8 @@ def main() -> None:
         f"--concurrency {args.concurrency} --kind {args.kind}"
         + (f" --processes {args.processes}" if args.processes > 1 else "")
         + (" --eval" if args.eval else "")
+        + (f" --answer-words {args.answer_words}" if args.answer_words else "")
+        + (" --listen" if args.listen else "")
         + (" --profile" if args.profile else "")
     )
     write_json(args.out, result)

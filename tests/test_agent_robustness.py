@@ -12,7 +12,7 @@ import pytest
 
 from suwen.agent import prompts
 from suwen.errors import ModelError
-from suwen.types import AgentResult, AnswerFormat
+from suwen.types import AgentEvent, AgentResult, AnswerFormat
 from tests.agent_helpers import NODES, ask, corpus, degraded_nodes, make_agent, question, visited
 from tests.fake_model import Fail, FakeModel, evidence_items
 from tests.fake_search import FakeTextSearch, text_hit
@@ -77,10 +77,32 @@ def test_one_failed_judgement_drops_only_that_item(tmp_path: Path) -> None:
 
 def test_answer_stream_breaking_off_keeps_what_came(tmp_path: Path) -> None:
     broken = Fail(ModelError("vLLM: connection reset"), partial="Needle decompression first [1].")
-    result = _run(tmp_path, FakeModel().script("plan", PLAN).script("answer", broken))
+    model = FakeModel().script("plan", PLAN).script("answer", broken)
+    agent = make_agent(tmp_path, model, text=FakeTextSearch(corpus()))
+    events: list[AgentEvent] = []
+    result = ask(agent, question(), events)  # someone listens: the answer is streamed
+    assert [call.kind for call in model.calls_for("answer")] == ["stream"]
+    assert "".join(e.token or "" for e in events if e.kind == "token") == result.answer
     assert degraded_nodes(result) == ["answer"]
     assert result.answer == "Needle decompression first [1]."
     assert [c.number for c in result.citations] == [1]
+    assert "connection reset" in next(e for e in result.trace if e.node == "answer").message
+
+
+def test_without_a_listener_the_answer_comes_in_one_reply(tmp_path: Path) -> None:
+    # A batch or an evaluation: no one reads the tokens, so none is streamed.
+    model = FakeModel().script("plan", PLAN)
+    result = _run(tmp_path, model)
+    assert [call.kind for call in model.calls_for("answer")] == ["chat"]
+    assert not [call for call in model.calls if call.kind == "stream"]
+    assert result.answer and result.citations and not degraded_nodes(result)
+
+
+def test_a_failed_one_reply_answer_degrades_with_the_reason(tmp_path: Path) -> None:
+    broken = Fail(ModelError("vLLM: connection reset"), partial="Needle decompression first [1].")
+    result = _run(tmp_path, FakeModel().script("plan", PLAN).script("answer", broken))
+    assert degraded_nodes(result) == ["answer"]
+    assert result.answer == "" and not result.citations  # a reply that failed brought nothing
     assert "connection reset" in next(e for e in result.trace if e.node == "answer").message
 
 

@@ -116,7 +116,14 @@ def image_labels(request: dict[str, Any]) -> list[str]:
 
 
 def answer_request(transport: RecordingTransport) -> dict[str, Any]:
-    return next(chat for chat in transport.chats if chat.get("stream"))
+    """The answer's request: streamed when someone listens (the CLI), else the one chat request
+    that is neither structured (a schema) nor the confidence probe (log-probabilities)."""
+    probe_or_structured = ("response_format", "logprobs", "logprob_token_ids")
+    return next(
+        chat
+        for chat in transport.chats
+        if chat.get("stream") or not any(chat.get(key) for key in probe_or_structured)
+    )
 
 
 @pytest.fixture()

@@ -222,7 +222,7 @@ class SuwenAgent:
             dict(question.image_dates),
         )
         check_image_budget(images, self.settings.vllm_max_images)
-        context = RunContext(images=images)
+        context = RunContext(images=images, stream=on_event is not None)
         # No LangSmith trace, whatever the environment or a caller configured: questions,
         # images' findings and answers stay on this machine.
         with recording() as log, no_tracing():

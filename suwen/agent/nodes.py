@@ -326,8 +326,12 @@ class AgentNodes:
 
     # -- answer ---------------------------------------------------------------------------
 
-    async def _stream(self, messages: list[Message], emit: Emit) -> tuple[str, str | None]:
-        return await stream_text(self.model, self.settings, messages, "answer", emit)
+    async def _generate(
+        self, messages: list[Message], context: RunContext, emit: Emit
+    ) -> tuple[str, str | None]:
+        return await generate_text(
+            self.model, self.settings, messages, "answer", emit, stream=context.stream
+        )
 
     async def _short_answer_fallback(self, question: Question, explanation: str) -> str | None:
         """Ask for the short answer on its own, when the answer did not end with one."""
@@ -377,7 +381,7 @@ class AgentNodes:
         question = state["question"]
         fitted = await self._answer_prompt(state, context, state["mode"] == "plain")
         messages, examples, numbered = fitted.messages, fitted.examples, fitted.numbered
-        text, failure = await self._stream(messages, emit)
+        text, failure = await self._generate(messages, context, emit)
         context.written.messages, context.written.text = messages, text
         explanation, short = short_answer_of(text, question.answer_format)
         notes = [f"{len(text.split())} words, {len(numbered)} numbered sources"]
@@ -463,15 +467,32 @@ def search_again_or_answer(state: AgentState) -> Literal["retrieve", "answer"]:
     return "retrieve" if state["queries"] else "answer"
 
 
-async def stream_text(
+async def generate_text(
     model: VisionLanguageModel,
     settings: Settings,
     messages: list[Message],
     node: str,
     emit: Emit,
+    *,
+    stream: bool,
 ) -> tuple[str, str | None]:
-    """The streamed text of one generation step (``node``: the answer or the report), each
-    piece passed on as a token event, and what went wrong if the stream broke off."""
+    """The text of one generation step (``node``: the answer or the report) and what went
+    wrong, if anything. With ``stream`` (someone is listening) it comes token by token, each
+    piece passed on as a token event, and what came before a break is kept. Without, it is
+    asked for in one reply: a stream costs the client the parsing of one event per token and
+    the server the writing of it, which a batch or an evaluation would pay for nothing; a
+    failed reply is retried whole by the client instead."""
+    if not stream:
+        try:
+            reply = await model.chat(
+                messages,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                purpose=node,
+            )
+        except ModelError as exc:
+            return "", str(exc)
+        return reply.text, None
     pieces: list[str] = []
     try:
         async for piece in model.stream(

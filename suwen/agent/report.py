@@ -26,7 +26,7 @@ from suwen.agent.graph import (
     check_image_budget,
     load_question_images,
 )
-from suwen.agent.nodes import StepFunction, kept_evidence, stream_text, traced_update
+from suwen.agent.nodes import StepFunction, generate_text, kept_evidence, traced_update
 from suwen.agent.state import AgentState, RunContext, fresh_question_state, merged_state
 from suwen.llm.base import Message, recording
 from suwen.privacy import no_tracing
@@ -103,7 +103,7 @@ async def draft_report(
         dict(question.image_dates),
     )
     check_image_budget(images, settings.vllm_max_images)
-    context = RunContext(images=images)
+    context = RunContext(images=images, stream=on_event is not None)
     state = fresh_question_state(question, list(question.images), "plain" if plain else "agent")
     state["history"] = []  # a report is not part of a conversation
     with recording() as log, no_tracing():
@@ -146,7 +146,9 @@ async def _write(
     started = time.perf_counter()
     fitted = await _report_prompt(agent, state, context, plain)
     messages, numbered = fitted.messages, fitted.numbered
-    text, failure = await stream_text(agent.model, agent.settings, messages, "report", notify)
+    text, failure = await generate_text(
+        agent.model, agent.settings, messages, "report", notify, stream=context.stream
+    )
     checked = check_citations(text, len(numbered))
     sections = parse_report(checked.text)
     claims = "\n".join([sections.get("findings", ""), sections.get("impression", "")])

@@ -159,9 +159,12 @@ class WrittenAnswer:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What one run needs but must not be checkpointed: the decoded images."""
+    """What one run needs but must not be checkpointed: the decoded images, and whether the
+    answer is streamed (someone listens to the run: ask, chat, report) or comes in one reply
+    (batch, evaluation)."""
 
     images: list[tuple[str, Image.Image]] = field(default_factory=list)  # (file name, RGB image)
+    stream: bool = False
     written: WrittenAnswer = field(default_factory=WrittenAnswer)
 
 
