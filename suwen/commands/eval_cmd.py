@@ -86,8 +86,8 @@ def eval_command(
         MEDEVALKIT_SAMPLING,
         EvalConfig,
         ImagePolicy,
-        answerer_of,
         parse_modes,
+        processes_for_modes,
     )
 
     settings = settings_of(ctx)
@@ -97,8 +97,7 @@ def eval_command(
     if lang not in (None, "en", "zh"):
         raise InputError(f"--lang {lang!r}: expected en or zh")
     chosen = parse_modes(modes)
-    if all(answerer_of(mode) == "plain" for mode in chosen):
-        children = 1  # the plain model is asked from this process
+    children = processes_for_modes(children, chosen)
     settings = settings.model_copy(update={"processes": children})
     names = [benchmark_named(name).name for name in _split(benchmark)]
     counts = parse_case_examples(case_examples) if case_examples is not None else []

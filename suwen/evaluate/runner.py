@@ -121,6 +121,12 @@ def answerer_of(mode: str) -> Mode:
     return "agent" if answerer == "agent" else "adaptive" if answerer == "adaptive" else "plain"
 
 
+def processes_for_modes(processes: int, modes: Sequence[str]) -> int:
+    """The agent processes a run of ``modes`` uses out of ``processes``: one (this process)
+    when only the plain model answers, as it is asked from this process."""
+    return processes if any(answerer_of(mode) != "plain" for mode in modes) else 1
+
+
 def condition_of(mode: str) -> Condition:
     """Which image a mode (or mode run key) shows: the question's own, a blank one, or another
     question's."""

@@ -1,9 +1,9 @@
 """One ``suwen eval`` run end to end: its questions selected, the agent opened with the run's
 sampling and image budget (in this process, or with ``processes`` above 1 in that many agent
 processes, ``suwen.answer_processes``), every mode answered (``runner.run_evaluation``), the
-report written
-(also when a mode stops because the model stopped answering: the report shows what finished),
-and, for a ``--calibrate`` run, the calibration maps fitted and stored in the data home.
+report written (also when a mode stops because the model stopped answering: the report shows
+what finished), and, for a ``--calibrate`` run, the calibration maps fitted and stored in the
+data home.
 
 The command parses the options into an ``EvalConfig`` and renders what comes back; progress
 and notices reach it through callbacks.
@@ -30,6 +30,7 @@ from suwen.evaluate.runner import (
     Progress,
     answerer_of,
     load_selected,
+    processes_for_modes,
     run_evaluation,
 )
 from suwen.llm.base import VisionLanguageModel
@@ -116,9 +117,7 @@ async def _answer(
 ) -> list[ModeSummary]:
     # Answers record abstentions by this run's threshold.
     settings = settings.model_copy(update={"abstain_below": config.abstain_below})
-    in_processes = settings.processes > 1 and any(
-        answerer_of(mode) != "plain" for mode in config.modes
-    )
+    in_processes = processes_for_modes(settings.processes, config.modes) > 1
     opening = _in_processes if in_processes else _in_this_process
     async with opening(settings, urls, on_notice) as answerers:
         return await _run(settings, config, samples, answerers, on_progress)
