@@ -318,11 +318,15 @@ def measure_exact(
 
 
 def build_compressed(
-    vectors: FloatArray, workdir: Path, progress: Progress | None = None
+    vectors: FloatArray,
+    workdir: Path,
+    progress: Progress | None = None,
+    code_bytes: int = compressed.CODE_BYTES,
 ) -> tuple[CompressedStore, dict[str, Any], float]:
-    """Train, add and calibrate a compressed store over ``vectors``; (store, details, build_s)."""
+    """Train, add and calibrate a compressed store over ``vectors`` with ``code_bytes`` of PQ
+    code per vector (setting compressed_code_bytes); (store, details, build_s)."""
     n, dim = vectors.shape
-    params = compressed.CompressedParams.for_corpus(dim, n)
+    params = compressed.CompressedParams.for_corpus(dim, n, code_bytes)
     started = time.perf_counter()
     store = CompressedStore.create(workdir, params)
     rows = compressed.training_rows(n, compressed.MAX_TRAINING_VECTORS)
@@ -338,6 +342,7 @@ def build_compressed(
     store.save()
     details = {
         "factory": params.factory,
+        "code_bytes": code_bytes,
         "nlist": params.nlist,
         "nprobe": report.nprobe,
         "shortlist": report.shortlist,
@@ -354,8 +359,11 @@ def measure_compressed(
     truth: npt.NDArray[Any],
     workdir: Path,
     progress: Progress | None = None,
+    code_bytes: int = compressed.CODE_BYTES,
 ) -> IndexMeasurement:
-    store, details, build = build_compressed(vectors, workdir, progress)
+    """The compressed store, labelled ``compressed`` with the default code size and
+    ``compressed_{code_bytes}B`` with another."""
+    store, details, build = build_compressed(vectors, workdir, progress, code_bytes)
     del store
     gc.collect()
     loaded_rss = rss_of_loading(workdir)
@@ -364,8 +372,9 @@ def measure_compressed(
     p50, p95, threads = best_latency(lambda q: loaded.search(q, 10), queries[:LATENCY_QUERIES])
     details["threads"] = threads
     n = len(vectors)
+    label = "compressed" if code_bytes == compressed.CODE_BYTES else f"compressed_{code_bytes}B"
     measurement = IndexMeasurement(
-        "compressed",
+        label,
         n,
         vectors.shape[1],
         loaded.bytes_per_vector(),
@@ -398,8 +407,10 @@ def run_index_bench(
     include_reference: bool = False,
     progress: Progress | None = None,
     workdir: Path | None = None,
+    other_code_bytes: Sequence[int] = (),
 ) -> list[IndexMeasurement]:
-    """Measure ``exact`` and ``compressed`` (and MedRAG's bare flat index) on the same data."""
+    """Measure ``exact`` and ``compressed`` (and MedRAG's bare flat index, and compressed
+    stores with ``other_code_bytes`` of code per vector) on the same data."""
     results = []
     with _workdir(workdir) as base:
         if include_reference:
@@ -416,6 +427,15 @@ def run_index_bench(
                 data.vectors, data.queries, data.truth, base / "compressed", progress
             )
         )
+        for code_bytes in other_code_bytes:
+            if progress:
+                progress(f"measuring compressed with {code_bytes}-byte codes")
+            folder = base / f"compressed-{code_bytes}"
+            results.append(
+                measure_compressed(
+                    data.vectors, data.queries, data.truth, folder, progress, code_bytes
+                )
+            )
     return results
 
 

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +185,13 @@ def build_throughput(settings: Settings, texts: list[str], workdir: Path) -> dic
 
 
 def measure_size(
-    mixture: EmbeddingMixture, n: int, dim: int
+    mixture: EmbeddingMixture, n: int, dim: int, other_code_bytes: Sequence[int] = ()
 ) -> tuple[BenchData, list[IndexMeasurement]]:
     say(f"{n} vectors, dim {dim}: sampling and exact ground truth")
     data = index_bench.bench_data(mixture, n, dim)
-    results = index_bench.run_index_bench(data, include_reference=True, progress=say)
+    results = index_bench.run_index_bench(
+        data, include_reference=True, progress=say, other_code_bytes=other_code_bytes
+    )
     return data, results
 
 
@@ -440,6 +442,8 @@ def print_tables(payload: dict[str, Any]) -> None:
         "type",
         "RAM B/vector",
         "recall@10",
+        "question-like recall@10",
+        "shortlist",
         "p50 ms",
         "p95 ms",
         "build s",
@@ -453,14 +457,16 @@ def print_tables(payload: dict[str, Any]) -> None:
                 row["index_type"],
                 f"{row['bytes_per_vector']:.1f}",
                 f"{row['recall@10']:.3f}",
+                str(row["details"].get("build_time_recall_at_10", "")),
+                str(row["details"].get("shortlist", "")),
                 f"{row['p50_ms']:.2f}",
                 f"{row['p95_ms']:.2f}",
                 f"{row['build_s']:.1f}",
             )
         r = size["ratios"]
         table.add_row(
-            "", "", "[dim]flat / compressed[/]", f"{r['memory_flat_over_compressed']}x", "",
-            f"{r['p50_flat_over_compressed']}x", "", "",
+            "", "", "[dim]flat / compressed[/]", f"{r['memory_flat_over_compressed']}x", "", "",
+            "", f"{r['p50_flat_over_compressed']}x", "", "",
         )  # fmt: skip
     console.print(table)
     for label, e2e in payload.get("end_to_end", {}).items():
@@ -509,7 +515,7 @@ def sweep(
     if args.pubmed_dim and args.pubmed_dim != args.dim:
         runs.append((max(sizes), args.pubmed_dim))
     for n, dim in runs:
-        _, results = measure_size(mixture, n, dim)
+        _, results = measure_size(mixture, n, dim, args.code_bytes)
         payload["sizes"].append(
             {
                 "vectors": n,
@@ -575,6 +581,13 @@ def main() -> None:
         dest="bm25_engines",
         action="store_false",
         help="skip timing SQLite FTS5 beside tantivy",
+    )
+    parser.add_argument(
+        "--code-bytes",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[],
+        help="also build compressed indexes with these PQ code sizes (bytes per vector, "
+        "setting compressed_code_bytes), beside the default's",
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "index_scale.json")
     parser.add_argument(

@@ -157,6 +157,13 @@ class Settings(BaseSettings):
     compressed_threshold: int = Field(
         200_000, ge=1, description="Vector count above which 'auto' builds a compressed index"
     )
+    compressed_code_bytes: int = Field(
+        64,
+        ge=8,
+        le=512,
+        description="RAM per vector of a new compressed index's codes, in bytes (plus 8 for "
+        "its id): fewer bytes hold more vectors, each search re-scoring a longer shortlist",
+    )
 
     # vLLM server and client.
     vllm_url: Annotated[list[str], NoDecode] = Field(

@@ -377,6 +377,9 @@ def test_parameters_follow_corpus_size_and_dimension() -> None:
     # The training sample bounds nlist: at least MIN_POINTS_PER_LIST vectors per centroid.
     assert pubmed.nlist * compressed.MIN_POINTS_PER_LIST <= compressed.MAX_TRAINING_VECTORS
     assert small.nlist < pubmed.nlist
+    # Setting compressed_code_bytes: the largest even split of the dimension within the budget.
+    assert CompressedParams.for_corpus(768, 24_000_000, 48).pq_m == 96
+    assert CompressedParams.for_corpus(384, 20_000, 20).pq_m == 32
 
 
 def test_exact_store_converts_to_compressed(mixture: EmbeddingMixture, tmp_path: Path) -> None:

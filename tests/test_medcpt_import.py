@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -599,25 +600,33 @@ def test_text_ingest_adds_to_an_imported_index_and_compresses_past_the_threshold
     first_type: str,
 ) -> None:
     """`suwen index text` into an imported index: a compressed one takes the new vectors; an
-    exact one past compressed_threshold is compressed at publish, with recall measured."""
+    exact one past compressed_threshold is compressed at publish, with recall measured. Either
+    way its codes take the bytes per vector the setting compressed_code_bytes gives (16 here,
+    a quarter of the default), and recall is still measured and kept."""
     from suwen.indexes.text_index import build_text_index
     from suwen.retrieval.text import TextSearcher
 
     source, _ = synthetic_chunks
     home = tmp_path / "home"
+    small = {"compressed_code_bytes": 16}
     import_medcpt(
-        settings_at(home, minilm_path, index_type=first_type),
+        settings_at(home, minilm_path, index_type=first_type, **small),
         source,
         NAME,
         encoder=str(minilm_path),
     )
-    settings = settings_at(home, minilm_path, index_type="auto", compressed_threshold=2_000)
+    settings = settings_at(
+        home, minilm_path, index_type="auto", compressed_threshold=2_000, **small
+    )
     report = build_text_index(settings, NAME, [text_corpus])
     assert not report.errors and report.chunks > 3_000
     version, manifest = store.open_version(home / "indexes", NAME)
     assert manifest.index_type == "compressed" and manifest.count == report.chunks
     assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.9
     assert not (version / "vectors.faiss").exists()
+    vectors = CompressedStore.open(version)
+    assert faiss.downcast_index(vectors.index).code_size == 16
+    assert vectors.params.pq_m == 32
     pmid, record = next(iter(pubmedqa_subset.items()))
     with TextSearcher.open(settings, NAME) as searcher:
         assert searcher.search(str(record["QUESTION"]), 3, method="dense")[0].pmid == pmid

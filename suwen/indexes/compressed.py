@@ -58,8 +58,9 @@ PARAMS_FILE = "compressed.json"
 FULL_VECTORS_FILE = "full_vectors.npy"
 ROW_IDS_FILE = "row_ids.npy"
 
-# Code budget: 64 bytes of PQ code + FAISS's 8-byte id + block padding and centroids stays
-# under 100 bytes per vector for any corpus above a few hundred thousand vectors.
+# Code budget (setting compressed_code_bytes): 64 bytes of PQ code + FAISS's 8-byte id + block
+# padding and centroids stays under 100 bytes per vector for any corpus above a few hundred
+# thousand vectors. Smaller codes rank the shortlist less well, so calibration picks a longer one.
 CODE_BYTES = 64
 MAX_TRAINING_VECTORS = 262_144
 MIN_POINTS_PER_LIST = 32
@@ -128,12 +129,17 @@ def choose_index_type(setting: str, expected_count: int, threshold: int) -> Inde
 
 
 def create_store(
-    directory: Path, dim: int, index_type: IndexType, expected_count: int
+    directory: Path,
+    dim: int,
+    index_type: IndexType,
+    expected_count: int,
+    code_bytes: int = CODE_BYTES,
 ) -> VectorStore:
     """An empty store of ``index_type`` in ``directory`` (a compressed one still needs train)."""
     if index_type == "exact":
         return ExactStore.create(directory, dim)
-    return CompressedStore.create(directory, CompressedParams.for_corpus(dim, expected_count))
+    params = CompressedParams.for_corpus(dim, expected_count, code_bytes)
+    return CompressedStore.create(directory, params)
 
 
 def open_store(directory: Path, *, writable: bool = False) -> VectorStore:
@@ -248,16 +254,18 @@ class CompressedParams:
     document_recall_at_10: float | None = None
 
     @classmethod
-    def for_corpus(cls, dim: int, expected_count: int) -> CompressedParams:
+    def for_corpus(
+        cls, dim: int, expected_count: int, code_bytes: int = CODE_BYTES
+    ) -> CompressedParams:
         """``nlist`` ~ 2 sqrt(n) (bounded by what the training sample can support) and the
-        largest 4-bit PQ that divides ``dim`` within the code budget.
+        largest 4-bit PQ that divides ``dim`` within ``code_bytes`` of code per vector.
 
         Fewer, longer lists than the usual 4 sqrt(n): fast-scan makes scanning codes cheap, while
         every list costs a centroid (4 * dim bytes) and up to 31 padding codes in RAM."""
         sample = min(max(expected_count, 1), MAX_TRAINING_VECTORS)
         by_size = 2 ** round(math.log2(max(2.0 * math.sqrt(max(expected_count, 1)), 1.0)))
         nlist = int(max(1, min(by_size, sample // MIN_POINTS_PER_LIST, 65_536)))
-        return cls(dim=dim, nlist=nlist, pq_m=_pq_m(dim), nprobe=min(16, nlist))
+        return cls(dim=dim, nlist=nlist, pq_m=_pq_m(dim, code_bytes), nprobe=min(16, nlist))
 
     @property
     def factory(self) -> str:
@@ -285,10 +293,11 @@ class CompressedParams:
         atomic_write_json(path, asdict(self))
 
 
-def _pq_m(dim: int) -> int:
-    """Sub-quantisers for a 4-bit PQ of about CODE_BYTES bytes: an even divisor of ``dim``."""
+def _pq_m(dim: int, code_bytes: int) -> int:
+    """Sub-quantisers for a 4-bit PQ of at most ``code_bytes`` bytes: an even divisor of
+    ``dim``."""
     best = 0
-    for m in range(2, min(2 * CODE_BYTES, dim) + 1, 2):
+    for m in range(2, min(2 * code_bytes, dim) + 1, 2):
         if dim % m == 0:
             best = m
     if best == 0:
@@ -549,6 +558,7 @@ def finish_store(
     setting: str,
     threshold: int,
     *,
+    code_bytes: int = CODE_BYTES,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[VectorStore, dict[str, Any]]:
     """Save ``vector_store``, compressing it first when the corpus is now large enough (or the
@@ -565,7 +575,9 @@ def finish_store(
                 "recall_at_10": None,
                 "extra": {},
             }
-        converted, _ = compress_exact(vector_store, directory, progress=progress)
+        converted, _ = compress_exact(
+            vector_store, directory, code_bytes=code_bytes, progress=progress
+        )
         (directory / EXACT_FILE).unlink(missing_ok=True)
         vector_store = converted
     if not isinstance(vector_store, CompressedStore):
@@ -794,11 +806,15 @@ def _recall(
 
 
 def compress_exact(
-    exact: ExactStore, directory: Path, *, progress: Callable[[str], None] | None = None
+    exact: ExactStore,
+    directory: Path,
+    *,
+    code_bytes: int = CODE_BYTES,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[CompressedStore, RecallReport]:
     """Build a compressed store in ``directory`` from every vector of an exact one: train on a
     sample (held-out rows excluded), add all, calibrate nprobe and measure recall."""
-    params = CompressedParams.for_corpus(exact.dim, exact.count)
+    params = CompressedParams.for_corpus(exact.dim, exact.count, code_bytes)
     store = CompressedStore.create(directory, params)
     flat = faiss.downcast_index(exact.index.index)
     rows = training_rows(exact.count, MAX_TRAINING_VECTORS)

@@ -418,7 +418,11 @@ class _Import:
         vector_store = self._existing_store(index_type)
         if vector_store is None:
             vector_store = compressed.create_store(
-                self.staging, dim, index_type, int(plan["expected_count"])
+                self.staging,
+                dim,
+                index_type,
+                int(plan["expected_count"]),
+                self.settings.compressed_code_bytes,
             )
             if index_type == "compressed":
                 self._train(vector_store, plans)
@@ -442,7 +446,9 @@ class _Import:
         if index_type == "exact":
             return exact
         self.notify("train", f"compressing the existing {exact.count} vectors")
-        converted, _ = compressed.compress_exact(exact, self.staging)
+        converted, _ = compressed.compress_exact(
+            exact, self.staging, code_bytes=self.settings.compressed_code_bytes
+        )
         (self.staging / compressed.EXACT_FILE).unlink()
         return converted
 

@@ -121,12 +121,14 @@ class TextIndexWriter:
         batch_size: int,
         index_type: str = "exact",
         compressed_threshold: int = 200_000,
+        code_bytes: int = compressed.CODE_BYTES,
     ) -> None:
         self.directory = directory
         self.encoder = encoder
         self.batch_size = batch_size
         self.index_type = index_type
         self.compressed_threshold = compressed_threshold
+        self.code_bytes = code_bytes
         self.rows = TextRows.create(directory)
         # Exact or compressed (see suwen.indexes.compressed); a new index starts exact.
         self.index = compressed.open_or_create(directory, encoder.dim)
@@ -227,7 +229,7 @@ class TextIndexWriter:
         self.bm25.commit()
         # Past the size threshold an exact index is compressed here (recall measured).
         self.index, described = compressed.finish_store(
-            self.index, self.index_type, self.compressed_threshold
+            self.index, self.index_type, self.compressed_threshold, code_bytes=self.code_bytes
         )
         manifest.count = chunks
         manifest.sources = sources
@@ -334,6 +336,7 @@ def _build_round(
             batch_size=settings.encode_batch_size,
             index_type=settings.index_type,
             compressed_threshold=settings.compressed_threshold,
+            code_bytes=settings.compressed_code_bytes,
         )
         try:
             writer.on_encode = lambda: _notify(state, writer)
