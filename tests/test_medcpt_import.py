@@ -535,6 +535,7 @@ def test_compressed_import_measures_recall_and_resumes(
     assert manifest.index_type == "compressed" and manifest.recall_at_10 == clean.recall_at_10
     assert manifest.bytes_per_vector is not None and manifest.bytes_per_vector < 4 * 384
     assert manifest.extra["nprobe"] >= 1 and manifest.extra["pq"].endswith("PQ128x4fsr")
+    assert manifest.extra["code_bytes_per_vector"] == 64
     assert isinstance(open_store(version), CompressedStore)
 
     home = tmp_path / "resumed"
@@ -626,7 +627,7 @@ def test_text_ingest_adds_to_an_imported_index_and_compresses_past_the_threshold
     assert not (version / "vectors.faiss").exists()
     vectors = CompressedStore.open(version)
     assert faiss.downcast_index(vectors.index).code_size == 16
-    assert vectors.params.pq_m == 32
+    assert vectors.params.pq_m == 32 and manifest.extra["code_bytes_per_vector"] == 16
     pmid, record = next(iter(pubmedqa_subset.items()))
     with TextSearcher.open(settings, NAME) as searcher:
         assert searcher.search(str(record["QUESTION"]), 3, method="dense")[0].pmid == pmid

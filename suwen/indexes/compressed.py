@@ -271,6 +271,11 @@ class CompressedParams:
     def factory(self) -> str:
         return f"IVF{self.nlist},PQ{self.pq_m}x4fsr"
 
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of PQ code per vector: 4 bits per sub-quantiser."""
+        return self.pq_m // 2
+
     @classmethod
     def read(cls, path: Path) -> CompressedParams:
         try:
@@ -594,6 +599,7 @@ def finish_store(
         "recall_at_10": None if params.recall_at_10 is None else round(params.recall_at_10, 4),
         "extra": {
             "pq": params.factory,
+            "code_bytes_per_vector": params.code_bytes,
             "nlist": params.nlist,
             "nprobe": params.nprobe,
             "shortlist": params.shortlist,

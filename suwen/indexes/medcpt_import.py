@@ -517,6 +517,7 @@ class _Import:
                 **recall.manifest_extra(),
                 nlist=vector_store.params.nlist,
                 pq=vector_store.params.factory,
+                code_bytes_per_vector=vector_store.params.code_bytes,
                 disk_bytes_per_vector=vector_store.disk_bytes_per_vector(),
             )
         manifest.bytes_per_vector = round(vector_store.bytes_per_vector(), 2)
