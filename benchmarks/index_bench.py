@@ -405,21 +405,23 @@ def run_index_bench(
     data: BenchData,
     *,
     include_reference: bool = False,
+    include_exact: bool = True,
     progress: Progress | None = None,
     workdir: Path | None = None,
     other_code_bytes: Sequence[int] = (),
 ) -> list[IndexMeasurement]:
-    """Measure ``exact`` and ``compressed`` (and MedRAG's bare flat index, and compressed
-    stores with ``other_code_bytes`` of code per vector) on the same data."""
+    """Measure ``exact`` (unless left out) and ``compressed`` (and MedRAG's bare flat index,
+    and compressed stores with ``other_code_bytes`` of code per vector) on the same data."""
     results = []
     with _workdir(workdir) as base:
         if include_reference:
             if progress:
                 progress("measuring MedRAG's IndexFlatIP")
             results.append(measure_flat_reference(data.vectors, data.queries, data.truth))
-        if progress:
-            progress("measuring exact")
-        results.append(measure_exact(data.vectors, data.queries, data.truth, base / "exact"))
+        if include_exact:
+            if progress:
+                progress("measuring exact")
+            results.append(measure_exact(data.vectors, data.queries, data.truth, base / "exact"))
         if progress:
             progress("measuring compressed")
         results.append(
