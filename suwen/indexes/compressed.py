@@ -537,6 +537,15 @@ class CompressedStore:
         """Disk (not RAM) for the re-scoring vectors and row ids."""
         return float(np.dtype(self.params.vector_dtype).itemsize * self.dim + 8)
 
+    def layout(self) -> dict[str, Any]:
+        """How the index is built, as its manifest records it (``suwen index info`` shows it)."""
+        return {
+            "pq": self.params.factory,
+            "code_bytes_per_vector": self.params.code_bytes,
+            "nlist": self.params.nlist,
+            "disk_bytes_per_vector": self.disk_bytes_per_vector(),
+        }
+
     def _require_writable(self) -> None:
         if not self.writable:
             raise SuwenError(f"{self.directory}: compressed index opened read-only")
@@ -598,12 +607,9 @@ def finish_store(
         "bytes_per_vector": round(vector_store.bytes_per_vector(), 2),
         "recall_at_10": None if params.recall_at_10 is None else round(params.recall_at_10, 4),
         "extra": {
-            "pq": params.factory,
-            "code_bytes_per_vector": params.code_bytes,
-            "nlist": params.nlist,
+            **vector_store.layout(),
             "nprobe": params.nprobe,
             "shortlist": params.shortlist,
-            "disk_bytes_per_vector": vector_store.disk_bytes_per_vector(),
             "recall_query_kind": "question-like" if documents is not None else "held-out documents",
             "document_recall_at_10": None if documents is None else round(documents, 4),
         },

@@ -513,13 +513,7 @@ class _Import:
             )
             vector_store.save()
             manifest.recall_at_10 = round(recall.recall_at_10, 4)
-            manifest.extra.update(
-                **recall.manifest_extra(),
-                nlist=vector_store.params.nlist,
-                pq=vector_store.params.factory,
-                code_bytes_per_vector=vector_store.params.code_bytes,
-                disk_bytes_per_vector=vector_store.disk_bytes_per_vector(),
-            )
+            manifest.extra.update(**recall.manifest_extra(), **vector_store.layout())
         manifest.bytes_per_vector = round(vector_store.bytes_per_vector(), 2)
         self.notify("publish", f"building the BM25 index of {chunks} articles")
         bm25.rebuild(self.staging, db.iter_rows())
