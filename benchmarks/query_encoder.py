@@ -43,7 +43,7 @@ from rich.table import Table
 from benchmarks import medcpt_shape, quant_candidates
 from benchmarks.common import minilm_or_exit, portable, processor, shared_data_default, write_json
 from suwen.config import Settings, load_settings
-from suwen.indexes import onnx_encoder
+from suwen.indexes import onnx_encoder, smoothquant
 from suwen.indexes.onnx_encoder import ExportRecord, OnnxQueryEncoder
 from suwen.indexes.text_encoder import TextEncoder, load_text_encoder, onnx_query_encoder
 
@@ -62,7 +62,7 @@ RUNTIMES = (
     "onnx_dynamic_int8_weights",
     "onnx_per_token_int8",
     "onnx_smooth_per_token_int8",
-    "onnx_smooth_per_token_int8_ffn_out_float",
+    "onnx_int8_per_token",
     "onnx_int8_blocks_64",
 )
 
@@ -124,14 +124,13 @@ CANDIDATES = (
     "dynamic_int8_weights",
     "per_token_int8",
     "smooth_per_token_int8",
-    "smooth_per_token_int8_ffn_out_float",
     "int8_blocks_64",
 )
-PRECISIONS = ("float32", "int8", "dynamic_int8", *CANDIDATES)
+PRECISIONS = ("float32", "int8", "int8_per_token", "dynamic_int8", *CANDIDATES)
 
 
 def graphs(
-    eager: TextEncoder, folder: Path, data: Path, *, rejected: bool = False
+    eager: TextEncoder, folder: Path, *, rejected: bool = False
 ) -> dict[str, tuple[Path, ExportRecord]]:
     """The float32 graph of ``eager``'s transformer, the 8-bit block graph Suwen keeps, ONNX
     Runtime's dynamic int8 graph (per-channel int8 weights, activations quantised per tensor at
@@ -154,9 +153,10 @@ def graphs(
         onnx_encoder._quantise(graph["float32"], graph["int8_blocks_128"], block=128)
         quant_candidates.dynamic_variants(graph["float32"], graph)
     quant_candidates.dynamic_int8_weights(graph["float32"], graph["dynamic_int8_weights"])
-    quant_candidates.per_token_int8(graph["float32"], graph["per_token_int8"])
+    smoothquant.per_token_int8(graph["float32"], graph["per_token_int8"])
     tokenizer = directories["float32"] / onnx_encoder.TOKENIZER_FILE
-    quant_candidates.smoothed_graphs(graph["float32"], tokenizer, inputs, data, graph)
+    smoothquant.quantise(graph["float32"], graph["int8_per_token"], tokenizer, inputs)
+    quant_candidates.smoothed_graphs(graph["float32"], tokenizer, inputs, graph)
     made: dict[str, tuple[Path, ExportRecord]] = {}
     for precision, directory in directories.items():
         record = ExportRecord(
@@ -182,7 +182,6 @@ def latencies(
     questions: list[str],
     passes: int,
     thread_counts: tuple[int, ...],
-    data: Path,
 ) -> dict[str, Any]:
     """Every runtime's p50 for one query of ``eager``'s model, on each thread count."""
     rows: dict[str, Any] = {}
@@ -193,7 +192,7 @@ def latencies(
                 lambda q: eager.encode([q]), questions, passes
             )
             rows[f"torch_trace_{threads}t"] = best_p50(eager.encode_query, questions, passes)
-    made = graphs(eager, folder, data)
+    made = graphs(eager, folder)
     for precision, (directory, record) in made.items():
         for threads in thread_counts:
             say(f"{label}: ONNX Runtime {precision}, {threads} thread(s)")
@@ -227,14 +226,14 @@ def best_of(rows: dict[str, Any], thread_counts: tuple[int, ...]) -> dict[str, A
 # Agreement with the eager model on the real MiniLM weights
 
 
-def agreement(eager: TextEncoder, folder: Path, questions: list[str], data: Path) -> dict[str, Any]:
+def agreement(eager: TextEncoder, folder: Path, questions: list[str]) -> dict[str, Any]:
     """Cosine of each graph's vector to the eager model's: on every PubMedQA question, and on
     the probe texts the export's gate checks (the minimum over both decides ``kept``)."""
     reference = eager.encode(questions)
     probes = list(onnx_encoder.PROBES)
     probe_reference = np.vstack([eager.encode([probe]) for probe in probes])
     result: dict[str, Any] = {"questions": len(questions), "probes": len(probes)}
-    for name, (directory, rec) in graphs(eager, folder, data, rejected=True).items():
+    for name, (directory, rec) in graphs(eager, folder, rejected=True).items():
         encoder = OnnxQueryEncoder(directory, rec)
         got = np.vstack([encoder.encode_query(q) for q in questions])
         cosines = np.sum(got * reference, axis=1)
@@ -388,14 +387,12 @@ def main() -> None:
         for label, path in models.items():
             eager = load_text_encoder(path, device="cpu")
             payload["latency"][label] = latencies(
-                label, eager, work / label, timed, args.passes, thread_counts, args.data
+                label, eager, work / label, timed, args.passes, thread_counts
             )
             write_json(args.output, payload)
         say("agreement with the eager model on the real MiniLM, all PubMedQA questions")
         minilm_eager = load_text_encoder(minilm, device="cpu")
-        payload["agreement_minilm"] = agreement(
-            minilm_eager, work / "agreement", questions, args.data
-        )
+        payload["agreement_minilm"] = agreement(minilm_eager, work / "agreement", questions)
         payload["product_export"] = {}
         payload["fresh_process_rss"] = {}
         for label, path in models.items():
@@ -405,6 +402,7 @@ def main() -> None:
             payload["product_export"][label] = {
                 "precision": exported.precision,
                 "probe_min_cosine": exported.record.min_cosine,
+                "candidates": exported.record.candidates,
             }
             say(f"{label}: resident memory of a fresh process")
             payload["fresh_process_rss"][f"{label}_onnx"] = fresh_process_rss(

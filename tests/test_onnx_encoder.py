@@ -54,8 +54,20 @@ def test_export_is_private_and_records_its_check(exported_home: Path) -> None:
     ]
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in directory.iterdir())
     record = onnx_encoder.read_record(directory)
-    assert record is not None and record.precision == "int8"
+    assert record is not None and record.precision in ("int8", "int8_per_token")
     assert record.min_cosine >= onnx_encoder.INT8_MIN_COSINE
+    # Both int8 graphs were made and checked; the one kept is the faster of those that passed.
+    tried = record.candidates
+    assert set(tried) == {"int8", "int8_per_token"}
+    assert (
+        tried[record.precision]["kept"]
+        and tried[record.precision]["min_cosine"] == record.min_cosine
+    )
+    passed = {name: float(c["probes_ms"]) for name, c in tried.items() if c["kept"]}
+    assert record.precision == min(passed, key=passed.__getitem__)
+    assert all(
+        float(c["min_cosine"]) >= onnx_encoder.INT8_MIN_COSINE for c in tried.values() if c["kept"]
+    )
     assert (record.pooling, record.dim, record.max_tokens) == ("mean", 384, 256)
 
 
@@ -150,6 +162,28 @@ def test_a_rejected_export_falls_back_to_pytorch_once(
 
     monkeypatch.setattr(text_encoder.TextEncoder, "export_onnx", no_second_try)
     assert isinstance(query_encoder(settings), text_encoder.TextEncoder)
+
+
+def test_a_graph_that_cannot_be_made_leaves_the_other(
+    tmp_path: Path, minilm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-token graph failing to build (a quantiser or runtime that refuses it) costs
+    nothing: the block graph is kept, and the record says what happened to each."""
+
+    def refused(*_args: object) -> None:
+        raise RuntimeError("MatMulInteger is not implemented")
+
+    monkeypatch.setattr(onnx_encoder.smoothquant, "quantise", refused)
+    encoder = query_encoder(onnx_settings(tmp_path, minilm_path))
+    assert isinstance(encoder, OnnxQueryEncoder) and encoder.precision == "int8"
+    record = onnx_encoder.read_record(export_of(tmp_path))
+    assert record is not None and not record.candidates["int8_per_token"]["kept"]
+    assert sorted(p.name for p in export_of(tmp_path).iterdir()) == [
+        "export.json",
+        "model.data",
+        "model.onnx",
+        "tokenizer.json",
+    ]
 
 
 def test_query_runtime_torch_never_uses_the_export(exported_home: Path, minilm_path: Path) -> None:
