@@ -27,6 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from suwen.indexes import smoothquant
 
 REJECTED_SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
@@ -67,13 +69,11 @@ def dynamic_variants(source: Path, targets: dict[str, Path]) -> None:
 
 
 def smoothed_graphs(
-    float_graph: Path, tokenizer: Path, inputs: tuple[str, ...], targets: dict[str, Path]
+    float_graph: Path, maxima: dict[str, np.ndarray], targets: dict[str, Path]
 ) -> None:
     """Write the ``smooth_per_token_int8`` graph and the ``smooth_dynamic_int8_alpha_*`` ones
-    ``targets`` asks for, calibrated as Suwen's ``int8_per_token`` export is."""
-    maxima = smoothquant.activation_maxima(
-        float_graph, tokenizer, inputs, smoothquant.sample_abstracts()
-    )
+    ``targets`` asks for, from the activation ``maxima`` Suwen's ``int8_per_token`` export
+    calibrates on."""
     smoothed = float_graph.with_name("smoothed.onnx")
     smoothquant.smooth(float_graph, smoothed, maxima)
     smoothquant.per_token_int8(smoothed, targets["smooth_per_token_int8"])

@@ -155,8 +155,11 @@ def graphs(
     quant_candidates.dynamic_int8_weights(graph["float32"], graph["dynamic_int8_weights"])
     smoothquant.per_token_int8(graph["float32"], graph["per_token_int8"])
     tokenizer = directories["float32"] / onnx_encoder.TOKENIZER_FILE
-    smoothquant.quantise(graph["float32"], graph["int8_per_token"], tokenizer, inputs)
-    quant_candidates.smoothed_graphs(graph["float32"], tokenizer, inputs, graph)
+    maxima = smoothquant.activation_maxima(
+        graph["float32"], tokenizer, inputs, smoothquant.sample_abstracts()
+    )  # measured once for every smoothed graph
+    smoothquant.quantise_with(graph["float32"], graph["int8_per_token"], maxima)
+    quant_candidates.smoothed_graphs(graph["float32"], maxima, graph)
     made: dict[str, tuple[Path, ExportRecord]] = {}
     for precision, directory in directories.items():
         record = ExportRecord(

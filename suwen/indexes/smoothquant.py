@@ -29,12 +29,14 @@ SMOOTH_ALPHA = 0.65
 CALIBRATION_TEXTS = 200
 CALIBRATION_CHARS = 400
 CALIBRATION_TOKENS = 256
-SAMPLE_ABSTRACTS = Path(__file__).resolve().parent.parent / "sample_data/pubmedqa/ori_pqal.json"
 
 
 def sample_abstracts(count: int = CALIBRATION_TEXTS) -> list[str]:
     """The openings of the sample data's PubMed abstract sections (the package's own file)."""
-    records = json.loads(SAMPLE_ABSTRACTS.read_text(encoding="utf-8"))
+    from suwen.demo import bundled_sample_data  # at export only, not in every search process
+
+    file = bundled_sample_data() / "pubmedqa" / "ori_pqal.json"
+    records = json.loads(file.read_text(encoding="utf-8"))
     sections = (str(part) for record in records.values() for part in record["CONTEXTS"])
     return [text[:CALIBRATION_CHARS] for text, _ in zip(sections, range(count), strict=False)]
 
@@ -60,6 +62,11 @@ def quantise(
     """``source``'s float32 graph as the smoothed per-token int8 graph ``target`` (weights in
     ``target.name + '.data'``), calibrated on ``texts`` (default: :func:`sample_abstracts`)."""
     maxima = activation_maxima(source, tokenizer, inputs, texts or sample_abstracts())
+    quantise_with(source, target, maxima)
+
+
+def quantise_with(source: Path, target: Path, maxima: dict[str, np.ndarray]) -> None:
+    """As :func:`quantise`, with the activation maxima already measured."""
     smoothed = target.with_name(f"smoothed-{target.name}")
     smooth(source, smoothed, maxima)
     per_token_int8(smoothed, target, lambda name: not is_ffn_out(name))
