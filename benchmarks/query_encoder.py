@@ -400,9 +400,11 @@ def main() -> None:
         payload["fresh_process_rss"] = {}
         for label, path in models.items():
             settings = Settings(home=work / "home", text_encoder=path, device="cpu")  # type: ignore[arg-type]
+            started = time.perf_counter()  # first use: load the eager model, export, check
             exported = onnx_query_encoder(settings)
             assert exported is not None, f"{label}: no export"
             payload["product_export"][label] = {
+                "export_s": round(time.perf_counter() - started, 1),
                 "precision": exported.precision,
                 "probe_min_cosine": exported.record.min_cosine,
                 "candidates": exported.record.candidates,
